@@ -1,0 +1,266 @@
+"""The embedded rollout engine: megacredit's default (CPU) inference engine.
+
+It holds a Hugging Face ``transformers`` causal LM (built from a config without download, or
+loaded from a local folder) in eval / no-grad mode and runs its own batched sampling loop:
+
+* prompts are micro-batched (``max_batch_size`` rows at a time, sorted by length to limit
+  padding), left-padded, with an attention mask and position ids that start at 0 on each
+  row's first real token;
+* one prefill forward, then one token per step through the model's KV cache
+  (``past_key_values``, a transformers ``DynamicCache``), computing logits for the last
+  position only;
+* a row stops when it samples one of the stop (EOS) ids, the stop token included in its
+  output; finished rows are dropped from the batch and its cache, the rest continue until
+  all are finished or ``max_new_tokens`` is reached;
+* temperature / top-k / top-p sampling with a seeded ``torch.Generator`` (greedy at T=0);
+* the returned log-probs are ``log_softmax`` of the model's raw logits (temperature 1, full
+  vocabulary) at the sampled tokens, i.e. log pi_theta(y_t | x, y_<t), not the log-prob of the
+  tempered / truncated sampling distribution. They are a diagnostic: the trainer recomputes
+  the old-policy log-probs with its own forward.
+
+Because it only uses the generic ``AutoModelForCausalLM`` forward, every decoder-only family
+transformers supports works (tested: Llama, Qwen2, Qwen3).
+
+Weights arrive through ``load_weights`` as ``(hf_name, full_tensor)`` pairs, exactly what the
+Megatron -> HF bridge exports, and are copied in place into the existing parameters.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from megacredit.rollout.base import (
+    NamedTensor,
+    RolloutEngine,
+    RolloutOutput,
+    SamplingParams,
+    WeightLoadReport,
+)
+from megacredit.rollout.sampling import (
+    choose_next_tokens,
+    left_pad,
+    positions_from_mask,
+    token_logprobs,
+)
+
+
+def _as_id_tuple(value: int | Iterable[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def default_eos_token_ids(model: PreTrainedModel) -> tuple[int, ...]:
+    """EOS ids of a model: its generation config's, else its model config's."""
+    generation_config = getattr(model, "generation_config", None)
+    ids = _as_id_tuple(getattr(generation_config, "eos_token_id", None))
+    return ids or _as_id_tuple(getattr(model.config, "eos_token_id", None))
+
+
+class EmbeddedRolloutEngine(RolloutEngine):
+    """Batched KV-cache sampling on a transformers causal LM (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        max_batch_size: int = 64,
+        eos_token_ids: Iterable[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> None:
+        """Wrap ``model`` (put in eval mode, gradients off).
+
+        max_batch_size: rows per micro-batch (prompts x n), bounds the KV-cache memory.
+        eos_token_ids: default stop ids when ``SamplingParams.stop_token_ids`` is None
+            (defaults to the model's generation / model config EOS ids).
+        pad_token_id: id written in the left padding (masked out; any valid id works).
+        """
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.max_batch_size = max_batch_size
+        self.eos_token_ids = (
+            tuple(eos_token_ids) if eos_token_ids is not None else default_eos_token_ids(model)
+        )
+        config_pad = getattr(model.config, "pad_token_id", None)
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (config_pad or 0)
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+
+    # ----------------------------------------------------------------------------- builders
+    @classmethod
+    def from_config(
+        cls, config: PretrainedConfig, *, dtype: torch.dtype = torch.float32, **engine_kwargs
+    ) -> "EmbeddedRolloutEngine":
+        """A randomly initialised model from a HF config (no download); load weights later."""
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+        return cls(model, **engine_kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype = torch.float32, **engine_kwargs
+    ) -> "EmbeddedRolloutEngine":
+        """Load a local Hugging Face folder (never downloads)."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"EmbeddedRolloutEngine.from_pretrained: {path} is not a Hugging Face model "
+                f"folder (no config.json); pass a local folder written by save_pretrained"
+            )
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(dtype)
+        return cls(model, **engine_kwargs)
+
+    # ---------------------------------------------------------------------------- generate
+    def generate(
+        self, prompt_token_ids: list[list[int]], params: SamplingParams
+    ) -> list[RolloutOutput]:
+        """Sample ``params.n`` responses per prompt; outputs grouped prompt by prompt."""
+        self._check_prompts(prompt_token_ids, params)
+        stop_ids = self.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        rows = [(i, p) for i, p in enumerate(prompt_token_ids) for _ in range(params.n)]
+        order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
+        outputs: list[RolloutOutput | None] = [None] * len(rows)
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start:start + self.max_batch_size]
+            results = self._generate_micro_batch(
+                [list(rows[r][1]) for r in chunk], params, stop_ids, generator
+            )
+            for r, (tokens, logprobs, reason) in zip(chunk, results):
+                prompt_index, prompt = rows[r]
+                outputs[r] = RolloutOutput(prompt_index, list(prompt), tokens, logprobs, reason)
+        return outputs  # type: ignore[return-value]
+
+    def _check_prompts(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"generate: params must be a SamplingParams, got {type(params)}")
+        if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
+            raise ValueError("generate: prompt_token_ids must be a non-empty list of token-id lists")
+        max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        for index, prompt in enumerate(prompt_token_ids):
+            if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__") or not prompt:
+                raise ValueError(
+                    f"generate: prompt_token_ids[{index}] must be a non-empty list of token ids "
+                    f"(tokenize text first), got {prompt!r:.80}"
+                )
+            if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+                raise ValueError(
+                    f"generate: prompt_token_ids[{index}] has a token id outside "
+                    f"[0, {self.vocab_size}) (the model's vocabulary)"
+                )
+            if max_positions and len(prompt) + params.max_new_tokens > max_positions:
+                raise ValueError(
+                    f"generate: prompt_token_ids[{index}] has {len(prompt)} tokens + "
+                    f"max_new_tokens={params.max_new_tokens} > the model's "
+                    f"max_position_embeddings={max_positions}; shorten the prompt or lower "
+                    f"max_new_tokens"
+                )
+
+    @torch.inference_mode()
+    def _generate_micro_batch(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        stop_ids: tuple[int, ...],
+        generator: torch.Generator | None,
+    ) -> list[tuple[list[int], list[float], str]]:
+        """Run the KV-cache loop on one left-padded micro-batch."""
+        device = self.model.get_input_embeddings().weight.device
+        input_ids, attention_mask = left_pad(prompts, self.pad_token_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = positions_from_mask(attention_mask)
+        stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        reasons = ["length"] * len(prompts)
+        live_rows = list(range(len(prompts)))  # original row of each row still in the batch
+        next_position = position_ids[:, -1:] + 1
+        cache = None
+        for step in range(params.max_new_tokens):
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            sampled = choose_next_tokens(logits, params, generator)
+            sampled_logprobs = token_logprobs(logits, sampled)
+            finished = torch.isin(sampled, stop_tensor)
+            for row, token, logprob, done in zip(
+                live_rows, sampled.tolist(), sampled_logprobs.tolist(), finished.tolist()
+            ):
+                tokens[row].append(token)
+                logprobs[row].append(logprob)
+                if done:
+                    reasons[row] = "stop"
+            if step == params.max_new_tokens - 1 or bool(finished.all()):
+                break
+            if bool(finished.any()):
+                keep = (~finished).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                live_rows = [live_rows[i] for i in keep.tolist()]
+                sampled, attention_mask, next_position = (
+                    sampled[keep], attention_mask[keep], next_position[keep]
+                )
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live_rows), 1))], 1)
+            input_ids, position_ids = sampled.unsqueeze(-1), next_position
+            next_position = next_position + 1
+        return [(tokens[r], logprobs[r], reasons[r]) for r in range(len(prompts))]
+
+    # ------------------------------------------------------------------------- weight sync
+    def _named_targets(self) -> dict[str, torch.Tensor]:
+        """Every loadable tensor by HF name; tied weights appear under each of their names."""
+        return dict(self.model.state_dict(keep_vars=True))
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:
+        """Copy ``(hf_name, full_tensor)`` pairs in place into the model's parameters.
+
+        No parameter is reallocated (``copy_`` into the existing storage, casting dtype and
+        device as needed), so references held elsewhere stay valid. An unknown name or a
+        shape mismatch raises ``KeyError`` / ``ValueError`` naming the tensor; tensors
+        copied before the error stay copied. For tied embeddings the stream may omit
+        ``lm_head.weight`` (it is the embedding). Returns how many tensors and bytes were
+        loaded and which parameters the stream did not touch.
+        """
+        targets = self._named_targets()
+        report = WeightLoadReport()
+        loaded_storages: set[int] = set()
+        for name, tensor in named_tensors:
+            target = targets.get(name)
+            if target is None:
+                raise KeyError(self._unknown_name_message(name, targets))
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"load_weights: '{name}' must be a torch.Tensor, got {type(tensor)}")
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"load_weights: tensor '{name}' has shape {tuple(tensor.shape)} but the "
+                    f"engine's parameter has shape {tuple(target.shape)}; the exported model and "
+                    f"the engine's config disagree (vocab padding not removed? different "
+                    f"num_key_value_heads / hidden size?)"
+                )
+            target.data.copy_(tensor)
+            loaded_storages.add(target.data_ptr())
+            report.num_tensors += 1
+            report.num_bytes += tensor.numel() * tensor.element_size()
+        report.missing_names = sorted(
+            name for name, target in targets.items() if target.data_ptr() not in loaded_storages
+        )
+        return report
+
+    def _unknown_name_message(self, name: str, targets: dict[str, torch.Tensor]) -> str:
+        close = difflib.get_close_matches(name, list(targets), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return (
+            f"load_weights: unknown tensor name '{name}': not a parameter of the engine's "
+            f"{type(self.model).__name__}{hint} Names must use Hugging Face naming, e.g. "
+            f"'model.layers.0.self_attn.q_proj.weight'"
+        )
