@@ -1,0 +1,370 @@
+"""Run untrusted generated code: bubblewrap namespaces + rlimits, or a weaker rlimit-only fallback.
+
+``run_sandboxed(program, stdin, limits)`` starts one separate process tree per call:
+
+- **bwrap mode** (Debian's ``bubblewrap``, probed once and cached): ``--unshare-all`` (own user,
+  PID, network, IPC, UTS, cgroup namespaces), ``--die-with-parent``, ``--new-session``,
+  ``--disable-userns``, the host root bound read-only, ``/home``, ``/root``, ``/run`` and ``/var/tmp``
+  hidden behind empty tmpfs, a fresh size-capped tmpfs ``/tmp`` whose ``/tmp/work`` is the writable
+  working directory, the job files (program, inputs) bound read-only at ``/tmp/job``, fresh
+  ``/dev`` and ``/proc``, ``--clearenv`` with a minimal environment. When we are root, bwrap
+  itself runs as ``nobody`` (uid 65534) so that the sandbox's processes have a non-root kernel
+  uid: the kernel ignores RLIMIT_NPROC for uid 0, so this is what makes the process-count
+  limit (fork bombs) effective. A launcher inside applies the rlimits (CPU, address space,
+  process count, file size, open files, no core dumps).
+- **fallback** (no working bwrap): the same rlimits, a new session whose process group is
+  killed on timeout, ``nobody`` when root, a scrubbed environment, a private work directory,
+  and an audit hook refusing sockets / exec / signals to other sessions / writes outside the
+  work dir. It is much weaker (see docs/sandbox.md) and logs a warning once.
+
+On timeout the whole process group is SIGKILLed; in bwrap mode this kills bwrap, whose PID
+namespace then takes every descendant with it. Output is read incrementally and capped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+NOBODY_UID = 65534
+"""uid/gid the sandbox runs as when the caller is root (Debian's ``nobody``/``nogroup``)."""
+PYTHON = "{python}"
+"""Placeholder for argv[0] in :func:`run_sandboxed`: replaced by the sandbox's Python interpreter."""
+SANDBOX_TOKEN_VAR = "MEGACREDIT_SANDBOX_TOKEN"
+"""Environment variable carrying a per-run token (used by the fallback to find stray processes)."""
+_LAUNCHER_SOURCE_PATH = Path(__file__).with_name("_sandbox_launcher.py")
+_HIDDEN_DIRS = ("/home", "/root", "/run", "/var/tmp")
+_BWRAP_SANDBOX_ROOT = "/tmp"
+_BWRAP_JOB_DIR = "/tmp/job"
+_BWRAP_WORK_DIR = "/tmp/work"
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits of one sandboxed run."""
+
+    wall_time_s: float = 10.0
+    """Wall-clock limit; the whole process tree is SIGKILLed when it is reached."""
+    cpu_time_s: float = 10.0
+    """RLIMIT_CPU (seconds, rounded up): SIGXCPU at the soft limit, SIGKILL one second later."""
+    memory_mb: int = 512
+    """RLIMIT_AS per process (MiB of address space)."""
+    max_processes: int = 32
+    """RLIMIT_NPROC: processes (and threads) of the sandbox's user, counted per sandbox in bwrap mode."""
+    max_output_bytes: int = 1 << 20
+    """Cap on each of stdout and stderr kept by the caller; more output kills the run (truncated=True)."""
+    max_file_bytes: int = 16 << 20
+    """RLIMIT_FSIZE: the largest file the program may write."""
+    max_open_files: int = 64
+    """RLIMIT_NOFILE."""
+    tmpfs_mb: int = 64
+    """Size of the sandbox's private /tmp (incl. the work dir) in bwrap mode: bounds its total writes."""
+
+    def __post_init__(self) -> None:
+        for name in ("wall_time_s", "cpu_time_s", "memory_mb", "max_processes", "max_output_bytes",
+                     "max_file_bytes", "max_open_files", "tmpfs_mb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SandboxLimits.{name} must be > 0, got {getattr(self, name)!r}")
+
+    def rlimits(self) -> dict[str, tuple[int, int]]:
+        """The (soft, hard) rlimits the launcher applies."""
+        cpu = max(1, int(-(-self.cpu_time_s // 1)))
+        return {
+            "cpu": (cpu, cpu + 1),
+            "as": (self.memory_mb << 20, self.memory_mb << 20),
+            "nproc": (self.max_processes, self.max_processes),
+            "fsize": (self.max_file_bytes, self.max_file_bytes),
+            "nofile": (self.max_open_files, self.max_open_files),
+            "core": (0, 0),
+        }
+
+
+@dataclass
+class SandboxResult:
+    """What happened to one sandboxed run."""
+
+    returncode: int
+    """Exit status; negative = killed by that signal (as in subprocess); in bwrap mode a program
+    killed by signal S is reported as -S too (bwrap exits with 128+S, decoded here)."""
+    stdout: str
+    """Captured standard output (at most max_output_bytes bytes, decoded with errors='replace')."""
+    stderr: str
+    """Captured standard error (same cap)."""
+    timed_out: bool
+    """True when the wall-clock limit was reached and the process tree was killed."""
+    killed_signal: int | None
+    """Signal number that ended the program, or None for a normal exit."""
+    truncated: bool
+    """True when stdout or stderr exceeded max_output_bytes (the run was then killed)."""
+    wall_time: float
+    """Seconds from start to the end of the run (including sandbox setup)."""
+    isolation: str = "bwrap"
+    """'bwrap' or 'fallback' (the weaker rlimit-only mode)."""
+
+
+@dataclass(frozen=True)
+class _Backend:
+    """How to start sandboxed processes on this machine (probed once)."""
+
+    mode: str
+    """'bwrap' or 'fallback'."""
+    python: str
+    """Interpreter used inside the sandbox."""
+    run_as_nobody: bool
+    """Whether the sandbox drops to uid/gid 65534 (only when we are root)."""
+    bwrap: str | None = None
+    """Path of the bwrap binary (bwrap mode)."""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    """Why a weaker choice was made (logged once)."""
+
+
+def _minimal_env(home: str, token: str) -> dict[str, str]:
+    """The scrubbed environment of a sandboxed program (nothing inherited from the parent)."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "TMPDIR": home, SANDBOX_TOKEN_VAR: token,
+    }
+
+
+def _bwrap_argv(bwrap: str, job_dir: str, limits: SandboxLimits, env: dict[str, str]) -> list[str]:
+    """The bubblewrap command line (see the module docstring for what each part does)."""
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    for hidden in _HIDDEN_DIRS:
+        if os.path.isdir(hidden):
+            argv += ["--tmpfs", hidden]
+    argv += ["--size", str(limits.tmpfs_mb << 20), "--tmpfs", _BWRAP_SANDBOX_ROOT,
+             "--dir", _BWRAP_WORK_DIR, "--ro-bind", job_dir, _BWRAP_JOB_DIR, "--chdir", _BWRAP_WORK_DIR,
+             "--clearenv"]
+    for key, value in env.items():
+        argv += ["--setenv", key, value]
+    return argv + ["--"]
+
+
+def _python_candidates() -> list[str]:
+    """Interpreters to try inside the sandbox, best first (same version as ours first)."""
+    candidates = [os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
+                  os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
+    which = shutil.which("python3")
+    if which:
+        candidates.append(os.path.realpath(which))
+    unique = []
+    for path in candidates:
+        if path not in unique and os.path.isfile(path) and not path.startswith(tuple(d + "/" for d in _HIDDEN_DIRS)):
+            unique.append(path)
+    return unique
+
+
+def _probe(backend: _Backend) -> bool:
+    """True when ``backend`` can run a trivial Python program that sees itself as non-root (if asked)."""
+    source = "import os, sys; print(os.getuid(), sys.version_info[0])"
+    try:
+        result = _run(backend, source, None, "", SandboxLimits(wall_time_s=20, cpu_time_s=10, memory_mb=512), {})
+    except OSError:
+        return False
+    expected_uid = str(NOBODY_UID) if backend.run_as_nobody else str(os.getuid())
+    return result.returncode == 0 and result.stdout.split()[:2] == [expected_uid, "3"]
+
+
+@functools.lru_cache(maxsize=None)
+def sandbox_backend(force_fallback: bool = False) -> _Backend:
+    """Probe (once per process) how sandboxes start here: bwrap if it works, else the fallback."""
+    is_root = os.geteuid() == 0
+    bwrap = None if force_fallback else shutil.which("bwrap")
+    modes = (["bwrap"] if bwrap else []) + ["fallback"]
+    for mode in modes:
+        for python in _python_candidates():
+            for as_nobody in ([True, False] if is_root else [False]):
+                backend = _Backend(mode, python, as_nobody, bwrap if mode == "bwrap" else None)
+                if _probe(backend):
+                    notes = []
+                    if mode == "fallback":
+                        notes.append("bubblewrap (bwrap) is unavailable or failed its probe: using the "
+                                     "rlimit-only fallback, which is MUCH WEAKER (no PID/network/mount "
+                                     "namespaces; see docs/sandbox.md). Install bubblewrap.")
+                    if is_root and not as_nobody:
+                        notes.append("no interpreter runs as uid 65534: sandboxes run as root, so "
+                                     "RLIMIT_NPROC is ignored and fork bombs are bounded only by the timeout")
+                    backend = _Backend(mode, python, as_nobody, backend.bwrap, tuple(notes))
+                    for note in notes:
+                        logger.warning("sandbox: %s", note)
+                    return backend
+    raise RuntimeError("sandbox: no way to run a sandboxed Python here (tried bwrap and the fallback "
+                       f"with {_python_candidates()}); install bubblewrap and python3")
+
+
+def run_sandboxed(
+    program: str | Sequence[str],
+    stdin: str = "",
+    limits: SandboxLimits | None = None,
+    files: dict[str, str | bytes] | None = None,
+    force_fallback: bool = False,
+) -> SandboxResult:
+    """Run ``program`` in a fresh sandbox and return its result (never raises for program faults).
+
+    ``program``: Python source (str; run by the sandbox's interpreter in-process by the launcher)
+    or an argv list (argv[0] an absolute path, or :data:`PYTHON` for the sandbox interpreter).
+    ``files``: name -> content placed read-only in the job directory, whose path the program
+    finds in the ``JOB_DIR`` environment variable (``/tmp/job`` in bwrap mode). The working
+    directory is private and writable, and removed afterwards.
+    """
+    limits = limits or SandboxLimits()
+    backend = sandbox_backend(force_fallback)
+    if not isinstance(program, str):
+        program = [backend.python if arg == PYTHON and i == 0 else arg for i, arg in enumerate(program)]
+        if not program or not os.path.isabs(program[0]):
+            raise ValueError(f"run_sandboxed: argv[0] must be an absolute path or sandbox.PYTHON, got {program[:1]}")
+    return _run(backend, program if isinstance(program, str) else None,
+                None if isinstance(program, str) else list(program), stdin, limits, files or {})
+
+
+def _prepare_job_dir(backend: _Backend, source: str | None, argv: list[str] | None, limits: SandboxLimits,
+                     files: dict[str, str | bytes]) -> str:
+    """Create the private host directory with the launcher, its config, the program and files."""
+    host_dir = tempfile.mkdtemp(prefix="megacredit-sandbox-")
+    job_dir = os.path.join(host_dir, "job")
+    os.mkdir(job_dir)
+    os.mkdir(os.path.join(host_dir, "work"))  # the fallback's working directory
+    inside_job = _BWRAP_JOB_DIR if backend.mode == "bwrap" else job_dir
+    for name, content in {**files, "_program.py": source or ""}.items():
+        if os.sep in name or name.startswith("."):
+            raise ValueError(f"run_sandboxed: file name {name!r} must be a plain name (no '/', no leading '.')")
+        with open(os.path.join(job_dir, name), "wb") as handle:
+            handle.write(content.encode("utf-8") if isinstance(content, str) else content)
+    shutil.copyfile(_LAUNCHER_SOURCE_PATH, os.path.join(job_dir, "_launcher.py"))
+    config = {"rlimits": limits.rlimits(), "guard": backend.mode == "fallback", "argv": argv,
+              "python_source_path": os.path.join(inside_job, "_program.py") if source is not None else None}
+    with open(os.path.join(job_dir, "_launcher.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    if backend.run_as_nobody:
+        for path in (host_dir, os.path.join(host_dir, "work")):
+            os.chown(path, NOBODY_UID, NOBODY_UID)
+        os.chmod(job_dir, 0o755)
+        for name in os.listdir(job_dir):
+            os.chmod(os.path.join(job_dir, name), 0o644)
+    return host_dir
+
+
+def _run(backend: _Backend, source: str | None, argv: list[str] | None, stdin: str, limits: SandboxLimits,
+         files: dict[str, str | bytes]) -> SandboxResult:
+    """Start the launcher in the sandbox, feed stdin, collect capped output, enforce the wall limit."""
+    host_dir = _prepare_job_dir(backend, source, argv, limits, files)
+    token = uuid.uuid4().hex
+    started = time.monotonic()
+    try:
+        if backend.mode == "bwrap":
+            env = _minimal_env(_BWRAP_WORK_DIR, token)
+            env["JOB_DIR"] = _BWRAP_JOB_DIR
+            command = _bwrap_argv(backend.bwrap, os.path.join(host_dir, "job"), limits, env)
+            command += [backend.python, "-I", f"{_BWRAP_JOB_DIR}/_launcher.py", f"{_BWRAP_JOB_DIR}/_launcher.json"]
+            cwd, popen_env = host_dir, {"PATH": "/usr/bin:/bin"}
+        else:
+            cwd = os.path.join(host_dir, "work")
+            popen_env = _minimal_env(cwd, token)
+            popen_env["JOB_DIR"] = os.path.join(host_dir, "job")
+            command = [backend.python, "-I", os.path.join(host_dir, "job", "_launcher.py"),
+                       os.path.join(host_dir, "job", "_launcher.json")]
+        as_nobody = {"user": NOBODY_UID, "group": NOBODY_UID, "extra_groups": []} if backend.run_as_nobody else {}
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   cwd=cwd, env=popen_env, start_new_session=True, close_fds=True, **as_nobody)
+        try:
+            stdout, stderr, timed_out, truncated = _communicate(process, stdin.encode("utf-8"), limits, started)
+        finally:
+            _kill_group(process)
+            process.wait()
+            if backend.mode == "fallback":
+                _kill_strays(token)
+        returncode = process.returncode
+        if backend.mode == "bwrap" and not timed_out and not truncated and returncode > 128:
+            returncode = -(returncode - 128)  # bwrap reports a child killed by signal S as 128 + S
+        killed_signal = -returncode if returncode < 0 else None
+        return SandboxResult(returncode, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"),
+                             timed_out, killed_signal, truncated, time.monotonic() - started, backend.mode)
+    finally:
+        shutil.rmtree(host_dir, ignore_errors=True)
+
+
+def _communicate(process: subprocess.Popen, stdin_bytes: bytes, limits: SandboxLimits,
+                 started: float) -> tuple[bytes, bytes, bool, bool]:
+    """Read stdout/stderr incrementally (capped) until EOF or the wall limit; feed stdin in a thread."""
+    writer = threading.Thread(target=_feed_stdin, args=(process.stdin, stdin_bytes), daemon=True)
+    writer.start()
+    buffers = {process.stdout: bytearray(), process.stderr: bytearray()}
+    timed_out = truncated = False
+    deadline = started + limits.wall_time_s
+    with selectors.DefaultSelector() as selector:
+        for pipe in buffers:
+            selector.register(pipe, selectors.EVENT_READ)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            for key, _ in selector.select(timeout=min(remaining, 0.5)):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                    continue
+                buffer = buffers[key.fileobj]
+                buffer += chunk[: max(0, limits.max_output_bytes - len(buffer))]
+                if len(chunk) and len(buffer) >= limits.max_output_bytes:
+                    truncated = True
+            if truncated:
+                break
+    writer.join(timeout=1.0)
+    for pipe in buffers:
+        pipe.close()
+    return bytes(buffers[process.stdout]), bytes(buffers[process.stderr]), timed_out, truncated
+
+
+def _feed_stdin(pipe, data: bytes) -> None:
+    """Write stdin and close it; a program that exits without reading it is fine."""
+    try:
+        pipe.write(data)
+    except (BrokenPipeError, OSError, ValueError):
+        pass
+    finally:
+        try:
+            pipe.close()
+        except (BrokenPipeError, OSError):
+            pass
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the sandbox's process group (in bwrap mode its PID namespace dies with bwrap)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_strays(token: str) -> None:
+    """Fallback only: SIGKILL processes that left the process group but still carry our token."""
+    import psutil
+
+    needle = f"{SANDBOX_TOKEN_VAR}={token}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if needle in handle.read():
+                    psutil.Process(int(pid)).kill()
+        except (OSError, psutil.Error):
+            continue
