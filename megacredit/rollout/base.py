@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Literal, Mapping, Sequence, Union
 
 import torch
@@ -134,8 +134,9 @@ class WeightLoadReport:
     # Bytes received (numel * element size of the incoming tensors).
     num_bytes: int = 0
     # Engine parameters (HF names) that the stream did not touch; empty after a full sync.
-    # Tied parameters count as loaded when any of their names was received.
-    missing_names: list[str] = field(default_factory=list)
+    # Tied parameters count as loaded when any of their names was received. None when the
+    # engine cannot tell (external engines load inside their own processes).
+    missing_names: list[str] | None = None
 
 
 def iterate_buckets(buckets: Iterable[WeightBucket]) -> Iterable[NamedTensor]:
@@ -145,6 +146,26 @@ def iterate_buckets(buckets: Iterable[WeightBucket]) -> Iterable[NamedTensor]:
             yield from bucket.items()
         else:
             yield from bucket
+
+
+def rebucket(
+    named_tensors: Iterable[NamedTensor], max_bucket_bytes: int
+) -> Iterable[list[NamedTensor]]:
+    """Group a stream of pairs into lists of at most ``max_bucket_bytes`` (a larger single
+    tensor gets a bucket of its own). Used by engines that take weights in batches."""
+    if max_bucket_bytes < 1:
+        raise ValueError(f"max_bucket_bytes must be >= 1, got {max_bucket_bytes}")
+    bucket: list[NamedTensor] = []
+    bucket_bytes = 0
+    for name, tensor in named_tensors:
+        size = tensor.numel() * tensor.element_size()
+        if bucket and bucket_bytes + size > max_bucket_bytes:
+            yield bucket
+            bucket, bucket_bytes = [], 0
+        bucket.append((name, tensor))
+        bucket_bytes += size
+    if bucket:
+        yield bucket
 
 
 class RolloutEngine(ABC):

@@ -232,7 +232,7 @@ class EmbeddedRolloutEngine(RolloutEngine):
         loaded and which parameters the stream did not touch.
         """
         targets = self._named_targets()
-        report = WeightLoadReport()
+        report = WeightLoadReport(missing_names=[])
         loaded_storages: set[int] = set()
         for name, tensor in named_tensors:
             target = targets.get(name)
