@@ -142,7 +142,8 @@ class CreditConfig:
     num_contrastive: int = 1
     """C: contrastive prompts per sample, drawn from the batch excluding its own (Table 3: 1)."""
     lam: float = 0.1
-    """lambda: debiasing coefficient (Table 3: 0.1; 0 recovers SDPO)."""
+    """lambda: debiasing coefficient (Table 3: 0.1; 0 recovers SDPO). Not read by
+    credit_rlsd, which uses S_t at full strength (megacredit/algorithms/credit_rlsd.py)."""
 
 
 @dataclass
@@ -156,14 +157,11 @@ class LamScheduleConfig:
     end: float = 0.0
     """lambda after ``steps`` steps (RLSD paper: decayed to 0)."""
     steps: int = 50
-    """Length of the linear ramp in optimizer steps (RLSD paper: the first 50 steps)."""
+    """Length of the linear ramp in optimizer steps (RLSD paper: the first 50 steps).
 
-    def value(self, step: int) -> float:
-        """lambda at training step ``step`` (0-based)."""
-        if self.kind == "constant" or self.steps <= 0:
-            return self.start if self.kind == "constant" else self.end
-        frac = min(max(step, 0), self.steps) / self.steps
-        return self.start + (self.end - self.start) * frac
+    Same fields as ``megacredit.algorithms.schedules.LambdaSchedule``: build it with
+    ``LambdaSchedule(**dataclasses.asdict(cfg.algorithm.rlsd.lam))``."""
+
 
 
 @dataclass
@@ -261,6 +259,10 @@ class DataConfig:
     """Generated training prompts when train_path is null."""
     num_generated_val: int = 256
     """Generated validation prompts when val_path is null."""
+    generator_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Passed to the environment's problem generator (arithmetic: difficulty='1d+1d')."""
+    dataset: Optional[Literal["livecodebench", "sciknoweval", "toolalpaca"]] = None
+    """Native layout of train_path/val_path (megacredit.data loaders); null = from env.name."""
     prompts_per_step: int = 32
     """Prompts per training step (Table 3: 32 problems)."""
     shuffle: bool = True
@@ -294,6 +296,9 @@ class TrainingConfig:
 
     steps: int = 100
     """Training steps (one rollout batch each)."""
+    epochs: Optional[float] = None
+    """If set, replaces ``steps``: ceil(epochs * training prompts / data.prompts_per_step)
+    (Table 3 counts epochs: 30 code, 3 science/tool)."""
     ppo_mini_batch_size: int = 8
     """Prompts (each with its G rollouts) per optimizer step (verl convention; Table 3: 8
     code / 32 science+tool); must divide data.prompts_per_step."""
@@ -418,32 +423,61 @@ METHOD_SECTIONS: dict[str, frozenset[str]] = {
     "credit_rlsd": frozenset({"rlsd", "credit", "teacher"}),
 }
 """Which ``algorithm.<section>`` blocks each method reads; setting another is an error."""
+METHOD_UNUSED_KEYS: dict[str, frozenset[str]] = {
+    "credit_rlsd": frozenset({"algorithm.credit.lam"}),
+}
+"""Single keys inside a used section that a method still ignores; setting them is an error."""
 _ALGORITHM_SECTIONS = ("sdpo", "credit", "rlsd", "teacher")
 
 
 # ------------------------------------------------------------------------ loading
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> MegacreditConfig:
-    """Load a YAML config, apply ``key.sub=value`` overrides, apply presets, validate."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, check_paths: bool = True
+) -> MegacreditConfig:
+    """Load a YAML config, apply ``key.sub=value`` overrides, apply presets, validate.
+
+    ``check_paths=False`` skips the existence checks of data files and the resume path
+    (for configs meant for another machine, e.g. the paper-scale examples).
+    """
     user, explicit = read_user_config(path, overrides or [])
     cfg = resolve_config(user)
-    validate_config(cfg, explicit)
+    validate_config(cfg, explicit, check_paths=check_paths)
     return cfg
 
 
+BASE_KEY = "base"
+"""Top-level YAML key naming other config files (relative paths) merged under this one."""
+
+
+def read_yaml_with_bases(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping with its ``base:`` file(s) merged underneath (this file wins)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    if file.resolve() in _chain:
+        raise ConfigError(f"config file '{path}' includes itself through '{BASE_KEY}:'")
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    data = dict(loaded or {})
+    bases = data.pop(BASE_KEY, None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"config file '{path}': '{BASE_KEY}' must be a path or a list of paths")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = deep_merge(merged, read_yaml_with_bases(file.parent / base,
+                                                         _chain + (file.resolve(),)))
+    return deep_merge(merged, data)
+
+
 def read_user_config(path: str | Path | None, overrides: list[str]) -> tuple[dict, set[str]]:
-    """The user's nested dict (file + overrides) and the dotted keys it sets explicitly."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            loaded = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
-        data = loaded or {}
+    """The user's nested dict (file + bases + overrides) and the dotted keys it sets."""
+    data = read_yaml_with_bases(path) if path is not None else {}
     explicit = explicit_keys(MegacreditConfig, data)
     for text in overrides:
         segments, value = parse_override(text)
@@ -466,12 +500,18 @@ def resolve_config(user: dict[str, Any]) -> MegacreditConfig:
 
 
 def config_to_dict(cfg: MegacreditConfig) -> dict[str, Any]:
-    """Plain nested dict, without the algorithm sections the chosen method does not read."""
+    """Plain nested dict, without the algorithm settings the chosen method does not read."""
     data = dataclass_to_dict(cfg)
     used = METHOD_SECTIONS[cfg.algorithm.name]
     for section in _ALGORITHM_SECTIONS:
         if section not in used:
             del data["algorithm"][section]
+    for key in METHOD_UNUSED_KEYS.get(cfg.algorithm.name, ()):
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
     return data
 
 
@@ -494,7 +534,7 @@ def replace(cfg: MegacreditConfig, **dotted: Any) -> MegacreditConfig:
     for key, value in dotted.items():
         set_dotted(MegacreditConfig, data, key.split("."), value)
     new = build_dataclass(MegacreditConfig, data)
-    validate_config(new, set())
+    validate_config(new, set(), check_paths=False)
     return new
 
 
@@ -518,6 +558,7 @@ __all__ = [
     "LoggingConfig",
     "METHOD_PRESETS",
     "METHOD_SECTIONS",
+    "METHOD_UNUSED_KEYS",
     "MegacreditConfig",
     "ModelConfig",
     "OptimizerConfig",

@@ -34,8 +34,13 @@ def _require(condition: bool, key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"config key '{key}' = {value!r} is invalid: {rule}")
 
 
-def validate_config(cfg: "MegacreditConfig", explicit: set[str] | None = None) -> None:
-    """Check ranges and combinations; ``explicit`` are the dotted keys the user set."""
+def validate_config(
+    cfg: "MegacreditConfig", explicit: set[str] | None = None, check_paths: bool = True
+) -> None:
+    """Check ranges and combinations; ``explicit`` are the dotted keys the user set.
+
+    ``check_paths``: also require data files and a resume path to exist on this machine.
+    """
     explicit = explicit or set()
     _check_algorithm_sections(cfg, explicit)
     _check_algorithm(cfg)
@@ -43,14 +48,36 @@ def validate_config(cfg: "MegacreditConfig", explicit: set[str] | None = None) -
     _check_rollout_and_data(cfg)
     _check_optimisation(cfg)
     _check_validation_logging_checkpoint(cfg)
+    if check_paths:
+        _check_paths(cfg)
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(os.path.expanduser(path))
+
+
+def _check_paths(cfg: "MegacreditConfig") -> None:
+    for split in ("train", "val"):
+        path = getattr(cfg.data, f"{split}_path")
+        _require(path is None or _exists(path), f"data.{split}_path", path,
+                 "file not found (give an existing JSONL/Parquet file, or null to let the "
+                 "environment generate prompts)")
+    resume = cfg.checkpoint.resume
+    _require(resume in ("auto", "none") or _exists(resume), "checkpoint.resume", resume,
+             "must be 'auto', 'none', or the path of an existing checkpoint")
 
 
 def _check_algorithm_sections(cfg: "MegacreditConfig", explicit: set[str]) -> None:
-    from megacredit.trainer.config import METHOD_SECTIONS
+    from megacredit.trainer.config import METHOD_SECTIONS, METHOD_UNUSED_KEYS
 
     name = cfg.algorithm.name
     used = METHOD_SECTIONS[name]
     for key in sorted(explicit):
+        if key in METHOD_UNUSED_KEYS.get(name, ()):
+            raise ConfigError(
+                f"config key '{key}' has no effect with algorithm.name={name}; remove it "
+                f"(see docs/config.md)"
+            )
         parts = key.split(".")
         if len(parts) >= 3 and parts[0] == "algorithm" and parts[1] in {
             "sdpo", "credit", "rlsd", "teacher"
@@ -95,7 +122,9 @@ def _check_algorithm(cfg: "MegacreditConfig") -> None:
     for end in ("start", "end"):
         value = getattr(rlsd.lam, end)
         _require(0.0 <= value <= 1.0, f"algorithm.rlsd.lam.{end}", value, "must lie in [0, 1]")
-    _require(rlsd.lam.steps >= 0, "algorithm.rlsd.lam.steps", rlsd.lam.steps, "must be >= 0")
+    _require(rlsd.lam.steps >= (1 if rlsd.lam.kind == "linear" else 0),
+             "algorithm.rlsd.lam.steps", rlsd.lam.steps,
+             "must be >= 1 for a linear schedule (RLSD paper: 50)")
     _require(0.0 < teacher.ema_rate <= 1.0, "algorithm.teacher.ema_rate", teacher.ema_rate,
              "must lie in (0, 1] (paper: 0.01)")
     _require(teacher.sync_every >= 1, "algorithm.teacher.sync_every", teacher.sync_every,
@@ -186,10 +215,6 @@ def _check_rollout_and_data(cfg: "MegacreditConfig") -> None:
     _require(data.prompts_per_step >= 1, "data.prompts_per_step", data.prompts_per_step,
              "must be >= 1")
     for split in ("train", "val"):
-        path = getattr(data, f"{split}_path")
-        _require(path is None or os.path.exists(os.path.expanduser(path)), f"data.{split}_path",
-                 path, "file not found (give an existing JSONL/Parquet file, or null to "
-                 "let the environment generate prompts)")
         count = getattr(data, f"num_generated_{split}")
         _require(count >= 1, f"data.num_generated_{split}", count, "must be >= 1")
     tr = cfg.training
@@ -210,6 +235,8 @@ def _check_optimisation(cfg: "MegacreditConfig") -> None:
     _require(opt.clip_grad >= 0.0, "optimizer.clip_grad", opt.clip_grad, "must be >= 0 (0 = off)")
     _require(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, "must be >= 0")
     _require(tr.steps >= 0, "training.steps", tr.steps, "must be >= 0")
+    _require(tr.epochs is None or tr.epochs > 0, "training.epochs", tr.epochs,
+             "must be > 0, or null to use training.steps")
     _require(tr.ppo_epochs >= 1, "training.ppo_epochs", tr.ppo_epochs, "must be >= 1")
 
 
@@ -233,6 +260,5 @@ def _check_validation_logging_checkpoint(cfg: "MegacreditConfig") -> None:
              log.token_credit_samples, "must be >= 0 (0 = off)")
     _require(ckpt.save_every >= 0, "checkpoint.save_every", ckpt.save_every, "must be >= 0")
     _require(ckpt.keep_last >= 0, "checkpoint.keep_last", ckpt.keep_last, "must be >= 0")
-    _require(ckpt.resume in ("auto", "none") or os.path.exists(os.path.expanduser(ckpt.resume)),
-             "checkpoint.resume", ckpt.resume,
-             "must be 'auto', 'none', or the path of an existing checkpoint")
+    _require(bool(ckpt.resume.strip()), "checkpoint.resume", ckpt.resume,
+             "must be 'auto', 'none', or a checkpoint path")

@@ -1,0 +1,326 @@
+"""Metrics logging: JSONL, TensorBoard, Weights & Biases (optional) and the console.
+
+Every metric name carries a namespace (``rollout/``, ``train/``, ``teacher/``, ``perf/``,
+``val/``); the names the training loop emits are listed in :data:`DOCUMENTED_METRICS` and
+explained in docs/metrics.md. Per-token credit of a few samples per step goes to
+``<run_dir>/token_credit.jsonl`` through :func:`save_token_credit`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+METRIC_NAMESPACES = ("rollout", "train", "teacher", "perf", "val")
+"""Allowed first components of a metric name."""
+METRICS_FILE = "metrics.jsonl"
+TOKEN_CREDIT_FILE = "token_credit.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+DOCUMENTED_METRICS: dict[str, str] = {
+    # rollout/: the sampled batch and its rewards
+    "rollout/reward_mean": "mean environment reward over all rollouts of the step",
+    "rollout/reward_std": "standard deviation of the rewards over all rollouts",
+    "rollout/response_length_mean": "mean response length in tokens",
+    "rollout/response_length_max": "longest response in tokens",
+    "rollout/truncated_frac": "fraction of responses stopped by max_new_tokens (no EOS)",
+    "rollout/group_all_correct_frac": "fraction of groups whose G rollouts all have reward 1",
+    "rollout/group_all_wrong_frac": "fraction of groups whose G rollouts all have reward 0",
+    "rollout/leakage_count": "responses that mention privileged information (RLSD sec. 3.1)",
+    # train/: the policy update
+    "train/loss": "total loss of the step (mean over mini-batches)",
+    "train/pg_loss": "clipped-surrogate policy-gradient loss (GRPO, RLSD)",
+    "train/distill_loss": "top-K distillation loss (SDPO, CREDIT, OPSD; eq. 2 / eq. 8)",
+    "train/entropy": "mean token entropy of the policy on the sampled responses",
+    "train/advantage_mean": "mean token advantage over response tokens",
+    "train/advantage_std": "standard deviation of the token advantages",
+    "train/advantage_min": "smallest token advantage",
+    "train/advantage_max": "largest token advantage",
+    "train/ppo_clip_frac": "fraction of tokens whose PPO ratio was clipped",
+    "train/rlsd_clip_frac": "fraction of evidence weights w_t clipped (RLSD; paper 3-6 %)",
+    "train/rlsd_lam": "RLSD mixing coefficient lambda at this step",
+    "train/grad_norm": "global gradient norm before clipping",
+    "train/lr": "learning rate",
+    # teacher/: the self-teacher's signal (CREDIT section 3)
+    "teacher/s_t": "input-specific signal S_t on the sampled token, token mean (CREDIT)",
+    "teacher/delta_v": "realised Delta V_t = r_t(y_t) on the sampled token, token mean",
+    "teacher/seq_pmi": "sequence sum of Delta V_t (pMI estimate, eq. 4), mean over samples",
+    "teacher/seq_s": "sequence sum of S_t (contrastive pMI, eq. 9), mean over samples",
+    "teacher/contrastive_std": "std of the C contrastive log-probs on the sampled token",
+    "teacher/rlsd_delta": "RLSD evidence Delta_t on the sampled token, token mean (eq. 13)",
+    "teacher/topk_kl": "divergence of student and teacher on the top-K set, token mean",
+    "teacher/signal_frac": "fraction of samples with a teacher signal (solution or feedback)",
+    # perf/: throughput and time per phase (seconds)
+    "perf/tokens_per_s": "trained tokens (prompt + response) per second of the step",
+    "perf/time_step": "wall time of the whole step",
+    "perf/time_rollout": "generation time",
+    "perf/time_reward": "environment scoring time",
+    "perf/time_teacher": "teacher, contrastive and old-policy forward passes",
+    "perf/time_train": "forward/backward and optimizer steps",
+    "perf/time_sync": "weight sync to the rollout engine and teacher update",
+    "perf/time_val": "validation time (steps that validate)",
+    "perf/peak_memory_gb": "peak resident memory of the process",
+    # val/: periodic evaluation (avg@k with a bootstrap CI over prompts)
+    "val/avg_at_k": "mean over prompts of the mean reward of k samples",
+    "val/avg_at_k_ci_low": "lower bound of the bootstrap CI of avg@k",
+    "val/avg_at_k_ci_high": "upper bound of the bootstrap CI of avg@k",
+    "val/pass_at_k": "unbiased pass@k over prompts",
+    "val/response_length_mean": "mean validation response length in tokens",
+    "val/num_prompts": "validation prompts used",
+}
+"""Metrics the training loop emits, with a one-line meaning (mirrored in docs/metrics.md)."""
+
+CONSOLE_KEYS = ("rollout/reward_mean", "train/loss", "val/avg_at_k", "perf/tokens_per_s")
+"""Metrics shown next to the progress bar."""
+
+
+def check_metric_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is ``<namespace>/<rest>`` with a known namespace."""
+    namespace, sep, rest = str(name).partition("/")
+    if not sep or not rest or namespace not in METRIC_NAMESPACES:
+        raise ValueError(
+            f"metric name '{name}' has no known namespace; prefix it with one of "
+            f"{', '.join(ns + '/' for ns in METRIC_NAMESPACES)} (e.g. 'train/{rest or name}')"
+        )
+
+
+def to_float(name: str, value: Any) -> float:
+    """A float from a Python/NumPy number or a one-element tensor; errors name the metric."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    item = getattr(value, "item", None)
+    if item is not None and getattr(value, "numel", lambda: getattr(value, "size", 1))() == 1:
+        return float(item())
+    raise TypeError(f"metric '{name}' must be a number, got {type(value).__name__}: {value!r}")
+
+
+def _json_number(value: float) -> Any:
+    """Keep JSON strict: NaN/inf become strings."""
+    return value if math.isfinite(value) else str(value)
+
+
+class MetricsLogger:
+    """Log namespaced scalar metrics per step to JSONL, TensorBoard, W&B and the console.
+
+    ``resume_from_step``: None starts a new run (an existing ``metrics.jsonl``,
+    ``token_credit.jsonl`` and TensorBoard event files in ``run_dir`` are removed). An int resumes from a checkpoint taken
+    at that step: records with a larger step (logged after the checkpoint, before the crash)
+    and a half-written last line are dropped, TensorBoard events after that step are purged,
+    and new records are appended.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        jsonl: bool = True,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        console: bool = True,
+        total_steps: int | None = None,
+        resume_from_step: int | None = None,
+        wandb_project: str = "megacredit",
+        wandb_entity: str | None = None,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.total_steps = total_steps
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.resume_from_step = resume_from_step
+        _truncate_jsonl(self.run_dir / TOKEN_CREDIT_FILE, resume_from_step)
+        self._jsonl_file = self._open_jsonl(resume_from_step) if jsonl else None
+        self._tb_writer = self._open_tensorboard(resume_from_step) if tensorboard else None
+        self._wandb_run = (
+            self._open_wandb(wandb_project, wandb_entity, run_config) if wandb else None
+        )
+        self._console = None
+        if console:
+            from megacredit.trainer.metrics_console import ConsoleReporter
+
+            self._console = ConsoleReporter(total_steps, start_step=resume_from_step or 0)
+        self._closed = False
+
+    # -- sinks -----------------------------------------------------------------------
+    def _open_jsonl(self, resume_from_step: int | None):
+        path = self.run_dir / METRICS_FILE
+        _truncate_jsonl(path, resume_from_step)
+        return open(path, "a", buffering=1)
+
+    def _open_tensorboard(self, resume_from_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = self.run_dir / TENSORBOARD_DIR
+        if resume_from_step is None and log_dir.is_dir():
+            for old in log_dir.glob("events.out.tfevents.*"):
+                old.unlink()
+        purge = None if resume_from_step is None else resume_from_step + 1
+        return SummaryWriter(log_dir=str(log_dir), purge_step=purge)
+
+    @staticmethod
+    def _open_wandb(project: str, entity: str | None, run_config: Mapping[str, Any] | None):
+        try:
+            import wandb  # noqa: PLC0415 (optional dependency)
+        except ImportError:
+            warnings.warn(
+                "logging.wandb is true but the 'wandb' package is not installed; W&B logging "
+                "is off. Install it with `pip install wandb` (or the [wandb] extra).",
+                stacklevel=3,
+            )
+            return None
+        return wandb.init(project=project, entity=entity, config=dict(run_config or {}))
+
+    # -- public API ------------------------------------------------------------------
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """Log ``metrics`` (name -> number) for ``step``; returns the floats written."""
+        if self._closed:
+            raise RuntimeError("MetricsLogger.log called after close()")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        values: dict[str, float] = {}
+        for name, value in metrics.items():
+            check_metric_name(name)
+            values[name] = to_float(name, value)
+        self.history.append((step, values))
+        if self._jsonl_file is not None:
+            record = {"step": step, "time": time.time()}
+            record.update({k: _json_number(v) for k, v in values.items()})
+            self._jsonl_file.write(json.dumps(record) + "\n")
+            self._jsonl_file.flush()
+        if self._tb_writer is not None:
+            for name, value in values.items():
+                self._tb_writer.add_scalar(name, value, global_step=step)
+            self._tb_writer.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.log(values, step=step)
+        if self._console is not None:
+            self._console.update(step, values)
+        return values
+
+    def save_token_credit(self, step: int, samples: Iterable[Mapping[str, Any]]) -> Path:
+        """:func:`save_token_credit` into this logger's run directory."""
+        return save_token_credit(self.run_dir, step, samples)
+
+    def latest(self, name: str) -> float | None:
+        """The most recently logged value of ``name`` (None if never logged)."""
+        for _, values in reversed(self.history):
+            if name in values:
+                return values[name]
+        return None
+
+    def series(self, name: str) -> list[tuple[int, float]]:
+        """All ``(step, value)`` pairs of ``name`` logged by this logger."""
+        return [(step, values[name]) for step, values in self.history if name in values]
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """Rows of the end-of-run summary: validation before/after with CIs, phase times."""
+        from megacredit.trainer.metrics_console import summary_rows
+
+        return summary_rows(self.history)
+
+    def close(self, print_summary: bool = True, extra_rows: Sequence[tuple[str, str]] = ()) -> None:
+        """Flush and close every sink; print the summary table on the console."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._console is not None:
+            self._console.finish(self.summary_rows() + list(extra_rows) if print_summary else None)
+        if self._jsonl_file is not None:
+            self._jsonl_file.close()
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close(print_summary=exc[0] is None)
+
+
+def _truncate_jsonl(path: Path, keep_up_to_step: int | None) -> None:
+    """Empty ``path`` (None) or keep only its records with step <= ``keep_up_to_step``."""
+    if not path.exists():
+        return
+    kept = [] if keep_up_to_step is None else [
+        rec for rec in read_metrics(path) if rec["step"] <= keep_up_to_step
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as out:
+        out.write("".join(json.dumps(rec) + "\n" for rec in kept))
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a metrics JSONL file; a half-written (unparsable) last line is skipped."""
+    records: list[dict[str, Any]] = []
+    lines = Path(path).read_text().splitlines()
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index == len(lines) - 1:
+                break  # crash mid-write: drop the partial line
+            raise ValueError(f"{path}: line {index + 1} is not valid JSON") from None
+    return records
+
+
+def _per_token_list(sample_index: int, key: str, values: Any, length: int) -> list[float]:
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    values = [float(v) for v in values]
+    if len(values) != length:
+        raise ValueError(
+            f"token-credit sample {sample_index}: '{key}' has {len(values)} values but the "
+            f"sample has {length} tokens"
+        )
+    return [_json_number(v) for v in values]
+
+
+def save_token_credit(
+    run_dir: str | os.PathLike, step: int, samples: Iterable[Mapping[str, Any]]
+) -> Path:
+    """Append per-token credit of a few samples to ``<run_dir>/token_credit.jsonl``.
+
+    Each sample is a mapping with ``tokens`` (list of token strings) and any number of
+    per-token series of the same length (e.g. ``s_t``, ``delta_v``, ``advantage``); other
+    scalar or string entries (``reward``, ``prompt``, ``feedback``) are kept as metadata.
+    One JSON line per sample: ``{"step", "sample", "tokens", "credit": {series: [...]}, ...}``.
+    """
+    path = Path(run_dir) / TOKEN_CREDIT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, sample in enumerate(samples):
+        tokens = sample.get("tokens")
+        if tokens is None or isinstance(tokens, str):
+            raise ValueError(f"token-credit sample {index}: 'tokens' must be a list of strings")
+        tokens = [str(t) for t in tokens]
+        record: dict[str, Any] = {"step": int(step), "sample": index, "tokens": tokens}
+        credit: dict[str, list[float]] = {}
+        for key, value in sample.items():
+            if key == "tokens":
+                continue
+            if isinstance(value, (str, numbers.Real)) or value is None:
+                record[key] = value
+            else:
+                credit[key] = _per_token_list(index, key, value, len(tokens))
+        record["credit"] = credit
+        lines.append(json.dumps(record))
+    with open(path, "a") as out:
+        out.write("".join(line + "\n" for line in lines))
+    return path
+
+
+def read_token_credit(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records written by :func:`save_token_credit`."""
+    return read_metrics(path)
