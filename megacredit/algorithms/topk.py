@@ -177,7 +177,7 @@ def logsumexp_of_masked(z: torch.Tensor, group) -> torch.Tensor:
         row_max = all_reduce_max_(z.amax(dim=-1), group)
         # A row that is -inf everywhere has no finite shift; 0 keeps exp() NaN-free.
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    local_sum_exp = torch.exp(z - row_max.unsqueeze(-1)).sum(dim=-1)
+    local_sum_exp = (z - row_max.unsqueeze(-1)).exp_().sum(dim=-1)  # one [N, V_local] temporary
     return row_max + torch.log(all_reduce_sum(local_sum_exp, group))
 
 

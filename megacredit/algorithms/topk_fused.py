@@ -154,7 +154,7 @@ def _grad_logits_chunk(
 ) -> torch.Tensor:
     """grad_z = sum_i onehot(i) g_i - p * (sum_i g_i - g_lse), p = exp(z - lse) (module doc)."""
     softmax_coefficient = grad_logsumexp - grad_topk.sum(-1) - grad_gathered.sum(-1)
-    grad_z = torch.exp(z - logsumexp.unsqueeze(-1))
+    grad_z = (z - logsumexp.unsqueeze(-1)).exp_()  # p; the only [c, V_local] temporary besides z
     grad_z.mul_(softmax_coefficient.to(grad_z.dtype).unsqueeze(-1))
     _scatter_add_local_(grad_z, topk_ids, grad_topk, vocab_start)
     _scatter_add_local_(grad_z, gather_ids, grad_gathered, vocab_start)
@@ -202,7 +202,8 @@ def _grads_of_all_chunks(chunk_logits, plan: ChunkPlan, saved, grad_topk, grad_l
     """Yield (start, end, grad_z) per chunk, recomputing each chunk's logits."""
     topk_ids, gather_ids, logsumexp = saved
     for start, end in _chunk_bounds(logsumexp.shape[0], plan.chunk_size):
-        grad_z = _grad_logits_chunk(
+        # Yielded without a local name, so the consumer's `del` frees it before the next chunk.
+        yield start, end, _grad_logits_chunk(
             chunk_logits(start, end),
             logsumexp[start:end],
             topk_ids[start:end],
@@ -212,7 +213,6 @@ def _grads_of_all_chunks(chunk_logits, plan: ChunkPlan, saved, grad_topk, grad_l
             grad_logsumexp[start:end],
             plan.vocab_start,
         )
-        yield start, end, grad_z
 
 
 # ----------------------------------------------------------------------------- autograd Functions
@@ -248,6 +248,7 @@ class ChunkedLogitsTopK(torch.autograd.Function):
         grads = (grad_topk, grad_logsumexp, grad_gathered)
         for start, end, grad_z in _grads_of_all_chunks(chunk_logits, plan, saved, *grads):
             grad_logits[start:end] = grad_z
+            del grad_z  # free before the generator builds the next chunk (peak = 2 chunks)
         return grad_logits, None, None
 
 
@@ -287,6 +288,7 @@ class ChunkedHiddenTopK(torch.autograd.Function):
                 grad_hidden[start:end] = grad_z.to(weight_shard.dtype) @ weight_shard
             if want_weight:
                 grad_weight.addmm_(grad_z.T, hidden[start:end].to(compute_dtype))
+            del grad_z  # free before the generator builds the next chunk (peak = 2 chunks)
         if want_hidden and ctx.all_reduce_grad_hidden and plan.group is not None:
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=plan.group)
         grad_hidden = grad_hidden.to(hidden.dtype) if want_hidden else None
