@@ -285,8 +285,13 @@ def _run(backend: _Backend, source: str | None, argv: list[str] | None, stdin: s
                                    cwd=cwd, env=popen_env, start_new_session=True, close_fds=True, **as_nobody)
         try:
             stdout, stderr, timed_out, truncated = _communicate(process, stdin.encode("utf-8"), limits, started)
+            if not (timed_out or truncated):
+                try:  # output closed: let the program finish by itself within the wall limit
+                    process.wait(timeout=max(0.0, started + limits.wall_time_s - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
         finally:
-            _kill_group(process)
+            _kill_group(process)  # whatever is left of the process group (pid namespace: bwrap)
             process.wait()
             if backend.mode == "fallback":
                 _kill_strays(token)
