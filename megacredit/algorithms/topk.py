@@ -101,7 +101,10 @@ def effective_vocab_size(
 
 
 def check_logits_shard(
-    logits_shard: torch.Tensor, vocab_start: int, vocab_size: int | None, group: dist.ProcessGroup | None
+    logits_shard: torch.Tensor,
+    vocab_start: int,
+    vocab_size: int | None,
+    group: dist.ProcessGroup | None,
 ) -> None:
     """Raise ValueError naming the bad argument of a vocab-parallel call."""
     if not isinstance(logits_shard, torch.Tensor) or logits_shard.dim() != 2:
@@ -220,7 +223,10 @@ def topk_of_masked(
 
 
 def vocab_parallel_logsumexp(
-    logits_shard: torch.Tensor, group: dist.ProcessGroup | None = None, vocab_start: int = 0, vocab_size: int | None = None
+    logits_shard: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """log sum over the full (real) vocabulary of exp(logits), shape [N], differentiable.
 

@@ -198,7 +198,14 @@ def _forward_all_chunks(
     return topk_ids, topk_logprobs, logsumexp, gathered
 
 
-def _grads_of_all_chunks(chunk_logits, plan: ChunkPlan, saved, grad_topk, grad_logsumexp, grad_gathered):
+def _grads_of_all_chunks(
+    chunk_logits: Callable[[int, int], torch.Tensor],
+    plan: ChunkPlan,
+    saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    grad_topk: torch.Tensor,
+    grad_logsumexp: torch.Tensor,
+    grad_gathered: torch.Tensor,
+):
     """Yield (start, end, grad_z) per chunk, recomputing each chunk's logits."""
     topk_ids, gather_ids, logsumexp = saved
     for start, end in _chunk_bounds(logsumexp.shape[0], plan.chunk_size):
@@ -280,7 +287,9 @@ class ChunkedHiddenTopK(torch.autograd.Function):
         chunk_logits = partial(_hidden_chunk_logits, hidden, weight_shard, plan)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = hidden.new_zeros(hidden.shape, dtype=compute_dtype) if want_hidden else None
-        grad_weight = weight_shard.new_zeros(weight_shard.shape, dtype=compute_dtype) if want_weight else None
+        grad_weight = (
+            weight_shard.new_zeros(weight_shard.shape, dtype=compute_dtype) if want_weight else None
+        )
         saved = (topk_ids, gather_ids, logsumexp)
         grads = (grad_topk, grad_logsumexp, grad_gathered)
         for start, end, grad_z in _grads_of_all_chunks(chunk_logits, plan, saved, *grads):
@@ -306,8 +315,8 @@ def _combined_gather_ids(lead_shape, gather_ids, sampled_ids, vocab: int, device
     for name, ids, extra_dims in (("gather_ids", gather_ids, 1), ("sampled_ids", sampled_ids, 0)):
         if ids is None:
             continue
-        if not isinstance(ids, torch.Tensor) or tuple(ids.shape[: len(lead_shape)]) != tuple(lead_shape) \
-                or ids.dim() != len(lead_shape) + extra_dims:
+        shape_ok = isinstance(ids, torch.Tensor) and ids.dim() == len(lead_shape) + extra_dims
+        if not shape_ok or tuple(ids.shape[: len(lead_shape)]) != tuple(lead_shape):
             want = "[..., Kg]" if extra_dims else "[...]"
             raise ValueError(f"{name} must have shape {want} with ... = {tuple(lead_shape)}")
         flat = ids.reshape(n_rows, -1)
@@ -325,8 +334,12 @@ def _package(outputs, lead_shape, k, gather_ids, sampled_ids) -> TopKLogprobs:
         topk_ids=topk_ids.reshape(*lead_shape, k) if k else None,
         topk_logprobs=topk_logprobs.reshape(*lead_shape, k) if k else None,
         logsumexp=logsumexp.reshape(lead_shape),
-        gathered_logprobs=None if gather_ids is None else gathered[:, :n_gather].reshape(*lead_shape, n_gather),
-        sampled_logprobs=None if sampled_ids is None else gathered[:, n_gather].reshape(lead_shape),
+        gathered_logprobs=(
+            None if gather_ids is None else gathered[:, :n_gather].reshape(*lead_shape, n_gather)
+        ),
+        sampled_logprobs=(
+            None if sampled_ids is None else gathered[:, n_gather].reshape(lead_shape)
+        ),
     )
 
 
@@ -365,7 +378,9 @@ def chunked_topk_logprobs_from_hidden(
             f"{tuple(hidden.shape)} and {tuple(weight_shard.shape)}"
         )
     if hidden.dtype != weight_shard.dtype or not hidden.is_floating_point():
-        raise ValueError(f"hidden ({hidden.dtype}) and weight_shard ({weight_shard.dtype}) must share a float dtype")
+        raise ValueError(
+            f"hidden ({hidden.dtype}) and weight_shard ({weight_shard.dtype}) must share a float dtype"
+        )
     check_vocab_layout(weight_shard.shape[0], vocab_start, vocab_size, group)
     vocab = effective_vocab_size(weight_shard.shape[0], group, vocab_size)
     lead_shape = hidden.shape[:-1]

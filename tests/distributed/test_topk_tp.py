@@ -100,7 +100,9 @@ def tp_worker(rank: int, world_size: int, problem: dict) -> dict:
     )
     return dict(
         primitives=_primitives(logits_shard, problem, group, vocab_start),
-        from_logits=_chunked((logits_shard,), lambda: chunked_topk_logprobs_from_logits(logits_shard, **options), problem),
+        from_logits=_chunked(
+            (logits_shard,), lambda: chunked_topk_logprobs_from_logits(logits_shard, **options), problem
+        ),
         from_hidden=_chunked(
             (hidden, weight_shard),
             lambda: chunked_topk_logprobs_from_hidden(hidden, weight_shard, **options),
@@ -126,8 +128,11 @@ def direct_reference(problem: dict) -> dict:
     }
     primitive = dict(shared, primitive_topk=primitive_top.values,
                      tail=torch.log(1 - primitive_top.values.exp().sum(-1)))
-    chunked = dict(shared, topk_logprobs=chunked_top.values, tail=torch.log(1 - chunked_top.values.exp().sum(-1)))
-    grad_logits_primitive = torch.autograd.grad(weighted_loss(primitive, problem["loss_weights"]), logits, retain_graph=True)[0]
+    chunked = dict(shared, topk_logprobs=chunked_top.values,
+                   tail=torch.log(1 - chunked_top.values.exp().sum(-1)))
+    grad_logits_primitive = torch.autograd.grad(
+        weighted_loss(primitive, problem["loss_weights"]), logits, retain_graph=True
+    )[0]
     grad_logits, grad_hidden, grad_weight = torch.autograd.grad(
         weighted_loss(chunked, problem["loss_weights"]), (logits, hidden, weight)
     )
@@ -171,7 +176,8 @@ def test_chunked_logits_path_gradient_is_the_tp1_gradient_shard(runs):
     per_rank, reference = runs
     for rank, result in enumerate(per_rank):
         (grad_shard,) = result["from_logits"]["grads"]
-        torch.testing.assert_close(grad_shard, reference["grad_logits"][:, rank * LOCAL_VOCAB:(rank + 1) * LOCAL_VOCAB], **TOL)
+        expected_grad = reference["grad_logits"][:, rank * LOCAL_VOCAB:(rank + 1) * LOCAL_VOCAB]
+        torch.testing.assert_close(grad_shard, expected_grad, **TOL)
 
 
 def test_fused_hidden_path_gradients_equal_tp1(runs):
@@ -182,4 +188,5 @@ def test_fused_hidden_path_gradients_equal_tp1(runs):
         torch.testing.assert_close(grad_hidden, reference["grad_hidden"], **TOL)
         expected_weight = reference["grad_weight"][rank * LOCAL_VOCAB:(rank + 1) * LOCAL_VOCAB]
         torch.testing.assert_close(grad_weight_shard, expected_weight, **TOL)
-    assert torch.all(per_rank[1]["from_hidden"]["grads"][1][REAL_VOCAB - LOCAL_VOCAB:] == 0)  # padded LM-head row
+    padded_row_grad = per_rank[1]["from_hidden"]["grads"][1][REAL_VOCAB - LOCAL_VOCAB:]
+    assert torch.all(padded_row_grad == 0)  # the padded LM-head row

@@ -40,7 +40,9 @@ def test_logprobs_at_matches_log_softmax_gather_for_2d_and_1d_ids():
     direct = torch.log_softmax(logits, -1)
     torch.testing.assert_close(vocab_parallel_logprobs_at(logits, ids), direct.gather(-1, ids), **TOL)
     sampled = ids[:, 0]
-    torch.testing.assert_close(vocab_parallel_logprobs_at(logits, sampled), direct[torch.arange(6), sampled], **TOL)
+    torch.testing.assert_close(
+        vocab_parallel_logprobs_at(logits, sampled), direct[torch.arange(6), sampled], **TOL
+    )
 
 
 def test_gradients_match_autograd_of_direct_log_softmax():
@@ -88,7 +90,8 @@ def test_log_tail_mass_matches_direct_formula():
 def test_log_tail_mass_is_accurate_when_mass_is_close_to_one():
     # Top-1 mass 1 - 1e-12: the naive log(1 - exp(a)) loses ~4 significant digits here.
     topk_logprobs = torch.tensor([[math.log1p(-1e-12)]], dtype=torch.float64)
-    torch.testing.assert_close(log_tail_mass(topk_logprobs), torch.tensor([math.log(1e-12)], dtype=torch.float64), rtol=1e-9, atol=0)
+    expected = torch.tensor([math.log(1e-12)], dtype=torch.float64)
+    torch.testing.assert_close(log_tail_mass(topk_logprobs), expected, rtol=1e-9, atol=0)
 
 
 def test_log_tail_mass_never_nan_when_mass_rounds_to_one():
