@@ -12,6 +12,7 @@ Docs: docs/config.md. Papers: ../shared/papers/ALGORITHMS.md (CREDIT Table 3, RL
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -440,9 +441,37 @@ def load_config(
     (for configs meant for another machine, e.g. the paper-scale examples).
     """
     user, explicit = read_user_config(path, overrides or [])
+    name_override = any(o.split("=", 1)[0].strip() == "algorithm.name" for o in overrides or [])
+    if name_override:
+        explicit = _drop_other_methods_settings(user, explicit, path, overrides or [])
     cfg = resolve_config(user)
     validate_config(cfg, explicit, check_paths=check_paths)
     return cfg
+
+
+def _drop_other_methods_settings(
+    user: dict[str, Any], explicit: set[str], path: str | Path | None, overrides: list[str]
+) -> set[str]:
+    """When ``algorithm.name`` is overridden on the command line, settings in the FILE that the
+    new method does not read are dropped with a warning (so a CREDIT file can be re-run as
+    SDPO or GRPO); such settings given as overrides still raise in validation."""
+    name = (user.get("algorithm") or {}).get("name")
+    if name not in METHOD_SECTIONS:
+        return explicit
+    from_overrides = {o.split("=", 1)[0].strip() for o in overrides}
+    dropped = [key for key, _ in inapplicable_keys(name, explicit) if key not in from_overrides]
+    for key in dropped:
+        *parents, leaf = key.split(".")
+        node = user
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
+    if dropped:
+        warnings.warn(
+            f"algorithm.name={name} (override) does not read {', '.join(dropped)} set in "
+            f"'{path}'; those settings are ignored", stacklevel=3,
+        )
+    return explicit - set(dropped)
 
 
 BASE_KEY = "base"
@@ -542,6 +571,7 @@ def replace(cfg: MegacreditConfig, **dotted: Any) -> MegacreditConfig:
 # module can import the dataclasses above.
 from megacredit.trainer.config_validation import (  # noqa: E402
     check_world_size,
+    inapplicable_keys,
     validate_against_model,
     validate_config,
 )

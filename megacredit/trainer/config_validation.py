@@ -67,27 +67,31 @@ def _check_paths(cfg: "MegacreditConfig") -> None:
              "must be 'auto', 'none', or the path of an existing checkpoint")
 
 
-def _check_algorithm_sections(cfg: "MegacreditConfig", explicit: set[str]) -> None:
+def inapplicable_keys(name: str, explicit: set[str]) -> list[tuple[str, str]]:
+    """(key, reason) for each explicitly set key that method ``name`` does not read."""
     from megacredit.trainer.config import METHOD_SECTIONS, METHOD_UNUSED_KEYS
 
-    name = cfg.algorithm.name
     used = METHOD_SECTIONS[name]
+    found = []
     for key in sorted(explicit):
-        if key in METHOD_UNUSED_KEYS.get(name, ()):
-            raise ConfigError(
-                f"config key '{key}' has no effect with algorithm.name={name}; remove it "
-                f"(see docs/config.md)"
-            )
         parts = key.split(".")
-        if len(parts) >= 3 and parts[0] == "algorithm" and parts[1] in {
-            "sdpo", "credit", "rlsd", "teacher"
-        } and parts[1] not in used:
+        if key in METHOD_UNUSED_KEYS.get(name, ()):
+            found.append((key, "see docs/config.md"))
+        elif (len(parts) >= 3 and parts[0] == "algorithm"
+              and parts[1] in {"sdpo", "credit", "rlsd", "teacher"} and parts[1] not in used):
             users = sorted(m for m, sections in METHOD_SECTIONS.items() if parts[1] in sections)
-            raise ConfigError(
-                f"config key '{key}' has no effect with algorithm.name={name}: the "
-                f"'algorithm.{parts[1]}' settings are read only by {', '.join(users)}. "
-                f"Remove it or choose one of those methods."
-            )
+            found.append((key, f"the 'algorithm.{parts[1]}' settings are read only by "
+                               f"{', '.join(users)}"))
+    return found
+
+
+def _check_algorithm_sections(cfg: "MegacreditConfig", explicit: set[str]) -> None:
+    name = cfg.algorithm.name
+    for key, reason in inapplicable_keys(name, explicit):
+        raise ConfigError(
+            f"config key '{key}' has no effect with algorithm.name={name} ({reason}); "
+            f"remove it or choose a method that reads it"
+        )
 
 
 def _check_algorithm(cfg: "MegacreditConfig") -> None:
