@@ -140,3 +140,16 @@ def test_aggregate_rejects_unknown_mode_and_bad_shapes():
         aggregate(torch.zeros(2, 3), torch.ones(2, 3), "seq-sum")
     with pytest.raises(ValueError, match="per_token"):
         aggregate(torch.zeros(2, 4), torch.ones(2, 3), "token-mean")
+
+
+def test_algorithms_package_is_megatron_free():
+    """The methods must import and run without Megatron-Core (pure torch)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, megacredit.algorithms as a; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('megatron', 'transformer_engine')); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
