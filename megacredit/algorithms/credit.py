@@ -64,8 +64,8 @@ def check_contrastive_shape(contrastive: torch.Tensor, teacher: torch.Tensor, na
 
 
 def check_lambda(lam: float) -> None:
-    if lam < 0.0:
-        raise ValueError(f"CREDIT lambda must be >= 0 (paper: 0.05-0.1, 0 = SDPO), got {lam}")
+    if not 0.0 <= lam <= 1.0:  # section 3.3: "a coefficient lambda in [0, 1]"
+        raise ValueError(f"CREDIT lambda must be in [0, 1] (paper default 0.1, 0 = SDPO), got {lam}")
 
 
 def credit_token_rewards(
@@ -80,7 +80,7 @@ def credit_token_rewards(
         teacher_logp: [..., K] f_t at the K ids (normalised full-vocabulary log-probs).
         contrastive_logp: [C, ..., K] g_{k,t} at the same ids, one slice per contrastive prompt.
         student_logp: [..., K] log pi_theta at the same ids.
-        lam: debiasing strength lambda >= 0.
+        lam: debiasing strength lambda in [0, 1].
 
     Returns:
         [..., K] R_t(v), detached: vocabulary-level advantages are stop-gradient (Algorithm 1).

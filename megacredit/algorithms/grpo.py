@@ -81,6 +81,7 @@ def ppo_clip_loss(
     mask: torch.Tensor,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
+    dual_clip_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token clipped surrogate loss (negated RLSD eq. 2 integrand) and its metrics.
 
@@ -91,6 +92,9 @@ def ppo_clip_loss(
             (e.g. RLSD's A_hat_t, a drop-in replacement, RLSD section 4.2). Detached.
         mask: [B, T] valid response tokens.
         clip_eps_low, clip_eps_high: clip range ``[1 - clip_eps_low, 1 + clip_eps_high]``.
+        dual_clip_c: None (default; neither paper mentions it) or the dual-clip bound c > 1 of
+            verl's vanilla policy loss (verl default 3.0): for A < 0 the loss is capped at
+            ``-A * c``, so a huge ratio on a negative-advantage token cannot blow up.
 
     Returns:
         ``pg_loss`` [B, T] (0 at masked positions) and metrics (0-dim detached tensors, masked
@@ -112,7 +116,13 @@ def ppo_clip_loss(
     clip_coef = ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
     unclipped_loss = -token_advantages * ratio
     clipped_loss = -token_advantages * clip_coef
-    pg_loss = zero_masked(torch.maximum(unclipped_loss, clipped_loss), mask)
+    pg_loss = torch.maximum(unclipped_loss, clipped_loss)
+    if dual_clip_c is not None:
+        if dual_clip_c <= 1.0:
+            raise ValueError(f"dual_clip_c must be > 1 (verl uses 3.0) or None, got {dual_clip_c}")
+        capped = torch.minimum(pg_loss, -token_advantages * dual_clip_c)
+        pg_loss = torch.where(token_advantages < 0, capped, pg_loss)
+    pg_loss = zero_masked(pg_loss, mask)
     with torch.no_grad():
         metrics = {
             "clip_fraction": masked_mean((clipped_loss > unclipped_loss).to(logp.dtype), mask),

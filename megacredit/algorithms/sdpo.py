@@ -21,7 +21,11 @@ Top-K distributions ("bins"), as the public SDPO code (``distillation_add_tail``
   log(1 - sum_k p_k) holding the rest of the mass (computed stably by topk.log_tail_mass; a
   top-K mass that rounds to 1 gives a tail of ~eps(dtype), never NaN).
 
-Divergence convention (matches the public SDPO code's ``alpha``; written independently):
+Divergence convention (matches the public SDPO code's ``alpha``: ``compute_self_distillation_loss``
+in lasgroup/SDPO ``verl/trainer/ppo/core_algos.py``, which special-cases alpha = 0 / 1 as the
+two KLs and otherwise takes ``lerp(KL(S||M), KL(T||M), alpha)``; read, not copied. NOTE: the
+lasgroup/SDPO snapshot read (commit 229d1378) also maps alpha == 0.75 / 0.25 to Renyi
+divergences; we do NOT replicate that quirk -- every 0 < alpha < 1 is the JSD below):
 
 * ``alpha = 1``: reverse KL  KL(S || T) = sum_v S(v) (log S(v) - log T(v))   (code tasks)
 * ``alpha = 0``: forward KL  KL(T || S) = sum_v T(v) (log T(v) - log S(v))
@@ -32,7 +36,7 @@ Divergence convention (matches the public SDPO code's ``alpha``; written indepen
   alpha -> 0 and JSD_alpha / (1 - alpha) -> KL(S || T) as alpha -> 1 (first-order expansion
   of KL(S || M) is O(alpha^2)); tested. So alpha = 0 / 1 are the KLs "up to the alpha scale".
 
-Off-policy importance weight (public SDPO ``is_clip``): when a mini-batch is not the one the
+Off-policy importance weight (public SDPO ``is_clip``, same function as above): when a mini-batch is not the one the
 rollout policy produced (several PPO mini-batches/epochs per rollout), the per-token loss is
 multiplied by ``w_t = min(exp(clamp(log pi_theta(y_t) - log pi_old(y_t), -20, 20)), is_clip)``
 on the SAMPLED token y_t, detached (no gradient through w_t), with no lower clip.

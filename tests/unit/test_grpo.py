@@ -153,3 +153,17 @@ def test_algorithms_package_is_megatron_free():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dual_clip_caps_negative_advantage_tokens():
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    logp = torch.tensor([[math.log(5.0), math.log(5.0), math.log(2.0)]], dtype=torch.float64)
+    advantages = torch.tensor([[-1.0, 1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 3)
+    plain, _ = ppo_clip_loss(logp, old, advantages, mask, 0.2, 0.2)
+    dual, _ = ppo_clip_loss(logp, old, advantages, mask, 0.2, 0.2, dual_clip_c=3.0)
+    # A<0, rho=5: plain max(5, 1.2) = 5, capped at c=3; A>0 untouched (-1.2); rho=2 < c: 2 stays
+    torch.testing.assert_close(plain, torch.tensor([[5.0, -1.2, 2.0]], dtype=torch.float64), **TOL)
+    torch.testing.assert_close(dual, torch.tensor([[3.0, -1.2, 2.0]], dtype=torch.float64), **TOL)
+    with pytest.raises(ValueError, match="dual_clip_c"):
+        ppo_clip_loss(logp, old, advantages, mask, dual_clip_c=0.5)
