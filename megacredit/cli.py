@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from megacredit.trainer.config_parsing import ConfigError
+from megacredit.trainer.config_parsing import ConfigError, ConfigWarning
 
 EXIT_CONFIG_ERROR = 2
 EXIT_MISSING_COMPONENT = 1
@@ -99,23 +100,36 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from megacredit.trainer.metrics import METRICS_FILE, TOKEN_CREDIT_FILE
-    from megacredit.trainer.visualize import plot_learning_curve, token_credit_html
+    from megacredit.trainer.metrics import METRICS_FILE
+    from megacredit.trainer.visualize import render_run
 
     run_dir = Path(args.run_dir)
-    metrics = run_dir / METRICS_FILE
-    if not metrics.is_file():
-        return _fail(f"'{metrics}' not found: is '{run_dir}' a megacredit run directory?", 2)
-    print(plot_learning_curve(metrics, run_dir / "learning_curve.png"))
-    credit = run_dir / TOKEN_CREDIT_FILE
-    if credit.is_file():
-        print(token_credit_html(credit, run_dir / "token_credit.html"))
+    if not (run_dir / METRICS_FILE).is_file():
+        return _fail(f"'{run_dir / METRICS_FILE}' not found: is '{run_dir}' a megacredit run "
+                     "directory?", 2)
+    for path in render_run(run_dir):
+        print(path)
     return 0
+
+
+def _show_config_warnings_in_one_line() -> None:
+    """Print ConfigWarnings as ``megacredit: warning: ...``; other warnings as usual."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ConfigWarning):
+            print(f"megacredit: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``megacredit`` console script; returns the exit status."""
     args = _build_parser().parse_args(argv)
+    if argv is None:  # the console script, not a library call
+        _show_config_warnings_in_one_line()
     handlers = {
         "train": _cmd_train,
         "config": _cmd_config_show,

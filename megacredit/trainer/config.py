@@ -12,6 +12,7 @@ Docs: docs/config.md. Papers: ../shared/papers/ALGORITHMS.md (CREDIT Table 3, RL
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 
 from megacredit.trainer.config_parsing import (
     ConfigError,
+    ConfigWarning,
     build_dataclass,
     dataclass_to_dict,
     deep_merge,
@@ -308,6 +310,12 @@ class TrainingConfig:
     seed: int = 42
     """Seed of data order, sampling, contrastive draws and model init."""
 
+    def resolved_steps(self, num_train_prompts: int, prompts_per_step: int) -> int:
+        """``steps``, or ceil(epochs * num_train_prompts / prompts_per_step) if epochs is set."""
+        if self.epochs is None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * num_train_prompts / prompts_per_step))
+
     def num_mini_batches(self, prompts_per_step: int) -> int:
         """Optimizer steps per training step per PPO epoch."""
         return prompts_per_step // self.ppo_mini_batch_size
@@ -469,7 +477,7 @@ def _drop_other_methods_settings(
     if dropped:
         warnings.warn(
             f"algorithm.name={name} (override) does not read {', '.join(dropped)} set in "
-            f"'{path}'; those settings are ignored", stacklevel=3,
+            f"'{path}'; those settings are ignored", ConfigWarning, stacklevel=3,
         )
     return explicit - set(dropped)
 
@@ -581,6 +589,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "CheckpointConfig",
     "ConfigError",
+    "ConfigWarning",
     "CreditConfig",
     "DataConfig",
     "EnvConfig",

@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the dotted key and how to fix it."""
 
 
+class ConfigWarning(UserWarning):
+    """A configuration setting that is ignored (e.g. another method's settings)."""
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest candidate, or ``""`` if none is close."""
     matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)

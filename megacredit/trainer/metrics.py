@@ -148,6 +148,18 @@ class MetricsLogger:
             self._console = ConsoleReporter(total_steps, start_step=resume_from_step or 0)
         self._closed = False
 
+    @classmethod
+    def from_config(cls, cfg: Any, total_steps: int | None = None,
+                    resume_from_step: int | None = None) -> "MetricsLogger":
+        """A logger set up from a ``MegacreditConfig``'s ``logging`` section."""
+        from megacredit.trainer.config import config_to_dict
+
+        log = cfg.logging
+        return cls(log.run_dir, jsonl=log.jsonl, tensorboard=log.tensorboard, wandb=log.wandb,
+                   console=log.console, total_steps=total_steps,
+                   resume_from_step=resume_from_step, wandb_project=log.wandb_project,
+                   wandb_entity=log.wandb_entity, run_config=config_to_dict(cfg))
+
     # -- sinks -----------------------------------------------------------------------
     def _open_jsonl(self, resume_from_step: int | None):
         path = self.run_dir / METRICS_FILE

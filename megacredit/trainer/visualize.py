@@ -208,3 +208,23 @@ def token_credit_html(token_credit_jsonl: str | os.PathLike, out_html: str | os.
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     return out
+
+
+LEARNING_CURVE_FILE = "learning_curve.png"
+TOKEN_CREDIT_HTML_FILE = "token_credit.html"
+
+
+def render_run(run_dir: str | os.PathLike) -> list[Path]:
+    """Draw ``learning_curve.png`` and ``token_credit.html`` for a run directory.
+
+    Whatever inputs exist are rendered; returns the files written.
+    """
+    from megacredit.trainer.metrics import METRICS_FILE, TOKEN_CREDIT_FILE
+
+    run = Path(run_dir)
+    written = []
+    if (run / METRICS_FILE).is_file():
+        written.append(plot_learning_curve(run / METRICS_FILE, run / LEARNING_CURVE_FILE))
+    if (run / TOKEN_CREDIT_FILE).is_file():
+        written.append(token_credit_html(run / TOKEN_CREDIT_FILE, run / TOKEN_CREDIT_HTML_FILE))
+    return written

@@ -255,3 +255,9 @@ def test_overriding_the_method_drops_the_files_other_method_settings(tmp_path):
         assert load_config(path, ["algorithm.name=sdpo"]).algorithm.sdpo.top_k == 7
     with pytest.raises(ConfigError, match="has no effect"), pytest.warns(UserWarning):
         load_config(path, ["algorithm.name=grpo", "algorithm.sdpo.top_k=3"])
+
+
+def test_epochs_resolve_to_steps():
+    training = load_config(None, ["training.epochs=3"]).training
+    assert training.resolved_steps(num_train_prompts=100, prompts_per_step=32) == 10  # ceil(9.375)
+    assert load_config(None).training.resolved_steps(100, 32) == 100  # steps when epochs is null

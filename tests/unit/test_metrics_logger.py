@@ -163,3 +163,15 @@ def test_docs_list_every_documented_metric():
     missing = [name for name in DOCUMENTED_METRICS if f"`{name}`" not in text]
     assert not missing, f"docs/metrics.md lacks {missing}"
     assert all(name.split("/")[0] in METRIC_NAMESPACES for name in DOCUMENTED_METRICS)
+
+
+def test_from_config_uses_the_logging_section(tmp_path):
+    from megacredit.trainer.config import load_config
+
+    cfg = load_config(None, [f"logging.run_dir={tmp_path / 'run'}", "logging.tensorboard=false",
+                             "logging.console=false"])
+    logger = MetricsLogger.from_config(cfg, total_steps=3)
+    logger.log(1, {"train/loss": 1.0})
+    logger.close()
+    assert read_metrics(tmp_path / "run" / METRICS_FILE)[0]["train/loss"] == 1.0
+    assert not (tmp_path / "run" / "tensorboard").exists()
