@@ -142,9 +142,15 @@ def _minimal_env(home: str, token: str) -> dict[str, str]:
     }
 
 
-def _bwrap_argv(bwrap: str, job_dir: str, limits: SandboxLimits, env: dict[str, str]) -> list[str]:
-    """The bubblewrap command line (see the module docstring for what each part does)."""
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+def _bwrap_argv(bwrap: str, job_dir: str, limits: SandboxLimits, env: dict[str, str], info_fd: int) -> list[str]:
+    """The bubblewrap command line (see the module docstring for what each part does).
+
+    ``--as-pid-1``: the launcher itself is PID 1 of the namespace and a child of bwrap, which
+    reaps it (bwrap's default extra init process is left as a zombie for the host's PID 1 to
+    reap, which a container whose PID 1 is the trainer would never do). ``--info-fd`` reports
+    the launcher's host pid so a timeout can SIGKILL it: the namespace dies with its PID 1.
+    """
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--as-pid-1",
             "--new-session", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     for hidden in _HIDDEN_DIRS:
         if os.path.isdir(hidden):
@@ -154,7 +160,7 @@ def _bwrap_argv(bwrap: str, job_dir: str, limits: SandboxLimits, env: dict[str, 
              "--clearenv"]
     for key, value in env.items():
         argv += ["--setenv", key, value]
-    return argv + ["--"]
+    return argv + ["--info-fd", str(info_fd), "--"]
 
 
 def _python_candidates() -> list[str]:
@@ -267,11 +273,12 @@ def _run(backend: _Backend, source: str | None, argv: list[str] | None, stdin: s
     host_dir = _prepare_job_dir(backend, source, argv, limits, files)
     token = uuid.uuid4().hex
     started = time.monotonic()
+    info_read, info_write = os.pipe() if backend.mode == "bwrap" else (None, None)
     try:
         if backend.mode == "bwrap":
             env = _minimal_env(_BWRAP_WORK_DIR, token)
             env["JOB_DIR"] = _BWRAP_JOB_DIR
-            command = _bwrap_argv(backend.bwrap, os.path.join(host_dir, "job"), limits, env)
+            command = _bwrap_argv(backend.bwrap, os.path.join(host_dir, "job"), limits, env, info_write)
             command += [backend.python, "-I", f"{_BWRAP_JOB_DIR}/_launcher.py", f"{_BWRAP_JOB_DIR}/_launcher.json"]
             cwd, popen_env = host_dir, {"PATH": "/usr/bin:/bin"}
         else:
@@ -282,7 +289,11 @@ def _run(backend: _Backend, source: str | None, argv: list[str] | None, stdin: s
                        os.path.join(host_dir, "job", "_launcher.json")]
         as_nobody = {"user": NOBODY_UID, "group": NOBODY_UID, "extra_groups": []} if backend.run_as_nobody else {}
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   cwd=cwd, env=popen_env, start_new_session=True, close_fds=True, **as_nobody)
+                                   cwd=cwd, env=popen_env, start_new_session=True, close_fds=True,
+                                   pass_fds=(info_write,) if info_write is not None else (), **as_nobody)
+        if info_write is not None:
+            os.close(info_write)
+            info_write = None
         try:
             stdout, stderr, timed_out, truncated = _communicate(process, stdin.encode("utf-8"), limits, started)
             if not (timed_out or truncated):
@@ -291,17 +302,21 @@ def _run(backend: _Backend, source: str | None, argv: list[str] | None, stdin: s
                 except subprocess.TimeoutExpired:
                     timed_out = True
         finally:
-            _kill_group(process)  # whatever is left of the process group (pid namespace: bwrap)
-            process.wait()
+            _stop(process, info_read)
             if backend.mode == "fallback":
                 _kill_strays(token)
         returncode = process.returncode
-        if backend.mode == "bwrap" and not timed_out and not truncated and returncode > 128:
+        if timed_out or truncated:
+            returncode = -signal.SIGKILL  # we killed it
+        elif backend.mode == "bwrap" and returncode > 128:
             returncode = -(returncode - 128)  # bwrap reports a child killed by signal S as 128 + S
         killed_signal = -returncode if returncode < 0 else None
         return SandboxResult(returncode, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"),
                              timed_out, killed_signal, truncated, time.monotonic() - started, backend.mode)
     finally:
+        for descriptor in (info_read, info_write):
+            if descriptor is not None:
+                os.close(descriptor)
         shutil.rmtree(host_dir, ignore_errors=True)
 
 
@@ -349,6 +364,21 @@ def _feed_stdin(pipe, data: bytes) -> None:
             pipe.close()
         except (BrokenPipeError, OSError):
             pass
+
+
+def _stop(process: subprocess.Popen, info_read: int | None) -> None:
+    """Make sure nothing of the run is left: SIGKILL the namespace's PID 1 (bwrap mode, found via
+    --info-fd) so that bwrap reaps it, then SIGKILL the whole process group, then reap bwrap."""
+    if process.poll() is None and info_read is not None:
+        os.set_blocking(info_read, False)
+        try:
+            child_pid = int(json.loads(os.read(info_read, 65536).decode("utf-8"))["child-pid"])
+            os.kill(child_pid, signal.SIGKILL)
+            process.wait(timeout=2.0)
+        except (OSError, ValueError, KeyError, TypeError, subprocess.TimeoutExpired):
+            pass
+    _kill_group(process)
+    process.wait()
 
 
 def _kill_group(process: subprocess.Popen) -> None:

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from megacredit.envs.code import CodeEnv, extract_program, strip_think
+from megacredit.envs.sandbox import sandbox_backend
 from megacredit.envs.code_tests import (normalise_code_record, select_test_indices, stdout_matches,
                                         functional_matches)
 
@@ -118,11 +119,18 @@ def test_a_crash_in_one_test_does_not_hide_the_others(env):
                                "Killed by signal SIGSEGV (stack overflow, e.g. from deep recursion)")
 
 
+@pytest.mark.skipif(sandbox_backend().mode != "bwrap", reason="bubblewrap unavailable")
 def test_killing_the_runner_fails_all_tests_without_crashing(env):
     program = "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
     result = env.evaluate(ADD_RECORD, fenced(program), "val")
-    assert result.reward == 0.0
-    assert result.feedback.startswith("Test 1: Runtime Error\nThe test harness stopped before this test")
+    assert result.reward == 0.0 and result.details["isolation"] == "bwrap"
+    # In bwrap mode the runner is PID 1 of the namespace: the kernel drops SIGKILL sent to it from
+    # inside, so the runner carries on and grades the (empty) output.
+    assert result.feedback == ("Test 1: Wrong Answer\nInput: 1 2\nOutput: \nExpected: 3\n"
+                               "Test 2: Wrong Answer\nInput: 5 7\nOutput: \nExpected: 12")
+    fallback = CodeEnv(per_test_timeout_s=1.0, force_fallback_sandbox=True).evaluate(ADD_RECORD, fenced(program), "val")
+    assert fallback.reward == 0.0
+    assert fallback.feedback.startswith("Test 1: Runtime Error\nThe test harness stopped before this test")
 
 
 def test_partial_credit_is_the_fraction_passed():
