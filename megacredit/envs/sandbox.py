@@ -17,8 +17,10 @@
   and an audit hook refusing sockets / exec / signals to other sessions / writes outside the
   work dir. It is much weaker (see docs/sandbox.md) and logs a warning once.
 
-On timeout the whole process group is SIGKILLed; in bwrap mode this kills bwrap, whose PID
-namespace then takes every descendant with it. Output is read incrementally and capped.
+On timeout (or output over the cap) the namespace's PID 1 (the launcher, run with bwrap
+``--as-pid-1``; its host pid comes from ``--info-fd``) is SIGKILLed, which kills every process
+in the PID namespace, then the whole process group. Output is read incrementally and capped.
+See docs/sandbox.md for what this does and does not protect against.
 """
 
 from __future__ import annotations
