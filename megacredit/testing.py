@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -71,17 +73,22 @@ def run_distributed(fn: Callable, world_size: int = 2, timeout: float = 600.0, *
         process.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
+        while len(results) < world_size and not errors:
             try:
-                rank, ok, payload = queue.get(timeout=timeout)
-            except Exception as exc:  # queue.Empty
-                raise TimeoutError(f"distributed run of {fn.__name__} timed out after {timeout}s") from exc
+                rank, ok, payload = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [p for p in processes if p.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(f"rank {processes.index(dead[0])} died with exit code {dead[0].exitcode}")
+                elif time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed run of {fn.__name__} timed out after {timeout}s")
+                continue
             if ok:
                 results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
-                break
     finally:
         for process in processes:
             process.join(timeout=5 if errors else 60)

@@ -1,0 +1,175 @@
+"""Run the real Megatron-Core on a CPU (gloo backend): the one compatibility layer.
+
+Megatron-Core assumes CUDA in a handful of places. This module switches on ONLY when CUDA is
+absent (``enable_cpu_compat()`` returns False and changes nothing on a GPU machine) and fixes,
+in one place, what ../shared/notes/facts-of-this-machine.md lists:
+
+1. Hard-coded CUDA tensors (global memory buffer, pipeline schedules, p2p, clip_grads): a
+   ``TorchFunctionMode`` rewrites ``device="cuda"``/``cuda:N``/``torch.device("cuda")`` to CPU in
+   factory calls and ``Tensor.to``; ``Tensor.cuda()`` returns the tensor itself;
+   ``torch.cuda.current_device()`` returns ``"cpu"``; streams, events and ``synchronize`` are
+   no-op stand-ins.
+2. The RNG tracker: ``torch.cuda.{manual_seed,get_rng_state,set_rng_state}`` and Megatron's
+   ``_get_cuda_rng_state``/``_set_cuda_rng_state`` act on the CPU generator, so
+   ``model_parallel_cuda_manual_seed`` and ``get_cuda_rng_tracker().fork()`` work.
+3. Attention masks: the unfused softmax builds its default causal mask on "cuda"; (1) already
+   covers it, and callers in megacredit pass explicit masks anyway (``causal_attention_mask``).
+4. Gradient clipping asserts ``torch.cuda.FloatTensor``: the optimizer's clip function is
+   replaced by one that checks fp32 on any device (same arithmetic).
+5. ``dist_checkpointing`` needs ``psutil`` (a dependency) and a ``__main__`` guard in launched
+   scripts; nothing to patch, noted here for users.
+
+The mode is pushed on the thread that calls ``enable_cpu_compat`` (torch function modes are
+per-thread); call it in each process (megacredit.megatron.distributed.initialize does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_STATE: dict[str, Any] = {"enabled": False, "mode": None, "thread": None}
+
+
+def cuda_available() -> bool:
+    """True when a usable CUDA device exists (then the compatibility layer stays off)."""
+    return torch.cuda.is_available()
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int as a device means "cuda:<int>" in torch.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU in every torch call made under it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func in (torch.Tensor.to,) and args and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return func(*args, **kwargs)
+
+
+class _NoOpStream:
+    """Stand-in for ``torch.cuda.Stream``/``Event`` on CPU: every method does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+
+def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """CPU twin of ``megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32``.
+
+    Same arithmetic (scale every fp32 grad by ``max_norm / (total_norm + 1e-6)`` when below 1),
+    without the ``torch.cuda.FloatTensor`` assertion.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    for grad in grads:
+        if grad.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"gradient clipping expects fp32/bf16 main grads, got {grad.dtype}")
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for grad in grads:
+            grad.detach().mul_(clip_coeff)
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.synchronize = lambda *args, **kwargs: None
+    cuda.Stream = _NoOpStream
+    cuda.Event = _NoOpStream
+    cuda.current_stream = lambda *args, **kwargs: _NoOpStream()
+    cuda.default_stream = lambda *args, **kwargs: _NoOpStream()
+    cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    cuda.set_device = lambda *args, **kwargs: None
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.memory_allocated = lambda *args, **kwargs: 0
+    cuda.max_memory_allocated = lambda *args, **kwargs: 0
+    cuda.empty_cache = lambda: None
+
+
+class _DropSharedRngWarning(logging.Filter):
+    """On CPU the "CUDA" RNG tracker state IS the CPU generator, so Megatron's check that the
+    CPU state is unchanged inside ``tracker.fork()`` always fires; it carries no information."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _patch_megatron() -> None:
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    logging.getLogger(megatron_random.__name__).addFilter(_DropSharedRngWarning())
+
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    megatron_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+
+
+def enable_cpu_compat() -> bool:
+    """Switch the layer on if (and only if) CUDA is absent. Idempotent per thread.
+
+    Returns True when the layer is active, False on a CUDA machine (nothing is changed there).
+    """
+    if cuda_available():
+        return False
+    if not _STATE["enabled"]:
+        _patch_torch_cuda()
+        _patch_megatron()
+        _STATE["enabled"] = True
+    if _STATE["thread"] != threading.get_ident():
+        mode = _CudaToCpuMode()
+        mode.__enter__()
+        _STATE.update(mode=mode, thread=threading.get_ident())
+    return True
+
+
+def is_enabled() -> bool:
+    """True when :func:`enable_cpu_compat` has switched the layer on in this process."""
+    return bool(_STATE["enabled"])
+
+
+def device() -> torch.device:
+    """The device megacredit places model tensors on: the current CUDA device, else CPU."""
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def causal_attention_mask(seq_length: int, device_: torch.device | str | None = None) -> torch.Tensor:
+    """Megatron-convention causal mask [1, 1, S, S]: True where attention is NOT allowed."""
+    ones = torch.ones(seq_length, seq_length, dtype=torch.bool, device=device_ or device())
+    return torch.triu(ones, diagonal=1)[None, None]
