@@ -29,6 +29,7 @@ from megacredit.trainer.config_parsing import (
     explicit_keys,
     nest_dotted,
     parse_override,
+    read_yaml_with_bases,
     set_dotted,
 )
 
@@ -388,16 +389,27 @@ class MegacreditConfig:
     """The root of a megacredit run configuration."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Policy model."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP / PP / sequence parallelism and micro-batch packing."""
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """Method and hyperparameters."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Training-rollout sampling."""
     env: EnvConfig = field(default_factory=EnvConfig)
+    """Reward and feedback environment."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Prompt sources and batch size."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Steps, PPO mini-batches, seed."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Periodic evaluation."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics sinks and run directory."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
 
     def checkpoint_dir(self) -> str:
         """The checkpoint directory (``checkpoint.dir`` or ``<run_dir>/checkpoints``)."""
@@ -482,36 +494,6 @@ def _drop_other_methods_settings(
     return explicit - set(dropped)
 
 
-BASE_KEY = "base"
-"""Top-level YAML key naming other config files (relative paths) merged under this one."""
-
-
-def read_yaml_with_bases(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A YAML mapping with its ``base:`` file(s) merged underneath (this file wins)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    if file.resolve() in _chain:
-        raise ConfigError(f"config file '{path}' includes itself through '{BASE_KEY}:'")
-    try:
-        loaded = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
-    data = dict(loaded or {})
-    bases = data.pop(BASE_KEY, None) or []
-    if isinstance(bases, str):
-        bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"config file '{path}': '{BASE_KEY}' must be a path or a list of paths")
-    merged: dict[str, Any] = {}
-    for base in bases:
-        merged = deep_merge(merged, read_yaml_with_bases(file.parent / base,
-                                                         _chain + (file.resolve(),)))
-    return deep_merge(merged, data)
-
-
 def read_user_config(path: str | Path | None, overrides: list[str]) -> tuple[dict, set[str]]:
     """The user's nested dict (file + bases + overrides) and the dotted keys it sets."""
     data = read_yaml_with_bases(path) if path is not None else {}
@@ -585,37 +567,11 @@ from megacredit.trainer.config_validation import (  # noqa: E402
 )
 
 __all__ = [
-    "AlgorithmConfig",
-    "BUILTIN_MODELS",
-    "CheckpointConfig",
-    "ConfigError",
-    "ConfigWarning",
-    "CreditConfig",
-    "DataConfig",
-    "EnvConfig",
-    "LamScheduleConfig",
-    "LoggingConfig",
-    "METHOD_PRESETS",
-    "METHOD_SECTIONS",
-    "METHOD_UNUSED_KEYS",
-    "MegacreditConfig",
-    "ModelConfig",
-    "OptimizerConfig",
-    "ParallelConfig",
-    "RLSDConfig",
-    "RolloutConfig",
-    "SDPOConfig",
-    "TeacherConfig",
-    "TinyModelConfig",
-    "TrainingConfig",
-    "ValidationConfig",
-    "check_world_size",
-    "config_to_dict",
-    "config_to_yaml",
-    "load_config",
-    "replace",
-    "resolve_config",
-    "save_config",
-    "validate_against_model",
-    "validate_config",
+    "AlgorithmConfig", "BUILTIN_MODELS", "CheckpointConfig", "ConfigError", "ConfigWarning",
+    "CreditConfig", "DataConfig", "EnvConfig", "LamScheduleConfig", "LoggingConfig",
+    "METHOD_PRESETS", "METHOD_SECTIONS", "METHOD_UNUSED_KEYS", "MegacreditConfig",
+    "ModelConfig", "OptimizerConfig", "ParallelConfig", "RLSDConfig", "RolloutConfig",
+    "SDPOConfig", "TeacherConfig", "TinyModelConfig", "TrainingConfig", "ValidationConfig",
+    "check_world_size", "config_to_dict", "config_to_yaml", "load_config", "replace",
+    "resolve_config", "save_config", "validate_against_model", "validate_config",
 ]

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from pathlib import Path
 from typing import Any, Iterable, Literal, Union
 
 import yaml
@@ -268,3 +269,33 @@ def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
     for key, value in flat.items():
         _set_free(out, key.split("."), value)
     return out
+
+
+BASE_KEY = "base"
+"""Top-level YAML key naming other config files (relative paths) merged under this one."""
+
+
+def read_yaml_with_bases(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping with its ``base:`` file(s) merged underneath (this file wins)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    if file.resolve() in _chain:
+        raise ConfigError(f"config file '{path}' includes itself through '{BASE_KEY}:'")
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    data = dict(loaded or {})
+    bases = data.pop(BASE_KEY, None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"config file '{path}': '{BASE_KEY}' must be a path or a list of paths")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = deep_merge(merged, read_yaml_with_bases(file.parent / base,
+                                                         _chain + (file.resolve(),)))
+    return deep_merge(merged, data)

@@ -120,7 +120,8 @@ def _check_algorithm(cfg: "MegacreditConfig") -> None:
                  cfg.data.prompts_per_step,
                  f"{alg.name} draws contrastive prompts from the batch excluding the sample's "
                  "own prompt, so it needs at least 2 prompts per step")
-    _require(credit.lam >= 0.0, "algorithm.credit.lam", credit.lam, "must be >= 0 (paper: 0.1)")
+    _require(0.0 <= credit.lam <= 1.0, "algorithm.credit.lam", credit.lam,
+             "must lie in [0, 1] (CREDIT section 3.3; paper: 0.1, 0 = SDPO)")
     _require(0.0 < rlsd.eps_w < 1.0, "algorithm.rlsd.eps_w", rlsd.eps_w,
              "must lie in (0, 1) so clip(w, 1-eps_w, 1+eps_w) stays positive (paper: 0.2)")
     for end in ("start", "end"):

@@ -110,6 +110,8 @@ def _json_number(value: float) -> Any:
 class MetricsLogger:
     """Log namespaced scalar metrics per step to JSONL, TensorBoard, W&B and the console.
 
+    Create it on one process only (global rank 0) in distributed runs; reduce metrics first.
+
     ``resume_from_step``: None starts a new run (an existing ``metrics.jsonl``,
     ``token_credit.jsonl`` and TensorBoard event files in ``run_dir`` are removed). An int resumes from a checkpoint taken
     at that step: records with a larger step (logged after the checkpoint, before the crash)
