@@ -344,9 +344,9 @@ def _communicate(process: subprocess.Popen, stdin_bytes: bytes, limits: SandboxL
                     selector.unregister(key.fileobj)
                     continue
                 buffer = buffers[key.fileobj]
-                buffer += chunk[: max(0, limits.max_output_bytes - len(buffer))]
-                if len(chunk) and len(buffer) >= limits.max_output_bytes:
-                    truncated = True
+                room = max(0, limits.max_output_bytes - len(buffer))
+                buffer += chunk[:room]
+                truncated = truncated or len(chunk) > room
             if truncated:
                 break
     writer.join(timeout=1.0)

@@ -263,3 +263,11 @@ def test_work_dir_files_are_provided_and_removed(no_leftovers):
     result = run_sandboxed(source, limits=LIMITS, files={"data.txt": "payload"})
     assert result.stdout == "payload\n"
     assert stat.S_ISDIR(os.stat(tempfile.gettempdir()).st_mode)
+
+
+def test_output_exactly_at_the_cap_is_not_truncated(no_leftovers):
+    limits = SandboxLimits(wall_time_s=2.0, max_output_bytes=100)
+    exact = run_sandboxed("print('x' * 99)", limits=limits)  # 99 + newline = 100 bytes
+    assert not exact.truncated and exact.returncode == 0 and len(exact.stdout) == 100
+    over = run_sandboxed("print('x' * 100)", limits=limits)
+    assert over.truncated and len(over.stdout) == 100 and over.killed_signal == 9
