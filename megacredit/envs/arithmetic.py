@@ -1,8 +1,9 @@
 """Synthetic arithmetic environment: the CPU demo task (generated problems, answer feedback).
 
 Problems are generated from a seed and a difficulty knob (:class:`ArithmeticDifficulty`:
-digits per operand, number of operands, operators). The prompt asks for the result inside
-``<answer>...</answer>``; parsing falls back to the last integer in the response. Reward 1/0;
+digits per operand, number of operands, operators). The prompt asks for just the number
+(see ARITHMETIC_INSTRUCTION); parsing takes ``<answer>N</answer>`` if present, else the last
+integer in the response. Reward 1/0;
 feedback is the ground truth, e.g. ``The correct answer is 42.``
 
 SmolLM2-135M-Instruct gets about 12.5 % greedy on random 2-digit + 2-digit addition (facts
@@ -19,8 +20,12 @@ from typing import Any
 
 from megacredit.envs.base import EnvResult, Environment, Split
 
-ARITHMETIC_INSTRUCTION = "Give only the final number inside <answer></answer> tags, for example <answer>7</answer>."
-"""Format instruction appended to every arithmetic question (kept short for a 135M model)."""
+ARITHMETIC_INSTRUCTION = "Answer with just the number."
+"""Default format instruction appended to every question. Measured with SmolLM2-135M-Instruct
+(greedy, 24 problems, 12 new tokens): this wording 46 % on "1d+1d" / 17 % on "2d+1d";
+"Put the final number inside <answer></answer> tags." 42 % / 21 % (the model never emitted the
+tags); adding "for example <answer>7</answer>" made it copy the 7 (34 % / 3 %). The parser reads
+<answer> tags first and otherwise the last integer, so every wording stays parseable."""
 
 _SUPPORTED_OPERATORS = ("+", "-", "*")
 
@@ -101,13 +106,17 @@ def make_arithmetic_problem(rng: random.Random, difficulty: ArithmeticDifficulty
             return " ".join(_interleave(operands, operators)), value
 
 
-def arithmetic_prompt(expression: str) -> str:
+def arithmetic_prompt(expression: str, instruction: str = ARITHMETIC_INSTRUCTION) -> str:
     """The student's user turn for one problem."""
-    return f"What is {expression}? {ARITHMETIC_INSTRUCTION}"
+    return f"What is {expression}? {instruction}".rstrip()
 
 
 def generate_arithmetic_dataset(
-    num_problems: int, seed: int, difficulty: str | ArithmeticDifficulty | dict = "1d+1d", id_prefix: str = "arith"
+    num_problems: int,
+    seed: int,
+    difficulty: str | ArithmeticDifficulty | dict = "1d+1d",
+    id_prefix: str = "arith",
+    instruction: str = ARITHMETIC_INSTRUCTION,
 ) -> list[dict[str, Any]]:
     """Deterministic list of prompt records (same seed -> same problems).
 
@@ -125,7 +134,7 @@ def generate_arithmetic_dataset(
             {
                 "id": f"{id_prefix}-{seed}-{index}",
                 "task": "arithmetic",
-                "prompt": arithmetic_prompt(expression),
+                "prompt": arithmetic_prompt(expression, instruction),
                 "system": None,
                 "answer": value,
                 "reference_answer": str(value),
