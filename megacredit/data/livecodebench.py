@@ -9,8 +9,9 @@ for LeetCode-style functional tests).
 Record produced (consumed by the code environment, megacredit/envs/code.py):
 ``id``, ``task='code'``, ``prompt`` (appendix A.1 coding prompt), ``system=None``,
 ``title``, ``platform``, ``contest_date``, ``difficulty``, ``starter_code``,
-``fn_name`` (str | None), ``testtype`` (``'stdin'`` or ``'functional'``),
-``public_tests`` and ``private_tests`` (lists of ``{"input", "output", "testtype"}``),
+``func_name`` (str | None), ``testtype`` (``'stdin'`` or ``'functional'``),
+``tests`` (the private tests) and ``public_test_cases`` (lists of ``{"input", "output",
+"testtype"}``, the field names megacredit.envs.code_tests.normalise_code_record reads),
 ``reference_answer=None`` (LCB has no reference program; RLSD mode needs one elsewhere).
 
 The paper's split (appendix A): the 131 problems released 2025-02-01 .. 2025-05-01; use
@@ -82,13 +83,13 @@ def normalise_livecodebench_row(row: dict[str, Any], path: str, row_number: int)
         raise DatasetRowError(path, row_number, "question_content", "empty problem statement")
     starter_code = row.get("starter_code") or ""
     metadata = parse_json_field(row.get("metadata") or "{}", path, row_number, "metadata")
-    fn_name = metadata.get("func_name") if isinstance(metadata, dict) else None
+    func_name = metadata.get("func_name") if isinstance(metadata, dict) else None
     public_tests = _tests(row.get("public_test_cases"), path, row_number, "public_test_cases")
     private_tests = _tests(row.get("private_test_cases"), path, row_number, "private_test_cases")
     if not public_tests and not private_tests:
         raise DatasetRowError(path, row_number, "private_test_cases", "the problem has no test cases at all")
     testtype = (private_tests or public_tests)[0]["testtype"]
-    if testtype == "functional" and not fn_name:
+    if testtype == "functional" and not func_name:
         raise DatasetRowError(path, row_number, "metadata", "functional tests need metadata.func_name")
     return {
         "id": question_id,
@@ -100,10 +101,10 @@ def normalise_livecodebench_row(row: dict[str, Any], path: str, row_number: int)
         "contest_date": str(row.get("contest_date") or ""),
         "difficulty": row.get("difficulty") or "",
         "starter_code": starter_code,
-        "fn_name": fn_name,
+        "func_name": func_name,
         "testtype": testtype,
-        "public_tests": public_tests,
-        "private_tests": private_tests,
+        "public_test_cases": public_tests,
+        "tests": private_tests,
         "reference_answer": None,
     }
 

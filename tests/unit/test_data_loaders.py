@@ -23,14 +23,14 @@ def test_livecodebench_fixture_records():
     data = load_benchmark("livecodebench", fixture("livecodebench_v6.jsonl"))
     assert len(data) == 3 and data.num_skipped == 0
     stdin, functional = data.records[0], data.records[1]
-    assert stdin["id"] == "abc400_a" and stdin["testtype"] == "stdin" and stdin["fn_name"] is None
-    assert stdin["private_tests"] == [
+    assert stdin["id"] == "abc400_a" and stdin["testtype"] == "stdin" and stdin["func_name"] is None
+    assert stdin["tests"] == [
         {"input": "5 7\n", "output": "12\n", "testtype": "stdin"},
         {"input": "-1 1\n", "output": "0\n", "testtype": "stdin"},
     ]
     # the compressed base64(zlib(pickle(json))) private tests of the real release are decoded
-    assert functional["fn_name"] == "separateSquares" and functional["testtype"] == "functional"
-    assert functional["private_tests"][1] == {"input": "[[26,30,2],[1,23,1]]", "output": "24.5", "testtype": "functional"}
+    assert functional["func_name"] == "separateSquares" and functional["testtype"] == "functional"
+    assert functional["tests"][1] == {"input": "[[26,30,2],[1,23,1]]", "output": "24.5", "testtype": "functional"}
     assert functional["prompt"].startswith(CODE_PROMPT.split("{problem}")[0])
     assert "def separateSquares" in functional["prompt"]
 
@@ -44,7 +44,18 @@ def test_livecodebench_date_filter_and_parquet(tmp_path):
     datasets.load_dataset("json", data_files=fixture("livecodebench_v6.jsonl"), split="train").to_parquet(parquet)
     from_parquet = load_benchmark("livecodebench", parquet)
     from_jsonl = load_benchmark("livecodebench", fixture("livecodebench_v6.jsonl"))
-    assert [r["private_tests"] for r in from_parquet.records] == [r["private_tests"] for r in from_jsonl.records]
+    assert [r["tests"] for r in from_parquet.records] == [r["tests"] for r in from_jsonl.records]
+
+
+def test_livecodebench_records_feed_the_code_env():
+    """The loader's records are what megacredit.envs.code (sandboxed) consumes."""
+    from megacredit.envs.code_tests import normalise_code_record
+
+    record = load_benchmark("livecodebench", fixture("livecodebench_v6.jsonl")).records[1]
+    normalised = normalise_code_record(record)
+    assert normalised["func_name"] == "separateSquares"
+    assert [(t.input, t.output) for t in normalised["tests"]] == [(t["input"], t["output"]) for t in record["tests"]]
+    assert len(normalised["public_tests"]) == 1
 
 
 def test_private_test_round_trip_and_pickle_globals_refused():
