@@ -8,9 +8,18 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: env demo test test-unit test-distributed test-integration clean
+.PHONY: env system-deps demo test test-unit test-distributed test-integration clean
 
-env: $(VENV)/.stamp
+env: system-deps $(VENV)/.stamp
+
+# bubblewrap isolates generated code (megacredit/envs/sandbox.py). Best effort: without it (or
+# without root/apt) the sandbox falls back to a weaker rlimit-only mode and says so loudly.
+system-deps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap) \
+	      || echo "warning: could not install bubblewrap; the code sandbox will use its weaker fallback"; \
+	  else echo "warning: bubblewrap (bwrap) not found; install it for the strong code sandbox"; fi; }
 
 $(VENV)/.stamp: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
