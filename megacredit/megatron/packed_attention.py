@@ -1,0 +1,62 @@
+"""Packed-sequence (THD) attention for Megatron-Core's local (non-Transformer-Engine) layer spec.
+
+On GPU, Transformer Engine's attention takes ``PackedSeqParams(qkv_format="thd")`` natively.
+Megatron's local ``DotProductAttention`` refuses them, so on CPU this subclass accepts them and
+turns ``cu_seqlens`` into a block-diagonal causal mask. Megatron's attention module has already
+applied RoPE per sequence (positions restart at every ``cu_seqlens`` boundary) and squeezed the
+batch dimension away; this module restores it, so the arithmetic is exactly that of the parent
+class on each sequence alone. Swap it into a layer spec with :func:`with_packed_attention`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megacredit.trainer.packing import block_diagonal_causal_mask
+
+
+class PackedDotProductAttention(DotProductAttention):
+    """``DotProductAttention`` that also accepts THD-packed sequences (block-diagonal mask)."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"packed attention supports qkv_format='thd', got {packed_seq_params.qkv_format!r}")
+        if query.dim() == 3:  # [t, heads, dim] -> [t, b=1, heads, dim]
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        mask = block_diagonal_causal_mask(packed_seq_params.cu_seqlens_q.cpu()).to(query.device)
+        return super().forward(query, key, value, mask, attn_mask_type, attention_bias)
+
+
+def with_packed_attention(layer_spec: ModuleSpec) -> ModuleSpec:
+    """A copy of a local GPT layer spec whose core attention accepts packed sequences."""
+    spec = copy.deepcopy(layer_spec)
+    attention = spec.submodules.self_attention.submodules
+    if attention.core_attention is not DotProductAttention:
+        raise ValueError(
+            f"with_packed_attention expects the local spec's DotProductAttention, found {attention.core_attention}; "
+            "Transformer Engine specs support packed sequences natively"
+        )
+    attention.core_attention = PackedDotProductAttention
+    return spec
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor):
+    """Megatron ``PackedSeqParams`` (THD) for one packed row with block boundaries ``cu_seqlens``."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=max_len,
+        max_seqlen_kv=max_len,
+    )
