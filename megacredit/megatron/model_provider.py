@@ -1,0 +1,330 @@
+"""Model provider: a Megatron-Core ``GPTModel`` built from a Hugging Face config.
+
+Supported families (``hf_config.model_type``): llama, mistral (without sliding window), qwen2
+(q/k/v biases) and qwen3 (QK-norm, explicit head_dim). All share GQA, RoPE (HF's rotate-half
+convention, i.e. Megatron's ``rotary_interleaved=False``), SwiGLU and RMSNorm.
+
+Layer spec: Transformer Engine's when ``transformer_engine.pytorch`` imports (GPU machines), the
+Megatron-Core local spec otherwise (CPU, the only path run here; the TE path is unverified on
+this machine).
+
+Vocabulary padding follows Megatron-LM: the embedding/output rows are padded to a multiple of
+``make_vocab_size_divisible_by * tp`` (default 128 * tp) so every TP rank holds an equal,
+aligned slice. The real vocabulary size is kept on the model as ``model.megacredit_vocab_size``;
+logits of the padding rows are meaningless and must be dropped (``gather_vocab_logits`` does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megacredit.megatron import cpu_compat
+from megacredit.megatron.distributed import ParallelContext, current_context
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The Hugging Face config describes a model family (or feature) megacredit cannot build."""
+
+
+def _unsupported(hf_config: Any, feature: str) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(
+        f"model_type {hf_config.model_type!r}: {feature} is not supported by megacredit's "
+        f"Megatron model provider"
+    )
+
+
+def rope_parameters(hf_config: Any) -> dict:
+    """The RoPE settings of ``hf_config`` as one dict with at least ``rope_type``/``rope_theta``.
+
+    transformers >= 5 keeps them in ``config.rope_parameters``; 4.x in ``rope_theta`` and
+    ``rope_scaling``. Both are read.
+    """
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    legacy_scaling = getattr(hf_config, "rope_scaling", None)
+    if not params and isinstance(legacy_scaling, dict):
+        params.update(legacy_scaling)
+    if "rope_theta" not in params:
+        params["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def _llama3_rope_scaling_factor(hf_config: Any, rope: dict) -> float:
+    """Megatron's built-in Llama-3 RoPE scaling hard-codes low/high frequency factors 1 and 4
+    and an original context of 8192 (rotary_pos_embedding._apply_scaling); only that variant
+    (Llama 3.1/3.2/3.3 checkpoints) can be represented."""
+    expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    for key, value in expected.items():
+        if float(rope.get(key, value)) != float(value):
+            raise _unsupported(hf_config, f"llama3 rope scaling with {key}={rope[key]} (only {value})")
+    return float(rope.get("factor", 8.0))
+
+
+def _check_family_features(hf_config: Any) -> None:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture model_type={model_type!r} "
+            f"(architectures={getattr(hf_config, 'architectures', None)}); megacredit's Megatron "
+            f"model provider supports model_type in {list(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise _unsupported(hf_config, f"hidden_act={hf_config.hidden_act!r} (only silu/SwiGLU)")
+    if getattr(hf_config, "mlp_bias", False):
+        raise _unsupported(hf_config, "mlp_bias=True")
+    if model_type != "qwen2" and getattr(hf_config, "attention_bias", False):
+        raise _unsupported(hf_config, "attention_bias=True (bias on o_proj)")
+    if getattr(hf_config, "use_sliding_window", False) or (
+        model_type == "mistral" and getattr(hf_config, "sliding_window", None) is not None
+    ):
+        raise _unsupported(hf_config, "sliding-window attention (set sliding_window=None to disable)")
+    if rope_parameters(hf_config)["rope_type"] not in ("default", "llama3"):
+        raise _unsupported(hf_config, f"rope_type={rope_parameters(hf_config)['rope_type']!r}")
+
+
+def head_dim_of(hf_config: Any) -> int:
+    """Per-head width: ``head_dim`` when the config sets it (Qwen3), else hidden / heads."""
+    head_dim = getattr(hf_config, "head_dim", None)
+    return int(head_dim) if head_dim else hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def num_kv_heads_of(hf_config: Any) -> int:
+    """Number of key/value heads (query groups); equals the head count without GQA."""
+    return int(getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads)
+
+
+def _check_parallel_sizes(hf_config: Any, tp: int, pp: int, overrides: dict) -> None:
+    heads, kv_heads = hf_config.num_attention_heads, num_kv_heads_of(hf_config)
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tp and pp must be >= 1, got tp={tp}, pp={pp}")
+    if heads % tp or kv_heads % tp:
+        options = [d for d in range(1, kv_heads + 1) if kv_heads % d == 0 and heads % d == 0]
+        raise ValueError(
+            f"tensor parallel size tp={tp} must divide both num_attention_heads={heads} and "
+            f"num_key_value_heads={kv_heads} of this {hf_config.model_type} model; "
+            f"use tp in {options} (and pipeline parallelism to split further)"
+        )
+    if hf_config.intermediate_size % tp:
+        raise ValueError(f"tp={tp} must divide intermediate_size={hf_config.intermediate_size}")
+    uneven = {"num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+              "pipeline_model_parallel_layout"} & set(overrides)
+    if hf_config.num_hidden_layers % pp and not uneven:
+        raise ValueError(
+            f"pp={pp} must divide num_hidden_layers={hf_config.num_hidden_layers}, or pass "
+            f"num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage overrides"
+        )
+
+
+def transformer_config_from_hf(
+    hf_config: Any,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    **overrides: Any,
+):
+    """Megatron ``TransformerConfig`` equivalent to ``hf_config`` at the given TP/PP sizes.
+
+    dtype: parameter (and pipeline communication) dtype; bf16/fp16 set Megatron's flags.
+    overrides: any further ``TransformerConfig`` field (e.g. recompute settings).
+    Raises UnsupportedArchitectureError for other families/features, ValueError for TP/PP
+    sizes that do not divide the model.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    _check_family_features(hf_config)
+    _check_parallel_sizes(hf_config, tp, pp, overrides)
+    fields: dict[str, Any] = dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=num_kv_heads_of(hf_config),
+        kv_channels=head_dim_of(hf_config),
+        ffn_hidden_size=hf_config.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=float(hf_config.rms_norm_eps),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=hf_config.model_type == "qwen2",
+        qk_layernorm=hf_config.model_type == "qwen3",
+        rotary_interleaved=False,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=not cpu_compat.cuda_available(),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        attention_softmax_in_fp32=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    fields.update(overrides)
+    try:
+        return TransformerConfig(**fields)
+    except TypeError as error:
+        raise TypeError(f"transformer_config_from_hf: bad override ({error}); overrides must be "
+                        f"TransformerConfig fields") from error
+
+
+def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: int = DEFAULT_MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
+    """Megatron-LM's rule: round ``vocab_size`` up to a multiple of ``divisible_by * tp``."""
+    if make_vocab_size_divisible_by < 1:
+        raise ValueError(f"make_vocab_size_divisible_by must be >= 1, got {make_vocab_size_divisible_by}")
+    multiple = make_vocab_size_divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine's PyTorch extension imports (never on a CPU machine)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401, PLC0415
+    except Exception:  # noqa: BLE001 - TE raises RuntimeError/ImportError/OSError without CUDA
+        return False
+    return True
+
+
+def layer_spec_for(hf_config: Any, use_transformer_engine: bool | None = None):
+    """The transformer layer spec: TE's if available (or forced), else the local RMSNorm one."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    qk_layernorm = hf_config.model_type == "qwen3"
+    use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+
+
+def _rope_arguments(hf_config: Any) -> dict:
+    rope = rope_parameters(hf_config)
+    arguments: dict[str, Any] = dict(position_embedding_type="rope", rotary_base=float(rope["rope_theta"]))
+    if rope["rope_type"] == "llama3":
+        arguments.update(rope_scaling=True, rope_scaling_factor=_llama3_rope_scaling_factor(hf_config, rope))
+    return arguments
+
+
+def build_gpt_model(
+    hf_config: Any,
+    ctx: ParallelContext | None = None,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    make_vocab_size_divisible_by: int = DEFAULT_MAKE_VOCAB_SIZE_DIVISIBLE_BY,
+    use_transformer_engine: bool | None = None,
+    parallel_output: bool = True,
+    **config_overrides: Any,
+):
+    """Build this rank's ``GPTModel`` stage for ``hf_config`` (randomly initialised).
+
+    ctx: the parallel layout (default: the initialised Megatron state). pre/post_process
+    default to "first/last pipeline stage". Load weights with megacredit.megatron.bridge.
+    The returned model carries ``megacredit_vocab_size`` (real vocab, without padding) and
+    ``megacredit_hf_config``.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    ctx = ctx or current_context()
+    config = transformer_config_from_hf(
+        hf_config, tp=ctx.tp_size, pp=ctx.pp_size, dtype=dtype,
+        sequence_parallel=sequence_parallel, **config_overrides,
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec_for(hf_config, use_transformer_engine),
+        vocab_size=padded_vocab_size(hf_config.vocab_size, ctx.tp_size, make_vocab_size_divisible_by),
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=ctx.is_first_stage if pre_process is None else pre_process,
+        post_process=ctx.is_last_stage if post_process is None else post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        **_rope_arguments(hf_config),
+    )
+    model.megacredit_vocab_size = int(hf_config.vocab_size)
+    model.megacredit_hf_config = hf_config
+    return model.to(ctx.device)
+
+
+def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
+    """Positions 0..S-1 for every row of ``input_ids`` [B, S]."""
+    batch, seq_length = input_ids.shape
+    return torch.arange(seq_length, device=input_ids.device).unsqueeze(0).expand(batch, seq_length)
+
+
+def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Run a full (PP=1) model with an explicit causal mask; returns TP-local logits [B, S, V/tp]
+    (padded vocab slice). The mask is passed because Megatron's default one is built on "cuda".
+    """
+    if not (model.pre_process and model.post_process):
+        raise ValueError("forward_logits needs a model holding every stage (PP=1); "
+                         "use pipeline_forward_logits for PP>1")
+    mask = cpu_compat.causal_attention_mask(input_ids.shape[1], input_ids.device)
+    positions = position_ids_for(input_ids) if position_ids is None else position_ids
+    return model(input_ids, positions, mask)
+
+
+def gather_vocab_logits(local_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """All-gather vocab-parallel logits [..., V/tp] over the TP group and drop the padding
+    columns: returns [..., vocab_size]. Differentiable (Megatron's gather region)."""
+    from megatron.core import tensor_parallel
+
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(local_logits)
+    return full[..., :vocab_size]
+
+
+def pipeline_forward_logits(
+    model_chunks: Sequence[torch.nn.Module],
+    input_ids: torch.Tensor,
+    micro_batch_size: int | None = None,
+) -> torch.Tensor | None:
+    """Forward-only run through Megatron's pipeline schedule (any PP size, incl. 1).
+
+    Every rank passes the same ``input_ids`` [B, S]. Returns full-vocabulary logits [B, S, V]
+    (TP-gathered, padding removed) on the last pipeline stage and None on the others.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    chunks = list(model_chunks)
+    batch, seq_length = input_ids.shape
+    micro_batch_size = micro_batch_size or batch
+    if batch % micro_batch_size:
+        raise ValueError(f"micro_batch_size={micro_batch_size} must divide the batch size {batch}")
+    vocab_size = chunks[-1].megacredit_vocab_size
+    micro_batches = iter(input_ids.split(micro_batch_size))
+    mask = cpu_compat.causal_attention_mask(seq_length, input_ids.device)
+
+    def forward_step(data_iterator, model):
+        tokens = next(data_iterator)
+        output = model(tokens, position_ids_for(tokens), mask)
+        return output, lambda logits: gather_vocab_logits(logits, vocab_size)
+
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=micro_batches,
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=batch // micro_batch_size,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    if not chunks[-1].post_process:
+        return None
+    return torch.cat(list(outputs), dim=0)
