@@ -1,0 +1,154 @@
+"""Running packed micro-batches through Megatron's schedules with an RL head on the last stage.
+
+The policy ``GPTModel`` is asked for its final hidden states instead of logits
+(:func:`hidden_states_output`); the last pipeline stage then gathers the response positions of
+every packed sequence and computes, with the chunked vocab-parallel top-K toolkit
+(megacredit.algorithms.topk_fused), only [N_resp, K] results -- never a full-vocabulary logits
+tensor. ``run_packed_schedule`` drives ``get_forward_backward_func()`` over a list of
+:class:`PackedMicroBatch` for forward-only passes (teacher, contrastive, old policy) and for the
+training pass (forward + backward), with one callback per micro-batch on the last stage.
+
+Loss scaling: Megatron divides a 2-tuple loss by the number of micro-batches and Megatron DDP
+averages gradients over data-parallel ranks. The callback returns this micro-batch's additive
+share of the global loss (numerator / global denominator); we multiply by
+``num_microbatches * dp_size`` so the accumulated, DP-reduced gradient is exactly the gradient
+of the global loss -- what a single process computes on the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from megacredit.algorithms.topk_fused import TopKLogprobs, chunked_topk_logprobs_from_hidden
+from megacredit.megatron.packed_attention import packed_seq_params
+from megacredit.trainer.packing import PackedMicroBatch
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _identity_output_layer(hidden_states, weight=None, runtime_gather_output=None):
+    return hidden_states, None
+
+
+@contextlib.contextmanager
+def hidden_states_output(model_chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Make the last stage's GPTModel return final-norm hidden states [b, s, h], not logits."""
+    models = [unwrap(chunk) for chunk in model_chunks if unwrap(chunk).post_process]
+    saved = [model.output_layer.forward for model in models]
+    for model in models:
+        model.output_layer.forward = _identity_output_layer
+    try:
+        yield
+    finally:
+        for model, forward in zip(models, saved):
+            model.output_layer.forward = forward
+
+
+class VocabHead:
+    """The output projection of the last stage, applied through the chunked top-K toolkit."""
+
+    def __init__(self, model_chunks: Sequence[torch.nn.Module], chunk_size: int = 1024) -> None:
+        from megatron.core import parallel_state
+
+        self.model = unwrap(model_chunks[-1])
+        self.chunk_size = chunk_size
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.group = parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.sequence_parallel = bool(self.model.config.sequence_parallel)
+
+    def weight(self) -> torch.Tensor:
+        if self.model.share_embeddings_and_output_weights:
+            return self.model.shared_embedding_or_output_weight()
+        return self.model.output_layer.weight
+
+    def __call__(self, hidden: torch.Tensor, *, k: int | None = None, gather_ids: torch.Tensor | None = None,
+                 sampled_ids: torch.Tensor | None = None) -> TopKLogprobs:
+        weight = self.weight()
+        return chunked_topk_logprobs_from_hidden(
+            hidden.to(weight.dtype), weight, k=k, gather_ids=gather_ids, sampled_ids=sampled_ids,
+            chunk_size=self.chunk_size, group=self.group, vocab_start=self.tp_rank * weight.shape[0],
+            vocab_size=self.model.megacredit_vocab_size,
+        )
+
+
+def response_hidden(output: torch.Tensor, micro_batch: PackedMicroBatch, sequence_parallel: bool = False) -> torch.Tensor:
+    """[N_resp, h]: the last stage's hidden states at the positions that predict response tokens."""
+    if sequence_parallel:  # [b, s/tp, h] -> [b, s, h]; the gather's backward reduce-scatters.
+        from megatron.core import tensor_parallel
+
+        output = tensor_parallel.gather_from_sequence_parallel_region(output.transpose(0, 1)).transpose(0, 1)
+    return output[0, micro_batch.prediction_index.to(output.device)]
+
+
+MicroBatchCallback = Callable[[torch.Tensor, PackedMicroBatch], Any]
+
+
+def run_packed_schedule(
+    model_chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence[PackedMicroBatch],
+    callback: MicroBatchCallback,
+    forward_only: bool,
+    dp_size: int = 1,
+) -> list[Any]:
+    """Run every packed micro-batch through Megatron's schedule; return the callback results.
+
+    ``callback(response_hidden [N_resp, h], micro_batch)`` runs on the last pipeline stage. For
+    forward-only passes it returns any data (collected in order); for training it returns
+    ``(loss_share, metrics)`` with ``loss_share`` this micro-batch's additive share of the global
+    loss. Other stages get an empty list.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+    num_microbatches = len(micro_batches)
+    lengths = {mb.num_tokens for mb in micro_batches}
+    if len(lengths) > 1 and len(model_chunks) * _pp_size() > 1:
+        raise ValueError(f"pipeline parallelism needs equal packed lengths, got {sorted(lengths)}")
+    device = next(model_chunks[0].parameters()).device
+    sequence_parallel = bool(unwrap(model_chunks[0]).config.sequence_parallel)
+
+    def forward_step(data_iterator, model):
+        micro_batch = next(data_iterator)
+        output = model(
+            micro_batch.tokens[None].to(device), micro_batch.position_ids[None].to(device), None,
+            packed_seq_params=packed_seq_params(micro_batch.cu_seqlens.to(device)),
+        )
+
+        def on_last_stage(output_tensor, non_loss_data: bool = False):
+            result = callback(response_hidden(output_tensor, micro_batch, sequence_parallel), micro_batch)
+            if forward_only:
+                return result
+            loss_share, metrics = result
+            return loss_share * (num_microbatches * dp_size), metrics
+
+        return output, on_last_stage
+
+    grad_mode = torch.no_grad() if forward_only else contextlib.nullcontext()
+    with hidden_states_output(model_chunks), grad_mode:
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=list(model_chunks) if len(model_chunks) > 1 else model_chunks[0],
+            num_microbatches=num_microbatches,
+            seq_length=max(lengths),
+            micro_batch_size=1,
+            forward_only=forward_only,
+            collect_non_loss_data=forward_only,
+        )
+    return list(results or [])
+
+
+def _pp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_world_size()

@@ -1,0 +1,86 @@
+"""The self-teacher's weights, kept beside the policy and swapped into the same sharded modules.
+
+There is no second model instance: the teacher is a list of tensors shaped like this rank's
+parameter shards (same TP/PP sharding). ``swapped_in(model_chunks)`` copies them into the
+policy's parameters for a forward-only pass and restores the policy bit-exactly afterwards.
+
+Two kinds (ALGORITHMS.md):
+- ``ema``: pi_ref <- (1 - r) pi_ref + r pi_theta after every optimizer step (CREDIT/SDPO, r=0.01).
+- ``hard_copy``: pi_ref <- pi_theta every ``sync_every`` steps, frozen between (RLSD, every 10).
+The EMA is accumulated in fp32 even when the parameters are bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Literal, Sequence
+
+import torch
+
+TeacherKind = Literal["ema", "hard_copy"]
+
+
+def _parameters(model_chunks: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    return [param for chunk in model_chunks for param in chunk.parameters()]
+
+
+class TeacherWeights:
+    """This rank's shard of the self-teacher weights."""
+
+    def __init__(self, model_chunks: Sequence[torch.nn.Module], kind: TeacherKind = "ema",
+                 ema_rate: float = 0.01, sync_every: int = 10) -> None:
+        if kind not in ("ema", "hard_copy"):
+            raise ValueError(f"algorithm.teacher.kind must be 'ema' or 'hard_copy', got {kind!r}")
+        if kind == "ema" and not 0.0 < ema_rate <= 1.0:
+            raise ValueError(f"algorithm.teacher.ema_rate must be in (0, 1], got {ema_rate}")
+        if kind == "hard_copy" and sync_every < 1:
+            raise ValueError(f"algorithm.teacher.sync_every must be >= 1, got {sync_every}")
+        self.kind, self.ema_rate, self.sync_every = kind, float(ema_rate), int(sync_every)
+        params = _parameters(model_chunks)
+        self.tensors = [param.detach().to(torch.float32).clone() for param in params]
+        self._backup = [torch.empty_like(param) for param in params]
+
+    @torch.no_grad()
+    def after_optimizer_step(self, model_chunks: Sequence[torch.nn.Module]) -> None:
+        """EMA rule pi_ref <- (1 - r) pi_ref + r pi_theta, after every optimizer step."""
+        if self.kind != "ema":
+            return
+        for teacher, param in zip(self.tensors, _parameters(model_chunks)):
+            teacher.lerp_(param.detach().to(torch.float32), self.ema_rate)
+
+    @torch.no_grad()
+    def after_training_step(self, model_chunks: Sequence[torch.nn.Module], step: int) -> None:
+        """Hard-copy rule: pi_ref <- pi_theta when ``step`` (completed training steps) is a
+        multiple of ``sync_every``; frozen in between."""
+        if self.kind != "hard_copy" or step % self.sync_every:
+            return
+        for teacher, param in zip(self.tensors, _parameters(model_chunks)):
+            teacher.copy_(param.detach())
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped_in(self, model_chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+        """Run the body with the teacher weights in the policy's modules; restore exactly after."""
+        params = _parameters(model_chunks)
+        for backup, teacher, param in zip(self._backup, self.tensors, params):
+            backup.copy_(param)
+            param.copy_(teacher)
+        try:
+            yield
+        finally:
+            for backup, param in zip(self._backup, params):
+                param.copy_(backup)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The teacher tensors, in parameter order (for checkpointing)."""
+        return self.tensors
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Restore teacher tensors saved by :meth:`state_tensors`."""
+        if len(tensors) != len(self.tensors):
+            raise ValueError(f"teacher checkpoint has {len(tensors)} tensors, the model {len(self.tensors)}")
+        for target, source in zip(self.tensors, tensors):
+            if target.shape != source.shape:
+                raise ValueError(f"teacher checkpoint tensor shape {tuple(source.shape)} != {tuple(target.shape)}")
+            target.copy_(source)
