@@ -312,7 +312,7 @@ def pipeline_forward_logits(
     def forward_step(data_iterator, model):
         tokens = next(data_iterator)
         output = model(tokens, position_ids_for(tokens), mask)
-        return output, lambda logits: gather_vocab_logits(logits, vocab_size)
+        return output, lambda logits, non_loss_data=True: gather_vocab_logits(logits, vocab_size)
 
     with torch.no_grad():
         outputs = get_forward_backward_func()(
