@@ -191,7 +191,8 @@ class MegatronActor:
             out = self.head(hidden, gather_ids=set_ids, sampled_ids=micro_batch.target_ids.to(hidden.device))
             inputs = self._micro_batch_inputs(indices, micro_batch, out, samples, student, teacher, advantages)
             terms = micro_batch_loss(objective, inputs)
-            return terms.numerator / denominator, terms.metrics
+            loss_share = terms.numerator / denominator
+            return loss_share, {**terms.metrics, "loss": loss_share.detach()}
 
         for chunk in self.model_chunks:
             chunk.train()
@@ -233,9 +234,11 @@ class MegatronActor:
 
 
 def _mean_metrics(outputs: list) -> dict[str, float]:
-    """Average the per-micro-batch metric dicts the last stage collected ({} elsewhere)."""
+    """Average the per-micro-batch metric dicts the last stage collected ({} elsewhere);
+    ``loss`` shares are summed instead: this rank's part of the mini-batch loss."""
     totals: dict[str, list[float]] = {}
     for metrics in outputs:
         for name, value in metrics.items():
             totals.setdefault(name, []).append(float(value))
-    return {f"train/{name}": sum(values) / len(values) for name, values in totals.items()}
+    return {f"train/{name}": sum(values) if name == "loss" else sum(values) / len(values)
+            for name, values in totals.items()}

@@ -133,6 +133,10 @@ def initialize(
     _validate_layout(launch.world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
     backend = backend or ("gloo" if cpu else "nccl")
     if not torch.distributed.is_initialized():
+        if launch.launcher == "single" and "MASTER_PORT" not in os.environ:
+            from megacredit.testing import find_free_port
+
+            launch = LaunchEnv(0, 1, 0, "127.0.0.1", find_free_port(), "single")
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)
         os.environ.setdefault("MASTER_PORT", str(launch.master_port))
         if not cpu:

@@ -60,3 +60,18 @@ def packed_seq_params(cu_seqlens: torch.Tensor):
         max_seqlen_q=max_len,
         max_seqlen_kv=max_len,
     )
+
+
+def enable_packed_attention(model: torch.nn.Module) -> int:
+    """Let an already built local-spec model take packed sequences; returns modules changed.
+
+    Equivalent to building it from :func:`with_packed_attention`'s spec: the subclass adds no
+    parameters or state, only the THD branch of ``forward``. Transformer Engine's attention is
+    left alone (it supports THD natively).
+    """
+    changed = 0
+    for module in model.modules():
+        if type(module) is DotProductAttention:
+            module.__class__ = PackedDotProductAttention
+            changed += 1
+    return changed

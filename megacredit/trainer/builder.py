@@ -1,0 +1,163 @@
+"""Building the run's components from the config: model source, data, environment, actor, engine.
+
+Each builder does one job and receives what it needs; the loop (megacredit.trainer.loop) only
+wires them together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megacredit.trainer.config import MegacreditConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUILTIN_SMOLLM2 = "smollm2-135m-instruct"
+
+
+@dataclass
+class ModelSource:
+    """Where the initial policy comes from."""
+
+    hf_config: Any
+    """transformers config of the policy."""
+    tokenizer: Any
+    """Its tokenizer (with chat template)."""
+    weights: Any
+    """A local HF folder (str) or an in-memory HF state dict (tiny random models)."""
+
+
+def load_tokenizer(name_or_path: str, cache_dir: str):
+    """A tokenizer from a builtin name or a local HF folder (never downloads)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_hf_dir(name_or_path, cache_dir)), local_files_only=True)
+
+
+def resolve_hf_dir(name_or_path: str, cache_dir: str) -> Path:
+    """The local HF folder of a builtin model name or a path; clear error when missing."""
+    if name_or_path == BUILTIN_SMOLLM2:
+        from megacredit.models.smollm2 import smollm2_hf_dir
+
+        return smollm2_hf_dir(Path(cache_dir).expanduser())
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.name_or_path={name_or_path!r} is neither a builtin model ({BUILTIN_SMOLLM2!r}, 'tiny') "
+            f"nor a local Hugging Face folder with config.json (nothing is downloaded)"
+        )
+    return path
+
+
+def resolve_model(cfg: MegacreditConfig) -> ModelSource:
+    """The initial policy: a builtin/local HF model, or a seeded random tiny model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_cfg = cfg.model
+    if model_cfg.name_or_path != "tiny":
+        hf_dir = resolve_hf_dir(model_cfg.name_or_path, model_cfg.cache_dir)
+        tokenizer = load_tokenizer(str(hf_dir), model_cfg.cache_dir)
+        return ModelSource(AutoConfig.from_pretrained(str(hf_dir), local_files_only=True), tokenizer, str(hf_dir))
+    tokenizer = load_tokenizer(model_cfg.tiny.tokenizer, model_cfg.cache_dir)
+    fields = model_cfg.tiny.to_hf_config_dict(len(tokenizer))
+    model_type = fields.pop("model_type")
+    hf_config = AutoConfig.for_model(
+        model_type, **fields, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, head_dim=fields["hidden_size"] // fields["num_attention_heads"],
+    )
+    # Same seed on every rank -> identical random weights everywhere, no file needed.
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.training.seed)
+        state_dict = AutoModelForCausalLM.from_config(hf_config).state_dict()
+    return ModelSource(hf_config, tokenizer, state_dict)
+
+
+def build_data(cfg: MegacreditConfig) -> tuple[list[dict], list[dict]]:
+    """(train records, validation records) from benchmark files or the task generator."""
+    data = cfg.data
+    if data.dataset is not None:
+        from megacredit.data.loaders import load_benchmark
+
+        train = load_benchmark(data.dataset, data.train_path, skip_invalid_rows=data.skip_invalid_rows)
+        val = load_benchmark(data.dataset, data.val_path or data.train_path, skip_invalid_rows=data.skip_invalid_rows)
+        return train.records, val.records
+    if cfg.env.name != "arithmetic":
+        raise ValueError(
+            f"env.name={cfg.env.name!r} has no problem generator: set data.dataset and data.train_path "
+            f"(only the arithmetic environment generates its own problems)"
+        )
+    from megacredit.envs.arithmetic import generate_arithmetic_dataset
+
+    seed = cfg.training.seed
+    train = generate_arithmetic_dataset(data.num_generated_train, seed, id_prefix="train", **data.generator_kwargs)
+    val = generate_arithmetic_dataset(data.num_generated_val, seed + 1, id_prefix="val", **data.generator_kwargs)
+    return train, val
+
+
+def build_env(cfg: MegacreditConfig):
+    """The environment named by ``cfg.env``."""
+    from megacredit.envs.registry import make_env
+
+    return make_env(cfg.env.name, **cfg.env.kwargs)
+
+
+def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource):
+    """This rank's Megatron actor: model (weights loaded), DDP, optimizer, teacher."""
+    from megacredit.megatron.actor import ActorSettings, MegatronActor
+    from megacredit.megatron.bridge import load_hf_weights
+    from megacredit.megatron.model_provider import build_gpt_model
+    from megacredit.megatron.optimizer import OptimizerSettings, build_optimizer, wrap_with_ddp
+    from megacredit.megatron.packed_attention import enable_packed_attention
+    from megacredit.megatron.teacher import TeacherWeights
+
+    dtype = DTYPES[cfg.model.dtype]
+    use_te = {"auto": None, "on": True, "off": False}[cfg.model.transformer_engine]
+    model = build_gpt_model(source.hf_config, ctx, dtype=dtype, use_transformer_engine=use_te,
+                            sequence_parallel=cfg.parallel.sequence_parallel)
+    enable_packed_attention(model)
+    load_hf_weights([model], source.weights, source.hf_config, ctx)
+    chunks = wrap_with_ddp([model])
+    optimizer = build_optimizer(chunks, OptimizerSettings(
+        lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, adam_beta1=cfg.optimizer.betas[0],
+        adam_beta2=cfg.optimizer.betas[1], adam_eps=cfg.optimizer.eps, clip_grad=cfg.optimizer.clip_grad,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+    ))
+    algorithm = cfg.algorithm
+    teacher = None
+    if algorithm.name != "grpo":
+        teacher = TeacherWeights(chunks, algorithm.teacher.kind, algorithm.teacher.ema_rate, algorithm.teacher.sync_every)
+    settings = ActorSettings(
+        objective=objective_settings(cfg), top_k=algorithm.sdpo.top_k, topk_source=algorithm.sdpo.topk_source,
+        token_budget=cfg.parallel.micro_batch_tokens, pad_token_id=source.tokenizer.pad_token_id or 0,
+    )
+    return MegatronActor(chunks, optimizer, teacher, ctx, settings)
+
+
+def objective_settings(cfg: MegacreditConfig):
+    """The loss hyperparameters of ``cfg.algorithm``."""
+    from megacredit.trainer.objective import ObjectiveSettings
+
+    algorithm = cfg.algorithm
+    return ObjectiveSettings(
+        method=algorithm.name, clip_eps_low=algorithm.clip_eps_low, clip_eps_high=algorithm.clip_eps_high,
+        loss_agg_mode=algorithm.loss_agg_mode, alpha=algorithm.sdpo.alpha, tail=algorithm.sdpo.tail,
+        is_clip=algorithm.sdpo.is_clip, credit_lam=algorithm.credit.lam, eps_w=algorithm.rlsd.eps_w,
+    )
+
+
+def build_engine(cfg: MegacreditConfig, source: ModelSource):
+    """The rollout engine (rank 0). Its weights come from the actor through the weight sync."""
+    if cfg.rollout.engine != "embedded":
+        raise NotImplementedError(
+            f"rollout.engine={cfg.rollout.engine!r}: the SGLang/vLLM adapters (megacredit/rollout/) are "
+            f"unverified without a GPU and not wired into the trainer yet; use rollout.engine=embedded"
+        )
+    from megacredit.rollout.embedded import EmbeddedRolloutEngine
+
+    return EmbeddedRolloutEngine.from_config(
+        source.hf_config, dtype=DTYPES[cfg.model.dtype], max_batch_size=cfg.rollout.batch_size,
+        eos_token_ids=[source.tokenizer.eos_token_id], pad_token_id=source.tokenizer.pad_token_id,
+    )

@@ -1,0 +1,68 @@
+"""Checkpoint and resume for the RL loop: policy, EMA teacher, optimizer, step, RNG states.
+
+Saved in Megatron's distributed checkpoint format (megacredit.megatron.checkpoint: written to
+``step_N.tmp`` and renamed when complete, so a half-written checkpoint is never picked). The data
+position needs no state of its own: every step's prompts, samples and contrastive draws are
+seeded from (seed, step), so resuming at step N regenerates exactly what an uninterrupted run
+would. SIGTERM (Slurm preemption, ``scancel``) sets a flag; the loop saves at the end of the
+current step and exits.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from megacredit.megatron.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint, sharded_like_params
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1; checked by the loop between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def install(self) -> "PreemptionFlag":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.requested = True
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _teacher_sharded(actor) -> Any:
+    if actor.teacher is None:
+        return None
+    return {"teacher": sharded_like_params(actor.model_chunks, actor.teacher.state_tensors(), "teacher")}
+
+
+def save(actor, ctx, ckpt_dir: str, step: int, keep_last: int, extra: dict[str, Any]) -> Path:
+    """Save everything needed to continue after ``step`` completed steps."""
+    return save_checkpoint(actor.model_chunks, actor.optimizer, ctx, ckpt_dir, step,
+                           extra_state=extra, extra_sharded_state=_teacher_sharded(actor), keep_last=keep_last)
+
+
+def resume(actor, ctx, cfg) -> tuple[int, dict[str, Any]]:
+    """Restore from ``checkpoint.resume`` ("auto": the latest complete one; "none"; a path).
+
+    Returns (completed steps, extra state); (0, {}) when starting fresh.
+    """
+    mode = cfg.checkpoint.resume
+    root = cfg.checkpoint_dir()
+    if mode == "none":
+        return 0, {}
+    path = find_latest_checkpoint(root) if mode == "auto" else Path(mode)
+    if path is None:
+        return 0, {}
+    loaded = load_checkpoint(actor.model_chunks, actor.optimizer, ctx, path,
+                             extra_sharded_state=_teacher_sharded(actor))
+    if actor.teacher is not None:
+        actor.teacher.load_state_tensors(loaded.extra_sharded_state["teacher"])
+    return loaded.step, loaded.extra_state

@@ -1,0 +1,86 @@
+"""The RL loop: rollout -> reward -> teacher -> advantage -> train -> sync -> eval/save.
+
+``train(cfg)`` is the whole training job (``megacredit train CONFIG``). Launch it with one
+process on a laptop, ``torchrun --nproc_per_node N`` or ``srun`` for TP x PP x DP.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from megacredit.trainer import builder, checkpointing
+from megacredit.trainer.config import MegacreditConfig, save_config, validate_against_model
+from megacredit.trainer.rl_step import RLRun, run_step
+from megacredit.trainer.rollout import PromptStream, step_seed
+
+
+def validate(run: RLRun, val_records: list[dict], step: int, logger) -> None:
+    """avg@k on the validation prompts (rank 0 evaluates; the others wait at the next collective)."""
+    from megacredit.trainer.validate import evaluate, validation_params
+
+    if run.engine is None:
+        return
+    cfg = run.cfg
+    records = val_records[: cfg.validation.num_prompts] if cfg.validation.num_prompts else val_records
+    with run.phase("val"):
+        result = evaluate(run.engine, run.tokenizer, run.env, records,
+                          validation_params(cfg, [run.tokenizer.eos_token_id], step_seed(cfg.training.seed, step, 3)),
+                          cfg.validation.bootstrap_samples, cfg.validation.confidence, seed=step)
+    logger.log(step, {**result.to_metrics(), "perf/time_val": run.timings.pop("perf/time_val")})
+
+
+def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
+    """Start the parallel state and build every component of the run."""
+    from megacredit.megatron.distributed import initialize
+
+    ctx = initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                     seed=cfg.training.seed)
+    source = builder.resolve_model(cfg)
+    validate_against_model(cfg, source.hf_config)
+    train_records, val_records = builder.build_data(cfg)
+    actor = builder.build_actor(cfg, ctx, source)
+    engine = builder.build_engine(cfg, source) if ctx.rank == 0 else None
+    run = RLRun(cfg, ctx, actor, engine, builder.build_env(cfg), source.tokenizer, source.hf_config)
+    return run, train_records, val_records
+
+
+def train(cfg: MegacreditConfig) -> dict[str, Any]:
+    """Run the configured job to ``training.steps``; returns the final logged metrics."""
+    from megacredit.trainer.metrics import MetricsLogger
+    from megacredit.trainer.rl_step import sync_weights
+    from megacredit.trainer.visualize import render_run
+
+    run, train_records, val_records = setup(cfg)
+    start_step, _ = checkpointing.resume(run.actor, run.ctx, cfg)
+    sync_weights(run)  # the engine starts from the (loaded) policy: the same path as every step
+    prompts = PromptStream(train_records, cfg.data.prompts_per_step, cfg.training.seed, cfg.data.shuffle)
+    total = cfg.training.resolved_steps(len(train_records), cfg.data.prompts_per_step)
+    preemption = checkpointing.PreemptionFlag().install()
+    logger = MetricsLogger.from_config(cfg, total, start_step or None) if run.is_logger else None
+    if logger is not None:
+        save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
+    if start_step == 0 and cfg.validation.before_training:
+        validate(run, val_records, 0, logger)
+    step = start_step
+    for step in range(start_step, total):
+        metrics = run_step(run, step, prompts.batch(step))
+        done = step + 1
+        if logger is not None:
+            logger.save_token_credit(done, metrics.pop("_token_credit", []))
+            logger.log(done, metrics)
+        last, every = done == total, cfg.validation.every_steps
+        if (every and done % every == 0 and not last) or (last and cfg.validation.after_training):
+            validate(run, val_records, done, logger)
+        save_every = cfg.checkpoint.save_every
+        if preemption.requested or (save_every and (done % save_every == 0 or last)):
+            checkpointing.save(run.actor, run.ctx, cfg.checkpoint_dir(), done, cfg.checkpoint.keep_last,
+                               {"completed_steps": done})
+        if preemption.requested:
+            break
+    preemption.uninstall()
+    if logger is not None:
+        logger.close()
+        render_run(cfg.logging.run_dir)
+        return dict(logger.history[-1][1]) if logger.history else {}
+    return {}

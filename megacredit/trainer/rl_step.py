@@ -1,0 +1,193 @@
+"""One RL step: rollout -> reward -> teacher -> advantage -> train -> sync.
+
+``RLRun`` holds the run's components (built by megacredit.trainer.builder); ``run_step`` is the
+algorithm of one step, in the order the papers state it (CREDIT Algorithm 1, RLSD Algorithm 1).
+The batch is produced on global rank 0 and broadcast; teacher contexts are built identically on
+every rank; pass results live on the last pipeline stage and are reduced for logging.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megacredit.algorithms.grpo import group_advantages
+from megacredit.algorithms.schedules import LambdaSchedule
+from megacredit.data.teacher_context import TeacherContextConfig, build_teacher_contexts
+from megacredit.rollout.base import SamplingParams
+from megacredit.trainer import rollout as rollout_lib
+from megacredit.trainer import step_metrics
+from megacredit.trainer.objective import PPO_METHODS, response_mask, token_advantages
+from megacredit.utils.comm import all_gather_objects, broadcast_object
+
+
+@dataclass
+class RLRun:
+    """Everything a step needs; ``engine`` is None except on global rank 0."""
+
+    cfg: Any
+    ctx: Any
+    actor: Any
+    engine: Any
+    env: Any
+    tokenizer: Any
+    hf_config: Any
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_logger(self) -> bool:
+        return self.ctx.rank == 0
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.timings[f"perf/time_{name}"] = self.timings.get(f"perf/time_{name}", 0.0) + time.perf_counter() - start
+
+
+def teacher_context_config(cfg) -> TeacherContextConfig:
+    """How teacher contexts are built for ``cfg.algorithm.name``."""
+    name = cfg.algorithm.name
+    return TeacherContextConfig(
+        mode="rlsd" if name == "rlsd" else "sdpo",
+        num_contrastive=cfg.algorithm.credit.num_contrastive if name in ("credit", "credit_rlsd") else 0,
+        solution_content="think_and_solution" if cfg.algorithm.teacher.include_think_trace else "solution",
+    )
+
+
+def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> rollout_lib.RolloutBatch:
+    """Generate G responses per prompt and score them (rank 0), then share the batch."""
+    cfg = run.cfg
+    batch = None
+    if run.engine is not None:
+        params = SamplingParams(
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+            max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=(run.tokenizer.eos_token_id,),
+            n=cfg.algorithm.group_size, seed=rollout_lib.step_seed(cfg.training.seed, step, salt=1),
+        )
+        with run.phase("rollout"):
+            batch = rollout_lib.generate(run.engine, run.tokenizer, prompts, params)
+        with run.phase("reward"):
+            rollout_lib.score(run.env, batch)
+    return broadcast_object(batch)
+
+
+def mini_batches(cfg, num_samples: int) -> list[list[int]]:
+    """Sample indices of each PPO mini-batch (``ppo_mini_batch_size`` prompts x G samples)."""
+    size = cfg.training.ppo_mini_batch_size * cfg.algorithm.group_size
+    return [list(range(start, min(start + size, num_samples))) for start in range(0, num_samples, size)]
+
+
+def compute_advantages(run: RLRun, step: int, batch, student: dict, teacher: dict) -> tuple[dict, dict]:
+    """Token advantages [R] of the samples whose pass results live on this rank."""
+    cfg, method = run.cfg, run.cfg.algorithm.name
+    if method not in PPO_METHODS or not student:
+        return ({} if method in PPO_METHODS else None), {}
+    seq_adv = group_advantages(torch.tensor(batch.rewards, dtype=torch.float32), cfg.algorithm.group_size,
+                               eps=cfg.algorithm.adv_eps)
+    indices = sorted(student)
+    lengths = [len(student[i].sampled_logp) for i in indices]
+    mask = response_mask(lengths)
+    pad = step_metrics.pad_per_sample
+    old_logp = pad([student[i].sampled_logp.float().cpu() for i in indices])
+    teacher_logp = pad([teacher[i].sampled_logp.float().cpu() for i in indices]) if teacher else None
+    contrastive = None
+    if teacher and teacher[indices[0]].contrastive_sampled_logp.shape[0]:
+        contrastive = torch.stack([pad([teacher[i].contrastive_sampled_logp[c].float().cpu() for i in indices])
+                                   for c in range(teacher[indices[0]].contrastive_sampled_logp.shape[0])])
+    lam = LambdaSchedule(**vars(cfg.algorithm.rlsd.lam)).value(step)
+    settings = run.actor.settings.objective
+    adv, metrics = token_advantages(settings, seq_adv[indices], mask, old_logp, teacher_logp, contrastive, lam)
+    device = student[indices[0]].sampled_logp.device
+    advantages = {i: adv[row, :length].to(device) for row, (i, length) in enumerate(zip(indices, lengths))}
+    sums = {f"train/{'rlsd_clip_frac' if k == 'clip_fraction' else k}": (float(v), 1.0) for k, v in metrics.items()}
+    sums["train/advantage_mean"] = (float(adv[mask].sum()), float(mask.sum()))
+    if method in ("rlsd", "credit_rlsd"):
+        sums["train/rlsd_lam"] = (lam, 1.0)
+    return advantages, sums
+
+
+def run_step(run: RLRun, step: int, prompts: list[dict]) -> dict[str, Any]:
+    """One training step; returns the metrics (complete on global rank 0)."""
+    cfg, actor, ctx = run.cfg, run.actor, run.ctx
+    run.timings = {}
+    step_start = time.perf_counter()
+    batch = rollout_and_score(run, step, prompts)
+    with run.phase("teacher"):
+        samples = build_teacher_contexts(
+            run.tokenizer, batch.records, batch.group_ids, batch.response_ids, batch.rewards, batch.feedbacks,
+            teacher_context_config(cfg), seed=rollout_lib.step_seed(cfg.training.seed, step, salt=2),
+            response_texts=batch.response_texts)
+        batches = mini_batches(cfg, len(batch))
+        owned = {i: samples[i] for mb in batches for i in actor.owned(mb)}
+        student = actor.old_policy_pass(owned)
+        teacher = actor.teacher_pass(owned, student) if cfg.algorithm.name != "grpo" else {}
+    advantages, advantage_sums = compute_advantages(run, step, batch, student, teacher)
+    with run.phase("train"):
+        train_parts = [actor.train_mini_batch(mb, samples, student, teacher, advantages)
+                       for _ in range(cfg.training.ppo_epochs) for mb in batches]
+        actor.after_training_step(step + 1)
+    with run.phase("sync"):
+        sync_weights(run)
+    return collect_metrics(run, step, batch, samples, student, teacher, advantages, advantage_sums,
+                           train_parts, time.perf_counter() - step_start)
+
+
+def reduce_train_metrics(per_rank: list[list[dict[str, float]]]) -> dict[str, float]:
+    """Combine the reporting ranks' per-mini-batch metrics: ``train/loss`` is summed over the
+    data-parallel ranks (each holds its share of the global loss), then everything is averaged
+    over mini-batches."""
+    if not per_rank:
+        return {}
+    merged: dict[str, list[float]] = {}
+    for position in range(len(per_rank[0])):
+        parts = [rank_parts[position] for rank_parts in per_rank]
+        for name in {key for part in parts for key in part}:
+            values = [part[name] for part in parts if name in part]
+            value = sum(values) if name == "train/loss" else sum(values) / len(values)
+            merged.setdefault(name, []).append(value)
+    return {name: sum(values) / len(values) for name, values in merged.items()}
+
+
+def sync_weights(run: RLRun) -> None:
+    """Stream the policy's weights (HF names, bounded buckets) into the rollout engine."""
+    from megacredit.megatron.bridge import iter_hf_weight_buckets
+
+    for bucket in iter_hf_weight_buckets(run.actor.model_chunks, run.hf_config, run.ctx):
+        if run.engine is not None:
+            run.engine.load_weights(bucket)
+
+
+def collect_metrics(run: RLRun, step, batch, samples, student, teacher, advantages, advantage_sums,
+                    train_parts, step_time) -> dict[str, Any]:
+    """Reduce the step's diagnostics from the ranks that hold them to global rank 0."""
+    ctx = run.ctx
+    reporter = ctx.is_last_stage and ctx.tp_rank == 0
+    local: dict[str, Any] = {"sums": {}, "train": [], "per_token": {}, "adv": {}}
+    if reporter:
+        indices = sorted(student)
+        if teacher:
+            sums, local["per_token"] = step_metrics.teacher_metrics(
+                indices, student, teacher, [samples[i].has_teacher_signal for i in indices])
+            local["sums"].update(sums)
+        local["sums"].update(step_metrics.entropy_sums(indices, student))
+        local["sums"].update(advantage_sums)
+        local["train"] = train_parts
+        local["adv"] = {i: advantages[i].tolist() for i in indices} if advantages else {}
+    parts = all_gather_objects(local)
+    if not run.is_logger:
+        return {}
+    metrics = step_metrics.rollout_metrics(batch, run.cfg.algorithm.group_size)
+    metrics.update(step_metrics.combine_sums([p["sums"] for p in parts]))
+    metrics.update(reduce_train_metrics([p["train"] for p in parts if p["train"]]))
+    tokens = sum(len(ids) for ids in batch.prompt_ids) + sum(len(ids) for ids in batch.response_ids)
+    metrics.update(run.timings, **{"perf/time_step": step_time, "perf/tokens_per_s": tokens / step_time})
+    per_token = {k: v for p in parts for k, v in p["per_token"].items()}
+    adv = {k: v for p in parts for k, v in p["adv"].items()}
+    metrics["_token_credit"] = step_metrics.token_credit_samples(
+        batch, run.tokenizer, per_token or {i: {} for i in adv}, adv, run.cfg.logging.token_credit_samples)
+    return metrics

@@ -1,0 +1,37 @@
+"""Periodic validation: avg@k with a bootstrap CI, sampled as in the paper (T=0.6, top-p 0.95).
+
+Runs on the rollout engine's rank with the current policy weights (the engine is synced before
+validation). Uses every test of an environment (``split='val'``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from megacredit.envs.base import Environment
+from megacredit.rollout.base import RolloutEngine, SamplingParams
+from megacredit.trainer import rollout as rollout_lib
+from megacredit.trainer.validation_stats import AvgAtKResult, avg_at_k
+
+
+def validation_params(cfg, eos_token_ids: Sequence[int] | None, seed: int) -> SamplingParams:
+    """Sampling settings of ``cfg.validation`` (max_new_tokens defaults to the rollout's)."""
+    val = cfg.validation
+    return SamplingParams(
+        temperature=val.temperature, top_p=val.top_p, top_k=-1,
+        max_new_tokens=val.max_new_tokens or cfg.rollout.max_new_tokens,
+        stop_token_ids=tuple(eos_token_ids) if eos_token_ids else None, n=val.k, seed=seed,
+    )
+
+
+def evaluate(engine: RolloutEngine, tokenizer: Any, env: Environment, records: Sequence[dict[str, Any]],
+             params: SamplingParams, bootstrap_samples: int, confidence: float, seed: int) -> AvgAtKResult:
+    """avg@k of ``records`` (k = ``params.n``) with a prompt-level bootstrap CI."""
+    if not records:
+        raise ValueError("validation set is empty: set data.val_path or data.num_generated_val > 0")
+    batch = rollout_lib.generate(engine, tokenizer, records, params)
+    rollout_lib.score(env, batch, split="val")
+    scores: list[list[float]] = [[] for _ in records]
+    for group, reward in zip(batch.group_ids, batch.rewards):
+        scores[group].append(reward)
+    return avg_at_k(scores, bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed)
