@@ -85,8 +85,11 @@ def _check_family_features(hf_config: Any) -> None:
         model_type == "mistral" and getattr(hf_config, "sliding_window", None) is not None
     ):
         raise _unsupported(hf_config, "sliding-window attention (set sliding_window=None to disable)")
-    if rope_parameters(hf_config)["rope_type"] not in ("default", "llama3"):
-        raise _unsupported(hf_config, f"rope_type={rope_parameters(hf_config)['rope_type']!r}")
+    rope = rope_parameters(hf_config)
+    if rope["rope_type"] not in ("default", "llama3"):
+        raise _unsupported(hf_config, f"rope_type={rope['rope_type']!r} (only default and llama3)")
+    if rope["rope_type"] == "llama3":
+        _llama3_rope_scaling_factor(hf_config, rope)
 
 
 def head_dim_of(hf_config: Any) -> int:
@@ -138,10 +141,10 @@ def transformer_config_from_hf(
     Raises UnsupportedArchitectureError for other families/features, ValueError for TP/PP
     sizes that do not divide the model.
     """
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     _check_family_features(hf_config)
     _check_parallel_sizes(hf_config, tp, pp, overrides)
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
     fields: dict[str, Any] = dict(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,

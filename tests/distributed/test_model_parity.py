@@ -1,6 +1,7 @@
 """Megatron-Core (built by megacredit's provider, loaded by the bridge) == Hugging Face.
 
-Reference: transformers' own model on tiny random Llama / Qwen2 / Qwen3 configs (4 layers,
+Reference: transformers' own model on tiny random Llama (also with Llama-3 RoPE scaling) / Qwen2 /
+Qwen3 configs (4 layers,
 hidden 64, 4 query / 2 KV heads, vocab 101 so TP=2 needs padding rows), every parameter
 perturbed so that norms and biases are not at their trivial init.
 
@@ -33,6 +34,13 @@ MODELS = {
     "llama_tied": dict(family="llama", tie_word_embeddings=True),
     "qwen2": dict(family="qwen2"),
     "qwen3_tied": dict(family="qwen3", tie_word_embeddings=True),
+    # Llama 3.1-style RoPE scaling: with head_dim 16 and theta 1e4 the lowest frequencies have
+    # wavelengths above 8192 / low_freq_factor, so the scaling visibly changes the logits.
+    "llama3_rope": dict(
+        family="llama", max_position_embeddings=16384,
+        rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
 }
 BUCKET_BYTES = 3 * 64 * 64 * 4  # three hidden x hidden fp32 matrices
 SHARD_BYTES = 200_000  # forces a multi-file (indexed) checkpoint
