@@ -36,13 +36,25 @@ def valid_env_names() -> list[str]:
 
 
 def make_env(name: str, **kwargs: Any) -> Environment:
-    """Instantiate the environment called ``name`` with constructor keyword arguments ``kwargs``."""
+    """Instantiate the environment called ``name`` with constructor keyword arguments ``kwargs``.
+
+    ``name`` is a registered name (or alias), or ``"package.module:ClassName"`` for an
+    environment of your own (a subclass of megacredit.envs.base.Environment).
+    """
     canonical = ENV_ALIASES.get(name, name)
-    if canonical not in ENV_CLASSES:
-        raise ValueError(f"unknown environment {name!r}; valid names: {', '.join(valid_env_names())}")
-    module_name, class_name = ENV_CLASSES[canonical]
+    if canonical in ENV_CLASSES:
+        module_name, class_name = ENV_CLASSES[canonical]
+    elif ":" in name:
+        module_name, _, class_name = name.partition(":")
+    else:
+        raise ValueError(
+            f"unknown environment {name!r}; valid names: {', '.join(valid_env_names())}, "
+            f"or 'package.module:ClassName' for your own Environment subclass"
+        )
     module = importlib.import_module(module_name)
-    env_class = getattr(module, class_name)
+    env_class = getattr(module, class_name, None)
+    if not (isinstance(env_class, type) and issubclass(env_class, Environment)):
+        raise ValueError(f"environment {name!r}: {module_name}.{class_name} is not an Environment subclass")
     try:
         return env_class(**kwargs)
     except TypeError as error:

@@ -61,12 +61,13 @@ def resolve_model(cfg: MegacreditConfig) -> ModelSource:
         hf_dir = resolve_hf_dir(model_cfg.name_or_path, model_cfg.cache_dir)
         tokenizer = load_tokenizer(str(hf_dir), model_cfg.cache_dir)
         return ModelSource(AutoConfig.from_pretrained(str(hf_dir), local_files_only=True), tokenizer, str(hf_dir))
+    from megacredit.models.tiny import tiny_config
+
     tokenizer = load_tokenizer(model_cfg.tiny.tokenizer, model_cfg.cache_dir)
     fields = model_cfg.tiny.to_hf_config_dict(len(tokenizer))
-    model_type = fields.pop("model_type")
-    hf_config = AutoConfig.for_model(
-        model_type, **fields, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, head_dim=fields["hidden_size"] // fields["num_attention_heads"],
+    hf_config = tiny_config(
+        fields.pop("model_type"), **fields, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     # Same seed on every rank -> identical random weights everywhere, no file needed.
     with torch.random.fork_rng():
@@ -84,10 +85,10 @@ def build_data(cfg: MegacreditConfig) -> tuple[list[dict], list[dict]]:
         train = load_benchmark(data.dataset, data.train_path, skip_invalid_rows=data.skip_invalid_rows)
         val = load_benchmark(data.dataset, data.val_path or data.train_path, skip_invalid_rows=data.skip_invalid_rows)
         return train.records, val.records
-    if cfg.env.name != "arithmetic":
+    if cfg.env.name != "arithmetic" and ":" not in cfg.env.name:
         raise ValueError(
             f"env.name={cfg.env.name!r} has no problem generator: set data.dataset and data.train_path "
-            f"(only the arithmetic environment generates its own problems)"
+            f"(only arithmetic problems are generated; a custom 'module:Class' env may score them)"
         )
     from megacredit.envs.arithmetic import generate_arithmetic_dataset
 
