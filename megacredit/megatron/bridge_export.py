@@ -94,12 +94,14 @@ def export_hf_weights(
     *,
     receivers: Receivers = "rank0",
     dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full_tensor)`` for the whole model, in HF checkpoint order.
 
     receivers: "rank0" (only global rank 0 yields; the others yield nothing but must still
     exhaust the iterator) or "all" (every rank yields every tensor). dtype: cast the yielded
-    tensors (default: the parameters' dtype). Tensors are on CPU. With tied embeddings no
+    tensors (default: the parameters' dtype). device: where yielded tensors live (default CPU;
+    pass the GPU to feed a colocated rollout engine without a host copy). With tied embeddings no
     ``lm_head.weight`` is yielded (HF re-ties it on load).
     """
     if receivers not in ("rank0", "all"):
@@ -117,7 +119,7 @@ def export_hf_weights(
         if not receives:
             continue
         for hf_name, tensor in unshard(mapping_for(name, tied), list(stack.unbind(0)), hf_config.vocab_size, attention):
-            yield hf_name, tensor.to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+            yield hf_name, tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
 
 
 def iter_hf_weight_buckets(
@@ -128,6 +130,7 @@ def iter_hf_weight_buckets(
     *,
     receivers: Receivers = "rank0",
     dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """:func:`export_hf_weights` grouped in lists whose total size is <= ``bucket_bytes``
     (a single tensor larger than the bound travels alone). Same collective contract."""
@@ -135,7 +138,9 @@ def iter_hf_weight_buckets(
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
     bucket: list[tuple[str, torch.Tensor]] = []
     bucket_size = 0
-    for name, tensor in export_hf_weights(model_chunks, hf_config, ctx, receivers=receivers, dtype=dtype):
+    for name, tensor in export_hf_weights(
+        model_chunks, hf_config, ctx, receivers=receivers, dtype=dtype, device=device
+    ):
         size = tensor.numel() * tensor.element_size()
         if bucket and bucket_size + size > bucket_bytes:
             yield bucket
