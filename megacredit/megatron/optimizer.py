@@ -45,11 +45,11 @@ class OptimizerSettings:
     adam_eps: float = 1e-8
     """Adam epsilon."""
     weight_decay: float = 0.0
-    """Decoupled weight decay (AdamW); 0 = plain Adam."""
+    """Decoupled weight decay (AdamW) of matrices; biases and 1-D params (norms) get none."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (over all TP/PP/DP shards); 0 disables clipping."""
     use_distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks (Megatron's DistributedOptimizer, ZeRO-1)."""
+    """Shard optimizer state over data-parallel ranks (Megatron's DistributedOptimizer, ZeRO-1; GPU only)."""
     bf16: bool = False
     """Model parameters are bf16 (fp32 main params and grads are kept by the optimizer)."""
     fp16: bool = False
@@ -139,9 +139,22 @@ def build_optimizer(model_chunks: Sequence[torch.nn.Module], settings: Optimizer
 
     Returns a ``MegatronOptimizer`` (a ``ChainedOptimizer`` in 0.16). For fp16 the loss scaler is
     registered as the config's ``grad_scale_func`` so the schedule scales the loss.
+
+    The distributed optimizer (``use_distributed_optimizer=True``) is GPU only: Megatron-Core
+    0.16's DistributedOptimizer accepts only ``torch.cuda.*Tensor`` parameters, so on CPU this
+    raises a ValueError (that path is unverified on this machine).
     """
+    if settings.use_distributed_optimizer and not cpu_compat.cuda_available():
+        raise ValueError(
+            "OptimizerSettings.use_distributed_optimizer=True needs CUDA (Megatron-Core's "
+            "DistributedOptimizer accepts only torch.cuda tensors); set it to False on CPU"
+        )
     from megatron.core.distributed import DistributedDataParallel
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import (
+        OptimizerConfig,
+        get_megatron_optimizer,
+        get_standard_config_overrides,
+    )
 
     chunks = list(model_chunks)
     not_wrapped = [type(c).__name__ for c in chunks if not isinstance(c, DistributedDataParallel)]
@@ -168,11 +181,16 @@ def build_optimizer(model_chunks: Sequence[torch.nn.Module], settings: Optimizer
         params_dtype=model_config.params_dtype,
     )
     # On CPU megacredit does not create Megatron's extra gloo groups (the main groups are gloo).
+    # Megatron-LM's standard parameter groups: no weight decay on biases and 1-D parameters
+    # (norm weights); without these overrides 0.16 decays every parameter.
     optimizer = get_megatron_optimizer(
-        megatron_config, chunks, use_gloo_process_groups=cpu_compat.cuda_available()
+        megatron_config, chunks,
+        config_overrides=get_standard_config_overrides(megatron_config),
+        use_gloo_process_groups=cpu_compat.cuda_available(),
     )
     if settings.fp16:
         model_config.grad_scale_func = optimizer.scale_loss
+    set_learning_rate(optimizer, settings.lr, settings.weight_decay)
     return optimizer
 
 
@@ -194,7 +212,14 @@ def optimizer_step(optimizer) -> StepResult:
     )
 
 
-def set_learning_rate(optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group (for a warm-up schedule)."""
+def set_learning_rate(optimizer, lr: float, weight_decay: float | None = None) -> None:
+    """Set every parameter group's lr (and weight decay), honouring Megatron's per-group
+    ``lr_mult``/``wd_mult`` (``wd_mult=0`` for biases and norms).
+
+    Megatron-LM applies the multipliers in its LR scheduler; megacredit has none, so this does
+    it (called once by :func:`build_optimizer`, and by a warm-up schedule each step).
+    """
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)

@@ -1,0 +1,169 @@
+"""TP=2, PP=2 and DP=2 (2 gloo processes each) equal TP=1 on the same batch: loss, gradients and
+the parameters after one Adam step (Megatron DDP + Megatron optimizer, clip_grad active).
+
+Independent reference: one process (TP=1, PP=1, DP=1) running the WHOLE batch as a single
+micro-batch. The parallel runs split it into 4 micro-batches of one sequence (2 per replica at
+DP=2) whose label counts differ, so a per-micro-batch or per-replica mean would be caught.
+Everything is compared as full Hugging Face-named tensors (the bridge's export, applied to the
+DDP fp32 gradient buffers for gradients), so the comparison does not depend on the layout.
+Weights come from one tiny random HF Llama saved once by the test (vocab 101, padded per TP).
+Tolerance 1e-5 (fp32; only the summation order differs between layouts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from megacredit.testing import run_distributed
+from megatron_test_helpers import (
+    NUM_SEQUENCES,
+    VOCAB_SIZE,
+    count_labels,
+    dp_shard,
+    fixed_tokens,
+    micro_batches,
+    tiny_llama_config,
+)
+
+pytestmark = pytest.mark.distributed
+TOL = dict(rtol=1e-5, atol=1e-5)
+CLIP_GRAD = 0.5
+LAYOUTS = {"tp2": dict(tp=2, pp=1), "pp2": dict(tp=1, pp=2), "dp2": dict(tp=1, pp=1)}
+
+
+@contextlib.contextmanager
+def grads_as_params(chunks):
+    """Temporarily point every parameter's data at its DDP fp32 gradient (``main_grad``), so the
+    bridge's export yields full HF-named gradients."""
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    saved = [p.data for p in params]
+    for param in params:
+        param.data = param.main_grad
+    try:
+        yield
+    finally:
+        for param, data in zip(params, saved):
+            param.data = data
+
+
+def _export(chunks, hf_config, ctx) -> dict[str, torch.Tensor]:
+    from megacredit.megatron.bridge import export_hf_weights
+
+    return {name: tensor.clone() for name, tensor in export_hf_weights(chunks, hf_config, ctx)}
+
+
+def _one_step(hf_dir, tp, pp, micro_batch_size):
+    """Load the HF weights, forward/backward the fixed batch, export grads, Adam step, export."""
+    from megacredit.megatron import distributed
+    from megacredit.megatron.bridge import load_hf_weights
+    from megacredit.megatron.model_provider import build_gpt_model
+    from megacredit.megatron.optimizer import (
+        OptimizerSettings, build_optimizer, optimizer_step, wrap_with_ddp, zero_grads,
+    )
+    from megacredit.megatron.schedule import forward_backward, next_token_cross_entropy
+    from megatron_test_helpers import global_loss
+
+    ctx = distributed.initialize(tp, pp, seed=1234)
+    hf_config = tiny_llama_config(num_layers=2)
+    chunks = [build_gpt_model(hf_config, ctx)]
+    load_hf_weights(chunks, hf_dir, hf_config, ctx)
+    chunks = wrap_with_ddp(chunks)
+    settings = OptimizerSettings(lr=1e-3, adam_eps=1e-4, weight_decay=0.1, clip_grad=CLIP_GRAD)
+    optimizer = build_optimizer(chunks, settings)
+    batches = micro_batches(fixed_tokens(0), micro_batch_size)
+    loss_fn = next_token_cross_entropy(VOCAB_SIZE, count_labels(batches))
+    mine = dp_shard(batches, ctx.dp_rank, ctx.dp_size)
+    forward_only_loss = global_loss(forward_backward(chunks, mine, loss_fn, forward_only=True))
+    zero_grads(chunks, optimizer)
+    loss = global_loss(forward_backward(chunks, mine, loss_fn))
+    with grads_as_params(chunks):
+        grads = _export(chunks, hf_config, ctx)
+    step = optimizer_step(optimizer)
+    params_after = _export(chunks, hf_config, ctx)
+    return dict(loss=loss, forward_only_loss=forward_only_loss, grads=grads,
+                params_after=params_after, grad_norm=step.grad_norm, success=step.success)
+
+
+def _reference(rank, world_size, hf_dir):
+    return _one_step(hf_dir, tp=1, pp=1, micro_batch_size=NUM_SEQUENCES)
+
+
+def _parallel_layouts(rank, world_size, hf_dir):
+    results = {name: _one_step(hf_dir, micro_batch_size=1, **layout) for name, layout in LAYOUTS.items()}
+    return results if rank == 0 else None
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(num_layers=2))
+    path = tmp_path_factory.mktemp("hf_tiny")
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def results(hf_dir):
+    (reference,) = run_distributed(_reference, world_size=1, hf_dir=hf_dir)
+    parallel = run_distributed(_parallel_layouts, world_size=2, hf_dir=hf_dir)[0]
+    return reference, parallel
+
+
+def test_reference_is_meaningful(results):
+    reference, _ = results
+    assert reference["success"]
+    # the loss is a real cross entropy near log(101) for a random model, and clipping is active
+    assert 3.0 < reference["loss"] < 7.0
+    assert reference["grad_norm"] > CLIP_GRAD
+    assert reference["forward_only_loss"] == pytest.approx(reference["loss"], rel=1e-6)
+    assert len(reference["grads"]) == 2 + 9 * 2 + 1  # embed, lm_head, 9 per layer, final norm
+    assert all(g.abs().sum() > 0 for g in reference["grads"].values())
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_loss_matches_tp1(results, layout):
+    reference, parallel = results
+    assert parallel[layout]["loss"] == pytest.approx(reference["loss"], abs=1e-5)
+    assert parallel[layout]["forward_only_loss"] == pytest.approx(reference["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_gradients_match_tp1(results, layout):
+    reference, parallel = results
+    got = parallel[layout]["grads"]
+    assert got.keys() == reference["grads"].keys()
+    for name, expected in reference["grads"].items():
+        torch.testing.assert_close(got[name], expected, **TOL, msg=lambda m: f"{layout} {name}: {m}")
+    assert parallel[layout]["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_adam_step_with_clipping_matches_tp1(results, layout):
+    reference, parallel = results
+    for name, expected in reference["params_after"].items():
+        torch.testing.assert_close(parallel[layout]["params_after"][name], expected, **TOL,
+                                   msg=lambda m: f"{layout} {name}: {m}")
+
+
+def test_tp1_step_follows_the_clipped_adamw_formula(results, hf_dir):
+    """Direct formula (first AdamW step, bias-corrected): g_c = g * clip / (||g|| + 1e-6),
+    p' = p (1 - lr wd) - lr g_c / (|g_c| + eps); Megatron exempts 1-D params (norms) from wd."""
+    from safetensors.torch import load_file
+
+    reference, _ = results
+    initial = load_file(f"{hf_dir}/model.safetensors")
+    grads = reference["grads"]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+    assert reference["grad_norm"] == pytest.approx(norm, rel=1e-6)
+    lr, eps, weight_decay = 1e-3, 1e-4, 0.1
+    for name, grad in grads.items():
+        clipped = grad * (CLIP_GRAD / (norm + 1e-6))
+        decay = weight_decay if grad.dim() > 1 else 0.0
+        expected = initial[name] * (1 - lr * decay) - lr * clipped / (clipped.abs() + eps)
+        torch.testing.assert_close(reference["params_after"][name], expected, rtol=1e-6, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
