@@ -56,7 +56,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise TypeError(f"SamplingParams.temperature must be a number, got {self.temperature!r}")
+            raise TypeError(
+                f"SamplingParams.temperature must be a number, got {self.temperature!r}"
+            )
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(
                 f"SamplingParams.temperature must be a finite number >= 0 (0 = greedy), "

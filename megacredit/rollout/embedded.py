@@ -144,7 +144,9 @@ class EmbeddedRolloutEngine(RolloutEngine):
         if not isinstance(params, SamplingParams):
             raise TypeError(f"generate: params must be a SamplingParams, got {type(params)}")
         if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
-            raise ValueError("generate: prompt_token_ids must be a non-empty list of token-id lists")
+            raise ValueError(
+                "generate: prompt_token_ids must be a non-empty list of token-id lists"
+            )
         max_positions = getattr(self.model.config, "max_position_embeddings", None)
         for index, prompt in enumerate(prompt_token_ids):
             if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__") or not prompt:
@@ -210,7 +212,8 @@ class EmbeddedRolloutEngine(RolloutEngine):
                 sampled, attention_mask, next_position = (
                     sampled[keep], attention_mask[keep], next_position[keep]
                 )
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live_rows), 1))], 1)
+            new_column = attention_mask.new_ones((len(live_rows), 1))
+            attention_mask = torch.cat([attention_mask, new_column], dim=1)
             input_ids, position_ids = sampled.unsqueeze(-1), next_position
             next_position = next_position + 1
         return [(tokens[r], logprobs[r], reasons[r]) for r in range(len(prompts))]
@@ -239,7 +242,9 @@ class EmbeddedRolloutEngine(RolloutEngine):
             if target is None:
                 raise KeyError(self._unknown_name_message(name, targets))
             if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"load_weights: '{name}' must be a torch.Tensor, got {type(tensor)}")
+                raise TypeError(
+                    f"load_weights: '{name}' must be a torch.Tensor, got {type(tensor)}"
+                )
             if tuple(tensor.shape) != tuple(target.shape):
                 raise ValueError(
                     f"load_weights: tensor '{name}' has shape {tuple(tensor.shape)} but the "

@@ -63,8 +63,9 @@ def test_sglang_output_parsing():
 
 def test_vllm_output_parsing():
     logprob = lambda v: SimpleNamespace(logprob=v)  # noqa: E731 (vllm.logprobs.Logprob shape)
-    completion = SimpleNamespace(token_ids=[5, 6], finish_reason="length",
-                                 logprobs=[{5: logprob(-0.1), 9: logprob(-3.0)}, {6: logprob(-0.2)}])
+    completion = SimpleNamespace(
+        token_ids=[5, 6], finish_reason="length",
+        logprobs=[{5: logprob(-0.1), 9: logprob(-3.0)}, {6: logprob(-0.2)}])
     outs = vllm_adapter.from_vllm_request_output(
         SimpleNamespace(outputs=[completion, completion]), prompt_index=1, prompt_ids=[4])
     assert [o.token_ids for o in outs] == [[5, 6], [5, 6]]
