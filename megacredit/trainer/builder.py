@@ -117,7 +117,8 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource):
     dtype = DTYPES[cfg.model.dtype]
     use_te = {"auto": None, "on": True, "off": False}[cfg.model.transformer_engine]
     model = build_gpt_model(source.hf_config, ctx, dtype=dtype, use_transformer_engine=use_te,
-                            sequence_parallel=cfg.parallel.sequence_parallel)
+                            sequence_parallel=cfg.parallel.sequence_parallel,
+                            perform_initialization=False)  # the HF weights are loaded right after
     enable_packed_attention(model)
     load_hf_weights([model], source.weights, source.hf_config, ctx)
     chunks = wrap_with_ddp([model])

@@ -18,6 +18,7 @@ import torch
 from megacredit.algorithms.grpo import group_advantages
 from megacredit.algorithms.schedules import LambdaSchedule
 from megacredit.data.teacher_context import TeacherContextConfig, build_teacher_contexts
+from megacredit.megatron.optimizer import set_learning_rate
 from megacredit.rollout.base import SamplingParams
 from megacredit.trainer import rollout as rollout_lib
 from megacredit.trainer import step_metrics
@@ -57,6 +58,11 @@ def teacher_context_config(cfg) -> TeacherContextConfig:
         num_contrastive=cfg.algorithm.credit.num_contrastive if name in ("credit", "credit_rlsd") else 0,
         solution_content="think_and_solution" if cfg.algorithm.teacher.include_think_trace else "solution",
     )
+
+
+def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
+    """Linear warm-up over the first ``warmup_steps`` steps, then constant."""
+    return lr if warmup_steps <= 0 else lr * min(1.0, (step + 1) / warmup_steps)
 
 
 def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> rollout_lib.RolloutBatch:
@@ -115,6 +121,8 @@ def run_step(run: RLRun, step: int, prompts: list[dict]) -> dict[str, Any]:
     """One training step; returns the metrics (complete on global rank 0)."""
     cfg, actor, ctx = run.cfg, run.actor, run.ctx
     run.timings = {}
+    lr = warmup_lr(cfg.optimizer.lr, cfg.optimizer.warmup_steps, step)
+    set_learning_rate(actor.optimizer, lr)
     step_start = time.perf_counter()
     batch = rollout_and_score(run, step, prompts)
     with run.phase("teacher"):
@@ -133,8 +141,9 @@ def run_step(run: RLRun, step: int, prompts: list[dict]) -> dict[str, Any]:
         actor.after_training_step(step + 1)
     with run.phase("sync"):
         sync_weights(run)
-    return collect_metrics(run, step, batch, samples, student, teacher, advantages, advantage_sums,
-                           train_parts, time.perf_counter() - step_start)
+    metrics = collect_metrics(run, step, batch, samples, student, teacher, advantages, advantage_sums,
+                              train_parts, time.perf_counter() - step_start)
+    return {**metrics, "train/lr": lr} if metrics else metrics
 
 
 def reduce_train_metrics(per_rank: list[list[dict[str, float]]]) -> dict[str, float]:
