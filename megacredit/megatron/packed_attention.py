@@ -2,7 +2,7 @@
 
 On GPU, Transformer Engine's attention takes ``PackedSeqParams(qkv_format="thd")`` natively.
 Megatron's local ``DotProductAttention`` refuses them, so on CPU this subclass accepts them and
-turns ``cu_seqlens`` into a block-diagonal causal mask. Megatron's attention module has already
+attends within each ``cu_seqlens`` block (block-diagonal causal attention). Megatron's attention module has already
 applied RoPE per sequence (positions restart at every ``cu_seqlens`` boundary) and squeezed the
 batch dimension away; this module restores it, so the arithmetic is exactly that of the parent
 class on each sequence alone. Swap it into a layer spec with :func:`with_packed_attention`.
@@ -16,11 +16,15 @@ import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megacredit.trainer.packing import block_diagonal_causal_mask
+from megacredit.megatron.cpu_compat import causal_attention_mask
 
 
 class PackedDotProductAttention(DotProductAttention):
-    """``DotProductAttention`` that also accepts THD-packed sequences (block-diagonal mask)."""
+    """``DotProductAttention`` that also accepts THD-packed sequences.
+
+    Each packed sequence is attended on its own (a causal softmax over its block only), so the
+    cost is sum_i len_i^2, not T^2 as a dense block-diagonal mask over the whole row would be.
+    """
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -30,8 +34,13 @@ class PackedDotProductAttention(DotProductAttention):
             raise ValueError(f"packed attention supports qkv_format='thd', got {packed_seq_params.qkv_format!r}")
         if query.dim() == 3:  # [t, heads, dim] -> [t, b=1, heads, dim]
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        mask = block_diagonal_causal_mask(packed_seq_params.cu_seqlens_q.cpu()).to(query.device)
-        return super().forward(query, key, value, mask, attn_mask_type, attention_bias)
+        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        outputs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            mask = causal_attention_mask(end - start, query.device)
+            outputs.append(super().forward(query[start:end], key[start:end], value[start:end], mask,
+                                           attn_mask_type, attention_bias))
+        return torch.cat(outputs, dim=0)
 
 
 def with_packed_attention(layer_spec: ModuleSpec) -> ModuleSpec:

@@ -128,16 +128,3 @@ def split_per_sequence(values: torch.Tensor, micro_batch: PackedMicroBatch) -> d
     """Split a [N_resp, ...] tensor of per-prediction values back into {key: [R_i, ...]}."""
     pieces = torch.split(values, micro_batch.response_lengths, dim=0)
     return dict(zip(micro_batch.keys, pieces))
-
-
-def block_diagonal_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """[1, 1, T, T] bool mask, True where attention is NOT allowed (Megatron's convention).
-
-    Token i may attend to j iff both lie in the same block and j <= i.
-    """
-    total = int(cu_seqlens[-1])
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    block_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    same_block = block_of[:, None] == block_of[None, :]
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
-    return ~(same_block & causal)[None, None]
