@@ -141,7 +141,7 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> Path:
 
 
 def read_checkpoint_info(step_dir: str | Path) -> dict[str, Any]:
-    """The completion marker's content: step, saved layout, format version."""
+    """The completion marker's content: step, saved layout, params dtype, format version."""
     return json.loads((Path(step_dir) / MARKER_FILE).read_text())
 
 
@@ -208,6 +208,12 @@ def _build_state(model_chunks, optimizer, ctx, step, extra_state, extra_sharded_
     if not loading:
         state["megacredit"] = {"step": int(step), "layout": _layout(ctx), "extra_state": dict(extra_state or {})}
     return state
+
+
+def _params_dtype_name(model_chunks: Sequence[torch.nn.Module]) -> str:
+    """"float32"/"bfloat16"/... of the model parameters (what a loader must build)."""
+    first = next(param for chunk in model_chunks for param in chunk.parameters())
+    return str(first.dtype).replace("torch.", "")
 
 
 def _barrier() -> None:
@@ -286,7 +292,8 @@ def save_checkpoint(
     _barrier()
     if ctx.rank == 0:
         info = {"step": int(step), "layout": _layout(ctx), "format_version": FORMAT_VERSION,
-                "has_optimizer": optimizer is not None, "has_rng": save_rng}
+                "has_optimizer": optimizer is not None, "has_rng": save_rng,
+                "params_dtype": _params_dtype_name(model_chunks)}
         _publish(tmp_dir, final_dir, root, info)
         if keep_last:
             prune_checkpoints(root, keep_last)
@@ -323,11 +330,13 @@ def load_checkpoint(
         raise CheckpointError(f"{path} holds no optimizer state; pass load_optimizer=False to load weights only")
     state = _build_state(model_chunks, optimizer, ctx, info["step"], None, extra_sharded_state,
                          loading=True, with_rng=with_rng, with_optimizer=with_optimizer)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     try:
         loaded = dist_checkpointing.load(state, str(path))
-    except Exception as error:  # noqa: BLE001 - re-raised with the path and a hint
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - re-raised with a hint
         raise CheckpointError(
-            f"cannot load {path} into this model ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            f"cannot load {path} into this model ({_one_line(error)}); "
             f"check that the model config matches the checkpoint"
         ) from error
     _apply_loaded(model_chunks, optimizer if with_optimizer else None, loaded)
@@ -339,6 +348,17 @@ def load_checkpoint(
         extra_sharded_state=loaded.get("extra_sharded_state"), rng_restored=with_rng,
         saved_layout=saved_layout,
     )
+
+
+def _one_line(error: BaseException) -> str:
+    """The innermost ``SomeError: message`` line of an error whose text may embed per-rank
+    tracebacks (torch.distributed.checkpoint's CheckpointException does)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
+    if named:
+        kind, _, message = named[-1].partition(": ")
+        return f"{kind.rsplit('.', 1)[-1]}: {message}"
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _apply_loaded(model_chunks: Sequence[torch.nn.Module], optimizer, loaded: Mapping[str, Any]) -> None:
