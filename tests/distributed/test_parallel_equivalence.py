@@ -167,3 +167,17 @@ def test_tp1_step_follows_the_clipped_adamw_formula(results, hf_dir):
         expected = initial[name] * (1 - lr * decay) - lr * clipped / (clipped.abs() + eps)
         torch.testing.assert_close(reference["params_after"][name], expected, rtol=1e-6, atol=1e-6,
                                    msg=lambda m: f"{name}: {m}")
+
+
+def test_reference_loss_equals_transformers_cross_entropy(results, hf_dir):
+    """Independent of Megatron: transformers' own Llama on the same batch, token-mean CE over the
+    valid labels. Also proves the padded vocabulary columns (101 -> 128) are masked out."""
+    from transformers import LlamaForCausalLM
+
+    reference, _ = results
+    model = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    (batch,) = micro_batches(fixed_tokens(0), NUM_SEQUENCES)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits.double()
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    assert reference["loss"] == pytest.approx(expected.item(), abs=1e-5)
