@@ -121,7 +121,12 @@ class EmbeddedRolloutEngine(RolloutEngine):
     def generate(
         self, prompt_token_ids: list[list[int]], params: SamplingParams
     ) -> list[RolloutOutput]:
-        """Sample ``params.n`` responses per prompt; outputs grouped prompt by prompt."""
+        """Sample ``params.n`` responses per prompt; outputs grouped prompt by prompt.
+
+        Output ``i * n + j`` is sample ``j`` of prompt ``i``. Rows are processed in
+        micro-batches of ``max_batch_size`` after a stable sort by prompt length, so with a
+        seed the samples are reproducible for the same prompts, weights and max_batch_size.
+        """
         self._check_prompts(prompt_token_ids, params)
         stop_ids = self.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
         generator = None
