@@ -2,7 +2,8 @@
 
 On GPU, Transformer Engine's attention takes ``PackedSeqParams(qkv_format="thd")`` natively.
 Megatron's local ``DotProductAttention`` refuses them, so on CPU this subclass accepts them and
-attends within each ``cu_seqlens`` block (block-diagonal causal attention). Megatron's attention module has already
+attends within each ``cu_seqlens`` block (block-diagonal causal attention), the blocks laid out
+as a padded batch. Megatron's attention module has already
 applied RoPE per sequence (positions restart at every ``cu_seqlens`` boundary) and squeezed the
 batch dimension away; this module restores it, so the arithmetic is exactly that of the parent
 class on each sequence alone. Swap it into a layer spec with :func:`with_packed_attention`.
@@ -16,14 +17,29 @@ import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megacredit.megatron.cpu_compat import causal_attention_mask
+
+
+def _blocks_as_batch(cu_seqlens: torch.Tensor, device: torch.device):
+    """Index map from a packed row to a padded batch of its blocks: ``index`` [L, n] (packed
+    position of block b's token i, clamped), ``valid`` [n, L] and the Megatron mask [n, 1, L, L]
+    (True = masked: causal within the block, padding keys masked)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
+    longest = int(lengths.max())
+    positions = torch.arange(longest, device=device)
+    valid = positions[None, :] < lengths[:, None]
+    index = (cu_seqlens[:-1].to(device=device, dtype=torch.long)[:, None] + positions[None, :])
+    index = index.clamp(max=int(cu_seqlens[-1]) - 1).t()
+    causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+    mask = ~(causal[None] & valid[:, None, :])
+    return index, valid, mask[:, None]
 
 
 class PackedDotProductAttention(DotProductAttention):
     """``DotProductAttention`` that also accepts THD-packed sequences.
 
-    Each packed sequence is attended on its own (a causal softmax over its block only), so the
-    cost is sum_i len_i^2, not T^2 as a dense block-diagonal mask over the whole row would be.
+    The packed blocks are laid out as a padded batch (one row per sequence) and attended in one
+    call with a causal + key-padding mask, so each sequence sees only its own causal past and
+    the cost is n_blocks * longest^2 (not total^2 as a dense block-diagonal mask would be).
     """
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -32,15 +48,11 @@ class PackedDotProductAttention(DotProductAttention):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"packed attention supports qkv_format='thd', got {packed_seq_params.qkv_format!r}")
-        if query.dim() == 3:  # [t, heads, dim] -> [t, b=1, heads, dim]
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        bounds = packed_seq_params.cu_seqlens_q.tolist()
-        outputs = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            mask = causal_attention_mask(end - start, query.device)
-            outputs.append(super().forward(query[start:end], key[start:end], value[start:end], mask,
-                                           attn_mask_type, attention_bias))
-        return torch.cat(outputs, dim=0)
+        if query.dim() == 4:  # [t, 1, heads, dim] -> [t, heads, dim]
+            query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+        index, valid, mask = _blocks_as_batch(packed_seq_params.cu_seqlens_q, query.device)
+        output = super().forward(query[index], key[index], value[index], mask, attn_mask_type, attention_bias)
+        return output.transpose(0, 1)[valid]  # [n, L, h*d] -> packed [t, h*d]
 
 
 def with_packed_attention(layer_spec: ModuleSpec) -> ModuleSpec:
