@@ -145,7 +145,7 @@ def _privileged_suffix(i: int, sibling: int | None, records, texts, feedbacks, c
                 f"rlsd teacher context needs record['reference_answer'] (record id {record.get('id')!r}); "
                 "use a loader that provides it or mode='sdpo'"
             )
-        return rlsd_privileged_text(str(answer)), True, None
+        return rlsd_privileged_text(str(answer), record.get("task", "")), True, None
     solution = _solution_text(texts[sibling], config.solution_content) if sibling is not None else ""
     feedback = (feedbacks[i] or "").strip() if config.include_feedback else ""
     if solution and config.feedback_only_without_solution:

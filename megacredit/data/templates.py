@@ -79,6 +79,10 @@ FEEDBACK_HEADERS: dict[str, str] = {"code": "Previous assessment:\n"}
 """Per-task header before z; tasks not listed put z directly (appendix A.1)."""
 RESOLVE_INSTRUCTION = "Now solve this problem step by step."
 """The re-solve instruction closing the teacher's user turn (appendix A.1)."""
+RESOLVE_INSTRUCTIONS: dict[str, str] = {"arithmetic": "Now answer the question again, with just the number."}
+"""CHOICE: per-task re-solve instructions for tasks outside the paper. The synthetic arithmetic
+task asks the student for just the number; a "step by step" teacher would pull a 16-token answer
+towards explanations it cannot finish, so its teacher is asked for the same format."""
 REFERENCE_ANSWER_HEADER = "Correct answer: "
 """CHOICE: RLSD's answer-only privileged information, worded like SciKnowEval's z."""
 
@@ -104,6 +108,11 @@ def toolalpaca_prompt(name: str, description: str, documentation: str, question:
     return TOOLALPACA_PROMPT.format(name=name, description=description, documentation=documentation, question=question)
 
 
+def resolve_instruction(task: str) -> str:
+    """The re-solve instruction of ``task`` (the appendix's unless RESOLVE_INSTRUCTIONS has one)."""
+    return RESOLVE_INSTRUCTIONS.get(task, RESOLVE_INSTRUCTION)
+
+
 def teacher_privileged_text(task: str, solution: str | None, feedback: str | None) -> str:
     """What follows x in the teacher's user turn: solution, feedback z, re-solve instruction."""
     parts = []
@@ -111,13 +120,13 @@ def teacher_privileged_text(task: str, solution: str | None, feedback: str | Non
         parts.append(SOLUTION_HEADER + solution.strip())
     if feedback:
         parts.append(FEEDBACK_HEADERS.get(task, "") + feedback.strip())
-    parts.append(RESOLVE_INSTRUCTION)
+    parts.append(resolve_instruction(task))
     return "\n\n" + "\n\n".join(parts)
 
 
-def rlsd_privileged_text(reference_answer: str) -> str:
+def rlsd_privileged_text(reference_answer: str, task: str = "") -> str:
     """RLSD's privileged block: only the ground-truth answer, then the re-solve instruction."""
-    return f"\n\n{REFERENCE_ANSWER_HEADER}{reference_answer.strip()}\n\n{RESOLVE_INSTRUCTION}"
+    return f"\n\n{REFERENCE_ANSWER_HEADER}{reference_answer.strip()}\n\n{resolve_instruction(task)}"
 
 
 def student_messages(record: dict[str, Any]) -> list[dict[str, str]]:

@@ -97,13 +97,21 @@ def test_teacher_prompt_matches_appendix_layout(smollm2_tokenizer):
     sibling_solution = texts[0].split("</think>")[1]  # first success of the group; think trace removed
     expected_user = (
         f"{records[1]['prompt']}\n\nCorrect solution:\n{sibling_solution}\n\n"
-        f"The correct answer is {records[1]['answer']}.\n\nNow solve this problem step by step."
-    )
+        f"The correct answer is {records[1]['answer']}.\n\nNow answer the question again, with just the number."
+    )  # the arithmetic task's re-solve instruction (templates.RESOLVE_INSTRUCTIONS)
     expected = tok.apply_chat_template([{"role": "user", "content": expected_user}], tokenize=False, add_generation_prompt=True)
     prompt_ids = samples[1].teacher_ids[: -samples[1].response_length]
     assert tok.decode(prompt_ids) == expected
     start, end = samples[1].teacher_privileged_span
     assert tok.decode(prompt_ids[start:end]) == expected_user[len(records[1]["prompt"]):]
+
+
+def test_paper_tasks_keep_the_appendix_resolve_instruction():
+    from megacredit.data.templates import teacher_privileged_text
+
+    for task in ("code", "sciknoweval", "toolalpaca"):
+        assert teacher_privileged_text(task, None, "z").endswith("\n\nNow solve this problem step by step.")
+    assert teacher_privileged_text("arithmetic", None, "z").endswith("\n\nNow answer the question again, with just the number.")
 
 
 def test_no_signal_without_solution_or_feedback(smollm2_tokenizer):
