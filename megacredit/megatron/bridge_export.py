@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megacredit.megatron.bridge_load import canonical_order, global_named_parameters
 from megacredit.megatron.distributed import ParallelContext
 from megacredit.megatron.hf_mapping import OUTPUT_LAYER, AttentionShape, mapping_for, unshard
+from megacredit.rollout.base import rebucket
 
 Receivers = Literal["rank0", "all"]
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
@@ -134,21 +135,10 @@ def iter_hf_weight_buckets(
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """:func:`export_hf_weights` grouped in lists whose total size is <= ``bucket_bytes``
     (a single tensor larger than the bound travels alone). Same collective contract."""
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    bucket_size = 0
-    for name, tensor in export_hf_weights(
-        model_chunks, hf_config, ctx, receivers=receivers, dtype=dtype, device=device
-    ):
-        size = tensor.numel() * tensor.element_size()
-        if bucket and bucket_size + size > bucket_bytes:
-            yield bucket
-            bucket, bucket_size = [], 0
-        bucket.append((name, tensor))
-        bucket_size += size
-    if bucket:
-        yield bucket
+    yield from rebucket(
+        export_hf_weights(model_chunks, hf_config, ctx, receivers=receivers, dtype=dtype, device=device),
+        bucket_bytes,
+    )
 
 
 def _copy_tokenizer_files(source_dir: Path, out_dir: Path) -> list[str]:
