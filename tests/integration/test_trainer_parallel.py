@@ -31,6 +31,8 @@ def single_process(tmp_path_factory):
     runs.append(("credit_lam0", tiny_overrides("credit", root / "credit_lam0", **{"algorithm.credit.lam": 0.0})))
     runs.append(("credit_small_micro_batches", tiny_overrides(
         "credit", root / "credit_small", **{"parallel.micro_batch_tokens": 100, "rollout.max_seq_len": 100})))
+    runs.append(("sdpo_student_topk", tiny_overrides(
+        "sdpo", root / "sdpo_student", **{"algorithm.sdpo.topk_source": "student", "algorithm.sdpo.tail": False})))
     (results,) = run_distributed(train_runs, world_size=1, runs=runs)
     return results
 
@@ -53,6 +55,10 @@ def test_single_process_runs_are_finite_and_learn_something(single_process):
         for record in steps.values():
             assert math.isfinite(record["train/loss"]) and math.isfinite(record["train/grad_norm"]), method
             assert record["train/grad_norm"] > 0, f"{method}: no gradient reached the model"
+    # The public SDPO code's variant: the student's top-K set, renormalised (no tail bin).
+    student_set = single_process["sdpo_student_topk"]
+    assert all(math.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0 for r in student_set.values())
+    assert student_set[1]["train/loss"] != pytest.approx(single_process["sdpo"][1]["train/loss"])
     # Teacher-based methods report the paper's diagnostics.
     assert "teacher/s_t" in single_process["credit"][1]
     assert "teacher/delta_v" in single_process["sdpo"][1]
