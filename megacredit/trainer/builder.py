@@ -117,8 +117,10 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource):
     dtype = DTYPES[cfg.model.dtype]
     use_te = {"auto": None, "on": True, "off": False}[cfg.model.transformer_engine]
     model = build_gpt_model(source.hf_config, ctx, dtype=dtype, use_transformer_engine=use_te,
-                            sequence_parallel=cfg.parallel.sequence_parallel,
-                            perform_initialization=False)  # the HF weights are loaded right after
+                            sequence_parallel=cfg.parallel.sequence_parallel)
+    # Keep Megatron's random init although the HF weights overwrite it: with CPU initialisation,
+    # perform_initialization=False also skips tagging the weights tensor-parallel, and the
+    # gradient norm (and clipping) then miscounts TP shards (caught by the TP=2 e2e test).
     enable_packed_attention(model)
     load_hf_weights([model], source.weights, source.hf_config, ctx)
     chunks = wrap_with_ddp([model])
