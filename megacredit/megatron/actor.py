@@ -233,6 +233,13 @@ class MegatronActor:
             self.teacher.after_training_step(self.model_chunks, step)
 
 
+LOSS_METRIC_NAMES = {
+    "clip_fraction": "train/ppo_clip_frac",  # grpo.ppo_clip_loss
+    "divergence_mean": "teacher/topk_kl",  # sdpo / credit / opsd: student-teacher divergence on top-K
+}
+"""Names in docs/metrics.md of the loss functions' diagnostics; others are logged as train/<name>."""
+
+
 def _mean_metrics(outputs: list) -> dict[str, float]:
     """Average the per-micro-batch metric dicts the last stage collected ({} elsewhere);
     ``loss`` shares are summed instead: this rank's part of the mini-batch loss."""
@@ -240,5 +247,5 @@ def _mean_metrics(outputs: list) -> dict[str, float]:
     for metrics in outputs:
         for name, value in metrics.items():
             totals.setdefault(name, []).append(float(value))
-    return {f"train/{name}": sum(values) if name == "loss" else sum(values) / len(values)
+    return {LOSS_METRIC_NAMES.get(name, f"train/{name}"): sum(values) if name == "loss" else sum(values) / len(values)
             for name, values in totals.items()}

@@ -27,7 +27,7 @@ def validate(run: RLRun, val_records: list[dict], step: int, logger) -> None:
         result = evaluate(run.engine, run.tokenizer, run.env, records,
                           validation_params(cfg, [run.tokenizer.eos_token_id], step_seed(cfg.training.seed, step, 3)),
                           cfg.validation.bootstrap_samples, cfg.validation.confidence, seed=step)
-    logger.log(step, {**result.to_metrics(), "perf/time_val": run.timings.pop("perf/time_val")})
+    logger.log(step, {**result, "perf/time_val": run.timings.pop("perf/time_val")})
 
 
 def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:

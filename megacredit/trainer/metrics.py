@@ -35,13 +35,9 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "rollout/leakage_count": "responses that mention privileged information (RLSD sec. 3.1)",
     # train/: the policy update
     "train/loss": "total loss of the step (mean over mini-batches)",
-    "train/pg_loss": "clipped-surrogate policy-gradient loss (GRPO, RLSD)",
-    "train/distill_loss": "top-K distillation loss (SDPO, CREDIT, OPSD; eq. 2 / eq. 8)",
-    "train/entropy": "mean token entropy of the policy on the sampled responses",
+    "train/entropy": "token entropy of the behaviour policy renormalised on its top-K set (the full-vocabulary entropy is never materialised)",
     "train/advantage_mean": "mean token advantage over response tokens",
-    "train/advantage_std": "standard deviation of the token advantages",
-    "train/advantage_min": "smallest token advantage",
-    "train/advantage_max": "largest token advantage",
+    "train/advantage_std": "standard deviation of the token advantages (per data-parallel replica, token-weighted mean over replicas)",
     "train/ppo_clip_frac": "fraction of tokens whose PPO ratio was clipped",
     "train/rlsd_clip_frac": "fraction of evidence weights w_t clipped (RLSD; paper 3-6 %)",
     "train/rlsd_lam": "RLSD mixing coefficient lambda at this step",
@@ -54,6 +50,7 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "teacher/seq_s": "sequence sum of S_t (contrastive pMI, eq. 9), mean over samples",
     "teacher/contrastive_std": "std of the C contrastive log-probs on the sampled token",
     "teacher/rlsd_delta": "RLSD evidence Delta_t on the sampled token, token mean (eq. 13)",
+    "teacher/s_t_hybrid": "CREDIT-RLSD: the evidence S_t inside the RLSD weight, token mean",
     "teacher/topk_kl": "divergence of student and teacher on the top-K set, token mean",
     "teacher/signal_frac": "fraction of samples with a teacher signal (solution or feedback)",
     # perf/: throughput and time per phase (seconds)

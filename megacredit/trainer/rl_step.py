@@ -22,7 +22,7 @@ from megacredit.megatron.optimizer import set_learning_rate
 from megacredit.rollout.base import SamplingParams
 from megacredit.trainer import rollout as rollout_lib
 from megacredit.trainer import step_metrics
-from megacredit.trainer.objective import PPO_METHODS, response_mask, token_advantages
+from megacredit.trainer.objective import PPO_METHODS, pad_per_sample, response_mask, token_advantages
 from megacredit.utils.comm import all_gather_objects, broadcast_object
 
 
@@ -98,7 +98,7 @@ def compute_advantages(run: RLRun, step: int, batch, student: dict, teacher: dic
     indices = sorted(student)
     lengths = [len(student[i].sampled_logp) for i in indices]
     mask = response_mask(lengths)
-    pad = step_metrics.pad_per_sample
+    pad = pad_per_sample
     old_logp = pad([student[i].sampled_logp.float().cpu() for i in indices])
     teacher_logp = pad([teacher[i].sampled_logp.float().cpu() for i in indices]) if teacher else None
     contrastive = None
@@ -110,8 +110,12 @@ def compute_advantages(run: RLRun, step: int, batch, student: dict, teacher: dic
     adv, metrics = token_advantages(settings, seq_adv[indices], mask, old_logp, teacher_logp, contrastive, lam)
     device = student[indices[0]].sampled_logp.device
     advantages = {i: adv[row, :length].to(device) for row, (i, length) in enumerate(zip(indices, lengths))}
-    sums = {f"train/{'rlsd_clip_frac' if k == 'clip_fraction' else k}": (float(v), 1.0) for k, v in metrics.items()}
-    sums["train/advantage_mean"] = (float(adv[mask].sum()), float(mask.sum()))
+    evidence = "teacher/rlsd_delta" if method == "rlsd" else "teacher/s_t_hybrid"
+    names = {"clip_fraction": "train/rlsd_clip_frac", "evidence_mean": evidence}
+    sums = {names.get(k, f"train/rlsd_{k}"): (float(v), 1.0) for k, v in metrics.items()}
+    valid = adv[mask]
+    sums["train/advantage_mean"] = (float(valid.sum()), float(valid.numel()))
+    sums["train/advantage_std"] = (float(valid.std(correction=0)) * valid.numel(), float(valid.numel()))
     if method in ("rlsd", "credit_rlsd"):
         sums["train/rlsd_lam"] = (lam, 1.0)
     return advantages, sums
@@ -144,6 +148,13 @@ def run_step(run: RLRun, step: int, prompts: list[dict]) -> dict[str, Any]:
     metrics = collect_metrics(run, step, batch, samples, student, teacher, advantages, advantage_sums,
                               train_parts, time.perf_counter() - step_start)
     return {**metrics, "train/lr": lr} if metrics else metrics
+
+
+def peak_memory_gb() -> float:
+    """Peak resident memory of this process (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def reduce_train_metrics(per_rank: list[list[dict[str, float]]]) -> dict[str, float]:
@@ -194,7 +205,8 @@ def collect_metrics(run: RLRun, step, batch, samples, student, teacher, advantag
     metrics.update(step_metrics.combine_sums([p["sums"] for p in parts]))
     metrics.update(reduce_train_metrics([p["train"] for p in parts if p["train"]]))
     tokens = sum(len(ids) for ids in batch.prompt_ids) + sum(len(ids) for ids in batch.response_ids)
-    metrics.update(run.timings, **{"perf/time_step": step_time, "perf/tokens_per_s": tokens / step_time})
+    metrics.update(run.timings, **{"perf/time_step": step_time, "perf/tokens_per_s": tokens / step_time,
+                                   "perf/peak_memory_gb": peak_memory_gb()})
     per_token = {k: v for p in parts for k, v in p["per_token"].items()}
     adv = {k: v for p in parts for k, v in p["adv"].items()}
     metrics["_token_credit"] = step_metrics.token_credit_samples(

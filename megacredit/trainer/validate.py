@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from megacredit.envs.base import Environment
 from megacredit.rollout.base import RolloutEngine, SamplingParams
 from megacredit.trainer import rollout as rollout_lib
-from megacredit.trainer.validation_stats import AvgAtKResult, avg_at_k
+from megacredit.trainer.validation_stats import avg_at_k, mean_pass_at_k
 
 
 def validation_params(cfg, eos_token_ids: Sequence[int] | None, seed: int) -> SamplingParams:
@@ -25,8 +25,9 @@ def validation_params(cfg, eos_token_ids: Sequence[int] | None, seed: int) -> Sa
 
 
 def evaluate(engine: RolloutEngine, tokenizer: Any, env: Environment, records: Sequence[dict[str, Any]],
-             params: SamplingParams, bootstrap_samples: int, confidence: float, seed: int) -> AvgAtKResult:
-    """avg@k of ``records`` (k = ``params.n``) with a prompt-level bootstrap CI."""
+             params: SamplingParams, bootstrap_samples: int, confidence: float, seed: int) -> dict[str, float]:
+    """val/ metrics: avg@k of ``records`` (k = ``params.n``) with a prompt-level bootstrap CI,
+    unbiased pass@k and the mean response length."""
     if not records:
         raise ValueError("validation set is empty: set data.val_path or data.num_generated_val > 0")
     batch = rollout_lib.generate(engine, tokenizer, records, params)
@@ -34,4 +35,7 @@ def evaluate(engine: RolloutEngine, tokenizer: Any, env: Environment, records: S
     scores: list[list[float]] = [[] for _ in records]
     for group, reward in zip(batch.group_ids, batch.rewards):
         scores[group].append(reward)
-    return avg_at_k(scores, bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed)
+    metrics = avg_at_k(scores, bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed).to_metrics()
+    metrics["val/pass_at_k"] = mean_pass_at_k(scores, params.n)
+    metrics["val/response_length_mean"] = sum(map(len, batch.response_ids)) / len(batch.response_ids)
+    return metrics

@@ -101,7 +101,7 @@ def plot_learning_curve(metrics_jsonl: str | os.PathLike, out_png: str | os.Path
     try:
         _plot_reward(axes[0][0], rows)
         _plot_validation(axes[0][1], rows)
-        _plot_lines(axes[1][0], rows, ("train/loss", "train/pg_loss", "train/distill_loss"),
+        _plot_lines(axes[1][0], rows, ("train/loss",),
                     "losses")
         _plot_lines(axes[1][1], rows, ("teacher/s_t", "teacher/delta_v", "teacher/rlsd_delta"),
                     "teacher signal on the sampled token (token mean)")
