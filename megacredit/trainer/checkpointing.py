@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from megacredit.megatron.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint, sharded_like_params
+from megacredit.utils.comm import all_gather_objects
 
 
 class PreemptionFlag:
@@ -31,6 +32,11 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.requested = True
+
+    def on_any_rank(self) -> bool:
+        """True when any rank got the signal (collective: every rank must call it), so all
+        ranks take the same save-and-stop decision."""
+        return any(all_gather_objects(self.requested))
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():

@@ -62,7 +62,6 @@ def train(cfg: MegacreditConfig) -> dict[str, Any]:
         save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
     if start_step == 0 and cfg.validation.before_training:
         validate(run, val_records, 0, logger)
-    step = start_step
     for step in range(start_step, total):
         metrics = run_step(run, step, prompts.batch(step))
         done = step + 1
@@ -72,11 +71,11 @@ def train(cfg: MegacreditConfig) -> dict[str, Any]:
         last, every = done == total, cfg.validation.every_steps
         if (every and done % every == 0 and not last) or (last and cfg.validation.after_training):
             validate(run, val_records, done, logger)
-        save_every = cfg.checkpoint.save_every
-        if preemption.requested or (save_every and (done % save_every == 0 or last)):
+        save_every, preempted = cfg.checkpoint.save_every, preemption.on_any_rank()
+        if preempted or (save_every and (done % save_every == 0 or last)):
             checkpointing.save(run.actor, run.ctx, cfg.checkpoint_dir(), done, cfg.checkpoint.keep_last,
                                {"completed_steps": done})
-        if preemption.requested:
+        if preempted:
             break
     preemption.uninstall()
     if logger is not None:

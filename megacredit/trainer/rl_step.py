@@ -98,12 +98,11 @@ def compute_advantages(run: RLRun, step: int, batch, student: dict, teacher: dic
     indices = sorted(student)
     lengths = [len(student[i].sampled_logp) for i in indices]
     mask = response_mask(lengths)
-    pad = pad_per_sample
-    old_logp = pad([student[i].sampled_logp.float().cpu() for i in indices])
-    teacher_logp = pad([teacher[i].sampled_logp.float().cpu() for i in indices]) if teacher else None
+    old_logp = pad_per_sample([student[i].sampled_logp.float().cpu() for i in indices])
+    teacher_logp = pad_per_sample([teacher[i].sampled_logp.float().cpu() for i in indices]) if teacher else None
     contrastive = None
     if teacher and teacher[indices[0]].contrastive_sampled_logp.shape[0]:
-        contrastive = torch.stack([pad([teacher[i].contrastive_sampled_logp[c].float().cpu() for i in indices])
+        contrastive = torch.stack([pad_per_sample([teacher[i].contrastive_sampled_logp[c].float().cpu() for i in indices])
                                    for c in range(teacher[indices[0]].contrastive_sampled_logp.shape[0])])
     lam = LambdaSchedule(**vars(cfg.algorithm.rlsd.lam)).value(step)
     settings = run.actor.settings.objective
