@@ -118,16 +118,18 @@ def read_rows(path: str) -> list[dict[str, Any] | DatasetRowError]:
 def normalise_rows(
     path: str,
     rows: list[dict[str, Any] | DatasetRowError],
-    normalise: Callable[[dict[str, Any], str, int], dict[str, Any]],
+    normalise: Callable[[Any, str, int], dict[str, Any] | list[dict[str, Any]]],
     skip_invalid_rows: bool,
 ) -> LoadedDataset:
-    """Apply ``normalise(row, path, row_number)`` to each row; raise or skip-and-count errors."""
+    """Apply ``normalise(row, path, row_number)`` to each row (one record, or a list when a row
+    holds several, as a ToolAlpaca API does); raise or skip-and-count errors."""
     result = LoadedDataset(records=[], source=path)
     for row_number, row in enumerate(rows, start=1):
         try:
             if isinstance(row, DatasetRowError):
                 raise row
-            result.records.append(normalise(row, path, row_number))
+            normalised = normalise(row, path, row_number)
+            result.records.extend(normalised if isinstance(normalised, list) else [normalised])
         except DatasetRowError as error:
             if not skip_invalid_rows:
                 raise

@@ -34,7 +34,7 @@ import os
 import random
 from typing import Any, Iterable
 
-from megacredit.data.common import DatasetRowError, LoadedDataset, require
+from megacredit.data.common import DatasetRowError, LoadedDataset, normalise_rows, require  # noqa: F401
 from megacredit.data.templates import toolalpaca_prompt
 
 IGNORED_TOOLS = ("getDetails",)
@@ -161,22 +161,15 @@ def _read_apis(path: str) -> list[Any]:
     return apis
 
 
+def _normalise_api_row(api: Any, path: str, row: int) -> list[dict[str, Any]]:
+    if not isinstance(api, dict):
+        raise DatasetRowError(path, row, "<row>", f"expected an API object, got {type(api).__name__}")
+    return normalise_toolalpaca_api(api, path, row)
+
+
 def load_toolalpaca(path: str, skip_invalid_rows: bool = False) -> LoadedDataset:
     """Load a native ToolAlpaca file (train_data.json or eval_*.json layout, or JSONL of APIs)."""
-    result = LoadedDataset(records=[], source=path)
-    for row, api in enumerate(_read_apis(path), start=1):
-        try:
-            if isinstance(api, DatasetRowError):
-                raise api
-            if not isinstance(api, dict):
-                raise DatasetRowError(path, row, "<row>", f"expected an API object, got {type(api).__name__}")
-            result.records.extend(normalise_toolalpaca_api(api, path, row))
-        except DatasetRowError as error:
-            if not skip_invalid_rows:
-                raise
-            result.skipped_errors.append(error)
-    result.num_skipped = len(result.skipped_errors)
-    return result
+    return normalise_rows(path, _read_apis(path), _normalise_api_row, skip_invalid_rows)
 
 
 def read_split_keys(path: str) -> set[tuple[str, str]]:
