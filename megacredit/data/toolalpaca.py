@@ -34,7 +34,7 @@ import os
 import random
 from typing import Any, Iterable
 
-from megacredit.data.common import DatasetRowError, LoadedDataset, normalise_rows, require  # noqa: F401
+from megacredit.data.common import DatasetRowError, LoadedDataset, normalise_rows, require
 from megacredit.data.templates import toolalpaca_prompt
 
 IGNORED_TOOLS = ("getDetails",)
