@@ -77,6 +77,10 @@ class VocabHead:
             hidden.to(weight.dtype), weight, k=k, gather_ids=gather_ids, sampled_ids=sampled_ids,
             chunk_size=self.chunk_size, group=self.group, vocab_start=self.tp_rank * weight.shape[0],
             vocab_size=self.model.megacredit_vocab_size,
+            # With sequence parallelism the hidden states were all-gathered (response_hidden), and
+            # that gather's backward already reduce-scatters their gradient over the TP group.
+            # UNVERIFIED here: gloo has no reduce-scatter, so SP runs only on GPUs.
+            all_reduce_grad_hidden=not self.sequence_parallel,
         )
 
 
