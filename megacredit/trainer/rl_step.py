@@ -22,7 +22,7 @@ from megacredit.megatron.optimizer import set_learning_rate
 from megacredit.rollout.base import SamplingParams
 from megacredit.trainer import rollout as rollout_lib
 from megacredit.trainer import step_metrics
-from megacredit.trainer.objective import PPO_METHODS, pad_per_sample, response_mask, token_advantages
+from megacredit.trainer.objective import PPO_METHODS, token_advantages
 from megacredit.utils.comm import all_gather_objects, broadcast_object
 
 
@@ -97,13 +97,7 @@ def compute_advantages(run: RLRun, step: int, batch, student: dict, teacher: dic
                                eps=cfg.algorithm.adv_eps)
     indices = sorted(student)
     lengths = [len(student[i].sampled_logp) for i in indices]
-    mask = response_mask(lengths)
-    old_logp = pad_per_sample([student[i].sampled_logp.float().cpu() for i in indices])
-    teacher_logp = pad_per_sample([teacher[i].sampled_logp.float().cpu() for i in indices]) if teacher else None
-    contrastive = None
-    if teacher and teacher[indices[0]].contrastive_sampled_logp.shape[0]:
-        contrastive = torch.stack([pad_per_sample([teacher[i].contrastive_sampled_logp[c].float().cpu() for i in indices])
-                                   for c in range(teacher[indices[0]].contrastive_sampled_logp.shape[0])])
+    mask, old_logp, teacher_logp, contrastive = step_metrics.sampled_token_tensors(indices, student, teacher)
     lam = LambdaSchedule(**vars(cfg.algorithm.rlsd.lam)).value(step)
     settings = run.actor.settings.objective
     adv, metrics = token_advantages(settings, seq_adv[indices], mask, old_logp, teacher_logp, contrastive, lam)

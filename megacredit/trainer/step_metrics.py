@@ -35,10 +35,16 @@ def rollout_metrics(batch: RolloutBatch, group_size: int) -> dict[str, float]:
 
 
 def sampled_token_tensors(indices: Sequence[int], student: dict, teacher: dict):
-    """[B, T] student/teacher sampled log-probs, [C, B, T] contrastive ones, and the mask."""
+    """[B, T] student/teacher sampled log-probs, [C, B, T] contrastive ones, and the mask.
+
+    Without teacher results (GRPO) the teacher tensor is None; without contrastive passes
+    (C = 0) the contrastive tensor is None.
+    """
     lengths = [len(student[i].sampled_logp) for i in indices]
     mask = response_mask(lengths)
     student_logp = pad_per_sample([student[i].sampled_logp.float().cpu() for i in indices])
+    if not teacher:
+        return mask, student_logp, None, None
     teacher_logp = pad_per_sample([teacher[i].sampled_logp.float().cpu() for i in indices])
     num_contrastive = teacher[indices[0]].contrastive_sampled_logp.shape[0]
     contrastive = torch.stack([
