@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from html.parser import HTMLParser
-
 import matplotlib.image as mpimg
 import pytest
 
@@ -16,6 +14,7 @@ from megacredit.trainer.token_heatmap import (
     write_heatmap_page,
 )
 from megacredit.trainer.visualize import FIGURE_DPI, FIGURE_SIZE_INCHES, plot_learning_curve, plot_runs
+from page_parsing import token_spans as parse_spans
 
 
 def make_run(run_dir, offset=0.0):
@@ -87,41 +86,6 @@ def test_diverging_color_is_white_at_the_centre_and_saturates():
 def test_series_order_puts_the_papers_series_first():
     assert series_order(["zeta", "advantage", "s_t", "delta_v", "rlsd_weight", "r_t"]) == [
         "delta_v", "s_t", "r_t", "rlsd_weight", "advantage", "zeta"]
-
-
-class TokenSpans(HTMLParser):
-    """(run, step, sample, series, value, token id, title, text) of every token span."""
-
-    def __init__(self):
-        super().__init__()
-        self.spans, self.where, self.current = [], {}, None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "tr" and "data-step" in attrs:
-            self.where.update(step=int(attrs["data-step"]), sample=int(attrs["data-sample"]))
-        elif tag == "td" and "data-run" in attrs:
-            self.where["run"] = int(attrs["data-run"])
-        elif tag == "div" and "data-series" in attrs:
-            self.where["series"] = attrs["data-series"]
-        elif tag == "span" and attrs.get("class") == "tok":
-            self.current = dict(self.where, value=float(attrs["data-v"]), token_id=attrs["data-id"],
-                                style=attrs["style"], title=attrs["title"], text="")
-
-    def handle_data(self, data):
-        if self.current is not None:
-            self.current["text"] += data
-
-    def handle_endtag(self, tag):
-        if tag == "span" and self.current is not None:
-            self.spans.append(self.current)
-            self.current = None
-
-
-def parse_spans(page: str) -> list[dict]:
-    parser = TokenSpans()
-    parser.feed(page)
-    return parser.spans
 
 
 def test_heatmap_page_escapes_and_holds_the_saved_values(tmp_path):
