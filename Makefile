@@ -8,18 +8,25 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: env system-deps demo test test-unit test-distributed test-integration clean
+.PHONY: env system-deps demo test test-unit test-distributed test-integration replicate clean
 
 env: system-deps $(VENV)/.stamp
 
 # bubblewrap isolates generated code (megacredit/envs/sandbox.py). Best effort: without it (or
 # without root/apt) the sandbox falls back to a weaker rlimit-only mode and says so loudly.
+# Headless Chromium renders the token-credit page in a test (tests/integration/test_replicate_and_viz.py,
+# skipped without it); installed the same best-effort way.
 system-deps:
 	@command -v bwrap >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap) \
 	      || echo "warning: could not install bubblewrap; the code sandbox will use its weaker fallback"; \
 	  else echo "warning: bubblewrap (bwrap) not found; install it for the strong code sandbox"; fi; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+	      || echo "warning: could not install chromium; the page screenshot test will be skipped"; \
+	  else echo "warning: chromium not found; the page screenshot test will be skipped"; fi; }
 
 $(VENV)/.stamp: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +40,12 @@ $(VENV)/.stamp: pyproject.toml Makefile
 
 demo: env
 	$(VENV)/bin/megacredit train examples/credit_smollm2_arithmetic.yaml
+
+# The CPU replication (docs/results.md): 5 methods x 3 seeds x 15 steps, about 2.4 h on 2 cores
+# before the issue-11 speed-ups; resumable (finished runs are skipped). REPLICATE_ARGS="--dry-run"
+# prints the plan.
+replicate: env
+	$(PY) tools/replicate.py $(REPLICATE_ARGS)
 
 test: env
 	$(PY) -m pytest -q -ra tests

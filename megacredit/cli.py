@@ -4,7 +4,8 @@
   megacredit config show CONFIG [key.sub=value ...] print the resolved, validated config
   megacredit convert hf-to-mcore ARGS...           HF checkpoint -> Megatron (see --help)
   megacredit convert mcore-to-hf ARGS...           Megatron checkpoint -> HF (see --help)
-  megacredit plot RUN_DIR                          (re)draw learning curve + token-credit page
+  megacredit plot RUN_DIR [RUN_DIR ...] [--out PNG] (re)draw learning curves (several runs: overlaid)
+  megacredit viz RUN_DIR [RUN_DIR ...] [--out HTML] token-credit heatmaps, runs side by side
 
 A configuration error prints one line naming the key and exits with status 2.
 """
@@ -49,8 +50,17 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("direction", choices=sorted(CONVERTERS), help="conversion direction")
     convert.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the converter")
 
-    plot = commands.add_parser("plot", help="draw learning_curve.png and token_credit.html")
-    plot.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    plot = commands.add_parser("plot", help="draw learning curves (one run: also its token_credit.html)")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
+    plot.add_argument("--out", help="PNG path (default: RUN_DIR/learning_curve.png for one run, "
+                      "./learning_curves.png for several)")
+
+    viz = commands.add_parser("viz", help="one HTML page of per-token credit heatmaps, runs side by side")
+    viz.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding token_credit.jsonl")
+    viz.add_argument("--out", help="HTML path (default: RUN_DIR/token_credit.html for one run, "
+                     "./token_credit.html for several)")
+    viz.add_argument("--series", nargs="+", help="only these per-token series (e.g. delta_v s_t r_t rlsd_weight)")
+    viz.add_argument("--steps", nargs="+", type=int, help="only these training steps")
     return parser
 
 
@@ -101,14 +111,28 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from megacredit.trainer.metrics import METRICS_FILE
-    from megacredit.trainer.visualize import render_run
+    from megacredit.trainer.visualize import plot_runs, render_run
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / METRICS_FILE).is_file():
-        return _fail(f"'{run_dir / METRICS_FILE}' not found: is '{run_dir}' a megacredit run "
-                     "directory?", 2)
-    for path in render_run(run_dir):
+    for run_dir in map(Path, args.run_dirs):
+        if not (run_dir / METRICS_FILE).is_file():
+            return _fail(f"'{run_dir / METRICS_FILE}' not found: is '{run_dir}' a megacredit run "
+                         "directory?", 2)
+    written = (render_run(args.run_dirs[0]) if len(args.run_dirs) == 1 and not args.out
+               else [plot_runs(args.run_dirs, args.out or "learning_curves.png")])
+    for path in written:
         print(path)
+    return 0
+
+
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from megacredit.trainer.token_heatmap import write_heatmap_page
+    from megacredit.trainer.visualize import TOKEN_CREDIT_HTML_FILE
+
+    default = Path(args.run_dirs[0]) / TOKEN_CREDIT_HTML_FILE if len(args.run_dirs) == 1 else TOKEN_CREDIT_HTML_FILE
+    try:
+        print(write_heatmap_page(args.run_dirs, args.out or default, args.series, args.steps))
+    except FileNotFoundError as exc:
+        return _fail(str(exc), 2)
     return 0
 
 
@@ -135,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": _cmd_config_show,
         "convert": _cmd_convert,
         "plot": _cmd_plot,
+        "viz": _cmd_viz,
     }
     try:
         return handlers[args.command](args)

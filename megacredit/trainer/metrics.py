@@ -298,15 +298,25 @@ def _per_token_list(sample_index: int, key: str, values: Any, length: int) -> li
     return [_json_number(v) for v in values]
 
 
+def _token_ids(sample_index: int, ids: Any, length: int) -> list[int]:
+    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    if len(ids) != length:
+        raise ValueError(f"token-credit sample {sample_index}: 'token_ids' has {len(ids)} ids but the "
+                         f"sample has {length} tokens")
+    return ids
+
+
 def save_token_credit(
     run_dir: str | os.PathLike, step: int, samples: Iterable[Mapping[str, Any]]
 ) -> Path:
     """Append per-token credit of a few samples to ``<run_dir>/token_credit.jsonl``.
 
-    Each sample is a mapping with ``tokens`` (list of token strings) and any number of
+    Each sample is a mapping with ``tokens`` (list of token strings), optionally
+    ``token_ids`` (the same tokens' vocabulary ids, kept as ints), and any number of
     per-token series of the same length (e.g. ``s_t``, ``delta_v``, ``advantage``); other
     scalar or string entries (``reward``, ``prompt``, ``feedback``) are kept as metadata.
-    One JSON line per sample: ``{"step", "sample", "tokens", "credit": {series: [...]}, ...}``.
+    One JSON line per sample:
+    ``{"step", "sample", "tokens", "token_ids", "credit": {series: [...]}, ...}``.
     """
     path = Path(run_dir) / TOKEN_CREDIT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -320,6 +330,9 @@ def save_token_credit(
         credit: dict[str, list[float]] = {}
         for key, value in sample.items():
             if key == "tokens":
+                continue
+            if key == "token_ids":
+                record[key] = _token_ids(index, value, len(tokens))
                 continue
             if isinstance(value, (str, numbers.Real)) or value is None:
                 record[key] = value

@@ -88,13 +88,18 @@ def mini_batches(cfg, num_samples: int) -> list[list[int]]:
     return [list(range(start, min(start + size, num_samples))) for start in range(0, num_samples, size)]
 
 
+def sequence_advantages(cfg, batch) -> torch.Tensor:
+    """[N] GRPO group advantages A_i of the batch's samples (RLSD eq. 1)."""
+    return group_advantages(torch.tensor(batch.rewards, dtype=torch.float32), cfg.algorithm.group_size,
+                            eps=cfg.algorithm.adv_eps)
+
+
 def compute_advantages(run: RLRun, step: int, batch, student: dict, teacher: dict) -> tuple[dict, dict]:
     """Token advantages [R] of the samples whose pass results live on this rank."""
     cfg, method = run.cfg, run.cfg.algorithm.name
     if method not in PPO_METHODS or not student:
         return ({} if method in PPO_METHODS else None), {}
-    seq_adv = group_advantages(torch.tensor(batch.rewards, dtype=torch.float32), cfg.algorithm.group_size,
-                               eps=cfg.algorithm.adv_eps)
+    seq_adv = sequence_advantages(cfg, batch)
     indices = sorted(student)
     lengths = [len(student[i].sampled_logp) for i in indices]
     mask, old_logp, teacher_logp, contrastive = step_metrics.sampled_token_tensors(indices, student, teacher)
@@ -185,7 +190,8 @@ def collect_metrics(run: RLRun, step, batch, samples, student, teacher, advantag
         indices = sorted(student)
         if teacher:
             sums, local["per_token"] = step_metrics.teacher_metrics(
-                indices, student, teacher, [samples[i].has_teacher_signal for i in indices])
+                indices, student, teacher, [samples[i].has_teacher_signal for i in indices],
+                run.actor.settings.objective, sequence_advantages(run.cfg, batch)[indices])
             local["sums"].update(sums)
         local["sums"].update(step_metrics.entropy_sums(indices, student))
         local["sums"].update(advantage_sums)

@@ -11,9 +11,11 @@ from typing import Any, Sequence
 
 import torch
 
-from megacredit.algorithms.credit import credit_diagnostics
+from megacredit.algorithms.credit import credit_diagnostics, credit_token_rewards
+from megacredit.algorithms.credit_rlsd import input_specific_evidence
 from megacredit.algorithms.diagnostics import count_privileged_leakage
-from megacredit.trainer.objective import pad_per_sample, response_mask
+from megacredit.algorithms.rlsd import evidence_weights
+from megacredit.trainer.objective import ObjectiveSettings, pad_per_sample, response_mask
 from megacredit.trainer.rollout import RolloutBatch
 
 
@@ -54,12 +56,37 @@ def sampled_token_tensors(indices: Sequence[int], student: dict, teacher: dict):
     return mask, student_logp, teacher_logp, contrastive
 
 
+def credit_series(settings: ObjectiveSettings | None, seq_adv: torch.Tensor | None, mask: torch.Tensor, signal_mask: torch.Tensor,
+                  student_logp: torch.Tensor, teacher_logp: torch.Tensor,
+                  contrastive: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """[B, T] per-token series of the method's own credit, for the token-credit page.
+
+    ``r_t`` (CREDIT only): R_t(y_t) = f_t[y_t] - (lambda / C) sum_k g_{k,t}[y_t] - log pi_theta(y_t)
+    (CREDIT eq. 8 at the sampled token; 0 on samples without a teacher signal, like Delta V_t).
+    ``rlsd_weight`` (rlsd, credit_rlsd): clip(w_t, 1 - eps_w, 1 + eps_w) with w_t = exp(sign(A) Delta_t)
+    (RLSD eq. 14 and Algorithm 1 line 17; the hybrid uses S_t as the evidence), the factor that
+    multiplies A (through lambda) in A_hat_t; masked positions hold 1.
+    """
+    method = getattr(settings, "method", None)
+    series: dict[str, torch.Tensor] = {}
+    if method == "credit" and contrastive is not None:
+        rewards = credit_token_rewards(teacher_logp, contrastive, student_logp, settings.credit_lam)
+        series["r_t"] = torch.where(signal_mask, rewards, torch.zeros_like(rewards))
+    if method in ("rlsd", "credit_rlsd") and seq_adv is not None:
+        evidence = teacher_logp - student_logp if method == "rlsd" else input_specific_evidence(teacher_logp, contrastive)
+        series["rlsd_weight"] = evidence_weights(seq_adv, evidence, mask, settings.eps_w)[1]
+    return series
+
+
 def teacher_metrics(indices: Sequence[int], student: dict, teacher: dict,
-                    has_signal: Sequence[bool]) -> tuple[dict[str, float], dict[int, dict[str, list[float]]]]:
+                    has_signal: Sequence[bool], settings: ObjectiveSettings | None = None,
+                    seq_adv: torch.Tensor | None = None) -> tuple[dict[str, float], dict[int, dict[str, list[float]]]]:
     """teacher/: S_t, Delta V_t, their sequence sums, contrastive std, top-K entropy.
 
     Returns the metric means (as sums and counts, so ranks can be combined exactly) and the
-    per-token S_t / Delta V_t of every sample (for the token-credit page).
+    per-token S_t / Delta V_t of every sample (for the token-credit page), plus R_t / the RLSD
+    weight of :func:`credit_series` when ``settings`` (ObjectiveSettings) and ``seq_adv`` (the
+    [B] GRPO advantages of ``indices``) are given.
     """
     if not indices:
         return {}, {}
@@ -78,13 +105,13 @@ def teacher_metrics(indices: Sequence[int], student: dict, teacher: dict,
         sums["teacher/s_t"] = (diag.input_specific_signal.sum().item(), tokens)
         sums["teacher/seq_s"] = (diag.input_specific_signal_sum.sum().item(), sequences)
         sums["teacher/contrastive_std"] = (diag.contrastive_std.sum().item(), tokens)
-    per_token = {
-        index: {
-            "delta_v": diag.realized_delta_v[row, : int(mask[row].sum())].tolist(),
-            **({"s_t": diag.input_specific_signal[row, : int(mask[row].sum())].tolist()} if contrastive is not None else {}),
-        }
-        for row, index in enumerate(indices)
-    }
+    series = {"delta_v": diag.realized_delta_v}
+    if contrastive is not None:
+        series["s_t"] = diag.input_specific_signal
+    series.update(credit_series(settings, seq_adv, mask, signal_mask, student_logp, teacher_logp, contrastive))
+    lengths = mask.sum(dim=1).tolist()
+    per_token = {index: {name: values[row, : lengths[row]].tolist() for name, values in series.items()}
+                 for row, index in enumerate(indices)}
     return sums, per_token
 
 
@@ -120,6 +147,7 @@ def token_credit_samples(batch: RolloutBatch, tokenizer: Any, per_token: dict[in
             series["advantage"] = advantages[index]
         samples.append({
             "tokens": [tokenizer.decode([t]) for t in batch.response_ids[index]],
+            "token_ids": list(batch.response_ids[index]),
             **series,
             "reward": batch.rewards[index],
             "prompt": batch.records[index].get("prompt", ""),

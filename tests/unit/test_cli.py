@@ -81,3 +81,22 @@ def test_plot_writes_png_and_html(tmp_path, capsys):
     assert (tmp_path / "token_credit.html").stat().st_size > 0
     assert main(["plot", str(tmp_path / "nothing")]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_plot_and_viz_of_several_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        logger = MetricsLogger(tmp_path / name, tensorboard=False, console=False)
+        logger.log(1, {"rollout/reward_mean": 0.5})
+        logger.close(print_summary=False)
+        save_token_credit(tmp_path / name, 1, [{"tokens": ["a"], "delta_v": [1.0]}])
+    assert main(["plot", "a", "b"]) == 0
+    assert (tmp_path / "learning_curves.png").stat().st_size > 0
+    assert main(["plot", "a", "b", "--out", "cmp/x.png"]) == 0 and (tmp_path / "cmp" / "x.png").is_file()
+    assert main(["viz", "a", "b"]) == 0
+    assert (tmp_path / "token_credit.html").read_text().count('class="tok"') == 2
+    assert main(["viz", "a", "--series", "delta_v", "--steps", "1"]) == 0
+    assert (tmp_path / "a" / "token_credit.html").is_file()
+    capsys.readouterr()
+    assert main(["viz", "a", "nothing"]) == 2
+    assert "nothing/token_credit.jsonl' not found" in capsys.readouterr().err

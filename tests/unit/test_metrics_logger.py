@@ -158,6 +158,16 @@ def test_save_token_credit_records_and_length_check(tmp_path):
         save_token_credit(tmp_path, 8, [{"tokens": ["a", "b", "c"], "advantage": [1.0, 2.0]}])
 
 
+def test_save_token_credit_keeps_token_ids_as_ints(tmp_path):
+    path = save_token_credit(tmp_path, 1, [{"tokens": ["a", "b"], "token_ids": torch.tensor([17, 4096]),
+                                            "delta_v": [0.5, -0.5]}])
+    (record,) = read_token_credit(path)
+    assert record["token_ids"] == [17, 4096] and all(type(i) is int for i in record["token_ids"])
+    assert "token_ids" not in record["credit"]
+    with pytest.raises(ValueError, match="'token_ids' has 1 ids but the sample has 2"):
+        save_token_credit(tmp_path, 2, [{"tokens": ["a", "b"], "token_ids": [3]}])
+
+
 def test_docs_list_every_documented_metric():
     text = DOCS.read_text()
     missing = [name for name in DOCUMENTED_METRICS if f"`{name}`" not in text]

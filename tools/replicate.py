@@ -1,0 +1,234 @@
+"""A small, honest replication: GRPO vs SDPO vs CREDIT vs RLSD vs CREDIT-RLSD on the CPU task.
+
+Runs ``megacredit train examples/<method>_smollm2_arithmetic.yaml`` (SmolLM2-135M-Instruct,
+one-digit additions) for every method and seed, one run at a time, each in its own process
+with its log in ``<runs-dir>/<method>_seed<seed>/train.log``; then writes ``docs/results.md``
+(final and best validation avg@k with bootstrap CIs, the paired differences between methods,
+leakage counts, seconds per step, what was and was not reproduced from the papers) and one PNG
+of the learning curves of all runs overlaid (megacredit.trainer.visualize.plot_runs).
+
+Resumable: a finished run leaves ``replicate.json`` (its exact command) in its directory and
+is skipped when the same command is asked again; an unfinished or failed run is started afresh.
+A failed run does not stop the others; the summary covers the runs that finished.
+
+    make replicate                                   # the documented budget (see BUDGET)
+    .venv/bin/python tools/replicate.py --dry-run    # the plan and its time estimate
+    .venv/bin/python tools/replicate.py --methods grpo credit --seeds 1 --steps 2 \\
+        --set validation.num_prompts=16              # a smaller experiment
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from megacredit.trainer.replication_report import (  # noqa: E402 (the repository root goes on the path first)
+    RunSummary,
+    summarise_run,
+    write_report,
+)
+
+METHODS = ("grpo", "sdpo", "credit", "rlsd", "credit_rlsd")
+BUDGET = {"seeds": (1, 2, 3), "steps": 15, "val_every": 5}
+"""The documented budget: 5 methods x 3 seeds x 15 steps, validation (64 prompts x 4 samples)
+at steps 0, 5, 10 and 15."""
+STEP_SECONDS_ESTIMATE = {"grpo": 20.0, "sdpo": 25.0, "credit": 30.0, "rlsd": 25.0, "credit_rlsd": 30.0}
+"""Seconds per training step on 2 cores before the issue-11 speed-ups: CREDIT 30 s from
+docs/demo.md (rollout + teacher + train = 298 s over 10 steps); SDPO = CREDIT / 1.2 (issue 11's
+measured CPU ratio at C = 1); GRPO without the teacher pass; RLSD and the hybrid like SDPO / CREDIT."""
+VALIDATION_SECONDS_ESTIMATE = 41.0
+"""One validation of 64 prompts x 4 samples (docs/demo.md: 124 s for 3)."""
+STARTUP_SECONDS_ESTIMATE = 20.0
+"""Process start, model load and the first weight sync."""
+MARKER = "replicate.json"
+
+
+def config_path(method: str) -> Path:
+    return REPO / "examples" / f"{method}_smollm2_arithmetic.yaml"
+
+
+def run_command(method: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """The ``megacredit train`` command of one run."""
+    overrides = [f"training.seed={seed}", f"training.steps={args.steps}",
+                 f"validation.every_steps={args.val_every}", "checkpoint.resume=none",
+                 f"logging.run_dir={run_dir(method, seed, args)}", *args.set]
+    return [sys.executable, "-m", "megacredit.cli", "train", str(config_path(method)), *overrides]
+
+
+def run_dir(method: str, seed: int, args: argparse.Namespace) -> Path:
+    return Path(args.runs_dir).resolve() / f"{method}_seed{seed}"
+
+
+def is_finished(directory: Path, command: Sequence[str]) -> bool:
+    """True when ``directory`` holds a run finished with exactly ``command``."""
+    marker = directory / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("command") == list(command[1:])
+    except json.JSONDecodeError:
+        return False
+
+
+def estimate_seconds(method: str, args: argparse.Namespace) -> float:
+    """Pre-speed-up wall time of one run at the demo's batch sizes (see the constants)."""
+    validations = 2 + (args.steps - 1) // args.val_every if args.val_every else 2
+    return (STARTUP_SECONDS_ESTIMATE + args.steps * STEP_SECONDS_ESTIMATE.get(method, 30.0)
+            + validations * VALIDATION_SECONDS_ESTIMATE)
+
+
+def train_one(method: str, seed: int, args: argparse.Namespace) -> tuple[bool, float]:
+    """Run one training process; returns (succeeded, wall seconds). Output goes to train.log."""
+    directory = run_dir(method, seed, args)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MARKER).unlink(missing_ok=True)
+    command = run_command(method, seed, args)
+    start = time.monotonic()
+    with open(directory / "train.log", "w") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            returncode = process.wait()
+        finally:
+            if process.poll() is None:  # interrupted (Ctrl-C): end exactly the process we started
+                process.terminate()
+                process.wait(timeout=60)
+    wall = time.monotonic() - start
+    if returncode == 0:
+        (directory / MARKER).write_text(json.dumps({"command": command[1:], "wall_s": wall,
+                                                    "finished": datetime.now(timezone.utc).isoformat()}))
+    return returncode == 0, wall
+
+
+def run_all(args: argparse.Namespace) -> list[tuple[str, int, str]]:
+    """Train every (method, seed) not yet finished; returns the failures (method, seed, log)."""
+    plan = [(method, seed) for seed in args.seeds for method in args.methods]
+    todo = [(m, s) for m, s in plan if args.force or not is_finished(run_dir(m, s, args), run_command(m, s, args))]
+    remaining = sum(estimate_seconds(m, args) for m, _ in todo)
+    print(f"replicate: {len(plan)} runs, {len(plan) - len(todo)} already finished, {len(todo)} to train "
+          f"(estimate before the speed-ups: {remaining / 3600:.1f} h)", flush=True)
+    load = os.getloadavg()[0]
+    if todo and load > 1.5 * (os.cpu_count() or 1):
+        print(f"replicate: warning: load average {load:.1f} on {os.cpu_count()} cores; other work slows the "
+              "runs down and inflates the seconds per step the report shows", flush=True)
+    failures, measured, estimated = [], 0.0, 0.0
+    for index, (method, seed) in enumerate(todo, 1):
+        print(f"[{index}/{len(todo)}] {method} seed {seed}: training -> {run_dir(method, seed, args)}", flush=True)
+        ok, wall = train_one(method, seed, args)
+        measured += wall
+        estimated += estimate_seconds(method, args)
+        left = sum(estimate_seconds(m, args) for m, _ in todo[index:]) * measured / estimated
+        status = "done" if ok else f"FAILED, see {run_dir(method, seed, args) / 'train.log'}"
+        print(f"[{index}/{len(todo)}] {method} seed {seed}: {status} in {wall / 60:.1f} min; "
+              f"about {left / 60:.0f} min left", flush=True)
+        if not ok:
+            failures.append((method, seed, str(run_dir(method, seed, args) / "train.log")))
+    return failures
+
+
+def machine_description() -> str:
+    """CPU model, cores and memory of this machine (absolute times are only meaningful with it)."""
+    cpu = platform.processor() or platform.machine()
+    memory = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+        kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                       if line.startswith("MemTotal")))
+        memory = f", {kib / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return (f"{cpu}, {os.cpu_count()} cores{memory}, {platform.system()} {platform.release()}"
+            + (f", OMP_NUM_THREADS={threads}" if threads else ""))
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def collect(args: argparse.Namespace) -> list[RunSummary]:
+    """Summaries of the finished runs of the plan, in plan order."""
+    summaries = []
+    for seed in args.seeds:
+        for method in args.methods:
+            directory = run_dir(method, seed, args)
+            if is_finished(directory, run_command(method, seed, args)):
+                wall = json.loads((directory / MARKER).read_text())["wall_s"]
+                summaries.append(summarise_run(directory, method, seed, wall))
+    return summaries
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(BUDGET["seeds"]))
+    parser.add_argument("--steps", type=int, default=BUDGET["steps"], help="training steps per run")
+    parser.add_argument("--val-every", type=int, default=BUDGET["val_every"],
+                        help="validate every N steps (and before and after training)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides applied to every run (e.g. validation.num_prompts=32)")
+    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "replicate"))
+    parser.add_argument("--results", default=str(REPO / "docs" / "results.md"), help="the Markdown report")
+    parser.add_argument("--plot", default=None, help="the learning-curve PNG (default: beside --results)")
+    parser.add_argument("--force", action="store_true", help="retrain runs that are already finished")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.val_every < 0:
+        parser.error("--steps must be >= 1 and --val-every >= 0")
+    args.plot = args.plot or str(Path(args.results).with_name(Path(args.results).stem + "_curves.png"))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        for seed in args.seeds:
+            for method in args.methods:
+                command = run_command(method, seed, args)
+                done = "finished" if is_finished(run_dir(method, seed, args), command) else "to run"
+                print(f"{done:>8}  ~{estimate_seconds(method, args) / 60:4.1f} min  megacredit {' '.join(command[3:])}")
+        total = sum(estimate_seconds(m, args) for m in args.methods) * len(args.seeds)
+        print(f"estimate before the issue-11 speed-ups: {total / 3600:.2f} h on 2 cores")
+        return 0
+    started = time.monotonic()
+    failures = [] if args.report_only else run_all(args)
+    summaries = collect(args)
+    if not summaries:
+        print("replicate: no finished runs to report", file=sys.stderr)
+        return 1
+    command = "make replicate" if sys.argv[1:] == [] and argv is None else (
+        "python tools/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    write_report(summaries, Path(args.results), Path(args.plot), dict(
+        command=command, methods=args.methods, seeds=args.seeds, steps=args.steps, val_every=args.val_every,
+        overrides=args.set, machine=machine_description(), commit=git_commit(),
+        wall_s=time.monotonic() - started, failures=failures,
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
+    print(f"replicate: wrote {args.results} and {args.plot}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
