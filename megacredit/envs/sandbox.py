@@ -5,17 +5,23 @@
 - **bwrap mode** (Debian's ``bubblewrap``, probed once and cached): ``--unshare-all`` (own user,
   PID, network, IPC, UTS, cgroup namespaces), ``--die-with-parent``, ``--new-session``,
   ``--disable-userns``, the host root bound read-only, ``/home``, ``/root``, ``/run`` and ``/var/tmp``
-  hidden behind empty tmpfs, a fresh size-capped tmpfs ``/tmp`` whose ``/tmp/work`` is the writable
-  working directory, the job files (program, inputs) bound read-only at ``/tmp/job``, fresh
-  ``/dev`` and ``/proc``, ``--clearenv`` with a minimal environment. When we are root, bwrap
+  hidden behind empty read-only tmpfs, a fresh size-capped tmpfs ``/tmp`` whose ``/tmp/work`` is
+  the writable working directory, the job files (program, inputs) bound read-only at
+  ``/tmp/job``, a fresh read-only ``/dev`` whose ``/dev/shm`` is a size-capped tmpfs, a fresh
+  ``/proc``, the seccomp filter of ``_seccomp.py`` (``--seccomp``), ``--clearenv`` with a
+  minimal environment. The two tmpfs are the only writable places. When we are root, bwrap
   itself runs as ``nobody`` (uid 65534) so that the sandbox's processes have a non-root kernel
   uid: the kernel ignores RLIMIT_NPROC for uid 0, so this is what makes the process-count
   limit (fork bombs) effective. A launcher inside applies the rlimits (CPU, address space,
   process count, file size, open files, no core dumps).
 - **fallback** (no working bwrap): the same rlimits, a new session whose process group is
   killed on timeout, ``nobody`` when root, a scrubbed environment, a private work directory,
-  and an audit hook refusing sockets / exec / signals to other sessions / writes outside the
-  work dir. It is much weaker (see docs/sandbox.md) and logs a warning once.
+  ``no_new_privs`` and the same seccomp filter (loaded by the launcher), and an audit hook
+  refusing sockets / exec / signals to other sessions / writes outside the work dir. It is much
+  weaker (see docs/sandbox.md) and logs a warning once.
+
+Without libseccomp (Debian's ``libseccomp2``) both modes run without the syscall filter and say
+so loudly once.
 
 On timeout (or output over the cap) the namespace's PID 1 (the launcher, run with bwrap
 ``--as-pid-1``; its host pid comes from ``--info-fd``) is SIGKILLed, which kills every process
@@ -25,6 +31,7 @@ See docs/sandbox.md for what this does and does not protect against.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -42,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from megacredit.envs._seccomp import compile_filter
+
 logger = logging.getLogger(__name__)
 
 NOBODY_UID = 65534
@@ -52,6 +61,9 @@ SANDBOX_TOKEN_VAR = "MEGACREDIT_SANDBOX_TOKEN"
 """Environment variable carrying a per-run token (used by the fallback to find stray processes)."""
 _LAUNCHER_SOURCE_PATH = Path(__file__).with_name("_sandbox_launcher.py")
 _HIDDEN_DIRS = ("/home", "/root", "/run", "/var/tmp")
+_HIDDEN_DIR_BYTES = 4096
+"""Size of the empty read-only tmpfs hiding each of _HIDDEN_DIRS (one page)."""
+_FILTER_FILENAME = "_seccomp.bpf"
 _BWRAP_SANDBOX_ROOT = "/tmp"
 _BWRAP_JOB_DIR = "/tmp/job"
 _BWRAP_WORK_DIR = "/tmp/work"
@@ -76,11 +88,14 @@ class SandboxLimits:
     max_open_files: int = 64
     """RLIMIT_NOFILE."""
     tmpfs_mb: int = 64
-    """Size of the sandbox's private /tmp (incl. the work dir) in bwrap mode: bounds its total writes."""
+    """Size of the sandbox's private /tmp (incl. the work dir) in bwrap mode: bounds its file writes."""
+    shm_mb: int = 16
+    """Size of the sandbox's /dev/shm tmpfs in bwrap mode (POSIX shared memory, multiprocessing
+    semaphores); with ``tmpfs_mb`` the only writable places, so together they bound all writes."""
 
     def __post_init__(self) -> None:
         for name in ("wall_time_s", "cpu_time_s", "memory_mb", "max_processes", "max_output_bytes",
-                     "max_file_bytes", "max_open_files", "tmpfs_mb"):
+                     "max_file_bytes", "max_open_files", "tmpfs_mb", "shm_mb"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SandboxLimits.{name} must be > 0, got {getattr(self, name)!r}")
 
@@ -132,6 +147,8 @@ class _Backend:
     """Whether the sandbox drops to uid/gid 65534 (only when we are root)."""
     bwrap: str | None = None
     """Path of the bwrap binary (bwrap mode)."""
+    syscall_filter: bytes | None = None
+    """The seccomp cBPF program both modes load (``_seccomp.py``), or None without libseccomp."""
     notes: tuple[str, ...] = field(default_factory=tuple)
     """Why a weaker choice was made (logged once)."""
 
@@ -144,24 +161,34 @@ def _minimal_env(home: str, token: str) -> dict[str, str]:
     }
 
 
-def _bwrap_argv(bwrap: str, job_dir: str, limits: SandboxLimits, env: dict[str, str], info_fd: int) -> list[str]:
+def _bwrap_argv(bwrap: str, job_dir: str, limits: SandboxLimits, env: dict[str, str], info_fd: int,
+                filter_fd: int | None) -> list[str]:
     """The bubblewrap command line (see the module docstring for what each part does).
 
+    Every writable mount is size-capped: ``/tmp`` (``tmpfs_mb``) and ``/dev/shm`` (``shm_mb``).
+    ``/dev`` itself (a tmpfs bwrap fills with device nodes) and the tmpfs hiding ``/home`` etc.
+    are remounted read-only; device nodes such as ``/dev/null`` stay writable on a read-only
+    mount (the kernel checks EROFS for regular files, directories and links only).
     ``--as-pid-1``: the launcher itself is PID 1 of the namespace and a child of bwrap, which
     reaps it (bwrap's default extra init process is left as a zombie for the host's PID 1 to
     reap, which a container whose PID 1 is the trainer would never do). ``--info-fd`` reports
     the launcher's host pid so a timeout can SIGKILL it: the namespace dies with its PID 1.
     """
     argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--as-pid-1",
-            "--new-session", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    for hidden in _HIDDEN_DIRS:
-        if os.path.isdir(hidden):
-            argv += ["--tmpfs", hidden]
+            "--new-session", "--ro-bind", "/", "/", "--dev", "/dev", "--size", str(limits.shm_mb << 20),
+            "--tmpfs", "/dev/shm", "--proc", "/proc"]
+    hidden = [path for path in _HIDDEN_DIRS if os.path.isdir(path)]
+    for path in hidden:
+        argv += ["--size", str(_HIDDEN_DIR_BYTES), "--tmpfs", path]
     argv += ["--size", str(limits.tmpfs_mb << 20), "--tmpfs", _BWRAP_SANDBOX_ROOT,
-             "--dir", _BWRAP_WORK_DIR, "--ro-bind", job_dir, _BWRAP_JOB_DIR, "--chdir", _BWRAP_WORK_DIR,
-             "--clearenv"]
+             "--dir", _BWRAP_WORK_DIR, "--ro-bind", job_dir, _BWRAP_JOB_DIR, "--chdir", _BWRAP_WORK_DIR]
+    for path in ["/dev", *hidden]:
+        argv += ["--remount-ro", path]
+    argv.append("--clearenv")
     for key, value in env.items():
         argv += ["--setenv", key, value]
+    if filter_fd is not None:
+        argv += ["--seccomp", str(filter_fd)]
     return argv + ["--info-fd", str(info_fd), "--"]
 
 
@@ -179,40 +206,70 @@ def _python_candidates() -> list[str]:
     return unique
 
 
+_PROBE_SOURCE = (
+    "import os, sys\n"
+    "try:\n"
+    "    os.mkfifo('probe.fifo')\n"
+    "    fifo = 'made'\n"
+    "except PermissionError:\n"
+    "    fifo = 'denied'\n"
+    "print(os.getuid(), sys.version_info[0], fifo)\n"
+)
+"""Probe program: its uid, Python's major version, and whether mkfifo is denied (= the filter is on)."""
+
+
 def _probe(backend: _Backend) -> bool:
-    """True when ``backend`` can run a trivial Python program that sees itself as non-root (if asked)."""
-    source = "import os, sys; print(os.getuid(), sys.version_info[0])"
+    """True when ``backend`` runs a trivial Python program as the intended user, with the
+    syscall filter in force when it has one."""
     try:
-        result = _run(backend, source, None, "", SandboxLimits(wall_time_s=20, cpu_time_s=10, memory_mb=512), {})
+        result = _run(backend, _PROBE_SOURCE, None, "", SandboxLimits(wall_time_s=20, cpu_time_s=10, memory_mb=512), {})
     except OSError:
         return False
     expected_uid = str(NOBODY_UID) if backend.run_as_nobody else str(os.getuid())
-    return result.returncode == 0 and result.stdout.split()[:2] == [expected_uid, "3"]
+    words = result.stdout.split()
+    filtered = backend.syscall_filter is None or words[2:3] == ["denied"]
+    return result.returncode == 0 and words[:2] == [expected_uid, "3"] and filtered
+
+
+def _candidates(force_fallback: bool, syscall_filter: bytes | None):
+    """Backends to probe, strongest first: bwrap before the fallback, with the filter before without."""
+    is_root = os.geteuid() == 0
+    bwrap = None if force_fallback else shutil.which("bwrap")
+    for mode in (["bwrap"] if bwrap else []) + ["fallback"]:
+        for with_filter in ([syscall_filter, None] if syscall_filter else [None]):
+            for python in _python_candidates():
+                for as_nobody in ([True, False] if is_root else [False]):
+                    yield _Backend(mode, python, as_nobody, bwrap if mode == "bwrap" else None, with_filter)
+
+
+def _weaknesses(backend: _Backend, filter_problem: str) -> list[str]:
+    """The loud warnings of a backend weaker than the best one."""
+    notes = []
+    if backend.mode == "fallback":
+        notes.append("bubblewrap (bwrap) is unavailable or failed its probe: using the rlimit-only fallback, "
+                     "which is MUCH WEAKER (no PID/network/mount namespaces; see docs/sandbox.md). "
+                     "Install bubblewrap.")
+    if backend.syscall_filter is None:
+        notes.append(f"NO SECCOMP SYSCALL FILTER ({filter_problem or 'the filtered sandbox failed its probe'}): "
+                     "mknod/mkfifo, pidfd_send_signal, ptrace, memfd/SysV shared memory, io_uring and new "
+                     "namespaces are NOT blocked (see docs/sandbox.md). Install libseccomp2.")
+    if os.geteuid() == 0 and not backend.run_as_nobody:
+        notes.append("no interpreter runs as uid 65534: sandboxes run as root, so RLIMIT_NPROC is ignored "
+                     "and fork bombs are bounded only by the timeout")
+    return notes
 
 
 @functools.lru_cache(maxsize=None)
 def sandbox_backend(force_fallback: bool = False) -> _Backend:
-    """Probe (once per process) how sandboxes start here: bwrap if it works, else the fallback."""
-    is_root = os.geteuid() == 0
-    bwrap = None if force_fallback else shutil.which("bwrap")
-    modes = (["bwrap"] if bwrap else []) + ["fallback"]
-    for mode in modes:
-        for python in _python_candidates():
-            for as_nobody in ([True, False] if is_root else [False]):
-                backend = _Backend(mode, python, as_nobody, bwrap if mode == "bwrap" else None)
-                if _probe(backend):
-                    notes = []
-                    if mode == "fallback":
-                        notes.append("bubblewrap (bwrap) is unavailable or failed its probe: using the "
-                                     "rlimit-only fallback, which is MUCH WEAKER (no PID/network/mount "
-                                     "namespaces; see docs/sandbox.md). Install bubblewrap.")
-                    if is_root and not as_nobody:
-                        notes.append("no interpreter runs as uid 65534: sandboxes run as root, so "
-                                     "RLIMIT_NPROC is ignored and fork bombs are bounded only by the timeout")
-                    backend = _Backend(mode, python, as_nobody, backend.bwrap, tuple(notes))
-                    for note in notes:
-                        logger.warning("sandbox: %s", note)
-                    return backend
+    """Probe (once per process) how sandboxes start here: bwrap if it works, else the fallback;
+    with the seccomp filter if libseccomp compiles it and the probe passes with it."""
+    compiled = compile_filter()
+    for backend in _candidates(force_fallback, compiled.bpf):
+        if _probe(backend):
+            notes = _weaknesses(backend, compiled.reason)
+            for note in notes:
+                logger.warning("sandbox: %s", note)
+            return dataclasses.replace(backend, notes=tuple(notes))
     raise RuntimeError("sandbox: no way to run a sandboxed Python here (tried bwrap and the fallback "
                        f"with {_python_candidates()}); install bubblewrap and python3")
 
@@ -256,8 +313,13 @@ def _prepare_job_dir(backend: _Backend, source: str | None, argv: list[str] | No
         with open(os.path.join(job_dir, name), "wb") as handle:
             handle.write(content.encode("utf-8") if isinstance(content, str) else content)
     shutil.copyfile(_LAUNCHER_SOURCE_PATH, os.path.join(job_dir, "_launcher.py"))
+    if backend.syscall_filter is not None:
+        with open(os.path.join(job_dir, _FILTER_FILENAME), "wb") as handle:
+            handle.write(backend.syscall_filter)
+    fallback_filter = backend.mode == "fallback" and backend.syscall_filter is not None
     config = {"rlimits": limits.rlimits(), "guard": backend.mode == "fallback", "argv": argv,
-              "python_source_path": os.path.join(inside_job, "_program.py") if source is not None else None}
+              "python_source_path": os.path.join(inside_job, "_program.py") if source is not None else None,
+              "syscall_filter_path": os.path.join(job_dir, _FILTER_FILENAME) if fallback_filter else None}
     with open(os.path.join(job_dir, "_launcher.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle)
     if backend.run_as_nobody:
@@ -276,11 +338,14 @@ def _run(backend: _Backend, source: str | None, argv: list[str] | None, stdin: s
     token = uuid.uuid4().hex
     started = time.monotonic()
     info_read, info_write = os.pipe() if backend.mode == "bwrap" else (None, None)
+    filter_fd = None
     try:
         if backend.mode == "bwrap":
+            if backend.syscall_filter is not None:  # bwrap reads the BPF program from this descriptor
+                filter_fd = os.open(os.path.join(host_dir, "job", _FILTER_FILENAME), os.O_RDONLY)
             env = _minimal_env(_BWRAP_WORK_DIR, token)
             env["JOB_DIR"] = _BWRAP_JOB_DIR
-            command = _bwrap_argv(backend.bwrap, os.path.join(host_dir, "job"), limits, env, info_write)
+            command = _bwrap_argv(backend.bwrap, os.path.join(host_dir, "job"), limits, env, info_write, filter_fd)
             command += [backend.python, "-I", f"{_BWRAP_JOB_DIR}/_launcher.py", f"{_BWRAP_JOB_DIR}/_launcher.json"]
             cwd, popen_env = host_dir, {"PATH": "/usr/bin:/bin"}
         else:
@@ -290,12 +355,13 @@ def _run(backend: _Backend, source: str | None, argv: list[str] | None, stdin: s
             command = [backend.python, "-I", os.path.join(host_dir, "job", "_launcher.py"),
                        os.path.join(host_dir, "job", "_launcher.json")]
         as_nobody = {"user": NOBODY_UID, "group": NOBODY_UID, "extra_groups": []} if backend.run_as_nobody else {}
+        child_fds = tuple(fd for fd in (info_write, filter_fd) if fd is not None)
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    cwd=cwd, env=popen_env, start_new_session=True, close_fds=True,
-                                   pass_fds=(info_write,) if info_write is not None else (), **as_nobody)
-        if info_write is not None:
-            os.close(info_write)
-            info_write = None
+                                   pass_fds=child_fds, **as_nobody)
+        for descriptor in child_fds:
+            os.close(descriptor)
+        info_write = filter_fd = None
         try:
             stdout, stderr, timed_out, truncated = _communicate(process, stdin.encode("utf-8"), limits, started)
             if not (timed_out or truncated):
@@ -316,7 +382,7 @@ def _run(backend: _Backend, source: str | None, argv: list[str] | None, stdin: s
         return SandboxResult(returncode, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"),
                              timed_out, killed_signal, truncated, time.monotonic() - started, backend.mode)
     finally:
-        for descriptor in (info_read, info_write):
+        for descriptor in (info_read, info_write, filter_fd):
             if descriptor is not None:
                 os.close(descriptor)
         shutil.rmtree(host_dir, ignore_errors=True)
