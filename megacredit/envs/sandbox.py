@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megacredit.envs._seccomp import compile_filter
+from megacredit.envs._write_watch import WriteWatch
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +89,20 @@ class SandboxLimits:
     max_open_files: int = 64
     """RLIMIT_NOFILE."""
     tmpfs_mb: int = 64
-    """Size of the sandbox's private /tmp (incl. the work dir) in bwrap mode: bounds its file writes."""
+    """Size of the sandbox's private /tmp (incl. the work dir) in bwrap mode: bounds its file writes.
+    In the fallback, the most the work dir may hold (a host-side watch kills the run past it)."""
     shm_mb: int = 16
     """Size of the sandbox's /dev/shm tmpfs in bwrap mode (POSIX shared memory, multiprocessing
     semaphores); with ``tmpfs_mb`` the only writable places, so together they bound all writes."""
+    max_files: int = 4096
+    """Files, directories and links the program may create: inodes in use of /tmp and /dev/shm in
+    bwrap mode (each costs kernel memory that tmpfs size caps do not count), entries of the work
+    dir in the fallback. Checked by the host every 0.1 s; past it the run is killed
+    (``write_limit_exceeded``)."""
 
     def __post_init__(self) -> None:
         for name in ("wall_time_s", "cpu_time_s", "memory_mb", "max_processes", "max_output_bytes",
-                     "max_file_bytes", "max_open_files", "tmpfs_mb", "shm_mb"):
+                     "max_file_bytes", "max_open_files", "tmpfs_mb", "shm_mb", "max_files"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SandboxLimits.{name} must be > 0, got {getattr(self, name)!r}")
 
@@ -133,6 +140,9 @@ class SandboxResult:
     """Seconds from start to the end of the run (including sandbox setup)."""
     isolation: str = "bwrap"
     """'bwrap' or 'fallback' (the weaker rlimit-only mode)."""
+    write_limit_exceeded: bool = False
+    """True when the program created more than max_files files (or, in the fallback, put more
+    than tmpfs_mb into its work dir) and the run was killed."""
 
 
 @dataclass(frozen=True)
@@ -362,25 +372,28 @@ def _run(backend: _Backend, source: str | None, argv: list[str] | None, stdin: s
         for descriptor in child_fds:
             os.close(descriptor)
         info_write = filter_fd = None
+        launcher = _LauncherPid(info_read)
+        watch = WriteWatch(limits.max_files, limits.tmpfs_mb << 20,
+                           {_BWRAP_SANDBOX_ROOT.lstrip("/"): limits.tmpfs_mb << 20, "dev/shm": limits.shm_mb << 20})
+        fallback_work_dir = cwd if backend.mode == "fallback" else None
+        over_limit = lambda: watch.exceeded(launcher.get(), fallback_work_dir)  # noqa: E731
         try:
-            stdout, stderr, timed_out, truncated = _communicate(process, stdin.encode("utf-8"), limits, started)
-            if not (timed_out or truncated):
-                try:  # output closed: let the program finish by itself within the wall limit
-                    process.wait(timeout=max(0.0, started + limits.wall_time_s - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    timed_out = True
+            stdout, stderr, stopped = _communicate(process, stdin.encode("utf-8"), limits, started, over_limit)
+            if stopped is None:  # output closed: let the program finish by itself within the wall limit
+                stopped = _wait_watching(process, started + limits.wall_time_s, over_limit)
         finally:
-            _stop(process, info_read)
+            _stop(process, launcher)
             if backend.mode == "fallback":
                 _kill_strays(token)
         returncode = process.returncode
-        if timed_out or truncated:
+        if stopped is not None:
             returncode = -signal.SIGKILL  # we killed it
         elif backend.mode == "bwrap" and returncode > 128:
             returncode = -(returncode - 128)  # bwrap reports a child killed by signal S as 128 + S
         killed_signal = -returncode if returncode < 0 else None
         return SandboxResult(returncode, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"),
-                             timed_out, killed_signal, truncated, time.monotonic() - started, backend.mode)
+                             stopped == "timeout", killed_signal, stopped == "output", time.monotonic() - started,
+                             backend.mode, stopped == "writes")
     finally:
         for descriptor in (info_read, info_write, filter_fd):
             if descriptor is not None:
@@ -388,23 +401,25 @@ def _run(backend: _Backend, source: str | None, argv: list[str] | None, stdin: s
         shutil.rmtree(host_dir, ignore_errors=True)
 
 
-def _communicate(process: subprocess.Popen, stdin_bytes: bytes, limits: SandboxLimits,
-                 started: float) -> tuple[bytes, bytes, bool, bool]:
-    """Read stdout/stderr incrementally (capped) until EOF or the wall limit; feed stdin in a thread."""
+def _communicate(process: subprocess.Popen, stdin_bytes: bytes, limits: SandboxLimits, started: float,
+                 over_limit) -> tuple[bytes, bytes, str | None]:
+    """Read stdout/stderr incrementally (capped) until EOF, the wall limit, or ``over_limit()``;
+    feed stdin in a thread. Returns (stdout, stderr, why it was stopped: None | 'timeout' |
+    'output' | 'writes')."""
     writer = threading.Thread(target=_feed_stdin, args=(process.stdin, stdin_bytes), daemon=True)
     writer.start()
     buffers = {process.stdout: bytearray(), process.stderr: bytearray()}
-    timed_out = truncated = False
+    stopped = None
     deadline = started + limits.wall_time_s
     with selectors.DefaultSelector() as selector:
         for pipe in buffers:
             selector.register(pipe, selectors.EVENT_READ)
-        while selector.get_map():
+        while selector.get_map() and stopped is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                timed_out = True
+                stopped = "timeout"
                 break
-            for key, _ in selector.select(timeout=min(remaining, 0.5)):
+            for key, _ in selector.select(timeout=min(remaining, 0.1)):
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
                     selector.unregister(key.fileobj)
@@ -412,13 +427,27 @@ def _communicate(process: subprocess.Popen, stdin_bytes: bytes, limits: SandboxL
                 buffer = buffers[key.fileobj]
                 room = max(0, limits.max_output_bytes - len(buffer))
                 buffer += chunk[:room]
-                truncated = truncated or len(chunk) > room
-            if truncated:
-                break
+                if len(chunk) > room:
+                    stopped = "output"
+            if stopped is None and over_limit():
+                stopped = "writes"
     writer.join(timeout=1.0)
     for pipe in buffers:
         pipe.close()
-    return bytes(buffers[process.stdout]), bytes(buffers[process.stderr]), timed_out, truncated
+    return bytes(buffers[process.stdout]), bytes(buffers[process.stderr]), stopped
+
+
+def _wait_watching(process: subprocess.Popen, deadline: float, over_limit) -> str | None:
+    """Wait for the exit (the program closed its output) while watching its writes and the clock."""
+    while True:
+        try:
+            process.wait(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+            return None
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                return "timeout"
+            if over_limit():
+                return "writes"
 
 
 def _feed_stdin(pipe, data: bytes) -> None:
@@ -434,16 +463,36 @@ def _feed_stdin(pipe, data: bytes) -> None:
             pass
 
 
-def _stop(process: subprocess.Popen, info_read: int | None) -> None:
+class _LauncherPid:
+    """Host pid of the bwrap namespace's PID 1, as bwrap reports it on ``--info-fd`` (read
+    without blocking; None until bwrap has written it, and always None in the fallback)."""
+
+    def __init__(self, info_read: int | None) -> None:
+        self._fd = info_read
+        self._data = b""
+        self._pid: int | None = None
+        if info_read is not None:
+            os.set_blocking(info_read, False)
+
+    def get(self) -> int | None:
+        if self._pid is None and self._fd is not None:
+            try:
+                self._data += os.read(self._fd, 65536)
+                self._pid = int(json.loads(self._data.decode("utf-8"))["child-pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # not written yet (or never: bwrap failed)
+        return self._pid
+
+
+def _stop(process: subprocess.Popen, launcher: _LauncherPid) -> None:
     """Make sure nothing of the run is left: SIGKILL the namespace's PID 1 (bwrap mode, found via
     --info-fd) so that bwrap reaps it, then SIGKILL the whole process group, then reap bwrap."""
-    if process.poll() is None and info_read is not None:
-        os.set_blocking(info_read, False)
+    child_pid = launcher.get()
+    if process.poll() is None and child_pid is not None:
         try:
-            child_pid = int(json.loads(os.read(info_read, 65536).decode("utf-8"))["child-pid"])
             os.kill(child_pid, signal.SIGKILL)
             process.wait(timeout=2.0)
-        except (OSError, ValueError, KeyError, TypeError, subprocess.TimeoutExpired):
+        except (OSError, subprocess.TimeoutExpired):
             pass
     _kill_group(process)
     process.wait()

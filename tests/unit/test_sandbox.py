@@ -7,12 +7,15 @@ fallback) and ends by checking that no process and no temp dir was left behind.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import socket
 import stat
 import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -272,3 +275,124 @@ def test_output_exactly_at_the_cap_is_not_truncated(no_leftovers):
     assert not exact.truncated and exact.returncode == 0 and len(exact.stdout) == 100
     over = run_sandboxed("print('x' * 100)", limits=limits)
     assert over.truncated and len(over.stdout) == 100 and over.killed_signal == 9
+
+
+# --- issue 8: every writable place is size-capped; what the audit hook cannot see is filtered ---
+
+FILL_PLACE_BYTES = 64 << 20
+"""What the filler tries to write in each place (far past every cap)."""
+FILL_WORK_DIR_BYTES = 512 << 20
+"""What it tries to write in its work dir (last; in the fallback the host's watch must stop it,
+so there it writes at a steady 200 MiB/s: the watch polls, and this test is about being stopped,
+not about how fast a poll reacts on a loaded machine)."""
+FILL_LIMITS = SandboxLimits(wall_time_s=30.0, cpu_time_s=30.0, memory_mb=256, max_processes=16,
+                            max_file_bytes=2 << 20, tmpfs_mb=8, shm_mb=4)
+FILL_SOURCE = r'''
+import errno, json, os, time
+places = ["/tmp", "/dev", "/dev/shm", "/home", "/root", "/run", "/var/tmp", "/dev/pts", "/dev/mqueue",
+          "/sys/fs/cgroup", "/proc", os.environ["JOB_DIR"]]
+for line in open("/proc/self/mountinfo"):
+    point = line.split()[4].replace("\\040", " ")
+    if os.path.isdir(point) and point not in places:
+        places.append(point)
+work_dir = os.getcwd()
+print(json.dumps(["work dir", work_dir]), flush=True)
+places.append(work_dir)  # the work dir last
+chunk = b"x" * (1 << 20)
+for place in places:
+    attempt = WORK_DIR_BYTES if place == work_dir else PLACE_BYTES
+    written, failure = 0, None
+    while written < attempt and failure is None:
+        try:
+            with open(os.path.join(place, f"fill-TOKEN-{written >> 20}"), "wb") as handle:
+                handle.write(chunk)
+            written += len(chunk)
+            if place == work_dir:
+                time.sleep(0.005)
+        except OSError as error:
+            failure = errno.errorcode.get(error.errno, type(error).__name__)
+        print(json.dumps([place, written, failure]), flush=True)
+print("filled", flush=True)
+time.sleep(1.0)  # hold the files while the host is sampled
+'''
+
+
+def _meminfo_bytes(key: str) -> int:
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) << 10
+    raise KeyError(key)
+
+
+class HostSampler:
+    """Peak rise of the host's shared memory (tmpfs pages) and of used disk in the temp dir's
+    file system while the block runs (sampled every 20 ms in a thread)."""
+
+    def __enter__(self):
+        self.shmem_base, self.disk_base = _meminfo_bytes("Shmem"), shutil.disk_usage(tempfile.gettempdir()).used
+        self.shmem_rise = self.disk_rise = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._done.wait(0.02):
+            self.shmem_rise = max(self.shmem_rise, _meminfo_bytes("Shmem") - self.shmem_base)
+            self.disk_rise = max(self.disk_rise, shutil.disk_usage(tempfile.gettempdir()).used - self.disk_base)
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+
+def _fill_records(stdout: str) -> dict[str, tuple[int, str | None]]:
+    """place -> (bytes written, error name) from the filler's last line about each place."""
+    records = {}
+    for line in stdout.splitlines():
+        if line.startswith("[") and not line.startswith('["work dir"'):
+            place, written, failure = json.loads(line)
+            records[place] = (written, failure)
+    return records
+
+
+@pytest.mark.parametrize("fallback", MODES)
+def test_writing_past_the_cap_anywhere_fails_and_the_host_is_untouched(fallback, no_leftovers):
+    token = uuid.uuid4().hex
+    source = (FILL_SOURCE.replace("TOKEN", token).replace("WORK_DIR_BYTES", str(FILL_WORK_DIR_BYTES))
+              .replace("PLACE_BYTES", str(FILL_PLACE_BYTES)))
+    try:
+        with HostSampler() as host:
+            result = run_sandboxed(source, limits=FILL_LIMITS, force_fallback=fallback)
+        records = _fill_records(result.stdout)
+        work_dir = json.loads(result.stdout.splitlines()[0])[1]
+        mib = 1 << 20
+        if fallback:  # outside the work dir the audit hook refuses; the work dir is watched by the host
+            assert {p: r for p, r in records.items() if p != work_dir and r[0] > 0} == {}
+            assert result.write_limit_exceeded and result.killed_signal == 9, result
+            assert FILL_LIMITS.tmpfs_mb * mib <= records[work_dir][0] < FILL_WORK_DIR_BYTES
+            assert host.disk_rise < FILL_WORK_DIR_BYTES, f"host disk grew by {host.disk_rise / mib:.0f} MiB"
+        else:  # every write past a cap is an error (no kill): only the two capped tmpfs took data
+            assert result.returncode == 0 and "filled" in result.stdout, result
+            caps = {"/tmp": FILL_LIMITS.tmpfs_mb * mib, "/dev/shm": FILL_LIMITS.shm_mb * mib}
+            for place, cap in caps.items():
+                assert records[place] == (cap, "ENOSPC"), (place, records[place])
+            took_data = {p: r for p, r in records.items() if r[0] > 0}
+            assert took_data.keys() == caps.keys(), took_data
+            assert {r[1] for r in records.values()} <= {"ENOSPC", "EROFS", "EACCES", "ENOENT", "EPERM"}, records
+            # Without the caps the filler puts 64 MiB in each of six more places; the slack is for
+            # other processes of this shared machine.
+            assert host.shmem_rise < sum(caps.values()) + 128 * mib, f"host shmem grew {host.shmem_rise / mib:.0f} MiB"
+            assert host.disk_rise < 128 * mib, f"host disk grew by {host.disk_rise / mib:.0f} MiB"
+        assert len(records) >= 12
+    finally:
+        leftovers = [path for place in (*_fill_places_on_host(), *locals().get("records", {}))
+                     for path in glob.glob(os.path.join(place, f"fill-{token}-*"))]
+        for path in leftovers:
+            os.unlink(path)
+    assert leftovers == [], f"the sandbox wrote on the host: {leftovers[:5]}"
+
+
+def _fill_places_on_host() -> list[str]:
+    return ["/tmp", "/dev/shm", "/home", "/root", "/run", "/var/tmp", str(REPO_ROOT), tempfile.gettempdir()]
