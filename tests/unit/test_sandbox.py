@@ -6,8 +6,10 @@ fallback) and ends by checking that no process and no temp dir was left behind.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
+import logging
 import os
 import shutil
 import socket
@@ -21,6 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from megacredit.envs import _seccomp
+from megacredit.envs._seccomp import compile_filter
 from megacredit.envs.sandbox import NOBODY_UID, PYTHON, SandboxLimits, run_sandboxed, sandbox_backend
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -396,3 +400,137 @@ def test_writing_past_the_cap_anywhere_fails_and_the_host_is_untouched(fallback,
 
 def _fill_places_on_host() -> list[str]:
     return ["/tmp", "/dev/shm", "/home", "/root", "/run", "/var/tmp", str(REPO_ROOT), tempfile.gettempdir()]
+
+
+def _require_filter(fallback: bool) -> None:
+    if sandbox_backend(fallback).syscall_filter is None:
+        pytest.skip(f"no seccomp filter on this machine: {compile_filter().reason or 'its probe failed'}")
+
+
+@pytest.mark.parametrize("fallback", MODES)
+def test_fifos_and_device_nodes_are_refused_everywhere(fallback, no_leftovers):
+    _require_filter(fallback)
+    token = uuid.uuid4().hex
+    victim_dir = Path(tempfile.mkdtemp(prefix=".sandbox-victim-", dir=REPO_ROOT))  # visible in both modes
+    victim_dir.chmod(0o777)
+    try:
+        source = (
+            "import errno, json, os, stat\n"
+            "outcome = {}\n"
+            f"for directory in ['.', {str(victim_dir)!r}, '/tmp', '/dev/shm']:\n"
+            "    for name, make in (('fifo', lambda p: os.mkfifo(p)), ('mknod-fifo', lambda p: os.mknod(p, stat.S_IFIFO | 0o600)),\n"
+            "                       ('mknod-file', lambda p: os.mknod(p, stat.S_IFREG | 0o600))):\n"
+            "        try:\n"
+            f"            make(os.path.join(directory, name + '-{token}'))\n"
+            "            outcome[directory + ' ' + name] = 'made'\n"
+            "        except OSError as error:\n"
+            "            outcome[directory + ' ' + name] = errno.errorcode.get(error.errno, type(error).__name__)\n"
+            "print(json.dumps(outcome))\n"
+        )
+        result = run_sandboxed(source, limits=LIMITS, force_fallback=fallback)
+        assert result.returncode == 0, result.stderr
+        outcome = json.loads(result.stdout)
+        assert len(outcome) == 12 and set(outcome.values()) == {"EPERM"}, outcome
+        made = [path for directory in (victim_dir, "/tmp", "/dev/shm") for path in glob.glob(f"{directory}/*{token}")]
+        assert made == []
+    finally:
+        shutil.rmtree(victim_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("fallback", MODES)
+def test_a_sandbox_cannot_signal_or_limit_a_concurrent_one(fallback, no_leftovers):
+    _require_filter(fallback)
+    flag_dir = Path(tempfile.mkdtemp(prefix=".sandbox-flag-", dir=REPO_ROOT))  # readable in both modes
+    flag_dir.chmod(0o755)
+    flag = flag_dir / "attacker-done"
+    victim_source = (
+        "import os, time\n"
+        "deadline = time.monotonic() + 15\n"
+        f"while not os.path.exists({str(flag)!r}) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.02)\n"
+        "print('survived')\n"
+    )
+    victim_limits = SandboxLimits(wall_time_s=20.0, cpu_time_s=20.0, memory_mb=256, max_processes=16)
+    victim_result = {}
+    victim = threading.Thread(target=lambda: victim_result.update(
+        result=run_sandboxed(victim_source, limits=victim_limits, force_fallback=fallback)))
+    victim.start()
+    try:
+        victim_pid = _wait_for_launcher_pid()
+        attacker = (
+            "import json, os, resource, signal\n"
+            f"victim = {victim_pid}\n"
+            "outcome = {}\n"
+            "def attempt(name, action):\n"
+            "    try:\n"
+            "        action()\n"
+            "        outcome[name] = 'done'\n"
+            "    except Exception as error:\n"
+            "        outcome[name] = type(error).__name__\n"
+            "attempt('pidfd_send_signal', lambda: signal.pidfd_send_signal(os.pidfd_open(victim), signal.SIGKILL))\n"
+            "attempt('prlimit', lambda: resource.prlimit(victim, resource.RLIMIT_CPU, (0, 0)))\n"
+            "attempt('kill', lambda: os.kill(victim, signal.SIGKILL))\n"
+            "attempt('kill -1 (signal 0)', lambda: os.kill(-1, 0))\n"
+            "print(json.dumps(outcome))\n"
+        )
+        result = run_sandboxed(attacker, limits=LIMITS, force_fallback=fallback)
+        outcome = json.loads(result.stdout)
+        assert len(outcome) == 4 and "done" not in outcome.values(), outcome
+    finally:
+        flag.touch()
+        victim.join(timeout=30)
+        shutil.rmtree(flag_dir, ignore_errors=True)
+    survivor = victim_result["result"]
+    assert survivor.returncode == 0 and survivor.stdout == "survived\n", survivor
+
+
+def _wait_for_launcher_pid(timeout_s: float = 15.0) -> int:
+    """Host pid of the (only) sandbox launcher running under this test process."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                argv = child.cmdline()
+            except psutil.Error:
+                continue
+            if len(argv) >= 3 and argv[1] == "-I" and argv[2].endswith("_launcher.py"):
+                return child.pid
+        time.sleep(0.02)
+    raise AssertionError("the victim sandbox did not start")
+
+
+@pytest.mark.parametrize("fallback", MODES)
+def test_memory_outside_the_caps_is_refused(fallback, no_leftovers):
+    _require_filter(fallback)
+    source = (
+        "import os\n"
+        "try:\n"
+        "    os.memfd_create('hoard')\n"
+        "    print('made')\n"
+        "except OSError as error:\n"
+        "    print('refused', error.errno)\n"
+    )
+    result = run_sandboxed(source, limits=LIMITS, force_fallback=fallback)
+    assert result.stdout == f"refused {errno.EPERM}\n", result
+
+
+@pytest.fixture
+def without_libseccomp(monkeypatch):
+    """Pretend libseccomp is not installed (fresh probes), and restore the real state afterwards."""
+    monkeypatch.setattr(_seccomp, "_LIBRARY_NAMES", ("libseccomp-not-installed.so.9",))
+    compile_filter.cache_clear()
+    sandbox_backend.cache_clear()
+    yield
+    monkeypatch.undo()
+    compile_filter.cache_clear()
+    sandbox_backend.cache_clear()
+
+
+@pytest.mark.parametrize("fallback", MODES)
+def test_without_libseccomp_the_sandbox_still_runs_and_warns(fallback, without_libseccomp, caplog, no_leftovers):
+    with caplog.at_level(logging.WARNING, logger="megacredit.envs.sandbox"):
+        backend = sandbox_backend(fallback)
+    assert backend.syscall_filter is None
+    assert "NO SECCOMP SYSCALL FILTER" in caplog.text and "libseccomp-not-installed" in caplog.text
+    result = run_sandboxed("import os\nos.mkfifo('fifo')\nprint('made a fifo')\n", limits=LIMITS, force_fallback=fallback)
+    assert result.returncode == 0 and result.stdout == "made a fifo\n"  # what the filter would have refused
