@@ -31,6 +31,8 @@ _PATH_WRITE_EVENTS = {
     "os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.chmod", "os.chown", "os.truncate",
     "os.symlink", "os.link", "shutil.rmtree", "os.utime", "os.setxattr", "os.removexattr",
 }
+_TWO_PATH_EVENTS = {"os.rename", "os.link", "os.symlink"}
+"""Events whose first two arguments are both paths (the others: path or descriptor first)."""
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _PR_SET_SECCOMP = 22
 _PR_SET_NO_NEW_PRIVS = 38
@@ -103,9 +105,13 @@ def install_guard(work_dir: str) -> None:
             writes = bool(flags & _WRITE_FLAGS) or any(c in str(mode) for c in "wax+")
             if writes and not inside_work_dir(args[0]):
                 raise PermissionError(f"sandbox: writing {args[0]!r} outside the work dir is not allowed")
+            if not isinstance(args[0], int) and os.path.isdir(args[0]) and not inside_work_dir(args[0]):
+                # A directory descriptor would let os.open(..., dir_fd=) and friends write outside
+                # (the "open" event does not carry dir_fd).
+                raise PermissionError(f"sandbox: opening directory {args[0]!r} outside the work dir is not allowed")
         elif event in _PATH_WRITE_EVENTS:
-            for path in args[:2]:
-                if isinstance(path, (str, bytes, os.PathLike)) and not inside_work_dir(path):
+            for path in args[:2] if event in _TWO_PATH_EVENTS else args[:1]:
+                if isinstance(path, (str, bytes, os.PathLike, int)) and not inside_work_dir(path):
                     raise PermissionError(f"sandbox: {event} on {path!r} outside the work dir is not allowed")
         elif event in ("os.kill", "os.killpg"):
             if not same_session(int(args[0])):

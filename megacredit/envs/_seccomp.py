@@ -110,6 +110,7 @@ class CompiledFilter:
     """Why ``bpf`` is None."""
 
 
+@functools.lru_cache(maxsize=None)
 def _load_library() -> ctypes.CDLL:
     errors = []
     for name in _LIBRARY_NAMES:
@@ -128,6 +129,11 @@ def _load_library() -> ctypes.CDLL:
                                                ctypes.POINTER(_ArgComparison)]
     library.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     return library
+
+
+def syscall_number(name: str) -> int:
+    """This architecture's number of syscall ``name`` (negative when it has none), by libseccomp."""
+    return _load_library().seccomp_syscall_resolve_name(name.encode())
 
 
 def _add_rule(library: ctypes.CDLL, context: int, rule: Rule) -> None:

@@ -135,12 +135,16 @@ def test_files_outside_the_work_dir_are_untouched(fallback, no_leftovers, tmp_pa
         for victim in victims:
             victim.write_text("precious")
             victim.chmod(0o666)
+            if os.geteuid() == 0:  # owned by the sandbox's uid, as another sandbox's files would be
+                os.chown(victim, NOBODY_UID, NOBODY_UID)
         source = (
             "import os, shutil, sys\n"
             f"victims = {[str(v) for v in victims]!r}\n"
             f"new_files = [{str(REPO_ROOT / 'sandbox_was_here.txt')!r}, {str(repo_victim_dir / 'new.txt')!r}]\n"
             "for path in victims:\n"
-            "    for attack in (lambda p: open(p, 'w').write('pwned'), os.remove, lambda p: shutil.rmtree(os.path.dirname(p))):\n"
+            "    for attack in (lambda p: open(p, 'w').write('pwned'), lambda p: os.chmod(os.open(p, os.O_RDONLY), 0o600),\n"
+            "                   lambda p: os.setxattr(p, 'user.pwned', b'1'), os.remove, lambda p: shutil.rmtree(os.path.dirname(p)),\n"
+            "                   lambda p: os.open('pwned', os.O_WRONLY | os.O_CREAT, dir_fd=os.open(os.path.dirname(p), os.O_RDONLY))):\n"
             "        try:\n"
             "            attack(path)\n"
             "        except Exception as error:\n"
@@ -158,8 +162,11 @@ def test_files_outside_the_work_dir_are_untouched(fallback, no_leftovers, tmp_pa
         assert "work dir writable fine" in result.stdout
         for victim in victims:
             assert victim.read_text() == "precious"
+            assert victim.stat().st_mode & 0o777 == 0o666, "the file's mode was changed through a descriptor"
+            assert "user.pwned" not in os.listxattr(victim)
         assert not (REPO_ROOT / "sandbox_was_here.txt").exists()
         assert not (repo_victim_dir / "new.txt").exists()
+        assert not (repo_victim_dir / "pwned").exists() and not (tmp_path / "pwned").exists()
     finally:
         shutil.rmtree(repo_victim_dir, ignore_errors=True)
         (REPO_ROOT / "sandbox_was_here.txt").unlink(missing_ok=True)
@@ -187,6 +194,38 @@ def test_socket_to_local_server_is_blocked(fallback, no_leftovers):
             server.accept()  # the server saw no connection
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("fallback", MODES)
+def test_unix_socket_of_the_host_is_unreachable(fallback, no_leftovers):
+    # A socket file in a directory the sandbox sees read-only: connect() needs no write access to
+    # the file system, so only the syscall filter (no socket() at all) stops this in bwrap mode.
+    _require_filter(fallback)
+    socket_dir = Path(tempfile.mkdtemp(prefix=".sandbox-socket-", dir=REPO_ROOT))
+    socket_dir.chmod(0o755)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(socket_dir / "server.sock"))
+        os.chmod(socket_dir / "server.sock", 0o777)
+        server.listen(8)
+        server.setblocking(False)
+        source = (
+            "import socket\n"
+            "try:\n"
+            "    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            f"    client.connect({str(socket_dir / 'server.sock')!r})\n"
+            "    client.sendall(b'leak')\n"
+            "    print('connected')\n"
+            "except Exception as error:\n"
+            "    print('blocked', type(error).__name__)\n"
+        )
+        result = run_sandboxed(source, limits=LIMITS, force_fallback=fallback)
+        assert result.stdout == "blocked PermissionError\n", result
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    finally:
+        server.close()
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("fallback", MODES)
