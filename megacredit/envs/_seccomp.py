@@ -110,7 +110,6 @@ class CompiledFilter:
     """Why ``bpf`` is None."""
 
 
-@functools.lru_cache(maxsize=None)
 def _load_library() -> ctypes.CDLL:
     errors = []
     for name in _LIBRARY_NAMES:
