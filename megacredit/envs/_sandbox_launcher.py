@@ -9,9 +9,10 @@ The sandbox copies this file into the job directory and starts it as
 2. in the rlimit-only fallback, sets ``no_new_privs`` and loads the host's seccomp filter
    (:func:`load_syscall_filter`, the same BPF program bubblewrap loads with ``--seccomp``; see
    ``_seccomp.py``), then installs an audit hook (:func:`install_guard`) that refuses sockets,
-   starting other executables, signalling processes outside the sandbox's session and writing
-   outside the work directory (a weaker, in-process barrier: a C extension can bypass it, the
-   kernel-enforced filter it cannot);
+   starting other executables, loading C extensions from outside the interpreter's own
+   directories, signalling processes outside the sandbox's session and writing outside the
+   work directory (a weaker, in-process barrier; the kernel-enforced filter, which in the
+   fallback also denies execve, holds whatever happens in the process);
 3. runs the target: a Python program in this same process (``exec`` of its compiled source, so
    the guard stays installed), or ``os.execv`` of an argv.
 """
@@ -25,7 +26,7 @@ _BLOCKED_EVENTS = {
     "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
     "socket.getaddrinfo", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn",
     "os.spawn", "os.startfile", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "os.setuid",
-    "os.setgid", "pty.spawn",
+    "os.setgid", "pty.spawn", "code.__new__",
 }
 _PATH_WRITE_EVENTS = {
     "os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.chmod", "os.chown", "os.truncate",
@@ -77,6 +78,10 @@ def install_guard(work_dir: str) -> None:
     """Install the fallback audit hook (weaker than namespaces; see module docstring)."""
     work_root = os.path.realpath(work_dir) + os.sep
     own_session = os.getsid(0)
+    # Extension modules load only from the interpreter's own directories (as they are now, before
+    # any untrusted code): a .so the program wrote itself would run outside this hook.
+    trusted_dirs = tuple(os.path.realpath(entry) + os.sep for entry in sys.path
+                         if entry and os.path.isdir(entry) and not os.path.realpath(entry).startswith(work_root))
 
     def inside_work_dir(path) -> bool:
         if isinstance(path, int):  # a descriptor (os.fchmod, os.utime(fd), ...): check the file it names
@@ -116,6 +121,9 @@ def install_guard(work_dir: str) -> None:
         elif event in ("os.kill", "os.killpg"):
             if not same_session(int(args[0])):
                 raise PermissionError(f"sandbox: {event} of a process outside the sandbox is not allowed")
+        elif event == "import" and len(args) >= 2 and args[1] is not None:  # an extension module's file
+            if not os.path.realpath(os.fsdecode(args[1])).startswith(trusted_dirs):
+                raise PermissionError(f"sandbox: loading the extension module {args[1]!r} is not allowed")
         elif event == "resource.prlimit" and int(args[0]) not in (0, os.getpid()):
             raise PermissionError("sandbox: resource.prlimit of another process is not allowed")
 

@@ -94,6 +94,12 @@ DENIED: tuple[Rule, ...] = tuple(
 )
 """Every rule of the filter (several rules for one syscall are alternatives: any match denies)."""
 
+NO_EXEC: tuple[Rule, ...] = tuple(_unconditional(
+    "the fallback runs a Python program in the launcher's process, so nothing needs exec; an "
+    "executable started any other way (e.g. _posixsubprocess.fork_exec, which raises no audit "
+    "event) would run without the audit hook", "execve", "execveat"))
+"""Added to :data:`DENIED` in the fallback (bwrap must exec the launcher after loading the filter)."""
+
 
 class _ArgComparison(ctypes.Structure):
     _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
@@ -148,8 +154,8 @@ def _add_rule(library: ctypes.CDLL, context: int, rule: Rule) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def compile_filter() -> CompiledFilter:
-    """Compile :data:`DENIED` for this machine's architecture (once per process)."""
+def compile_filter(rules: tuple[Rule, ...] = DENIED) -> CompiledFilter:
+    """Compile ``rules`` for this machine's architecture (once per process and rule set)."""
     try:
         library = _load_library()
     except OSError as error:
@@ -158,7 +164,7 @@ def compile_filter() -> CompiledFilter:
     if not context:
         return CompiledFilter(None, "seccomp_init failed")
     try:
-        for rule in DENIED:
+        for rule in rules:
             _add_rule(library, context, rule)
         with tempfile.TemporaryFile() as handle:
             status = library.seccomp_export_bpf(context, handle.fileno())

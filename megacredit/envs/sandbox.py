@@ -16,9 +16,11 @@
   process count, file size, open files, no core dumps).
 - **fallback** (no working bwrap): the same rlimits, a new session whose process group is
   killed on timeout, ``nobody`` when root, a scrubbed environment, a private work directory,
-  ``no_new_privs`` and the same seccomp filter (loaded by the launcher), and an audit hook
-  refusing sockets / exec / signals to other sessions / writes outside the work dir. It is much
-  weaker (see docs/sandbox.md) and logs a warning once.
+  ``no_new_privs`` and the same seccomp filter plus ``execve``/``execveat`` (loaded by the
+  launcher; so the fallback runs Python source only, no argv), a host-side watch of the work
+  dir's size, and an audit hook refusing sockets / exec / foreign C extensions / signals to
+  other sessions / writes outside the work dir. It is much weaker (see docs/sandbox.md) and
+  logs a warning once.
 
 Without libseccomp (Debian's ``libseccomp2``) both modes run without the syscall filter and say
 so loudly once.
@@ -49,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from megacredit.envs._seccomp import compile_filter
+from megacredit.envs._seccomp import DENIED, NO_EXEC, CompiledFilter, compile_filter
 from megacredit.envs._write_watch import WriteWatch
 
 logger = logging.getLogger(__name__)
@@ -241,11 +243,17 @@ def _probe(backend: _Backend) -> bool:
     return result.returncode == 0 and words[:2] == [expected_uid, "3"] and filtered
 
 
-def _candidates(force_fallback: bool, syscall_filter: bytes | None):
+def mode_filter(mode: str) -> CompiledFilter:
+    """The seccomp program of ``mode``: :data:`DENIED`; in the fallback also :data:`NO_EXEC`."""
+    return compile_filter(DENIED if mode == "bwrap" else DENIED + NO_EXEC)
+
+
+def _candidates(force_fallback: bool):
     """Backends to probe, strongest first: bwrap before the fallback, with the filter before without."""
     is_root = os.geteuid() == 0
     bwrap = None if force_fallback else shutil.which("bwrap")
     for mode in (["bwrap"] if bwrap else []) + ["fallback"]:
+        syscall_filter = mode_filter(mode).bpf
         for with_filter in ([syscall_filter, None] if syscall_filter else [None]):
             for python in _python_candidates():
                 for as_nobody in ([True, False] if is_root else [False]):
@@ -273,10 +281,9 @@ def _weaknesses(backend: _Backend, filter_problem: str) -> list[str]:
 def sandbox_backend(force_fallback: bool = False) -> _Backend:
     """Probe (once per process) how sandboxes start here: bwrap if it works, else the fallback;
     with the seccomp filter if libseccomp compiles it and the probe passes with it."""
-    compiled = compile_filter()
-    for backend in _candidates(force_fallback, compiled.bpf):
+    for backend in _candidates(force_fallback):
         if _probe(backend):
-            notes = _weaknesses(backend, compiled.reason)
+            notes = _weaknesses(backend, mode_filter(backend.mode).reason)
             for note in notes:
                 logger.warning("sandbox: %s", note)
             return dataclasses.replace(backend, notes=tuple(notes))
@@ -305,6 +312,9 @@ def run_sandboxed(
         program = [backend.python if arg == PYTHON and i == 0 else arg for i, arg in enumerate(program)]
         if not program or not os.path.isabs(program[0]):
             raise ValueError(f"run_sandboxed: argv[0] must be an absolute path or sandbox.PYTHON, got {program[:1]}")
+        if backend.mode == "fallback":
+            raise ValueError("run_sandboxed: an argv program needs bubblewrap; the fallback runs Python source "
+                             "only (its audit hook and exec ban cannot follow an exec): pass the source as a str")
     return _run(backend, program if isinstance(program, str) else None,
                 None if isinstance(program, str) else list(program), stdin, limits, files or {})
 

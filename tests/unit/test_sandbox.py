@@ -43,15 +43,27 @@ MODES = [pytest.param(False, id="bwrap", marks=pytest.mark.skipif(not _bwrap_wor
 
 def _sandbox_processes(since: float) -> set[int]:
     """Our descendants plus processes of the sandbox uid started after ``since`` (zombies too:
-    bwrap runs with --as-pid-1 so that it reaps the namespace itself)."""
+    bwrap runs with --as-pid-1 so that it reaps the namespace itself), except those that still
+    descend from another live process that is not of the sandbox uid (a concurrent test run of
+    someone else on this shared machine); an escaped process is an orphan of PID 1 or ours."""
     pids = {child.pid for child in psutil.Process().children(recursive=True)}
     for process in psutil.process_iter(["uids", "create_time"]):
         try:
-            if process.info["uids"].real == NOBODY_UID and process.info["create_time"] >= since - 1:
+            if (process.info["uids"].real == NOBODY_UID and process.info["create_time"] >= since - 1
+                    and not _has_foreign_ancestor(process)):
                 pids.add(process.pid)
         except (psutil.Error, TypeError, AttributeError):
             continue
     return pids
+
+
+def _has_foreign_ancestor(process: psutil.Process) -> bool:
+    for ancestor in process.parents():
+        if ancestor.pid in (1, os.getpid()):
+            return False
+        if ancestor.uids().real != NOBODY_UID:
+            return True
+    return False
 
 
 def _describe(pid: int) -> str:
@@ -573,3 +585,31 @@ def test_without_libseccomp_the_sandbox_still_runs_and_warns(fallback, without_l
     assert "NO SECCOMP SYSCALL FILTER" in caplog.text and "libseccomp-not-installed" in caplog.text
     result = run_sandboxed("import os\nos.mkfifo('fifo')\nprint('made a fifo')\n", limits=LIMITS, force_fallback=fallback)
     assert result.returncode == 0 and result.stdout == "made a fifo\n"  # what the filter would have refused
+
+
+def test_fallback_closes_the_ways_around_its_audit_hook(no_leftovers):
+    # Two ways pure Python gets past an audit hook: a C extension it wrote itself (the import is
+    # refused before dlopen), and subprocess with its module-level sys.audit silenced (the hook
+    # never sees the exec; the fallback's seccomp filter refuses execve itself).
+    _require_filter(True)
+    source = (
+        "import importlib.machinery, os, subprocess, sys, types\n"
+        "open('own' + importlib.machinery.EXTENSION_SUFFIXES[0], 'wb').write(b'not an ELF file')\n"
+        "sys.path.insert(0, os.getcwd())\n"
+        "try:\n"
+        "    import own\n"
+        "except (ImportError, PermissionError) as error:\n"
+        "    print('import', type(error).__name__)\n"
+        "silent = types.SimpleNamespace(**{name: getattr(sys, name) for name in dir(sys) if not name.startswith('__')})\n"
+        "silent.audit = lambda *args: None\n"
+        "subprocess.sys = silent\n"
+        "try:\n"
+        "    subprocess.run(['/bin/touch', 'touched'])\n"
+        "    print('exec ran', os.path.exists('touched'))\n"
+        "except OSError as error:\n"
+        "    print('exec refused', error.errno)\n"
+    )
+    result = run_sandboxed(source, limits=LIMITS, force_fallback=True)
+    assert result.stdout == f"import PermissionError\nexec refused {errno.EPERM}\n", result
+    with pytest.raises(ValueError, match="needs bubblewrap"):
+        run_sandboxed([PYTHON, "-c", "pass"], limits=LIMITS, force_fallback=True)

@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from megacredit.envs._seccomp import DENIED, compile_filter, syscall_number
+from megacredit.envs._seccomp import DENIED, NO_EXEC, compile_filter, syscall_number
 
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(platform.machine())
 RET_ALLOW = 0x7FFF0000
@@ -96,3 +96,11 @@ def test_syscalls_of_another_abi_are_killed():
     assert verdict & RET_ACTION_MASK in RET_KILL_ACTIONS
     if platform.machine() == "x86_64":  # x32 ABI: the same arch, syscall numbers with bit 30 set
         assert run_bpf(compile_filter().bpf, 0x40000000 | 133, (0, 0, 0)) != RET_ALLOW  # x32 mknod
+
+
+def test_the_fallback_filter_also_denies_exec_and_the_shared_one_allows_it():
+    fallback = compile_filter(DENIED + NO_EXEC).bpf
+    for name in ("execve", "execveat"):
+        assert run_bpf(fallback, syscall_number(name)) == RET_ERRNO | errno.EPERM
+        assert run_bpf(compile_filter().bpf, syscall_number(name)) == RET_ALLOW
+    assert run_bpf(fallback, syscall_number("mknodat")) == RET_ERRNO | errno.EPERM  # the shared rules too
