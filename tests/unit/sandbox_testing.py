@@ -3,7 +3,6 @@ nothing of a sandbox (process, temp dir) outlives its test."""
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import tempfile
@@ -18,7 +17,6 @@ from megacredit.envs.sandbox import NOBODY_UID, SandboxLimits, mode_filter, sand
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LIMITS = SandboxLimits(wall_time_s=2.0, cpu_time_s=2.0, memory_mb=256, max_processes=16,
                        max_output_bytes=1 << 16)
-SANDBOX_DIR_GLOB = os.path.join(tempfile.gettempdir(), "megacredit-sandbox-*")
 
 
 def bwrap_works() -> bool:
@@ -63,9 +61,14 @@ def _describe(pid: int) -> str:
 
 
 @pytest.fixture
-def no_leftovers():
-    """Asserts after the test: no sandbox processes alive, no sandbox temp dirs left."""
-    dirs_before = set(glob.glob(SANDBOX_DIR_GLOB))
+def no_leftovers(monkeypatch, tmp_path_factory):
+    """Asserts after the test: no sandbox processes alive, no sandbox temp dirs left. The test's
+    sandboxes put their temp dirs in a private directory (others on this shared machine create
+    megacredit-sandbox-* in /tmp at any time); it must be empty afterwards."""
+    tmp_path_factory.getbasetemp()  # pytest's own temp root stays where it is
+    private_tmp = tempfile.mkdtemp(prefix="sandbox-tests-")
+    os.chmod(private_tmp, 0o755)  # bwrap runs as nobody when we are root: it must reach the job dir
+    monkeypatch.setattr(tempfile, "tempdir", private_tmp)
     started = time.time()
     # Children the test process already had (e.g. multiprocessing's resource tracker, started by
     # earlier multi-process tests in the same session) are not the sandbox's.
@@ -75,8 +78,10 @@ def no_leftovers():
     while _sandbox_processes(started) - already_running and time.monotonic() < deadline:
         time.sleep(0.05)
     leftover = _sandbox_processes(started) - already_running
+    left_dirs = [name for name in os.listdir(private_tmp) if name.startswith("megacredit-sandbox-")]
+    shutil.rmtree(private_tmp, ignore_errors=True)
     assert leftover == set(), f"processes survived the sandbox: {[_describe(pid) for pid in leftover]}"
-    assert set(glob.glob(SANDBOX_DIR_GLOB)) <= dirs_before, "sandbox temp dirs were left behind"
+    assert left_dirs == [], f"sandbox temp dirs were left behind: {left_dirs}"
 
 
 
