@@ -386,7 +386,10 @@ def _run(backend: _Backend, source: str | None, argv: list[str] | None, stdin: s
         watch = WriteWatch(limits.max_files, limits.tmpfs_mb << 20,
                            {_BWRAP_SANDBOX_ROOT.lstrip("/"): limits.tmpfs_mb << 20, "dev/shm": limits.shm_mb << 20})
         fallback_work_dir = cwd if backend.mode == "fallback" else None
-        over_limit = lambda: watch.exceeded(launcher.get(), fallback_work_dir)  # noqa: E731
+
+        def over_limit() -> bool:
+            return watch.exceeded(launcher.get(), fallback_work_dir)
+
         try:
             stdout, stderr, stopped = _communicate(process, stdin.encode("utf-8"), limits, started, over_limit)
             if stopped is None:  # output closed: let the program finish by itself within the wall limit
