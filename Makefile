@@ -27,6 +27,12 @@ system-deps:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
 	      || echo "warning: could not install chromium; the page screenshot test will be skipped"; \
 	  else echo "warning: chromium not found; the page screenshot test will be skipped"; fi; }
+	@# libseccomp2: the sandbox's syscall filter (megacredit/envs/_seccomp.py loads it with ctypes).
+	@$(PYTHON) -c "import ctypes; ctypes.CDLL('libseccomp.so.2')" 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libseccomp2) \
+	      || echo "warning: could not install libseccomp2; the code sandbox will run without its syscall filter"; \
+	  else echo "warning: libseccomp2 not found; install it for the code sandbox's syscall filter"; fi; }
 
 $(VENV)/.stamp: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
