@@ -6,22 +6,28 @@
   megacredit convert mcore-to-hf ARGS...           Megatron checkpoint -> HF (see --help)
   megacredit plot RUN_DIR                          (re)draw learning curve + token-credit page
 
-A configuration error prints one line naming the key and exits with status 2.
+A setup error (config, data row, model folder, checkpoint, TP x PP vs the processes started,
+run directory) prints one line, ``megacredit: error: ...``, and exits with status 2.
+``--debug`` (or the environment variable MEGACREDIT_DEBUG=1) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 from megacredit.trainer.config_parsing import ConfigError, ConfigWarning
+from megacredit.utils.errors import SetupError
 
 EXIT_CONFIG_ERROR = 2
 EXIT_MISSING_COMPONENT = 1
+DEBUG_ENV = "MEGACREDIT_DEBUG"
 CONVERTERS = {
     "hf-to-mcore": ("megacredit.megatron.convert", "hf_to_mcore_main"),
     "mcore-to-hf": ("megacredit.megatron.convert", "mcore_to_hf_main"),
@@ -33,6 +39,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="megacredit",
         description="On-policy self-distillation RL (GRPO, SDPO, CREDIT, RLSD) on Megatron-Core.",
     )
+    parser.add_argument("--debug", action="store_true", default=_debug_from_env(),
+                        help="show the full traceback of an error (also: MEGACREDIT_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train with a YAML config and key=value overrides")
@@ -51,7 +59,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     plot = commands.add_parser("plot", help="draw learning_curve.png and token_credit.html")
     plot.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    for sub in (train, show, plot):  # --debug also after the command
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _debug_from_env() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _lazy_attr(module_name: str, attr: str, what: str) -> Callable:
@@ -125,11 +139,23 @@ def _show_config_warnings_in_one_line() -> None:
     warnings.showwarning = show
 
 
+def _show_package_log_warnings() -> None:
+    """megacredit's logged warnings (skipped rows, damaged checkpoints) as ``megacredit: warning:``."""
+    package_logger = logging.getLogger("megacredit")
+    if package_logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("megacredit: warning: %(message)s"))
+    package_logger.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``megacredit`` console script; returns the exit status."""
     args = _build_parser().parse_args(argv)
     if argv is None:  # the console script, not a library call
         _show_config_warnings_in_one_line()
+        _show_package_log_warnings()
     handlers = {
         "train": _cmd_train,
         "config": _cmd_config_show,
@@ -138,8 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except ConfigError as exc:
-        return _fail(f"config error: {exc}", EXIT_CONFIG_ERROR)
+    except SetupError as exc:
+        if args.debug:
+            raise
+        # Other setup errors (DatasetRowError: file, row and field) carry their whole story.
+        prefix = "config error: " if isinstance(exc, ConfigError) else ""
+        return _fail(f"{prefix}{exc}", EXIT_CONFIG_ERROR)
 
 
 if __name__ == "__main__":

@@ -92,9 +92,11 @@ def ppo_clip_loss(
             (e.g. RLSD's A_hat_t, a drop-in replacement, RLSD section 4.2). Detached.
         mask: [B, T] valid response tokens.
         clip_eps_low, clip_eps_high: clip range ``[1 - clip_eps_low, 1 + clip_eps_high]``.
-        dual_clip_c: None (default; neither paper mentions it) or the dual-clip bound c > 1 of
-            verl's vanilla policy loss (verl default 3.0): for A < 0 the loss is capped at
-            ``-A * c``, so a huge ratio on a negative-advantage token cannot blow up.
+        dual_clip_c: None (off) or the dual-clip bound c > 1 (arXiv:1912.09729) of verl's
+            ``verl/trainer/ppo/core_algos.py::compute_policy_loss_vanilla`` (``clip_ratio_c``,
+            default 3.0, which the trainer's ``algorithm.dual_clip_c`` also defaults to; neither
+            paper names it): for A < 0 the loss is capped at ``-A * c``, so a huge ratio on a
+            negative-advantage token cannot blow up.
 
     Returns:
         ``pg_loss`` [B, T] (0 at masked positions) and metrics (0-dim detached tensors, masked

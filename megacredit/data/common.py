@@ -19,10 +19,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from megacredit.utils.errors import SetupError
+
 logger = logging.getLogger(__name__)
 
 
-class DatasetRowError(ValueError):
+class DatasetRowError(SetupError, ValueError):
     """A row of a dataset file is malformed. Names the file, the 1-based row and the field."""
 
     def __init__(self, path: str, row: int, field_name: str, message: str) -> None:

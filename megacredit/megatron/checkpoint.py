@@ -44,6 +44,7 @@ import torch
 
 from megacredit.megatron import cpu_compat
 from megacredit.megatron.distributed import ParallelContext
+from megacredit.utils.errors import SetupError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SetupError, RuntimeError):
     """A checkpoint is missing, incomplete or does not match the model."""
 
 
@@ -336,7 +337,7 @@ def load_checkpoint(
         loaded = dist_checkpointing.load(state, str(path))
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - re-raised with a hint
         raise CheckpointError(
-            f"cannot load {path} into this model ({_one_line(error)}); "
+            f"cannot load {path} into this model ({one_line(error)}); "
             f"check that the model config matches the checkpoint"
         ) from error
     _apply_loaded(model_chunks, optimizer if with_optimizer else None, loaded)
@@ -348,17 +349,6 @@ def load_checkpoint(
         extra_sharded_state=loaded.get("extra_sharded_state"), rng_restored=with_rng,
         saved_layout=saved_layout,
     )
-
-
-def _one_line(error: BaseException) -> str:
-    """The innermost ``SomeError: message`` line of an error whose text may embed per-rank
-    tracebacks (torch.distributed.checkpoint's CheckpointException does)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
-    if named:
-        kind, _, message = named[-1].partition(": ")
-        return f"{kind.rsplit('.', 1)[-1]}: {message}"
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _apply_loaded(model_chunks: Sequence[torch.nn.Module], optimizer, loaded: Mapping[str, Any]) -> None:

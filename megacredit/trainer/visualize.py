@@ -96,7 +96,7 @@ def plot_learning_curve(metrics_jsonl: str | os.PathLike, out_png: str | os.Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _merged_by_step(read_metrics(metrics_jsonl))
+    rows = _merged_by_step(read_metrics(metrics_jsonl, skip_invalid=True))
     fig, axes = plt.subplots(2, 2, figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI)
     try:
         _plot_reward(axes[0][0], rows)
@@ -191,7 +191,7 @@ def token_credit_html(token_credit_jsonl: str | os.PathLike, out_html: str | os.
     ``key`` defaults to the first of advantage, delta_v, s_t present. Colour opacity is
     |value| relative to the page-wide 98th percentile of |value| of that series.
     """
-    records = read_token_credit(token_credit_jsonl)
+    records = read_token_credit(token_credit_jsonl, skip_invalid=True)
     if max_samples is not None:
         records = records[-max_samples:]
     key = _pick_key(records, key)
