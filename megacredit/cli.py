@@ -118,6 +118,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from megacredit.trainer.visualize import render_run
 
     run_dir = Path(args.run_dir)
+    if run_dir.is_file():
+        return _fail(f"'{run_dir}' is a file; give a run directory (the one holding {METRICS_FILE})", 2)
     if not (run_dir / METRICS_FILE).is_file():
         return _fail(f"'{run_dir / METRICS_FILE}' not found: is '{run_dir}' a megacredit run "
                      "directory?", 2)

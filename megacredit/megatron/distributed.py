@@ -121,13 +121,13 @@ def initialize(
 
     Safe to call when the process group already exists (e.g. tests' launcher): it reuses it.
     """
+    launch = read_launch_env()  # checked first: a bad layout fails before Megatron is imported
+    _validate_layout(launch.world_size, tensor_model_parallel_size, pipeline_model_parallel_size, launch.launcher)
     from megatron.core import parallel_state, tensor_parallel
 
     cpu = not cpu_compat.cuda_available()
     if cpu:
         cpu_compat.enable_cpu_compat()
-    launch = read_launch_env()
-    _validate_layout(launch.world_size, tensor_model_parallel_size, pipeline_model_parallel_size, launch.launcher)
     backend = backend or ("gloo" if cpu else "nccl")
     if not torch.distributed.is_initialized():
         if launch.launcher == "single" and "MASTER_PORT" not in os.environ:

@@ -63,13 +63,12 @@ def resolve_model(cfg: MegacreditConfig) -> ModelSource:
     model_cfg = cfg.model
     if model_cfg.name_or_path != "tiny":
         hf_dir = resolve_hf_dir(model_cfg.name_or_path, model_cfg.cache_dir)
-        tokenizer = load_tokenizer(str(hf_dir), model_cfg.cache_dir)
         try:
             hf_config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
         except (OSError, ValueError) as error:  # unparsable config.json, unknown model_type
             raise ConfigError(f"config key 'model.name_or_path' = {model_cfg.name_or_path!r}: "
                               f"{hf_dir}/config.json is not a usable model config ({one_line(error)})") from error
-        return ModelSource(hf_config, tokenizer, str(hf_dir))
+        return ModelSource(hf_config, load_tokenizer(str(hf_dir), model_cfg.cache_dir), str(hf_dir))
     from megacredit.models.tiny import tiny_config
 
     tokenizer = load_tokenizer(model_cfg.tiny.tokenizer, model_cfg.cache_dir, "model.tiny.tokenizer")
@@ -93,6 +92,10 @@ def build_data(cfg: MegacreditConfig) -> tuple[list[dict], list[dict]]:
 
         train = load_benchmark(data.dataset, data.train_path, skip_invalid_rows=data.skip_invalid_rows)
         val = load_benchmark(data.dataset, data.val_path or data.train_path, skip_invalid_rows=data.skip_invalid_rows)
+        for key, loaded in (("data.train_path", train), ("data.val_path", val)):
+            if not loaded.records:
+                raise ConfigError(f"config key '{key}': {loaded.source} holds no usable rows "
+                                  f"({loaded.num_skipped} malformed row(s) skipped)")
         return train.records, val.records
     if cfg.env.name != "arithmetic" and ":" not in cfg.env.name:
         raise ConfigError(
@@ -102,8 +105,11 @@ def build_data(cfg: MegacreditConfig) -> tuple[list[dict], list[dict]]:
     from megacredit.envs.arithmetic import generate_arithmetic_dataset
 
     seed = cfg.training.seed
-    train = generate_arithmetic_dataset(data.num_generated_train, seed, id_prefix="train", **data.generator_kwargs)
-    val = generate_arithmetic_dataset(data.num_generated_val, seed + 1, id_prefix="val", **data.generator_kwargs)
+    try:
+        train = generate_arithmetic_dataset(data.num_generated_train, seed, id_prefix="train", **data.generator_kwargs)
+        val = generate_arithmetic_dataset(data.num_generated_val, seed + 1, id_prefix="val", **data.generator_kwargs)
+    except (TypeError, ValueError) as error:  # an unknown keyword or difficulty
+        raise ConfigError(f"config key 'data.generator_kwargs' = {data.generator_kwargs!r}: {error}") from error
     return train, val
 
 
@@ -111,7 +117,11 @@ def build_env(cfg: MegacreditConfig):
     """The environment named by ``cfg.env``."""
     from megacredit.envs.registry import make_env
 
-    return make_env(cfg.env.name, **cfg.env.kwargs)
+    try:
+        return make_env(cfg.env.name, **cfg.env.kwargs)
+    except (ImportError, TypeError, ValueError) as error:  # unimportable, not an Environment, bad kwargs
+        raise ConfigError(f"config key 'env.name' = {cfg.env.name!r} with env.kwargs={cfg.env.kwargs!r}: "
+                          f"{one_line(error)}") from error
 
 
 def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource):
@@ -162,13 +172,18 @@ def objective_settings(cfg: MegacreditConfig):
     )
 
 
+def check_engine(cfg: MegacreditConfig) -> None:
+    """Only the embedded engine is wired into the trainer (checked before anything is built)."""
+    if cfg.rollout.engine != "embedded":
+        raise ConfigError(
+            f"config key 'rollout.engine' = {cfg.rollout.engine!r}: the SGLang/vLLM adapters (megacredit/rollout/) "
+            f"are unverified without a GPU and not wired into the trainer yet; use rollout.engine=embedded"
+        )
+
+
 def build_engine(cfg: MegacreditConfig, source: ModelSource):
     """The rollout engine (rank 0). Its weights come from the actor through the weight sync."""
-    if cfg.rollout.engine != "embedded":
-        raise NotImplementedError(
-            f"rollout.engine={cfg.rollout.engine!r}: the SGLang/vLLM adapters (megacredit/rollout/) are "
-            f"unverified without a GPU and not wired into the trainer yet; use rollout.engine=embedded"
-        )
+    check_engine(cfg)
     from megacredit.rollout.embedded import EmbeddedRolloutEngine
 
     return EmbeddedRolloutEngine.from_config(

@@ -2,7 +2,8 @@
 
 Turns nested plain dicts (from YAML) into typed dataclasses with errors that name the full
 dotted key, and applies ``key.sub=value`` command-line overrides whose values are parsed as
-YAML scalars (the dotlist convention of verl, NeMo-RL and Hydra).
+YAML scalars (the dotlist convention of Hydra, which verl's trainers and NeMo-RL's
+``nemo_rl/utils/config.py::parse_hydra_overrides`` use).
 
 Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Literal[...]``,
 ``Optional[X]`` (``X | None``), ``list[X]``, ``dict[str, Any]`` and nested dataclasses.
@@ -183,7 +184,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override '{text}': value is not valid YAML ({_yaml_problem(exc)}); "
+                          f"quote it to pass a string: {key}='\"...\"'") from None
     return key.split("."), value
 
 

@@ -57,6 +57,10 @@ def _exists(path: str) -> bool:
     return os.path.exists(os.path.expanduser(path))
 
 
+def _is_file(path: str) -> bool:
+    return os.path.isfile(os.path.expanduser(path))
+
+
 def hf_folder_problem(name_or_path: str) -> str | None:
     """Why ``name_or_path`` is not a local Hugging Face model folder (None when it is one)."""
     path = os.path.expanduser(name_or_path)
@@ -81,12 +85,21 @@ def _check_paths(cfg: "MegacreditConfig") -> None:
         _require(problem is None, "model.tiny.tokenizer", tokenizer, problem or "")
     for split in ("train", "val"):
         path = getattr(cfg.data, f"{split}_path")
-        _require(path is None or _exists(path), f"data.{split}_path", path,
-                 "file not found (give an existing JSONL/Parquet file, or null to let the "
-                 "environment generate prompts)")
+        _require(path is None or _is_file(path), f"data.{split}_path", path,
+                 ("is a directory, not a file" if path and _exists(path) else "file not found")
+                 + " (give an existing JSONL/Parquet file, or null to let the environment "
+                 "generate prompts)")
+        _require(path is None or os.path.splitext(path)[1].lower() in (".jsonl", ".json", ".parquet"),
+                 f"data.{split}_path", path, "unsupported file type: use .jsonl, .json or .parquet")
+    _check_env_importable(cfg.env.name)
+    for key, folder in (("logging.run_dir", cfg.logging.run_dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+        _require(folder is None or not _exists(folder) or os.path.isdir(os.path.expanduser(folder)),
+                 key, folder, "is a file; give a directory (created if missing)")
     resume = cfg.checkpoint.resume
-    _require(resume in ("auto", "none") or _exists(resume), "checkpoint.resume", resume,
-             "must be 'auto', 'none', or the path of an existing checkpoint")
+    _require(resume in ("auto", "none") or os.path.isdir(os.path.expanduser(resume)),
+             "checkpoint.resume", resume,
+             "must be 'auto', 'none', or an existing checkpoint directory (a checkpoint root "
+             "or one of its step_N folders)")
 
 
 def inapplicable_keys(name: str, explicit: set[str]) -> list[tuple[str, str]]:
@@ -223,6 +236,22 @@ def check_world_size(parallel: "ParallelConfig", world_size: int | None = None) 
                                       parallel.pipeline_model_parallel_size)
     if problem is not None:
         raise ConfigError(f"{problem}; or change parallel.*")
+
+
+def _check_env_importable(name: str) -> None:
+    """The module of a ``module:Class`` environment can be found on this machine."""
+    import importlib.util
+
+    from megacredit.envs.registry import valid_env_names
+
+    if name in valid_env_names():
+        return
+    module = name.partition(":")[0].strip()
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package, or a malformed name
+        found = False
+    _require(found, "env.name", name, f"module '{module}' cannot be imported (is it on PYTHONPATH?)")
 
 
 def _check_env_name(name: str) -> None:

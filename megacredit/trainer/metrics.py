@@ -16,7 +16,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 METRIC_NAMESPACES = ("rollout", "train", "teacher", "perf", "val")
 """Allowed first components of a metric name."""
@@ -281,7 +281,21 @@ def _line_problem(record: Any) -> str | None:
     return None
 
 
-def read_metrics(path: str | os.PathLike, skip_invalid: bool = False) -> list[dict[str, Any]]:
+def _token_credit_problem(record: Any) -> str | None:
+    problem = _line_problem(record)
+    if problem is not None:
+        return problem
+    tokens, credit = record.get("tokens"), record.get("credit", {})
+    if not isinstance(tokens, list):
+        return "has no 'tokens' list"
+    if not isinstance(credit, dict) or not all(isinstance(v, list) and len(v) == len(tokens)
+                                               for v in credit.values()):
+        return "has a 'credit' that is not a mapping of one value per token"
+    return None
+
+
+def read_metrics(path: str | os.PathLike, skip_invalid: bool = False,
+                 _problem: Callable[[Any], str | None] = _line_problem) -> list[dict[str, Any]]:
     """Records of a metrics JSONL file; a half-written (unparsable) last line is skipped.
 
     ``skip_invalid``: also skip malformed lines elsewhere (not JSON, not an object, no integer
@@ -301,7 +315,7 @@ def read_metrics(path: str | os.PathLike, skip_invalid: bool = False) -> list[di
                 break  # crash mid-write: drop the partial line
             problem = "is not valid JSON"
         else:
-            problem = _line_problem(record)
+            problem = _problem(record)
         if problem is None:
             records.append(record)
         elif skip_invalid:
@@ -361,4 +375,4 @@ def save_token_credit(
 
 def read_token_credit(path: str | os.PathLike, skip_invalid: bool = False) -> list[dict[str, Any]]:
     """Records written by :func:`save_token_credit` (``skip_invalid``: as :func:`read_metrics`)."""
-    return read_metrics(path, skip_invalid)
+    return read_metrics(path, skip_invalid, _token_credit_problem)

@@ -30,14 +30,13 @@ def parallel_layout_problem(world_size: int, tp: int, pp: int, launcher: str | N
                 f"pipeline_model_parallel_size={pp}")
     if world_size >= 1 and world_size % (tp * pp) == 0:
         return None
-    started = f"{world_size} process{'es' if world_size != 1 else ''} started"
-    if launcher:
-        started += f" by {launcher}"
+    processes = f"{world_size} process{'es' if world_size != 1 else ''}"
+    started = f"{processes} started" + (f" by {launcher}" if launcher and launcher != "single" else "")
     fitting = [d for d in range(1, world_size + 1) if world_size % d == 0] if world_size >= 1 else []
     return (
         f"world size {world_size} is not divisible by tensor_model_parallel_size * "
         f"pipeline_model_parallel_size = {tp} * {pp} = {tp * pp} ({started}); with "
-        f"{world_size} processes TP x PP must be one of {', '.join(map(str, fitting)) or 'none'}, "
+        f"{processes} TP x PP must be one of {', '.join(map(str, fitting)) or 'none'}, "
         f"or launch a multiple of {tp * pp} processes"
     )
 
