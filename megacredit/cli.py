@@ -7,22 +7,28 @@
   megacredit plot RUN_DIR [RUN_DIR ...] [--out PNG] (re)draw learning curves (several runs: overlaid)
   megacredit viz RUN_DIR [RUN_DIR ...] [--out HTML] token-credit heatmaps, runs side by side
 
-A configuration error prints one line naming the key and exits with status 2.
+A setup error (config, data row, model folder, checkpoint, TP x PP vs the processes started,
+run directory) prints one line, ``megacredit: error: ...``, and exits with status 2.
+``--debug`` (or the environment variable MEGACREDIT_DEBUG=1) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 from megacredit.trainer.config_parsing import ConfigError, ConfigWarning
+from megacredit.utils.errors import SetupError
 
 EXIT_CONFIG_ERROR = 2
 EXIT_MISSING_COMPONENT = 1
+DEBUG_ENV = "MEGACREDIT_DEBUG"
 CONVERTERS = {
     "hf-to-mcore": ("megacredit.megatron.convert", "hf_to_mcore_main"),
     "mcore-to-hf": ("megacredit.megatron.convert", "mcore_to_hf_main"),
@@ -34,6 +40,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="megacredit",
         description="On-policy self-distillation RL (GRPO, SDPO, CREDIT, RLSD) on Megatron-Core.",
     )
+    parser.add_argument("--debug", action="store_true", default=_debug_from_env(),
+                        help="show the full traceback of an error (also: MEGACREDIT_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train with a YAML config and key=value overrides")
@@ -61,7 +69,13 @@ def _build_parser() -> argparse.ArgumentParser:
                      "./token_credit.html for several)")
     viz.add_argument("--series", nargs="+", help="only these per-token series (e.g. delta_v s_t r_t rlsd_weight)")
     viz.add_argument("--steps", nargs="+", type=int, help="only these training steps")
+    for sub in (train, show, plot, viz):  # --debug also after the command
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _debug_from_env() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _lazy_attr(module_name: str, attr: str, what: str) -> Callable:
@@ -114,6 +128,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from megacredit.trainer.visualize import plot_runs, render_run
 
     for run_dir in map(Path, args.run_dirs):
+        if run_dir.is_file():
+            return _fail(f"'{run_dir}' is a file; give a run directory (the one holding {METRICS_FILE})", 2)
         if not (run_dir / METRICS_FILE).is_file():
             return _fail(f"'{run_dir / METRICS_FILE}' not found: is '{run_dir}' a megacredit run "
                          "directory?", 2)
@@ -149,11 +165,23 @@ def _show_config_warnings_in_one_line() -> None:
     warnings.showwarning = show
 
 
+def _show_package_log_warnings() -> None:
+    """megacredit's logged warnings (skipped rows, damaged checkpoints) as ``megacredit: warning:``."""
+    package_logger = logging.getLogger("megacredit")
+    if package_logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("megacredit: warning: %(message)s"))
+    package_logger.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``megacredit`` console script; returns the exit status."""
     args = _build_parser().parse_args(argv)
     if argv is None:  # the console script, not a library call
         _show_config_warnings_in_one_line()
+        _show_package_log_warnings()
     handlers = {
         "train": _cmd_train,
         "config": _cmd_config_show,
@@ -163,8 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except ConfigError as exc:
-        return _fail(f"config error: {exc}", EXIT_CONFIG_ERROR)
+    except SetupError as exc:
+        if args.debug:
+            raise
+        # Other setup errors (DatasetRowError: file, row and field) carry their whole story.
+        prefix = "config error: " if isinstance(exc, ConfigError) else ""
+        return _fail(f"{prefix}{exc}", EXIT_CONFIG_ERROR)
 
 
 if __name__ == "__main__":

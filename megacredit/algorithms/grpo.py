@@ -6,14 +6,16 @@ RLSD eq. 2:   L_GRPO = E[ 1/G sum_i 1/|y^(i)| sum_t min(rho_t A^(i), clip(rho_t,
 
 CHOICE (std): sigma_G is the UNBIASED sample standard deviation (Bessel's correction, divide
 by G - 1), i.e. ``torch.std`` with its default ``correction=1``, exactly what verl's
-``compute_grpo_outcome_advantage`` uses; both papers train with verl (CREDIT Table 3: "verl";
-RLSD section 5.1: "VERL and EasyR1"). An ``eps`` is added to sigma_G (``(R - mu)/(sigma + eps)``)
-so that groups with identical rewards give advantage exactly 0 instead of NaN.
+``compute_grpo_outcome_advantage`` (``verl/trainer/ppo/core_algos.py``) uses; both papers
+train with verl (CREDIT Table 3: "verl"; RLSD section 5.1: "VERL and EasyR1"). An ``eps`` is
+added to sigma_G (``(R - mu)/(sigma + eps)``) so that groups with identical rewards give
+advantage exactly 0 instead of NaN.
 
-Clipped surrogate: as in DAPO/RLSD, the clip range may be asymmetric ``[1 - eps_low,
-1 + eps_high]`` (CREDIT: 0.2 / 0.2, RLSD: 0.2 / 0.28). No KL penalty, no entropy bonus (both
-papers). The per-token loss to MINIMISE is ``pg_loss = max(-A rho, -A clip(rho))``, the
-negation of the min in eq. 2; aggregate it with :func:`megacredit.algorithms.losses.aggregate`.
+Clipped surrogate: as in DAPO (arXiv:2503.14476, "Clip-Higher") and RLSD, the clip range may
+be asymmetric ``[1 - eps_low, 1 + eps_high]`` (CREDIT: 0.2 / 0.2, RLSD: 0.2 / 0.28). No KL
+penalty, no entropy bonus (both papers). The per-token loss to MINIMISE is ``pg_loss =
+max(-A rho, -A clip(rho))``, the negation of the min in eq. 2; aggregate it with
+:func:`megacredit.algorithms.losses.aggregate`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 
 from megacredit.algorithms.losses import check_mask_2d, check_same_shape, masked_mean, zero_masked
 
-# log(rho) is clamped to this range before exp, as verl does, so that a stale token cannot
-# overflow the ratio to inf (exp(20) ~ 4.9e8 is already far outside any clip range).
+# log(rho) is clamped to this range before exp, as verl's compute_policy_loss_vanilla does, so
+# that a stale token cannot overflow the ratio to inf (exp(20) ~ 4.9e8 is already far outside any clip range).
 LOG_RATIO_CLAMP = 20.0
 
 
@@ -92,9 +94,11 @@ def ppo_clip_loss(
             (e.g. RLSD's A_hat_t, a drop-in replacement, RLSD section 4.2). Detached.
         mask: [B, T] valid response tokens.
         clip_eps_low, clip_eps_high: clip range ``[1 - clip_eps_low, 1 + clip_eps_high]``.
-        dual_clip_c: None (default; neither paper mentions it) or the dual-clip bound c > 1 of
-            verl's vanilla policy loss (verl default 3.0): for A < 0 the loss is capped at
-            ``-A * c``, so a huge ratio on a negative-advantage token cannot blow up.
+        dual_clip_c: None (off) or the dual-clip bound c > 1 (arXiv:1912.09729) of verl's
+            ``verl/trainer/ppo/core_algos.py::compute_policy_loss_vanilla`` (``clip_ratio_c``,
+            default 3.0, which the trainer's ``algorithm.dual_clip_c`` also defaults to; neither
+            paper names it): for A < 0 the loss is capped at ``-A * c``, so a huge ratio on a
+            negative-advantage token cannot blow up.
 
     Returns:
         ``pg_loss`` [B, T] (0 at masked positions) and metrics (0-dim detached tensors, masked

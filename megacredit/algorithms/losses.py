@@ -7,7 +7,8 @@ Aggregation modes (RLSD eq. 2 / eq. 16 and the DAPO-style token mean):
 * ``seq-mean-token-mean``: ``(1/G') sum_i (1/|y_i|) sum_t m_{i,t} l_{i,t}`` -- RLSD eq. 2/16's
   ``1/G sum_i 1/|y^(i)| sum_t``, where ``|y_i| = sum_t m_{i,t}`` and ``G'`` counts the sequences
   with at least one valid token (a sequence whose mask is all zero, e.g. a sample without a
-  teacher signal in SDPO, contributes nothing and is not counted; verl does the same).
+  teacher signal in SDPO, contributes nothing and is not counted; so does verl's ``agg_loss`` in
+  ``verl/trainer/ppo/core_algos.py``).
 
 Global normalisation across micro-batches and data-parallel ranks
 ----------------------------------------------------------------
@@ -24,8 +25,8 @@ Then ``sum over all pieces of aggregate(...)`` equals ``aggregate`` of the full 
 exactly (up to float summation order; tested). Note the framework convention: the returned
 value is this piece's ADDITIVE SHARE of the full-batch loss. If the DP gradient all-reduce
 AVERAGES instead of sums (the default of torch DDP and Megatron DDP), the trainer must multiply
-the share by the DP world size (verl's ``* dp_size``), and it must not let the pipeline schedule
-divide by the number of micro-batches again.
+the share by the DP world size (``* dp_size`` in verl's ``agg_loss``), and it must not let the
+pipeline schedule divide by the number of micro-batches again.
 """
 
 from __future__ import annotations

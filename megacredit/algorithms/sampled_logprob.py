@@ -6,9 +6,10 @@ Two paths, same result (up to the fused kernel's float32 rounding):
   -- masked local gather + all-reduce, minus the global logsumexp, differentiable;
 * Transformer Engine (``use_te_fused_cross_entropy=True`` AND TE importable AND the logits are
   on CUDA): TE's fused Triton vocab-parallel cross entropy,
-  ``transformer_engine.pytorch.cross_entropy.parallel_cross_entropy(input, target,
-  label_smoothing, reduce_loss, dist_process_group, ignore_idx)`` (an autograd Function's
-  ``apply``; positional arguments as in TE 2.x; ``input`` is (B, SQ, V/TP), ``target`` (B, SQ)
+  ``transformer_engine.pytorch.cross_entropy.parallel_cross_entropy(inp, target,
+  label_smoothing, reduce_loss, dist_process_group, ignore_idx)`` (``CrossEntropyFunction.apply``
+  itself up to TE 2.9, a function with the same positional order from 2.10; called
+  positionally; ``inp`` is (B, SQ, V/TP), ``target`` (B, SQ)
   global ids, returns the per-token loss = -log p(target) in float32 when
   ``reduce_loss=False``). TE assumes equal shards with rank r holding
   [r * V_local, (r + 1) * V_local); other layouts fall back to ours.

@@ -11,10 +11,13 @@ sees the vocabulary. Which ids (``topk_source``) is the CALLER's choice:
 
 * ``teacher`` (default, CREDIT Table 3: "teacher's top-20 / top-100 tokens"): ids = top-K of
   pi_ref(. | x, y<t, z); the student's log-probs are gathered at those ids.
-* ``student`` (the public SDPO code): ids = top-K of pi_theta(. | x, y<t); the teacher's
-  log-probs are gathered at those ids. The ids are not differentiable in either case.
+* ``student`` (the public SDPO code, lasgroup/SDPO ``verl/workers/actor/dp_actor.py``, whose
+  teacher pass takes ``topk_indices=student_topk_indices``): ids = top-K of pi_theta(. | x, y<t);
+  the teacher's log-probs are gathered at those ids. The ids are not differentiable in either case.
 
-Top-K distributions ("bins"), as the public SDPO code (``distillation_add_tail``):
+Top-K distributions ("bins"), as the public SDPO code (``distillation_add_tail`` of
+``SelfDistillationConfig`` in lasgroup/SDPO ``verl/workers/config/actor.py``; the ``add_tail`` /
+``renorm_topk_log_probs`` helpers inside ``compute_self_distillation_loss``, below):
 
 * ``tail=False``: both sides renormalised within the K ids, p_k / sum_j p_j.
 * ``tail=True``: K+1 bins, the K probabilities as they are plus a tail bin
@@ -23,9 +26,8 @@ Top-K distributions ("bins"), as the public SDPO code (``distillation_add_tail``
 
 Divergence convention (matches the public SDPO code's ``alpha``: ``compute_self_distillation_loss``
 in lasgroup/SDPO ``verl/trainer/ppo/core_algos.py``, which special-cases alpha = 0 / 1 as the
-two KLs and otherwise takes ``lerp(KL(S||M), KL(T||M), alpha)``; read, not copied. NOTE: the
-lasgroup/SDPO snapshot read (commit 229d1378) also maps alpha == 0.75 / 0.25 to Renyi
-divergences; we do NOT replicate that quirk -- every 0 < alpha < 1 is the JSD below):
+two KLs and otherwise takes ``lerp(KL(S||M), KL(T||M), alpha)`` with M = (1 - alpha) S + alpha T;
+read, not copied):
 
 * ``alpha = 1``: reverse KL  KL(S || T) = sum_v S(v) (log S(v) - log T(v))   (code tasks)
 * ``alpha = 0``: forward KL  KL(T || S) = sum_v T(v) (log T(v) - log S(v))

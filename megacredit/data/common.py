@@ -19,10 +19,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from megacredit.utils.errors import SetupError, one_line
+
 logger = logging.getLogger(__name__)
 
 
-class DatasetRowError(ValueError):
+class DatasetRowError(SetupError, ValueError):
     """A row of a dataset file is malformed. Names the file, the 1-based row and the field."""
 
     def __init__(self, path: str, row: int, field_name: str, message: str) -> None:
@@ -34,6 +36,14 @@ class DatasetRowError(ValueError):
             f"{self.path}: row {row} (1-based), field {field_name!r}: {message} "
             "(fix the row, or pass skip_invalid_rows=True to skip and count such rows)"
         )
+
+
+class DatasetFileError(SetupError, ValueError):
+    """A dataset file cannot be read at all (missing, unsupported type, unreadable table)."""
+
+
+class DatasetFileNotFoundError(DatasetFileError, FileNotFoundError):
+    """The dataset file does not exist."""
 
 
 @dataclass
@@ -98,19 +108,19 @@ def read_rows(path: str) -> list[dict[str, Any] | DatasetRowError]:
     are re-read line by line so the offending rows come back as DatasetRowError entries.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"dataset file not found: {path}")
+        raise DatasetFileNotFoundError(f"dataset file not found: {path}")
     import datasets  # local import: heavy
 
     extension = os.path.splitext(path)[1].lower()
     builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(extension)
     if builder is None:
-        raise ValueError(f"{path}: unsupported dataset file type {extension!r}; use .jsonl, .json or .parquet")
+        raise DatasetFileError(f"{path}: unsupported dataset file type {extension!r}; use .jsonl, .json or .parquet")
     try:
         table = datasets.load_dataset(builder, data_files=path, split="train")
         return [dict(row) for row in table]
     except Exception as error:  # noqa: BLE001 - datasets raises many kinds; we re-diagnose below
         if extension != ".jsonl":
-            raise ValueError(f"{path}: could not be read by datasets: {error}") from error
+            raise DatasetFileError(f"{path}: could not be read by datasets: {one_line(error)}") from error
         logger.info("datasets could not read %s (%s); re-reading line by line", path, type(error).__name__)
         return _read_json_lines(path)
 

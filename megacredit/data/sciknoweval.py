@@ -1,14 +1,14 @@
 """SciKnowEval (Level 3) loader, native `hicai-zju/SciKnowEval` field layout, offline.
 
-ASSUMPTION (from the SDPO data pipeline that the CREDIT paper follows, lasgroup/SDPO
-``data/format/sciknoweval.py``, checked with the search tool; the dataset card was not
+Field layout, as the SDPO data pipeline that the CREDIT paper follows reads it (lasgroup/SDPO
+``data/format/sciknoweval.py``: ``format`` and ``load_sciknoweval``; the dataset card was not
 reachable here): each native row has ``question`` (str), ``choices`` = ``{"text": [...],
 "label": ["A", "B", ...]}``, ``answerKey`` (a label), ``domain`` (``Biology``, ``Chemistry``,
-``Material``, ``Physics``), ``details`` = ``{"level": "L3", "task": ..., "subtask": ...}``
-and ``type`` (``mcq-4-choices``, ``mcq-2-choices``, ``true_or_false``, ``open-ended``, ...).
-The paper uses Level-3 multiple-choice questions (SDPO: ``levels=["L3"]``, ``types=
-["mcq-4-choices", "mcq-2-choices"]``) and SDPO's split, a ``datasets`` ``train_test_split(
-test_size=0.1, seed=42)`` per domain, which :func:`split_sciknoweval` reproduces.
+``Material``, ``Physics``: the domains of SDPO's ``data/README.md``), ``details`` = ``{"level":
+"L3", ...}`` and ``type``. The paper uses Level-3 multiple-choice questions (SDPO's
+``data/load_dataset.py`` passes ``levels=["L3"]``, ``types=["mcq-4-choices", "mcq-2-choices"]``)
+and SDPO's split, a ``datasets`` ``train_test_split(test_size=0.1, seed=42)`` per domain
+(``data/split_tasks.py::split_tasks``), which :func:`split_sciknoweval` reproduces.
 
 Record produced (consumed by MultipleChoiceEnv): ``id``, ``task='multiple_choice'``,
 ``prompt`` (question + options + "Please reason step by step."), ``system`` (the appendix

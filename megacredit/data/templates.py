@@ -50,7 +50,8 @@ CODE_PROMPT = (
     "by outlining your thought process. In the end, please provide the complete code in a code block enclosed "
     "with ``` ```.\n\n{problem}"
 )
-"""LiveCodeBench student prompt (SDPO's CODE_PROMPT; appendix: "You are a coding expert…")."""
+"""LiveCodeBench student prompt (lasgroup/SDPO ``data/format/prompts.py::CODE_PROMPT``; appendix: "You
+are a coding expert…")."""
 
 SCIKNOWEVAL_SYSTEM_PROMPT = (
     "\nGiven a question and four options, please select the right answer. Respond in the following format:\n"
@@ -58,7 +59,8 @@ SCIKNOWEVAL_SYSTEM_PROMPT = (
     "For the answer, only output the letter corresponding to the correct option (A, B, C, or D), and nothing "
     'else. Do not restate the answer text. For example, if the answer is "A", just output:\n<answer>\nA\n</answer>\n'
 )
-"""SciKnowEval system message (SDPO's SYSTEM_PROMPT; appendix: "Given a question and four options…")."""
+"""SciKnowEval system message (lasgroup/SDPO ``data/format/sciknoweval.py::SYSTEM_PROMPT``; appendix:
+"Given a question and four options…")."""
 
 TOOLALPACA_PROMPT = (
     "Your task is to answer the user's question using available tools. \n"
@@ -71,7 +73,8 @@ TOOLALPACA_PROMPT = (
     "realistic and from the user.\n\n"
     "Begin!\nQuestion: {question}"
 )
-"""ToolAlpaca student prompt (the text of SDPO's tooluse rows; appendix: "Your task is to answer…")."""
+"""ToolAlpaca student prompt (the ``prompt`` text of the rows of lasgroup/SDPO
+``datasets/tooluse/test.json``; appendix: "Your task is to answer…")."""
 
 SOLUTION_HEADER = "Correct solution:\n"
 """Precedes the successful sibling rollout in the teacher context (appendix A.1)."""
@@ -88,7 +91,8 @@ REFERENCE_ANSWER_HEADER = "Correct answer: "
 
 
 def livecodebench_prompt(question_content: str, starter_code: str = "") -> str:
-    """x for one LCB problem: CODE_PROMPT around the statement (+ the starter code, verbatim)."""
+    """x for one LCB problem: CODE_PROMPT around the statement (+ the starter code, verbatim; SDPO's
+    ``data/utils/livecodebench.py`` writes the same sentence around a parsed signature instead)."""
     problem = question_content.strip()
     if starter_code and starter_code.strip():
         problem += f"\n\nYour solution should have the following signature: ```python\n{starter_code.strip()}\n```"

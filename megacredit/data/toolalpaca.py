@@ -18,10 +18,10 @@ A.1), ``system=None``, ``api_name``, ``question``, ``expected_calls`` (``[{"name
 ``source_kind`` (``'instances'`` or ``'golden'``), ``reference_answer`` (the expected calls as
 ``Action: ...`` / ``Action Input: ...`` lines, for RLSD).
 
-The 4046/68 split (CREDIT appendix A, "standard ToolAlpaca split", via SDPO's
-``datasets/tooluse/{train,test}.json``): SDPO's test rows are ids 4046..4113, 68 questions of
-the simulated evaluation APIs (eval_simulated.json has 100; the filter that dropped 32 is not
-published). :func:`split_toolalpaca` therefore takes the split file (a list of
+The 4046/68 split (CREDIT appendix A, "standard ToolAlpaca split", via lasgroup/SDPO's
+``datasets/tooluse/{train,test}.json``): SDPO's test rows are ``idx`` 4046..4113, 68 questions
+of the simulated evaluation APIs (tangqiaoyu/ToolAlpaca ``data/eval_simulated.json`` has 100
+instructions over 10 APIs; the filter that dropped 32 is not published). :func:`split_toolalpaca` therefore takes the split file (a list of
 ``{"api_name", "question"}``, or SDPO's own test.json whose ``prompt`` holds both) for an exact
 reproduction, and otherwise applies a seeded rule: train = all ``Instances`` records, test =
 ``num_test`` golden records drawn with ``random.Random(seed)``.

@@ -24,7 +24,8 @@ import traceback
 
 RESULT_MARK = "@@RESULT@@ "
 SOLUTION_FILENAME = "Solution.py"
-# The imports LiveCodeBench's harness puts in front of every solution (so `List`, `defaultdict`,
+# The imports LiveCodeBench's harness puts in front of every solution (``import_string`` in
+# LiveCodeBench/LiveCodeBench lcb_runner/evaluation/testing_util.py; so `List`, `defaultdict`,
 # `heapq` etc. work without an import, as on the judge). Run once in the runner before forking.
 IMPORT_HEADER = (
     "from string import *\nfrom re import *\nfrom datetime import *\nfrom collections import *\n"

@@ -134,8 +134,10 @@ def _as_decimals(line: str) -> list[Decimal] | None:
 
 
 def stdout_matches(actual: str, expected: str) -> bool:
-    """LiveCodeBench's stdin grading: equal line by line after stripping whitespace; a line that
-    differs still matches when its tokens are numerically equal decimals ("1.0" vs "1.00")."""
+    """LiveCodeBench's stdin grading (``grade_stdio`` in LiveCodeBench/LiveCodeBench
+    lcb_runner/evaluation/testing_util.py): equal line by line after stripping whitespace; a
+    line that differs still matches when its tokens are numerically equal decimals ("1.0" vs
+    "1.00")."""
     actual_lines, expected_lines = _lines(actual), _lines(expected)
     if len(actual_lines) != len(expected_lines):
         return False

@@ -14,8 +14,9 @@ Feedback, as in appendix A.1 (ToolAlpaca self-teacher context)::
 
     Actions mismatch: predicted [searchAxolotlImages], expected [getRandomAxolotlImage]
 
-and, when the tool names agree but the arguments do not (the upstream SDPO scorer's second
-message, same ``; `` separator)::
+and, when the arguments do not match (the second message of the upstream SDPO scorer,
+lasgroup/SDPO ``verl/utils/reward_score/feedback/tooluse.py::compute_score``, same ``; ``
+separator)::
 
     Action inputs mismatch: predicted [{"color": "wild"}], expected [{}]
 

@@ -25,6 +25,11 @@ from megacredit.megatron.hf_mapping import (
     mapping_for,
     shard_for_rank,
 )
+from megacredit.utils.errors import SetupError, one_line
+
+
+class HFCheckpointError(SetupError, FileNotFoundError):
+    """A Hugging Face folder has no (readable) safetensors weights."""
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -73,7 +78,7 @@ class HFTensorSource:
             return
         folder = Path(hf_dir_or_state_dict)
         if not folder.is_dir():
-            raise FileNotFoundError(f"Hugging Face checkpoint folder {folder} does not exist")
+            raise HFCheckpointError(f"Hugging Face checkpoint folder {folder} does not exist")
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -81,7 +86,7 @@ class HFTensorSource:
         else:
             files = sorted(folder.glob("*.safetensors"))
             if not files:
-                raise FileNotFoundError(
+                raise HFCheckpointError(
                     f"no *.safetensors in {folder}; megacredit loads safetensors checkpoints only "
                     f"(convert .bin files with transformers' save_pretrained(safe_serialization=True))"
                 )
@@ -93,7 +98,11 @@ class HFTensorSource:
         from safetensors import safe_open
 
         if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+                raise HFCheckpointError(f"cannot read the weights file {file}: {one_line(error)}") from error
+            self._handles[file] = self._stack.enter_context(handle)
         return self._handles[file]
 
     def names(self) -> set[str]:

@@ -5,10 +5,16 @@ Layout of a checkpoint root::
     root/
       latest                      text file "step_000123", written last (atomic replace)
       step_000120/                a complete checkpoint
-        megacredit_checkpoint.json  {"step", "layout", "format_version"}: the completion marker
+        megacredit_checkpoint.json  {"step", "layout", "format_version", "manifest", ...}: the
+                                    completion marker; "manifest" lists every other file's size
+                                    (and SHA-256 of the small ones, checkpoint_manifest.py)
         common.pt, *.distcp, .metadata, metadata.json   (dist_checkpointing files)
       step_000123/
       step_000126.tmp/            a save in progress or one that crashed: never picked
+
+A checkpoint is intact only when its files still match its manifest (:func:`checkpoint_problem`);
+:func:`find_latest_checkpoint` skips a damaged newer one (a truncated or missing shard) with a
+warning naming it and returns the newest intact one.
 
 What is saved: the model's sharded state dict (resharding on load: a TP=2 checkpoint loads at
 TP=1 and back, any PP/DP), the optimizer's (Megatron optimizer, also reshardable), per-rank RNG
@@ -17,9 +23,11 @@ data-loader position, ... saved once in the common part, so it must be the same 
 and ``extra_sharded_state`` (a mapping of ShardedTensors, e.g. the EMA teacher's weights built
 with :func:`sharded_like_params`).
 
-Atomicity: every rank writes into ``step_XXXXXX.tmp/``; after a barrier rank 0 writes the
-completion marker, renames the directory to ``step_XXXXXX/``, then rewrites ``latest``, prunes to
-``keep_last`` and a final barrier lets every rank return. A crash at any point leaves either the
+Atomicity: every rank writes into ``step_XXXXXX.tmp/``; after a barrier rank 0 lists the files
+(every other rank confirms the listing from its own view of the shared directory), writes the
+completion marker with that manifest, renames the directory to ``step_XXXXXX/``, then rewrites
+``latest``, prunes to ``keep_last`` and a final collective lets every rank return (or raise,
+when the ranks' views disagree or rank 0 could not publish). A crash at any point leaves either the
 previous complete checkpoint as the latest, or the new one complete.
 
 Saves are synchronous. Megatron's asynchronous save starts a multiprocessing Manager which
@@ -43,19 +51,23 @@ import numpy as np
 import torch
 
 from megacredit.megatron import cpu_compat
+from megacredit.megatron.checkpoint_manifest import list_files, listing_disagreement, manifest_problem
 from megacredit.megatron.distributed import ParallelContext
+from megacredit.utils.comm import all_gather_objects, broadcast_object
+from megacredit.utils.errors import SetupError, one_line
 
 logger = logging.getLogger(__name__)
 
 MARKER_FILE = "megacredit_checkpoint.json"
 LATEST_FILE = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the marker holds a manifest of the directory's files (checkpoint_manifest)."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Megatron's DistributedOptimizer format that reshards over TP/PP/DP (ignored by the others).
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SetupError, RuntimeError):
     """A checkpoint is missing, incomplete or does not match the model."""
 
 
@@ -88,55 +100,107 @@ def _layout(ctx: ParallelContext) -> dict[str, int]:
     return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size}
 
 
-def is_complete_checkpoint(path: str | Path) -> bool:
-    """A finished step directory: name ``step_N`` (no ``.tmp``) and the completion marker."""
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not an intact checkpoint (None when it is one).
+
+    Intact: a ``step_N`` directory (no ``.tmp``) whose completion marker parses and whose files
+    match the marker's manifest (megacredit.megatron.checkpoint_manifest). Markers of format 1
+    (saved before manifests existed) are trusted as they are.
+    """
     path = Path(path)
-    return bool(_STEP_DIR.match(path.name)) and (path / MARKER_FILE).is_file()
+    if not _STEP_DIR.match(path.name) or not path.is_dir():
+        return "not a step_N checkpoint directory"
+    marker = path / MARKER_FILE
+    if not marker.is_file():
+        return f"no {MARKER_FILE} (an unfinished save)"
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{MARKER_FILE} is unreadable ({one_line(error)})"
+    if not isinstance(info, dict) or "step" not in info:
+        return f"{MARKER_FILE} holds no step"
+    if int(info.get("format_version", 1)) < 2:
+        return None
+    if not isinstance(info.get("manifest"), dict):
+        return f"{MARKER_FILE} holds no manifest"
+    return manifest_problem(path, info["manifest"])
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """An intact checkpoint (see :func:`checkpoint_problem`)."""
+    return checkpoint_problem(path) is None
+
+
+def _finished_step_dirs(root: Path) -> list[Path]:
+    """``step_N`` directories holding a completion marker, oldest first (intact or not)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MARKER_FILE).is_file()]
+    return sorted(found, key=_step_of)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete step directories under ``root``, oldest first (``*.tmp`` and partial ones skipped)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    complete = [p for p in root.iterdir() if p.is_dir() and is_complete_checkpoint(p)]
-    return sorted(complete, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    """Intact step directories under ``root``, oldest first (``*.tmp``, partial and damaged
+    ones skipped)."""
+    return [p for p in _finished_step_dirs(Path(root)) if is_complete_checkpoint(p)]
 
 
-def find_latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint in ``root`` or None.
+def damaged_checkpoints(root: str | Path) -> list[tuple[Path, str]]:
+    """(step directory, problem) of each finished save whose contents no longer match."""
+    found = [(p, checkpoint_problem(p)) for p in _finished_step_dirs(Path(root))]
+    return [(p, problem) for p, problem in found if problem is not None]
 
-    Follows the ``latest`` marker when it names a complete checkpoint, else falls back to the
-    highest complete ``step_N`` directory (a crash between rename and marker update).
+
+def find_latest_checkpoint(root: str | Path, warn: bool = True) -> Path | None:
+    """The newest intact checkpoint in ``root``, or None.
+
+    A newer finished save that is damaged (a truncated or missing shard, see
+    :func:`checkpoint_problem`) is skipped with a warning naming it (``warn=False``: silently,
+    e.g. on all ranks but 0). The ``latest`` file is advisory (a crash between rename and its
+    update leaves it one step behind).
     """
-    root = Path(root)
-    marker = root / LATEST_FILE
-    candidates = list_checkpoints(root)
-    if marker.is_file():
-        named = root / marker.read_text().strip()
-        if is_complete_checkpoint(named) and (not candidates or named == candidates[-1]):
-            return named
-    return candidates[-1] if candidates else None
+    for path in reversed(_finished_step_dirs(Path(root))):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if warn:
+            logger.warning("checkpoint %s is damaged (%s); skipping it", path, problem)
+    return None
 
 
-def resolve_checkpoint(path: str | Path, step: int | None = None) -> Path:
-    """A complete step directory from a root (latest, or ``step``) or a step directory itself."""
+def _no_intact_checkpoint(root: Path) -> CheckpointError:
+    damaged = damaged_checkpoints(root)
+    if damaged:
+        listed = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
+        return CheckpointError(f"no intact checkpoint in {root} ({listed}); restore the files, "
+                               f"delete the damaged step directories, or start fresh with checkpoint.resume=none")
+    return CheckpointError(f"no complete checkpoint in {root}: expected step_N/ directories holding "
+                           f"{MARKER_FILE} (*.tmp directories are unfinished saves)")
+
+
+def resolve_checkpoint(path: str | Path, step: int | None = None, warn: bool = True) -> Path:
+    """An intact step directory from a root (latest, or ``step``) or a step directory itself."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    if is_complete_checkpoint(path):
+    if _STEP_DIR.match(path.name) and (path / MARKER_FILE).is_file():
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
         return path
     if step is not None:
         chosen = path / step_dir_name(step)
-        if not is_complete_checkpoint(chosen):
-            raise CheckpointError(f"no complete checkpoint for step {step} in {path} (looked for {chosen})")
+        problem = checkpoint_problem(chosen)
+        if problem is not None:
+            raise CheckpointError(f"no complete checkpoint for step {step} in {path} ({chosen.name}: {problem})")
         return chosen
-    latest = find_latest_checkpoint(path)
+    latest = find_latest_checkpoint(path, warn)
     if latest is None:
-        raise CheckpointError(
-            f"no complete checkpoint in {path}: expected step_N/ directories holding {MARKER_FILE} "
-            f"(*.tmp directories are unfinished saves)"
-        )
+        raise _no_intact_checkpoint(path)
     return latest
 
 
@@ -236,17 +300,37 @@ def _publish(tmp_dir: Path, final_dir: Path, root: Path, info: dict[str, Any]) -
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints (0 = keep all); rank 0 only.
+    """Keep the newest ``keep_last`` intact checkpoints (0 = keep all); rank 0 only.
 
+    Deletes the older intact ones and the damaged ones older than the oldest kept (a damaged
+    save newer than every intact one stays for inspection until its step is saved again).
     Returns the deleted directories. Unfinished ``*.tmp`` directories are left alone.
     """
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0 (0 keeps all), got {keep_last}")
-    complete = list_checkpoints(root)
-    doomed = complete[:-keep_last] if keep_last else []
+    intact = list_checkpoints(root)
+    if not keep_last or not intact:
+        return []
+    kept = intact[-keep_last:]
+    oldest_kept = _step_of(kept[0])
+    doomed = [p for p in _finished_step_dirs(Path(root)) if p not in kept and _step_of(p) < oldest_kept]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def _confirmed_listing(tmp_dir: Path, rank: int) -> tuple[dict[str, Any], str | None]:
+    """Rank 0's listing of the saved files (with checksums), checked against every rank's own
+    view; returns it and the ranks' disagreements (None when all agree). Collective."""
+    reference = broadcast_object(list_files(tmp_dir, exclude=(MARKER_FILE,)) if rank == 0 else None)
+    own = reference if rank == 0 else list_files(tmp_dir, exclude=(MARKER_FILE,), checksums=False)
+    reports = all_gather_objects(listing_disagreement(reference, own))
+    problems = [f"rank {r} {report}" for r, report in enumerate(reports) if report]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more ranks)" if len(problems) > 3 else "")
+        return reference, (f"{shown}: the checkpoint directory must be on a filesystem shared "
+                           f"(coherently) by all ranks")
+    return reference, None
 
 
 def save_checkpoint(
@@ -290,15 +374,40 @@ def save_checkpoint(
                          loading=False, with_rng=save_rng, with_optimizer=True)
     dist_checkpointing.save(state, str(tmp_dir))
     _barrier()
-    if ctx.rank == 0:
+    manifest, problem = _confirmed_listing(tmp_dir, ctx.rank)
+    if ctx.rank == 0 and problem is None:
         info = {"step": int(step), "layout": _layout(ctx), "format_version": FORMAT_VERSION,
                 "has_optimizer": optimizer is not None, "has_rng": save_rng,
-                "params_dtype": _params_dtype_name(model_chunks)}
-        _publish(tmp_dir, final_dir, root, info)
-        if keep_last:
-            prune_checkpoints(root, keep_last)
-    _barrier()
+                "params_dtype": _params_dtype_name(model_chunks), "manifest": manifest}
+        try:
+            _publish(tmp_dir, final_dir, root, info)
+            if keep_last:
+                prune_checkpoints(root, keep_last)
+        except OSError as error:  # e.g. a full disk: every rank must hear of it, not hang
+            problem = one_line(error)
+    problem = broadcast_object(problem)  # also the final barrier
+    if problem is not None:
+        raise CheckpointError(f"checkpoint of step {step} was not published ({tmp_dir} kept): {problem}")
     return final_dir
+
+
+def _resolve_on_every_rank(ckpt_dir: str | Path, step: int | None, rank: int) -> Path:
+    """:func:`resolve_checkpoint` on each rank; every rank raises if any rank failed or the ranks
+    chose different directories (so none is left waiting in the collective load). Collective."""
+    try:
+        path, problem = resolve_checkpoint(ckpt_dir, step, warn=rank == 0), None
+    except CheckpointError as error:
+        path, problem = None, str(error)
+    views = all_gather_objects((str(path) if path else None, problem))
+    if problem is not None:
+        raise CheckpointError(problem)
+    for other, (other_path, other_problem) in enumerate(views):
+        if other_problem is not None:
+            raise CheckpointError(f"rank {other}: {other_problem}")
+        if other_path != views[0][0]:
+            raise CheckpointError(f"ranks chose different checkpoints ({views[0][0]} on rank 0, {other_path} on "
+                                  f"rank {other}): the checkpoint directory must be shared by all ranks")
+    return path
 
 
 def load_checkpoint(
@@ -321,7 +430,7 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    path = resolve_checkpoint(ckpt_dir, step)
+    path = _resolve_on_every_rank(ckpt_dir, step, ctx.rank)
     info = read_checkpoint_info(path)
     saved_layout = dict(info.get("layout", {}))
     with_rng = load_rng and bool(info.get("has_rng")) and saved_layout == _layout(ctx)
@@ -336,7 +445,7 @@ def load_checkpoint(
         loaded = dist_checkpointing.load(state, str(path))
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - re-raised with a hint
         raise CheckpointError(
-            f"cannot load {path} into this model ({_one_line(error)}); "
+            f"cannot load {path} into this model ({one_line(error)}); "
             f"check that the model config matches the checkpoint"
         ) from error
     _apply_loaded(model_chunks, optimizer if with_optimizer else None, loaded)
@@ -348,17 +457,6 @@ def load_checkpoint(
         extra_sharded_state=loaded.get("extra_sharded_state"), rng_restored=with_rng,
         saved_layout=saved_layout,
     )
-
-
-def _one_line(error: BaseException) -> str:
-    """The innermost ``SomeError: message`` line of an error whose text may embed per-rank
-    tracebacks (torch.distributed.checkpoint's CheckpointException does)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
-    if named:
-        kind, _, message = named[-1].partition(": ")
-        return f"{kind.rsplit('.', 1)[-1]}: {message}"
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _apply_loaded(model_chunks: Sequence[torch.nn.Module], optimizer, loaded: Mapping[str, Any]) -> None:

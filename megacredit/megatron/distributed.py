@@ -18,6 +18,7 @@ from typing import Mapping
 import torch
 
 from megacredit.megatron import cpu_compat
+from megacredit.utils.errors import ParallelLayoutError, parallel_layout_problem
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,10 @@ class ParallelContext:
         return self.pp_rank == self.pp_size - 1
 
 
-def _validate_layout(world_size: int, tp: int, pp: int) -> None:
-    if tp < 1 or pp < 1:
-        raise ValueError(f"parallel sizes must be >= 1, got tensor_model_parallel_size={tp}, pipeline={pp}")
-    if world_size % (tp * pp) != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor_model_parallel_size * "
-            f"pipeline_model_parallel_size = {tp} * {pp}; launch a multiple of {tp * pp} processes"
-        )
+def _validate_layout(world_size: int, tp: int, pp: int, launcher: str | None = None) -> None:
+    problem = parallel_layout_problem(world_size, tp, pp, launcher)
+    if problem is not None:
+        raise ParallelLayoutError(problem)
 
 
 def initialize(
@@ -124,13 +121,13 @@ def initialize(
 
     Safe to call when the process group already exists (e.g. tests' launcher): it reuses it.
     """
+    launch = read_launch_env()  # checked first: a bad layout fails before Megatron is imported
+    _validate_layout(launch.world_size, tensor_model_parallel_size, pipeline_model_parallel_size, launch.launcher)
     from megatron.core import parallel_state, tensor_parallel
 
     cpu = not cpu_compat.cuda_available()
     if cpu:
         cpu_compat.enable_cpu_compat()
-    launch = read_launch_env()
-    _validate_layout(launch.world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
     backend = backend or ("gloo" if cpu else "nccl")
     if not torch.distributed.is_initialized():
         if launch.launcher == "single" and "MASTER_PORT" not in os.environ:

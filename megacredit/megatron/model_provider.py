@@ -8,7 +8,9 @@ Layer spec: Transformer Engine's when ``transformer_engine.pytorch`` imports (GP
 Megatron-Core local spec otherwise (CPU, the only path run here; the TE path is unverified on
 this machine).
 
-Vocabulary padding follows Megatron-LM: the embedding/output rows are padded to a multiple of
+Vocabulary padding follows Megatron-LM (``megatron/training/vocab_utils.py::
+calculate_padded_vocab_size``; ``--make-vocab-size-divisible-by`` defaults to 128 in
+``megatron/training/arguments.py``): the embedding/output rows are padded to a multiple of
 ``make_vocab_size_divisible_by * tp`` (default 128 * tp) so every TP rank holds an equal,
 aligned slice. The real vocabulary size is kept on the model as ``model.megacredit_vocab_size``;
 logits of the padding rows are meaningless and must be dropped (``gather_vocab_logits`` does).
@@ -24,12 +26,13 @@ import torch.nn.functional as F
 
 from megacredit.megatron import cpu_compat
 from megacredit.megatron.distributed import ParallelContext, current_context
+from megacredit.utils.errors import SetupError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(SetupError, ValueError):
     """The Hugging Face config describes a model family (or feature) megacredit cannot build."""
 
 
@@ -58,8 +61,9 @@ def rope_parameters(hf_config: Any) -> dict:
 
 def _llama3_rope_scaling_factor(hf_config: Any, rope: dict) -> float:
     """Megatron's built-in Llama-3 RoPE scaling hard-codes low/high frequency factors 1 and 4
-    and an original context of 8192 (rotary_pos_embedding._apply_scaling); only that variant
-    (Llama 3.1/3.2/3.3 checkpoints) can be represented."""
+    and an original context of 8192 (``RotaryEmbedding.__init__`` passes only the factor to
+    ``_apply_scaling``, megatron/core/models/common/embeddings/rotary_pos_embedding.py); only
+    that variant (Llama 3.1/3.2/3.3 checkpoints) can be represented."""
     expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     for key, value in expected.items():
         if float(rope.get(key, value)) != float(value):

@@ -181,8 +181,9 @@ def build_optimizer(model_chunks: Sequence[torch.nn.Module], settings: Optimizer
         params_dtype=model_config.params_dtype,
     )
     # On CPU megacredit does not create Megatron's extra gloo groups (the main groups are gloo).
-    # Megatron-LM's standard parameter groups: no weight decay on biases and 1-D parameters
-    # (norm weights); without these overrides 0.16 decays every parameter.
+    # Megatron's standard parameter groups (megatron/core/optimizer/__init__.py::
+    # get_standard_config_overrides): no weight decay on biases and 1-D parameters (norm
+    # weights); without these overrides 0.16 decays every parameter.
     optimizer = get_megatron_optimizer(
         megatron_config, chunks,
         config_overrides=get_standard_config_overrides(megatron_config),
@@ -216,8 +217,9 @@ def set_learning_rate(optimizer, lr: float, weight_decay: float | None = None) -
     """Set every parameter group's lr (and weight decay), honouring Megatron's per-group
     ``lr_mult``/``wd_mult`` (``wd_mult=0`` for biases and norms).
 
-    Megatron-LM applies the multipliers in its LR scheduler; megacredit has none, so this does
-    it (called once by :func:`build_optimizer`, and by a warm-up schedule each step).
+    Megatron-Core's ``OptimizerParamScheduler.step`` (megatron/core/optimizer_param_scheduler.py)
+    sets each group's lr and weight decay times ``wd_mult``; megacredit has no scheduler, so this
+    does it (called once by :func:`build_optimizer`, and by a warm-up schedule each step).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)

@@ -27,7 +27,8 @@ def left_pad(
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch: 0 at each row's first real token.
 
-    Pad positions get 1, as transformers' own generate does; they are masked out anyway.
+    Pad positions get 1 (transformers 5.x's ``GenerationMixin._prepare_position_ids_for_generation``
+    in transformers/generation/utils.py uses 0); any value works, pads are masked out.
     """
     position_ids = attention_mask.long().cumsum(-1) - 1
     return position_ids.masked_fill(attention_mask == 0, 1)

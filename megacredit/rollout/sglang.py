@@ -16,7 +16,7 @@ https://docs.sglang.io/basic_usage/sampling_params.html):
   ``(logprob, token_id, text)`` triples and ``meta_info["finish_reason"]["type"]`` in
   {"stop", "length", "abort"};
 * ``Engine.update_weights_from_tensor(named_tensors, load_format=None, flush_cache=True)``
-  (HF-named ``(name, tensor)`` pairs, as in SGLang's test_update_weights_from_tensor.py);
+  (HF-named ``(name, tensor)`` pairs, as in SGLang's test/srt/test_update_weights_from_tensor.py);
 * ``Engine.init_weights_update_group(...)`` + ``Engine.update_weights_from_distributed(
   names, dtypes, shapes, group_name, flush_cache)`` for the NCCL broadcast path, where the
   trainer's rank 0 broadcasts each tensor in the same order;

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-from megacredit.trainer.config import MegacreditConfig
+from megacredit.trainer.config import ConfigError, MegacreditConfig
+from megacredit.trainer.config_validation import hf_folder_problem
+from megacredit.utils.errors import one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_SMOLLM2 = "smollm2-135m-instruct"
@@ -30,26 +32,28 @@ class ModelSource:
     """A local HF folder (str) or an in-memory HF state dict (tiny random models)."""
 
 
-def load_tokenizer(name_or_path: str, cache_dir: str):
+def load_tokenizer(name_or_path: str, cache_dir: str, key: str = "model.name_or_path"):
     """A tokenizer from a builtin name or a local HF folder (never downloads)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_hf_dir(name_or_path, cache_dir)), local_files_only=True)
+    folder = resolve_hf_dir(name_or_path, cache_dir, key)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as error:  # no tokenizer files, or unreadable ones
+        raise ConfigError(f"config key '{key}' = {name_or_path!r}: cannot load a tokenizer from "
+                          f"{folder} ({one_line(error)}); the folder needs the tokenizer files") from error
 
 
-def resolve_hf_dir(name_or_path: str, cache_dir: str) -> Path:
+def resolve_hf_dir(name_or_path: str, cache_dir: str, key: str = "model.name_or_path") -> Path:
     """The local HF folder of a builtin model name or a path; clear error when missing."""
     if name_or_path == BUILTIN_SMOLLM2:
         from megacredit.models.smollm2 import smollm2_hf_dir
 
         return smollm2_hf_dir(Path(cache_dir).expanduser())
-    path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.name_or_path={name_or_path!r} is neither a builtin model ({BUILTIN_SMOLLM2!r}, 'tiny') "
-            f"nor a local Hugging Face folder with config.json (nothing is downloaded)"
-        )
-    return path
+    problem = hf_folder_problem(name_or_path)
+    if problem is not None:
+        raise ConfigError(f"config key '{key}' = {name_or_path!r}: {problem}")
+    return Path(name_or_path).expanduser()
 
 
 def resolve_model(cfg: MegacreditConfig) -> ModelSource:
@@ -59,11 +63,15 @@ def resolve_model(cfg: MegacreditConfig) -> ModelSource:
     model_cfg = cfg.model
     if model_cfg.name_or_path != "tiny":
         hf_dir = resolve_hf_dir(model_cfg.name_or_path, model_cfg.cache_dir)
-        tokenizer = load_tokenizer(str(hf_dir), model_cfg.cache_dir)
-        return ModelSource(AutoConfig.from_pretrained(str(hf_dir), local_files_only=True), tokenizer, str(hf_dir))
+        try:
+            hf_config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+        except (OSError, ValueError) as error:  # unparsable config.json, unknown model_type
+            raise ConfigError(f"config key 'model.name_or_path' = {model_cfg.name_or_path!r}: "
+                              f"{hf_dir}/config.json is not a usable model config ({one_line(error)})") from error
+        return ModelSource(hf_config, load_tokenizer(str(hf_dir), model_cfg.cache_dir), str(hf_dir))
     from megacredit.models.tiny import tiny_config
 
-    tokenizer = load_tokenizer(model_cfg.tiny.tokenizer, model_cfg.cache_dir)
+    tokenizer = load_tokenizer(model_cfg.tiny.tokenizer, model_cfg.cache_dir, "model.tiny.tokenizer")
     fields = model_cfg.tiny.to_hf_config_dict(len(tokenizer))
     hf_config = tiny_config(
         fields.pop("model_type"), **fields, eos_token_id=tokenizer.eos_token_id,
@@ -84,17 +92,24 @@ def build_data(cfg: MegacreditConfig) -> tuple[list[dict], list[dict]]:
 
         train = load_benchmark(data.dataset, data.train_path, skip_invalid_rows=data.skip_invalid_rows)
         val = load_benchmark(data.dataset, data.val_path or data.train_path, skip_invalid_rows=data.skip_invalid_rows)
+        for key, loaded in (("data.train_path", train), ("data.val_path", val)):
+            if not loaded.records:
+                raise ConfigError(f"config key '{key}': {loaded.source} holds no usable rows "
+                                  f"({loaded.num_skipped} malformed row(s) skipped)")
         return train.records, val.records
     if cfg.env.name != "arithmetic" and ":" not in cfg.env.name:
-        raise ValueError(
+        raise ConfigError(
             f"env.name={cfg.env.name!r} has no problem generator: set data.dataset and data.train_path "
             f"(only arithmetic problems are generated; a custom 'module:Class' env may score them)"
         )
     from megacredit.envs.arithmetic import generate_arithmetic_dataset
 
     seed = cfg.training.seed
-    train = generate_arithmetic_dataset(data.num_generated_train, seed, id_prefix="train", **data.generator_kwargs)
-    val = generate_arithmetic_dataset(data.num_generated_val, seed + 1, id_prefix="val", **data.generator_kwargs)
+    try:
+        train = generate_arithmetic_dataset(data.num_generated_train, seed, id_prefix="train", **data.generator_kwargs)
+        val = generate_arithmetic_dataset(data.num_generated_val, seed + 1, id_prefix="val", **data.generator_kwargs)
+    except (TypeError, ValueError) as error:  # an unknown keyword or difficulty
+        raise ConfigError(f"config key 'data.generator_kwargs' = {data.generator_kwargs!r}: {error}") from error
     return train, val
 
 
@@ -102,7 +117,11 @@ def build_env(cfg: MegacreditConfig):
     """The environment named by ``cfg.env``."""
     from megacredit.envs.registry import make_env
 
-    return make_env(cfg.env.name, **cfg.env.kwargs)
+    try:
+        return make_env(cfg.env.name, **cfg.env.kwargs)
+    except (ImportError, TypeError, ValueError) as error:  # unimportable, not an Environment, bad kwargs
+        raise ConfigError(f"config key 'env.name' = {cfg.env.name!r} with env.kwargs={cfg.env.kwargs!r}: "
+                          f"{one_line(error)}") from error
 
 
 def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource):
@@ -147,18 +166,24 @@ def objective_settings(cfg: MegacreditConfig):
     algorithm = cfg.algorithm
     return ObjectiveSettings(
         method=algorithm.name, clip_eps_low=algorithm.clip_eps_low, clip_eps_high=algorithm.clip_eps_high,
+        dual_clip_c=algorithm.dual_clip_c,
         loss_agg_mode=algorithm.loss_agg_mode, alpha=algorithm.sdpo.alpha, tail=algorithm.sdpo.tail,
         is_clip=algorithm.sdpo.is_clip, credit_lam=algorithm.credit.lam, eps_w=algorithm.rlsd.eps_w,
     )
 
 
+def check_engine(cfg: MegacreditConfig) -> None:
+    """Only the embedded engine is wired into the trainer (checked before anything is built)."""
+    if cfg.rollout.engine != "embedded":
+        raise ConfigError(
+            f"config key 'rollout.engine' = {cfg.rollout.engine!r}: the SGLang/vLLM adapters (megacredit/rollout/) "
+            f"are unverified without a GPU and not wired into the trainer yet; use rollout.engine=embedded"
+        )
+
+
 def build_engine(cfg: MegacreditConfig, source: ModelSource):
     """The rollout engine (rank 0). Its weights come from the actor through the weight sync."""
-    if cfg.rollout.engine != "embedded":
-        raise NotImplementedError(
-            f"rollout.engine={cfg.rollout.engine!r}: the SGLang/vLLM adapters (megacredit/rollout/) are "
-            f"unverified without a GPU and not wired into the trainer yet; use rollout.engine=embedded"
-        )
+    check_engine(cfg)
     from megacredit.rollout.embedded import EmbeddedRolloutEngine
 
     return EmbeddedRolloutEngine.from_config(

@@ -14,7 +14,14 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from megacredit.megatron.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint, sharded_like_params
+from megacredit.megatron.checkpoint import (
+    damaged_checkpoints,
+    find_latest_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    sharded_like_params,
+)
 from megacredit.utils.comm import all_gather_objects
 
 
@@ -56,17 +63,23 @@ def save(actor, ctx, ckpt_dir: str, step: int, keep_last: int, extra: dict[str, 
 
 
 def resume(actor, ctx, cfg) -> tuple[int, dict[str, Any]]:
-    """Restore from ``checkpoint.resume`` ("auto": the latest complete one; "none"; a path).
+    """Restore from ``checkpoint.resume`` ("auto": the newest intact one; "none"; a path).
 
+    "auto" skips damaged newer checkpoints with a warning naming them (files that no longer match
+    the manifest written at save time) and starts fresh only when the directory holds no finished
+    checkpoint at all; when every one is damaged it raises CheckpointError rather than start over.
     Returns (completed steps, extra state); (0, {}) when starting fresh.
     """
     mode = cfg.checkpoint.resume
     root = cfg.checkpoint_dir()
     if mode == "none":
         return 0, {}
-    path = find_latest_checkpoint(root) if mode == "auto" else Path(mode)
-    if path is None:
-        return 0, {}
+    if mode == "auto":
+        if not damaged_checkpoints(root) and find_latest_checkpoint(root, warn=False) is None:
+            return 0, {}
+        path = resolve_checkpoint(root, warn=ctx.rank == 0)  # the newest intact one, or raises
+    else:
+        path = Path(mode)
     loaded = load_checkpoint(actor.model_chunks, actor.optimizer, ctx, path,
                              extra_sharded_state=_teacher_sharded(actor))
     if actor.teacher is not None:

@@ -205,6 +205,11 @@ class AlgorithmConfig:
     """PPO ratio clip below: 1 - eps_low."""
     clip_eps_high: float = 0.2
     """PPO ratio clip above: 1 + eps_high (RLSD preset: 0.28)."""
+    dual_clip_c: Optional[float] = 3.0
+    """Dual-clip bound c > 1 of the PPO loss (grpo, rlsd, credit_rlsd): for a negative advantage
+    the per-token loss is capped at -A * c, so a huge ratio cannot blow it up; null = off.
+    CHOICE: 3.0, what the papers' verl-based code ran (verl, lasgroup/SDPO and EasyR1 default
+    to 3.0; see docs/config.md). Not read by the distillation methods."""
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     """Loss aggregation (RLSD eq. 2/16 is seq-mean-token-mean, the RLSD preset)."""
     adv_eps: float = 1e-6

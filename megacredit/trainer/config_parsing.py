@@ -2,7 +2,8 @@
 
 Turns nested plain dicts (from YAML) into typed dataclasses with errors that name the full
 dotted key, and applies ``key.sub=value`` command-line overrides whose values are parsed as
-YAML scalars (the dotlist convention of verl, NeMo-RL and Hydra).
+YAML scalars (the dotlist convention of Hydra, which verl's trainers and NeMo-RL's
+``nemo_rl/utils/config.py::parse_hydra_overrides`` use).
 
 Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Literal[...]``,
 ``Optional[X]`` (``X | None``), ``list[X]``, ``dict[str, Any]`` and nested dataclasses.
@@ -19,8 +20,10 @@ from typing import Any, Iterable, Literal, Union
 
 import yaml
 
+from megacredit.utils.errors import SetupError
 
-class ConfigError(ValueError):
+
+class ConfigError(SetupError, ValueError):
     """A configuration problem; the message names the dotted key and how to fix it."""
 
 
@@ -181,7 +184,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override '{text}': value is not valid YAML ({_yaml_problem(exc)}); "
+                          f"quote it to pass a string: {key}='\"...\"'") from None
     return key.split("."), value
 
 
@@ -275,17 +279,29 @@ BASE_KEY = "base"
 """Top-level YAML key naming other config files (relative paths) merged under this one."""
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML parser error in one line: its problem and where (line, column, 1-based)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def read_yaml_with_bases(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML mapping with its ``base:`` file(s) merged underneath (this file wins)."""
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; give the path of a YAML file "
+                          f"(e.g. {path}/config.yaml of a run directory)")
     if not file.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     if file.resolve() in _chain:
         raise ConfigError(f"config file '{path}' includes itself through '{BASE_KEY}:'")
     try:
-        loaded = yaml.safe_load(file.read_text())
+        loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file '{path}' cannot be read as UTF-8 text: {exc}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     data = dict(loaded or {})

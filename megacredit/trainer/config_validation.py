@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Mapping
 
-from megacredit.trainer.config_parsing import ConfigError
+from megacredit.trainer.config_parsing import ConfigError, did_you_mean
+from megacredit.utils.errors import parallel_layout_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from megacredit.trainer.config import MegacreditConfig, ParallelConfig
@@ -56,15 +57,49 @@ def _exists(path: str) -> bool:
     return os.path.exists(os.path.expanduser(path))
 
 
+def _is_file(path: str) -> bool:
+    return os.path.isfile(os.path.expanduser(path))
+
+
+def hf_folder_problem(name_or_path: str) -> str | None:
+    """Why ``name_or_path`` is not a local Hugging Face model folder (None when it is one)."""
+    path = os.path.expanduser(name_or_path)
+    fix = ("give a local Hugging Face folder holding config.json and the weights, or a builtin "
+           "model ('smollm2-135m-instruct', 'tiny'); nothing is downloaded")
+    if not os.path.exists(path):
+        return f"no such file or folder; {fix}"
+    if not os.path.isdir(path):
+        return f"is a file, not a model folder; {fix}"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return f"the folder has no config.json, so it is not a model folder; {fix}"
+    return None
+
+
 def _check_paths(cfg: "MegacreditConfig") -> None:
+    model = cfg.model.name_or_path
+    problem = None if model in ("tiny", *BUILTIN_ARCHITECTURES) else hf_folder_problem(model)
+    _require(problem is None, "model.name_or_path", model, problem or "")
+    tokenizer = cfg.model.tiny.tokenizer
+    if model == "tiny" and tokenizer not in BUILTIN_ARCHITECTURES:
+        problem = hf_folder_problem(tokenizer)
+        _require(problem is None, "model.tiny.tokenizer", tokenizer, problem or "")
     for split in ("train", "val"):
         path = getattr(cfg.data, f"{split}_path")
-        _require(path is None or _exists(path), f"data.{split}_path", path,
-                 "file not found (give an existing JSONL/Parquet file, or null to let the "
-                 "environment generate prompts)")
+        _require(path is None or _is_file(path), f"data.{split}_path", path,
+                 ("is a directory, not a file" if path and _exists(path) else "file not found")
+                 + " (give an existing JSONL/Parquet file, or null to let the environment "
+                 "generate prompts)")
+        _require(path is None or os.path.splitext(path)[1].lower() in (".jsonl", ".json", ".parquet"),
+                 f"data.{split}_path", path, "unsupported file type: use .jsonl, .json or .parquet")
+    _check_env_importable(cfg.env.name)
+    for key, folder in (("logging.run_dir", cfg.logging.run_dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+        _require(folder is None or not _exists(folder) or os.path.isdir(os.path.expanduser(folder)),
+                 key, folder, "is a file; give a directory (created if missing)")
     resume = cfg.checkpoint.resume
-    _require(resume in ("auto", "none") or _exists(resume), "checkpoint.resume", resume,
-             "must be 'auto', 'none', or the path of an existing checkpoint")
+    _require(resume in ("auto", "none") or os.path.isdir(os.path.expanduser(resume)),
+             "checkpoint.resume", resume,
+             "must be 'auto', 'none', or an existing checkpoint directory (a checkpoint root "
+             "or one of its step_N folders)")
 
 
 def inapplicable_keys(name: str, explicit: set[str]) -> list[tuple[str, str]]:
@@ -104,6 +139,8 @@ def _check_algorithm(cfg: "MegacreditConfig") -> None:
              "must lie in (0, 1) (papers: 0.2)")
     _require(0.0 < alg.clip_eps_high <= 10.0, "algorithm.clip_eps_high", alg.clip_eps_high,
              "must lie in (0, 10] (papers: 0.2 or 0.28)")
+    _require(alg.dual_clip_c is None or alg.dual_clip_c > 1.0, "algorithm.dual_clip_c",
+             alg.dual_clip_c, "must be > 1 (verl's default: 3.0), or null to disable dual clip")
     _require(alg.adv_eps > 0.0, "algorithm.adv_eps", alg.adv_eps, "must be > 0")
     sdpo, credit, rlsd, teacher = alg.sdpo, alg.credit, alg.rlsd, alg.teacher
     _require(sdpo.top_k >= 1, "algorithm.sdpo.top_k", sdpo.top_k, "must be >= 1 (paper: 20/100)")
@@ -195,14 +232,60 @@ def check_world_size(parallel: "ParallelConfig", world_size: int | None = None) 
     """Raise if ``world_size`` (default: $WORLD_SIZE or 1) is not a multiple of TP * PP."""
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
-    if world_size < 1 or world_size % model_parallel != 0:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tensor_model_parallel_size * "
-            f"pipeline_model_parallel_size = {parallel.tensor_model_parallel_size} * "
-            f"{parallel.pipeline_model_parallel_size}; launch a multiple of {model_parallel} "
-            f"processes or change parallel.*"
-        )
+    problem = parallel_layout_problem(world_size, parallel.tensor_model_parallel_size,
+                                      parallel.pipeline_model_parallel_size)
+    if problem is not None:
+        raise ConfigError(f"{problem}; or change parallel.*")
+
+
+def _check_env_importable(name: str) -> None:
+    """The module of a ``module:Class`` environment can be found on this machine."""
+    import importlib.util
+
+    from megacredit.envs.registry import valid_env_names
+
+    if name in valid_env_names():
+        return
+    module = name.partition(":")[0].strip()
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package, or a malformed name
+        found = False
+    _require(found, "env.name", name, f"module '{module}' cannot be imported (is it on PYTHONPATH?)")
+
+
+def _check_env_name(name: str) -> None:
+    """A registered environment (or alias), or ``module:Class`` (imported when the run starts)."""
+    from megacredit.envs.registry import valid_env_names
+
+    names = valid_env_names()
+    if name in names:
+        return
+    module, _, class_name = name.partition(":")
+    if module.strip() and class_name.strip():
+        return
+    raise ConfigError(
+        f"config key 'env.name' = {name!r} is not a registered environment.{did_you_mean(name, names)} "
+        f"Valid names: {', '.join(names)}, or 'package.module:ClassName' for your own Environment subclass"
+    )
+
+
+def _check_data_source(cfg: "MegacreditConfig") -> None:
+    """Without ``data.dataset`` prompts are generated, which only arithmetic (or a custom env
+    scoring them) can use, and data files would be ignored."""
+    data, env = cfg.data, cfg.env.name
+    if data.dataset is not None:
+        _require(data.train_path is not None, "data.train_path", data.train_path,
+                 f"data.dataset={data.dataset} reads its prompts from a file: give its path")
+        return
+    for split in ("train", "val"):
+        _require(getattr(data, f"{split}_path") is None, f"data.{split}_path",
+                 getattr(data, f"{split}_path"),
+                 "is ignored while data.dataset is null (prompts are generated): set data.dataset "
+                 "(livecodebench, sciknoweval, toolalpaca) or remove the path")
+    _require(env == "arithmetic" or ":" in env, "env.name", env,
+             "has no problem generator: set data.dataset and data.train_path (only arithmetic "
+             "problems are generated; a custom 'module:Class' env may score them)")
 
 
 def _check_rollout_and_data(cfg: "MegacreditConfig") -> None:
@@ -216,7 +299,8 @@ def _check_rollout_and_data(cfg: "MegacreditConfig") -> None:
              f"must be smaller than rollout.max_seq_len ({ro.max_seq_len}), which also holds "
              "the prompt")
     _require(ro.batch_size >= 1, "rollout.batch_size", ro.batch_size, "must be >= 1")
-    _require(bool(cfg.env.name.strip()), "env.name", cfg.env.name, "must name an environment")
+    _check_env_name(cfg.env.name)
+    _check_data_source(cfg)
     _require(data.prompts_per_step >= 1, "data.prompts_per_step", data.prompts_per_step,
              "must be >= 1")
     for split in ("train", "val"):

@@ -34,14 +34,16 @@ def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
     """Start the parallel state and build every component of the run."""
     from megacredit.megatron.distributed import initialize
 
+    builder.check_engine(cfg)  # the cheap parts first: bad inputs fail in seconds
+    train_records, val_records = builder.build_data(cfg)
+    env = builder.build_env(cfg)
     ctx = initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                      seed=cfg.training.seed)
     source = builder.resolve_model(cfg)
     validate_against_model(cfg, source.hf_config)
-    train_records, val_records = builder.build_data(cfg)
     actor = builder.build_actor(cfg, ctx, source)
     engine = builder.build_engine(cfg, source) if ctx.rank == 0 else None
-    run = RLRun(cfg, ctx, actor, engine, builder.build_env(cfg), source.tokenizer, source.hf_config)
+    run = RLRun(cfg, ctx, actor, engine, env, source.tokenizer, source.hf_config)
     return run, train_records, val_records
 
 

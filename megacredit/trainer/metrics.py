@@ -12,16 +12,18 @@ import json
 import math
 import numbers
 import os
+import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 METRIC_NAMESPACES = ("rollout", "train", "teacher", "perf", "val")
 """Allowed first components of a metric name."""
 METRICS_FILE = "metrics.jsonl"
 TOKEN_CREDIT_FILE = "token_credit.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+logger = logging.getLogger(__name__)
 
 DOCUMENTED_METRICS: dict[str, str] = {
     # rollout/: the sampled batch and its rewards
@@ -270,19 +272,58 @@ def _truncate_jsonl(path: Path, keep_up_to_step: int | None) -> None:
     os.replace(tmp, path)
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a metrics JSONL file; a half-written (unparsable) last line is skipped."""
+def _line_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}, not an object"
+    step = record.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        return f"has no integer 'step' (got {step!r})"
+    return None
+
+
+def _token_credit_problem(record: Any) -> str | None:
+    problem = _line_problem(record)
+    if problem is not None:
+        return problem
+    tokens, credit = record.get("tokens"), record.get("credit", {})
+    if not isinstance(tokens, list):
+        return "has no 'tokens' list"
+    if not isinstance(credit, dict) or not all(isinstance(v, list) and len(v) == len(tokens)
+                                               for v in credit.values()):
+        return "has a 'credit' that is not a mapping of one value per token"
+    return None
+
+
+def read_metrics(path: str | os.PathLike, skip_invalid: bool = False,
+                 _problem: Callable[[Any], str | None] = _line_problem) -> list[dict[str, Any]]:
+    """Records of a metrics JSONL file; a half-written (unparsable) last line is skipped.
+
+    ``skip_invalid``: also skip malformed lines elsewhere (not JSON, not an object, no integer
+    ``step``) and log one warning with their count and the first one, as the data loaders do;
+    without it such a line raises ValueError naming the file and line.
+    """
     records: list[dict[str, Any]] = []
-    lines = Path(path).read_text().splitlines()
+    skipped: list[str] = []
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     for index, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if index == len(lines) - 1:
                 break  # crash mid-write: drop the partial line
-            raise ValueError(f"{path}: line {index + 1} is not valid JSON") from None
+            problem = "is not valid JSON"
+        else:
+            problem = _problem(record)
+        if problem is None:
+            records.append(record)
+        elif skip_invalid:
+            skipped.append(f"line {index + 1} {problem}")
+        else:
+            raise ValueError(f"{path}: line {index + 1} {problem}")
+    if skipped:
+        logger.warning("%s: skipped %d malformed line(s); first: %s", path, len(skipped), skipped[0])
     return records
 
 
@@ -345,6 +386,6 @@ def save_token_credit(
     return path
 
 
-def read_token_credit(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records written by :func:`save_token_credit`."""
-    return read_metrics(path)
+def read_token_credit(path: str | os.PathLike, skip_invalid: bool = False) -> list[dict[str, Any]]:
+    """Records written by :func:`save_token_credit` (``skip_invalid``: as :func:`read_metrics`)."""
+    return read_metrics(path, skip_invalid, _token_credit_problem)

@@ -33,6 +33,7 @@ class ObjectiveSettings:
     method: str
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
+    dual_clip_c: float | None = None
     loss_agg_mode: str = "token-mean"
     alpha: float = 1.0
     tail: bool = False
@@ -96,7 +97,7 @@ def micro_batch_loss(settings: ObjectiveSettings, inputs: MicroBatchInputs) -> L
     if settings.method in PPO_METHODS:
         per_token, metrics = grpo.ppo_clip_loss(
             inputs.logp, inputs.old_logp, inputs.token_advantages, inputs.mask,
-            settings.clip_eps_low, settings.clip_eps_high,
+            settings.clip_eps_low, settings.clip_eps_high, settings.dual_clip_c,
         )
         loss_mask = inputs.mask
     else:

@@ -94,7 +94,7 @@ def load_run_tokens(run_dir: str | os.PathLike, label: str | None = None) -> Run
         raise FileNotFoundError(
             f"'{path}' not found: is '{run}' a megacredit run directory? Per-token credit is saved when "
             f"logging.token_credit_samples > 0")
-    return RunTokens(label or run_label(run), read_token_credit(path))
+    return RunTokens(label or run_label(run), read_token_credit(path, skip_invalid=True))
 
 
 def diverging_color(value: float, scale: float, centre: float = 0.0) -> str:

@@ -4,7 +4,7 @@ avg@k (CREDIT appendix A): each prompt's score is the mean reward of its k sampl
 the mean over prompts. The CI "is computed by resampling evaluation prompts with replacement
 (2000 resamples). The sampling unit is the prompt" -- a percentile bootstrap over prompts.
 
-pass@k: the unbiased estimator of Chen et al. (2021, "Evaluating Large Language Models
+pass@k: the unbiased estimator of Chen et al. (2021, arXiv:2107.03374, "Evaluating Large Language Models
 Trained on Code", eq. 1): pass@k = 1 - C(n - c, k) / C(n, k) for n samples of which c pass.
 """
 

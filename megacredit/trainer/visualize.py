@@ -65,7 +65,7 @@ def load_curves(run_dir: str | os.PathLike, label: str | None = None) -> RunCurv
     path = run / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' not found: is '{run}' a megacredit run directory?")
-    return RunCurves(label or run_label(run), merged_by_step(read_metrics(path)))
+    return RunCurves(label or run_label(run), merged_by_step(read_metrics(path, skip_invalid=True)))
 
 
 def _draw_panel(ax, runs: Sequence[RunCurves], names: Sequence[str], colours: dict[str, Any]) -> bool:
@@ -135,7 +135,7 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_png: str | os.PathLike,
 def plot_learning_curve(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> Path:
     """The figure of one run from its ``metrics.jsonl``."""
     label = Path(metrics_jsonl).parent.name
-    run = RunCurves(label, merged_by_step(read_metrics(metrics_jsonl)))
+    run = RunCurves(label, merged_by_step(read_metrics(metrics_jsonl, skip_invalid=True)))
     return plot_curves([run], out_png, f"megacredit run: {label}")
 
 

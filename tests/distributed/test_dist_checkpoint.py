@@ -200,3 +200,130 @@ def test_missing_or_empty_checkpoint_paths_raise(tmp_path):
         resolve_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         resolve_checkpoint(tmp_path)
+
+
+# ------------------------------------------------- resume past a damaged newest checkpoint
+def _state_snapshot(chunks, optimizer, teacher) -> dict:
+    """This rank's weights, Adam moments and step count, and teacher weights (copies)."""
+    params = [p.detach().clone() for c in chunks for p in c.parameters()]
+    adam = []
+    for group in optimizer.optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.optimizer.state[param]
+            adam.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in sorted(state.items())})
+    return dict(params=params, adam=adam, teacher=[t.clone() for t in teacher.state_tensors()])
+
+
+def _run_damaged_newest(rank, world_size, root):
+    """Save steps 1 and 2 through the trainer's checkpointing (TP=2: each rank writes its own
+    shards), truncate a shard that rank 1 wrote into step 2, resume a freshly initialised model
+    with checkpoint.resume=auto."""
+    import logging
+    from types import SimpleNamespace
+
+    from megacredit.megatron.teacher import TeacherWeights
+    from megacredit.trainer import checkpointing
+
+    ctx, chunks, optimizer = _setup(tp=2)
+    teacher = TeacherWeights(chunks, "ema", 0.5, 1)
+    actor = SimpleNamespace(model_chunks=chunks, optimizer=optimizer, teacher=teacher)
+    for step in (1, 2):
+        train_step(chunks, optimizer, ctx, fixed_tokens(step))
+        teacher.after_optimizer_step(chunks)
+        checkpointing.save(actor, ctx, root, step, keep_last=0, extra={"completed_steps": step})
+        if step == 1:
+            saved_at_1 = _state_snapshot(chunks, optimizer, teacher)
+    newest = f"{root}/step_000002"
+    if rank == 0:
+        import glob
+        import os
+
+        shard = sorted(glob.glob(f"{newest}/__1_*.distcp"), key=os.path.getsize)[-1]  # rank 1's
+        with open(shard, "r+b") as handle:
+            handle.truncate(os.path.getsize(shard) // 2)
+    torch.distributed.barrier()
+
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("megacredit.megatron.checkpoint").addHandler(handler)
+    ctx, chunks, optimizer = _setup(tp=2, seed=99)  # a different init: the load must overwrite it
+    teacher = TeacherWeights(chunks, "ema", 0.5, 1)
+    fresh = SimpleNamespace(model_chunks=chunks, optimizer=optimizer, teacher=teacher)
+    cfg = SimpleNamespace(checkpoint=SimpleNamespace(resume="auto"), checkpoint_dir=lambda: root)
+    step, extra = checkpointing.resume(fresh, ctx, cfg)
+    return dict(step=step, extra=extra, saved=saved_at_1, resumed=_state_snapshot(chunks, optimizer, teacher),
+                warnings=warnings, newest=newest)
+
+
+def _assert_bit_equal(resumed, saved):
+    assert len(resumed) == len(saved) > 0
+    for got, want in zip(resumed, saved):
+        if isinstance(want, dict):
+            assert got.keys() == want.keys()
+            _assert_bit_equal(list(got.values()), list(want.values()))
+        elif torch.is_tensor(want):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        else:
+            assert got == want
+
+
+@pytest.mark.distributed
+def test_resume_auto_skips_a_damaged_newest_checkpoint(tmp_path):
+    results = run_distributed(_run_damaged_newest, world_size=2, root=str(tmp_path))
+    for rank, result in enumerate(results):
+        assert result["step"] == 1 and result["extra"] == {"completed_steps": 1}
+        for part in ("params", "adam", "teacher"):
+            _assert_bit_equal(result["resumed"][part], result["saved"][part])
+    damaged = [w for w in results[0]["warnings"] if "step_000002" in w]
+    assert len(damaged) == 1 and "damaged" in damaged[0] and "bytes" in damaged[0], results[0]["warnings"]
+    assert results[1]["warnings"] == []  # the warning comes once, from rank 0
+    info = json.loads((tmp_path / "step_000002" / MARKER_FILE).read_text())
+    shards = [name for name in info["manifest"] if name.endswith(".distcp")]
+    assert {name.split("_")[2] for name in shards} == {"0", "1"}  # both ranks' shards are listed
+
+
+def test_resume_auto_with_every_checkpoint_damaged_raises_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from megacredit.megatron.checkpoint import damaged_checkpoints, find_latest_checkpoint
+    from megacredit.trainer import checkpointing
+
+    for step in (1, 2):
+        _manifested_checkpoint(tmp_path, step)
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "step_000002"
+    (tmp_path / "step_000002" / "__0_0.distcp").write_bytes(b"short")
+    (tmp_path / "step_000001" / "common.pt").write_bytes(b"same size")  # 9 bytes, other content
+    assert find_latest_checkpoint(tmp_path) is None
+    problems = dict((p.name, why) for p, why in damaged_checkpoints(tmp_path))
+    assert "checksum" in problems["step_000001"] and "bytes" in problems["step_000002"]
+    cfg = SimpleNamespace(checkpoint=SimpleNamespace(resume="auto"), checkpoint_dir=lambda: str(tmp_path))
+    ctx = SimpleNamespace(rank=0)
+    with pytest.raises(CheckpointError, match="no intact checkpoint") as raised:
+        checkpointing.resume(None, ctx, cfg)
+    assert "\n" not in str(raised.value) and "step_000001" in str(raised.value)
+    empty = SimpleNamespace(checkpoint=cfg.checkpoint, checkpoint_dir=lambda: str(tmp_path / "new"))
+    assert checkpointing.resume(None, ctx, empty) == (0, {})  # nothing saved yet: start fresh
+
+
+def _manifested_checkpoint(root, step):
+    """A step directory with a format-2 marker whose manifest matches its two files."""
+    from megacredit.megatron.checkpoint_manifest import list_files
+
+    path = root / f"step_{step:06d}"
+    path.mkdir(parents=True)
+    (path / "common.pt").write_bytes(b"123456789")
+    (path / "__0_0.distcp").write_bytes(bytes(range(200)))
+    info = {"step": step, "format_version": 2, "manifest": list_files(path)}
+    (path / MARKER_FILE).write_text(json.dumps(info))
+    return path
+
+
+def test_prune_keeps_newest_intact_and_a_newer_damaged_one(tmp_path):
+    for step in (1, 2, 3, 4):
+        _manifested_checkpoint(tmp_path, step)
+    (tmp_path / "step_000004" / "__0_0.distcp").unlink()  # newest: damaged (missing shard)
+    (tmp_path / "step_000001" / "__0_0.distcp").write_bytes(b"")  # oldest: damaged
+    deleted = prune_checkpoints(tmp_path, keep_last=1)
+    assert [p.name for p in deleted] == ["step_000001", "step_000002"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000003", "step_000004"]

@@ -122,7 +122,7 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
     (["parallel.sequence_parallel=true"], r"needs parallel\.tensor_model_parallel_size > 1"),
     (["model.name_or_path=tiny", "parallel.tensor_model_parallel_size=3"], r"4 attention heads"),
     (["rollout.max_new_tokens=20000"], r"smaller than rollout\.max_seq_len"),
-    (["data.train_path=/no/such/file.jsonl"], r"'data\.train_path'.*file not found"),
+    (["data.dataset=sciknoweval", "data.train_path=/no/such/file.jsonl"], r"'data\.train_path'.*file not found"),
     (["checkpoint.resume=/no/such/ckpt"], r"'checkpoint\.resume'"),
     (["validation.confidence=1.0"], r"validation\.confidence"),
 ])
@@ -142,7 +142,7 @@ def test_validate_against_real_hf_config_objects():
                      hidden_size=64, intermediate_size=128, vocab_size=100)
     ok = load_config(None, ["model.name_or_path=/some/folder",
                             "parallel.tensor_model_parallel_size=2",
-                            "parallel.pipeline_model_parallel_size=3"])
+                            "parallel.pipeline_model_parallel_size=3"], check_paths=False)
     validate_against_model(ok, hf)  # 8 heads, 2 KV heads, 6 layers: TP=2, PP=3 divide
     bad_tp = replace(ok, **{"parallel.tensor_model_parallel_size": 4})
     with pytest.raises(ConfigError, match=r"does not divide the 2 KV heads"):
