@@ -18,13 +18,9 @@
 # venv, requeue, remote rollout engines, dry run) is in slurm/launch.sh, which this sources.
 # Account and partition: remove one '#' above, or sbatch -A ACCOUNT -p PARTITION.
 MEGACREDIT_METHOD=grpo
-if [[ -z "${MEGACREDIT_ROOT:-}" ]]; then  # Slurm runs a spool copy of this file: use the submitted path
-  submitted=""
-  if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-    submitted=$(scontrol show job "$SLURM_JOB_ID" | tr ' ' '\n' | sed -n 's/^Command=//p' | head -n 1)
-  fi
-  MEGACREDIT_ROOT=$(cd "$(dirname "${submitted:-$0}")/.." && pwd)
-fi
+# Slurm runs a spool copy of this file: the repository is found from the submitted path.
+submitted=$([[ -n "${SLURM_JOB_ID:-}" ]] && scontrol show job "$SLURM_JOB_ID" | sed -n 's/.*Command=\([^ ]*\).*/\1/p')
+MEGACREDIT_ROOT=${MEGACREDIT_ROOT:-$(cd "$(dirname "${submitted:-$0}")/.." && pwd)}
 # shellcheck source=slurm/launch.sh
 source "$MEGACREDIT_ROOT/slurm/launch.sh" || { echo "megacredit: set MEGACREDIT_ROOT to the repository" >&2; exit 2; }
 mc_main "$@"
