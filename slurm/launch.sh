@@ -85,7 +85,7 @@ mc_parse_args() {
       *) mc_die "unexpected argument '$arg': give [CONFIG.yaml] then key.sub=value overrides (e.g. training.steps=10)" ;;
     esac
   done
-  [[ -n "$MEGACREDIT_METHOD" ]] || mc_die "MEGACREDIT_METHOD is not set (submit one of slurm/*_8b.sh)"
+  [[ -n "${MEGACREDIT_METHOD:-}" ]] || mc_die "MEGACREDIT_METHOD is not set (submit one of slurm/*_8b.sh)"
   CONFIG=${CONFIG:-$ROOT/examples/qwen3_8b_${MEGACREDIT_METHOD}_${TASK:-code}.yaml}
   [[ -f "$CONFIG" ]] || mc_die "config file '$CONFIG' not found (TASK is code, science or tool)"
 }
@@ -309,3 +309,7 @@ mc_main() {
   mc_summary
   if [[ "$DRYRUN" == 1 ]]; then mc_dryrun; else mc_run; fi
 }
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  mc_die "slurm/launch.sh is sourced by slurm/{credit,sdpo,grpo,rlsd}_8b.sh: submit one of those"
+fi

@@ -236,3 +236,17 @@ def test_importing_megacredit_and_its_recipes_never_needs_nemo_run():
             "sys.exit(main(credit_8b, RESOURCES, ['--dryrun']))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "pip install -e '.[nemo]'" in result.stderr
+
+
+def test_config_show_prints_the_layout_for_a_world_size(capsys):
+    from megacredit.cli import EXIT_CONFIG_ERROR, main
+
+    paper = str(ROOT / "examples" / "qwen3_8b_credit_code.yaml")
+    assert main(["config", "show", paper]) == EXIT_CONFIG_ERROR  # its data paths are placeholders here
+    assert "data.train_path" in capsys.readouterr().err
+    assert main(["config", "show", "--world-size", "16", "--no-check-paths", paper,
+                 "parallel.pipeline_model_parallel_size=2"]) == 0
+    layout, cfg = _layout_and_config(capsys.readouterr().out)
+    assert layout == "# layout: 16 ranks = TP 4 x PP 2 x DP 2" and cfg["parallel"]["pipeline_model_parallel_size"] == 2
+    assert main(["config", "show", "--world-size", "6", "--no-check-paths", paper]) == EXIT_CONFIG_ERROR
+    assert "world size 6 is not divisible" in capsys.readouterr().err
