@@ -2,7 +2,7 @@
 
   megacredit train CONFIG [key.sub=value ...]      run training (megacredit.trainer.loop.train)
   megacredit config show CONFIG [key.sub=value ...] print the resolved, validated config
-                 [--world-size N] [--no-check-paths]  (layout check for N ranks; skip file checks)
+                 [--world-size N] [--check-paths]  (layout for N ranks; data files must exist)
   megacredit convert hf-to-mcore ARGS...           HF checkpoint -> Megatron (see --help)
   megacredit convert mcore-to-hf ARGS...           Megatron checkpoint -> HF (see --help)
   megacredit plot RUN_DIR                          (re)draw learning curve + token-credit page
@@ -45,10 +45,10 @@ def _build_parser() -> argparse.ArgumentParser:
     show = config_commands.add_parser("show", help="print the resolved config as YAML")
     show.add_argument("config", help="YAML config file")
     show.add_argument("overrides", nargs="*", help="overrides such as algorithm.name=rlsd")
+    show.add_argument("--check-paths", action="store_true",
+                      help="also require data files and the resume path to exist on this machine")
     show.add_argument("--world-size", type=int, default=None, metavar="N",
                       help="check the layout for N ranks and print it (TP x PP x DP) as a comment")
-    show.add_argument("--no-check-paths", action="store_true",
-                      help="do not require data files and the resume path to exist here")
 
     convert = commands.add_parser("convert", help="convert checkpoints between HF and Megatron")
     convert.add_argument("direction", choices=sorted(CONVERTERS), help="conversion direction")
@@ -92,7 +92,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_config_show(args: argparse.Namespace) -> int:
     from megacredit.trainer.config import config_to_yaml, load_config
 
-    cfg = load_config(args.config, args.overrides, check_paths=not args.no_check_paths)
+    cfg = load_config(args.config, args.overrides, check_paths=args.check_paths)
     if args.world_size is not None:
         par = cfg.parallel
         dp = par.data_parallel_size(args.world_size)  # ConfigError when TP * PP does not divide N

@@ -201,7 +201,7 @@ mc_summary() {
 
 mc_train_command() {
   TRAIN_CMD=(python -m megacredit.cli train "$CONFIG" "${ALL_OVERRIDES[@]}")
-  SHOW_CMD=(python -m megacredit.cli config show --world-size "$WORLD" "$CONFIG" "${ALL_OVERRIDES[@]}")
+  SHOW_CMD=(python -m megacredit.cli config show --check-paths --world-size "$WORLD" "$CONFIG" "${ALL_OVERRIDES[@]}")
   TRAIN_SRUN=(srun --kill-on-bad-exit=1 --label "--output=$TRAIN_LOG"
               "--nodes=${#TRAIN_HOSTS[@]}" "--ntasks=$WORLD" "--ntasks-per-node=$TASKS_PER_NODE"
               "--nodelist=$(IFS=,; echo "${TRAIN_HOSTS[*]}")" "${CONTAINER_ARGS[@]}")
@@ -289,7 +289,7 @@ mc_run() {
 mc_dryrun() {
   local resolved
   mc_log "dry run: nothing is submitted or started"
-  resolved=$(python -m megacredit.cli config show --no-check-paths --world-size "$WORLD" "$CONFIG" "${ALL_OVERRIDES[@]}") \
+  resolved=$(python -m megacredit.cli config show --world-size "$WORLD" "$CONFIG" "${ALL_OVERRIDES[@]}") \
     || mc_die "the config does not resolve for $WORLD ranks (message above)"
   if [[ "$ROLLOUT_PLACEMENT" == remote ]]; then mc_start_rollout_servers "$resolved"; fi
   mc_log "train: ${TRAIN_SRUN[*]} ${TRAIN_CMD[*]}"

@@ -242,11 +242,11 @@ def test_config_show_prints_the_layout_for_a_world_size(capsys):
     from megacredit.cli import EXIT_CONFIG_ERROR, main
 
     paper = str(ROOT / "examples" / "qwen3_8b_credit_code.yaml")
-    assert main(["config", "show", paper]) == EXIT_CONFIG_ERROR  # its data paths are placeholders here
+    assert main(["config", "show", "--check-paths", paper]) == EXIT_CONFIG_ERROR  # placeholder data paths
     assert "data.train_path" in capsys.readouterr().err
-    assert main(["config", "show", "--world-size", "16", "--no-check-paths", paper,
+    assert main(["config", "show", "--world-size", "16", paper,
                  "parallel.pipeline_model_parallel_size=2"]) == 0
     layout, cfg = _layout_and_config(capsys.readouterr().out)
     assert layout == "# layout: 16 ranks = TP 4 x PP 2 x DP 2" and cfg["parallel"]["pipeline_model_parallel_size"] == 2
-    assert main(["config", "show", "--world-size", "6", "--no-check-paths", paper]) == EXIT_CONFIG_ERROR
+    assert main(["config", "show", "--world-size", "6", paper]) == EXIT_CONFIG_ERROR
     assert "world size 6 is not divisible" in capsys.readouterr().err
