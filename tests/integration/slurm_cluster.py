@@ -49,8 +49,6 @@ def _missing_programs() -> list[str]:
 
 def _apt_install() -> str | None:
     """Install :data:`APT_PACKAGES` with apt (root only); None on success, else why not."""
-    if os.geteuid() != 0:
-        return "not root, so apt cannot install them"
     if shutil.which("apt-get") is None:
         return "apt-get is not available"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -65,6 +63,8 @@ def _apt_install() -> str | None:
 
 def unavailable_reason() -> str | None:
     """None when a local cluster can be started (installing packages if needed), else why not."""
+    if os.geteuid() != 0:
+        return "the local Slurm cluster runs slurmd as root (it starts jobs as their users); not root"
     missing = _missing_programs()
     if not missing:
         return None
@@ -90,6 +90,13 @@ def _wait_for(condition, timeout: float, what: str, process: subprocess.Popen | 
     raise RuntimeError(f"local Slurm cluster: {what} ({state}); log tail:\n{tail}")
 
 
+def _distinct_free_ports(names: Sequence[str]) -> dict[str, int]:
+    ports: set[int] = set()
+    while len(ports) < len(names):
+        ports.add(find_free_port())
+    return dict(zip(names, sorted(ports)))
+
+
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -108,7 +115,7 @@ class LocalSlurmCluster:
         self.cred_expire = cred_expire
         self.hostname = socket.gethostname().split(".")[0]
         self.cluster_name = "mc" + secrets.token_hex(4)
-        self.ports = {name: find_free_port() for name in ("slurmctld", "slurmd", "slurmdbd", "mysql")}
+        self.ports = _distinct_free_ports(("slurmctld", "slurmd", "slurmdbd", "mysql"))
         self.processes: dict[str, subprocess.Popen] = {}
         self._db_password = secrets.token_hex(8)
 
