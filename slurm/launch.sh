@@ -71,7 +71,7 @@ mc_find_root() {
 # [--dryrun] [CONFIG.yaml] [key=value ...]
 mc_parse_args() {
   DRYRUN=${MEGACREDIT_DRYRUN:-0}
-  CONFIG=${CONFIG:-}
+  CONFIG=""
   OVERRIDES=()
   local arg
   for arg in "$@"; do
