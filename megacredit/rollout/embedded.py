@@ -165,7 +165,7 @@ class EmbeddedRolloutEngine(RolloutEngine):
 
         The prompt-prefill sharing computes the same values as one prefill per sample up to
         float rounding (the matmuls see fewer rows): on tiny models the tokens and log-probs
-        are bit-identical, on SmolLM2-135M the logits move by ~1e-5 and a seeded sample can in
+        are bit-identical, on SmolLM2-135M the logits move by up to ~5e-5 and a seeded sample can in
         rare cases pick a different token (tests/unit/test_rollout_embedded.py,
         tests/integration/test_rollout_smollm2.py).
         """
