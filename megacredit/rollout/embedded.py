@@ -11,8 +11,9 @@ loaded from a local folder) in eval / no-grad mode and runs its own batched samp
   (``DynamicCache.batch_select_indices`` with a repeating index), so a prompt is prefilled
   once per micro-batch instead of once per sample;
 * then one token per step through the model's KV cache (a transformers ``DynamicCache``
-  passed with the current cache API: the ``cache`` argument of transformers >= 5.2x, the
-  deprecated ``past_key_values`` only on versions whose forward has no ``cache`` argument),
+  passed with the current cache API: the ``cache`` argument of transformers >= 5.24, the
+  ``past_key_values`` argument, deprecated there, only on versions whose forward has no
+  ``cache`` argument; the unit tests pass on 5.24 and 5.23),
   computing logits for the last position only;
 * a row stops when it samples one of the stop (EOS) ids, the stop token included in its
   output; finished rows are dropped from the batch and its cache, the rest continue until
@@ -66,8 +67,8 @@ def _as_id_tuple(value: int | Iterable[int] | None) -> tuple[int, ...]:
 def cache_argument_name(model: PreTrainedModel) -> str:
     """The keyword under which ``model.forward`` takes its KV cache.
 
-    transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns and goes
-    away in 5.40); older versions only know ``past_key_values``.
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes
+    away in 5.40); older versions (5.23 and before) only know ``past_key_values``.
     """
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"

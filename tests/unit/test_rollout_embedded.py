@@ -255,7 +255,7 @@ def test_prefill_runs_once_per_distinct_prompt_of_a_micro_batch():
 
 
 def test_generation_uses_the_current_cache_api_without_deprecation_warnings(recwarn, caplog):
-    """transformers 5.2x deprecates the ``past_key_values`` argument and output attribute (a
+    """transformers 5.24 deprecates the ``past_key_values`` argument and output attribute (a
     FutureWarning per forward plus a one-time logger warning); the engine passes a
     ``DynamicCache`` as ``cache`` and never reads the old attribute."""
     from transformers.utils import logging as hf_logging
