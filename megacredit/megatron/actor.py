@@ -31,6 +31,7 @@ from megacredit.trainer.objective import (
     response_mask,
 )
 from megacredit.trainer.packing import PackedMicroBatch, SequenceToPack, pack_sequences, split_per_sequence
+from megacredit.utils.progress import ProgressReporter
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,10 @@ class MegatronActor:
     """This rank's part of the policy, its teacher and its optimizer."""
 
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer, teacher: TeacherWeights | None,
-                 ctx: ParallelContext, settings: ActorSettings) -> None:
+                 ctx: ParallelContext, settings: ActorSettings, progress: ProgressReporter | None = None) -> None:
         self.model_chunks, self.optimizer, self.teacher = model_chunks, optimizer, teacher
         self.ctx, self.settings = ctx, settings
+        self.progress = progress or ProgressReporter()  # shows each pass's micro-batches
         self.head = VocabHead(model_chunks, settings.chunk_size)
 
     # ----------------------------------------------------------------------------- helpers
@@ -102,11 +104,12 @@ class MegatronActor:
         pad = budget if self.ctx.pp_size > 1 else 1  # stages exchange fixed-shape activations
         return pack_sequences(groups, budget, pad_to_multiple=pad, pad_token_id=self.settings.pad_token_id)
 
-    def _forward_only(self, groups: list[list[SequenceToPack]], callback) -> dict:
+    def _forward_only(self, groups: list[list[SequenceToPack]], callback, description: str = "pass") -> dict:
         for chunk in self.model_chunks:
             chunk.eval()
         merged: dict = {}
-        for result in run_packed_schedule(self.model_chunks, self._pack(groups), callback, forward_only=True):
+        for result in run_packed_schedule(self.model_chunks, self._pack(groups), callback, forward_only=True,
+                                          progress=self.progress, description=description):
             merged.update(result)
         return merged
 
@@ -121,7 +124,7 @@ class MegatronActor:
             ids, logp = split_per_sequence(out.topk_ids, micro_batch), split_per_sequence(out.topk_logprobs, micro_batch)
             return {key[1]: StudentResult(sampled[key], ids[key], logp[key]) for key in micro_batch.keys}
 
-        return self._forward_only(groups, collect)
+        return self._forward_only(groups, collect, "old-policy pass")
 
     def teacher_pass(self, samples: dict[int, SampleSequences],
                      student: dict[int, StudentResult] | None = None) -> dict[int, TeacherResult]:
@@ -139,10 +142,11 @@ class MegatronActor:
         def collect(hidden: torch.Tensor, micro_batch: PackedMicroBatch) -> dict:
             return self._collect_teacher(hidden, micro_batch, student if use_student_set else None)
 
+        description = "teacher+contrastive pass" if any(len(g) > 1 for g in groups) else "teacher pass"
         if self.teacher is None:
-            return self._forward_only(groups, collect)
+            return self._forward_only(groups, collect, description)
         with self.teacher.swapped_in(self.model_chunks):
-            return self._forward_only(groups, collect)
+            return self._forward_only(groups, collect, description)
 
     def _collect_teacher(self, hidden, micro_batch: PackedMicroBatch, student) -> dict[int, TeacherResult]:
         rows = torch.split(hidden, micro_batch.response_lengths)
@@ -198,7 +202,8 @@ class MegatronActor:
             chunk.train()
         zero_grads(self.model_chunks, self.optimizer)
         outputs = run_packed_schedule(self.model_chunks, self._pack(groups), loss_callback,
-                                      forward_only=False, dp_size=self.ctx.dp_size)
+                                      forward_only=False, dp_size=self.ctx.dp_size,
+                                      progress=self.progress, description="train pass")
         step = optimizer_step(self.optimizer)
         if self.teacher is not None:
             self.teacher.after_optimizer_step(self.model_chunks)

@@ -25,6 +25,7 @@ import torch
 from megacredit.algorithms.topk_fused import TopKLogprobs, chunked_topk_logprobs_from_hidden
 from megacredit.megatron.packed_attention import packed_seq_params
 from megacredit.trainer.packing import PackedMicroBatch
+from megacredit.utils.progress import ProgressReporter
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -102,13 +103,16 @@ def run_packed_schedule(
     callback: MicroBatchCallback,
     forward_only: bool,
     dp_size: int = 1,
+    progress: ProgressReporter | None = None,
+    description: str = "pass",
 ) -> list[Any]:
     """Run every packed micro-batch through Megatron's schedule; return the callback results.
 
     ``callback(response_hidden [N_resp, h], micro_batch)`` runs on the last pipeline stage. For
     forward-only passes it returns any data (collected in order); for training it returns
     ``(loss_share, metrics)`` with ``loss_share`` this micro-batch's additive share of the global
-    loss. Other stages get an empty list.
+    loss. Other stages get an empty list. ``progress`` shows the micro-batches this rank has run
+    forward, as ``description``.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -127,6 +131,7 @@ def run_packed_schedule(
             micro_batch.tokens[None].to(device), micro_batch.position_ids[None].to(device), None,
             packed_seq_params=packed_seq_params(micro_batch.cu_seqlens.to(device)),
         )
+        advance(1)
 
         def on_last_stage(output_tensor, non_loss_data: bool = False):
             result = callback(response_hidden(output_tensor, micro_batch, sequence_parallel), micro_batch)
@@ -138,7 +143,8 @@ def run_packed_schedule(
         return output, on_last_stage
 
     grad_mode = torch.no_grad() if forward_only else contextlib.nullcontext()
-    with hidden_states_output(model_chunks), grad_mode:
+    shown = (progress or ProgressReporter()).task(description, num_microbatches * len(model_chunks), "micro-batches")
+    with hidden_states_output(model_chunks), grad_mode, shown as advance:
         results = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Literal, Mapping, Sequence, Union
+from typing import Callable, Iterable, Literal, Mapping, Sequence, Union
 
 import torch
 
@@ -175,12 +175,14 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def generate(
-        self, prompt_token_ids: list[list[int]], params: SamplingParams
+        self, prompt_token_ids: list[list[int]], params: SamplingParams,
+        *, progress: Callable[[int], None] | None = None,
     ) -> list[RolloutOutput]:
         """Sample ``params.n`` responses per prompt.
 
         Returns ``len(prompt_token_ids) * params.n`` outputs, grouped by prompt: outputs
-        ``[i * n, (i + 1) * n)`` answer prompt ``i``.
+        ``[i * n, (i + 1) * n)`` answer prompt ``i``. ``progress(count)``, if given, is called
+        as ``count`` more samples finish (engines that cannot tell call it once at the end).
         """
 
     @abstractmethod

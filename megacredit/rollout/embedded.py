@@ -6,9 +6,15 @@ loaded from a local folder) in eval / no-grad mode and runs its own batched samp
 * prompts are micro-batched (``max_batch_size`` rows at a time, sorted by length to limit
   padding), left-padded, with an attention mask and position ids that start at 0 on each
   row's first real token;
-* one prefill forward, then one token per step through the model's KV cache
-  (``past_key_values``, a transformers ``DynamicCache``), computing logits for the last
-  position only;
+* one prefill forward over the DISTINCT prompts of the micro-batch (a prompt's ``n`` samples
+  share it): the prompt's KV-cache rows are then copied to each of its samples
+  (``DynamicCache.batch_select_indices`` with a repeating index), so a prompt is prefilled
+  once per micro-batch instead of once per sample;
+* then one token per step through the model's KV cache (a transformers ``DynamicCache``
+  passed with the current cache API: the ``cache`` argument of transformers >= 5.24, the
+  ``past_key_values`` argument, deprecated there, only on versions whose forward has no
+  ``cache`` argument; the unit tests pass on 5.24 and 5.23),
+  computing logits for the last position only;
 * a row stops when it samples one of the stop (EOS) ids, the stop token included in its
   output; finished rows are dropped from the batch and its cache, the rest continue until
   all are finished or ``max_new_tokens`` is reached;
@@ -28,11 +34,12 @@ Megatron -> HF bridge exports, and are copied in place into the existing paramet
 from __future__ import annotations
 
 import difflib
+import inspect
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from megacredit.rollout.base import (
     NamedTensor,
@@ -57,6 +64,27 @@ def _as_id_tuple(value: int | Iterable[int] | None) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def cache_argument_name(model: PreTrainedModel) -> str:
+    """The keyword under which ``model.forward`` takes its KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes
+    away in 5.40); older versions (5.23 and before) only know ``past_key_values``.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def new_dynamic_cache(config: PretrainedConfig) -> DynamicCache:
+    """An empty ``DynamicCache`` laid out for ``config`` (per-layer types where supported)."""
+    if "config" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(config=config)
+    return DynamicCache()
+
+
+ProgressCallback = Callable[[int], None]
+"""``progress(count)``: called with the number of samples that just finished."""
+
+
 def default_eos_token_ids(model: PreTrainedModel) -> tuple[int, ...]:
     """EOS ids of a model: its generation config's, else its model config's."""
     generation_config = getattr(model, "generation_config", None)
@@ -74,6 +102,7 @@ class EmbeddedRolloutEngine(RolloutEngine):
         max_batch_size: int = 64,
         eos_token_ids: Iterable[int] | None = None,
         pad_token_id: int | None = None,
+        share_prompt_prefill: bool = True,
     ) -> None:
         """Wrap ``model`` (put in eval mode, gradients off).
 
@@ -81,6 +110,9 @@ class EmbeddedRolloutEngine(RolloutEngine):
         eos_token_ids: default stop ids when ``SamplingParams.stop_token_ids`` is None
             (defaults to the model's generation / model config EOS ids).
         pad_token_id: id written in the left padding (masked out; any valid id works).
+        share_prompt_prefill: prefill each distinct prompt of a micro-batch once and copy its
+            KV cache to its samples (default). False prefills every sample on its own, as the
+            engine did before; kept as the reference of tests and benchmarks.
         """
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
@@ -93,6 +125,8 @@ class EmbeddedRolloutEngine(RolloutEngine):
         config_pad = getattr(model.config, "pad_token_id", None)
         self.pad_token_id = pad_token_id if pad_token_id is not None else (config_pad or 0)
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        self.share_prompt_prefill = bool(share_prompt_prefill)
+        self._cache_argument = cache_argument_name(model)
 
     # ----------------------------------------------------------------------------- builders
     @classmethod
@@ -119,13 +153,22 @@ class EmbeddedRolloutEngine(RolloutEngine):
 
     # ---------------------------------------------------------------------------- generate
     def generate(
-        self, prompt_token_ids: list[list[int]], params: SamplingParams
+        self, prompt_token_ids: list[list[int]], params: SamplingParams,
+        *, progress: ProgressCallback | None = None,
     ) -> list[RolloutOutput]:
         """Sample ``params.n`` responses per prompt; outputs grouped prompt by prompt.
 
         Output ``i * n + j`` is sample ``j`` of prompt ``i``. Rows are processed in
         micro-batches of ``max_batch_size`` after a stable sort by prompt length, so with a
-        seed the samples are reproducible for the same prompts, weights and max_batch_size.
+        seed the samples are reproducible for the same prompts, weights and max_batch_size
+        (and the same machine and library versions: a change of batch shape or kernel can move
+        float rounding). ``progress(count)``, if given, is called as samples finish.
+
+        The prompt-prefill sharing computes the same values as one prefill per sample up to
+        float rounding (the matmuls see fewer rows): on tiny models the tokens and log-probs
+        are bit-identical, on SmolLM2-135M the logits move by up to ~5e-5 and a seeded sample can in
+        rare cases pick a different token (tests/unit/test_rollout_embedded.py,
+        tests/integration/test_rollout_smollm2.py).
         """
         self._check_prompts(prompt_token_ids, params)
         stop_ids = self.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
@@ -138,7 +181,7 @@ class EmbeddedRolloutEngine(RolloutEngine):
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start:start + self.max_batch_size]
             results = self._generate_micro_batch(
-                [list(rows[r][1]) for r in chunk], params, stop_ids, generator
+                [list(rows[r][1]) for r in chunk], params, stop_ids, generator, progress
             )
             for r, (tokens, logprobs, reason) in zip(chunk, results):
                 prompt_index, prompt = rows[r]
@@ -172,6 +215,38 @@ class EmbeddedRolloutEngine(RolloutEngine):
                     f"max_new_tokens"
                 )
 
+    def _forward(self, input_ids, attention_mask, position_ids, cache: DynamicCache) -> torch.Tensor:
+        """One cached forward; returns the last position's logits [B, V] (cache grows in place)."""
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=True, logits_to_keep=1, **{self._cache_argument: cache},
+        )
+        return out.logits[:, -1, :]
+
+    def _prefill(
+        self, prompts: list[list[int]], cache: DynamicCache, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prefill ``prompts`` (one per row) into ``cache``; returns the rows' last-position
+        logits [B, V], attention mask [B, L] and next position ids [B, 1].
+
+        With ``share_prompt_prefill`` the forward runs on the distinct prompts only; their
+        cache rows, logits and masks are then copied to every row holding that prompt.
+        """
+        if self.share_prompt_prefill:
+            distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+            slot = {prompt: index for index, prompt in enumerate(distinct)}
+            expand = torch.tensor([slot[tuple(p)] for p in prompts], device=device)
+        else:
+            distinct, expand = [tuple(p) for p in prompts], None
+        input_ids, attention_mask = left_pad([list(p) for p in distinct], self.pad_token_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = positions_from_mask(attention_mask)
+        logits = self._forward(input_ids, attention_mask, position_ids, cache)
+        if expand is not None and len(distinct) < len(prompts):
+            cache.batch_select_indices(expand)
+            logits, attention_mask, position_ids = logits[expand], attention_mask[expand], position_ids[expand]
+        return logits, attention_mask, position_ids[:, -1:] + 1
+
     @torch.inference_mode()
     def _generate_micro_batch(
         self,
@@ -179,25 +254,21 @@ class EmbeddedRolloutEngine(RolloutEngine):
         params: SamplingParams,
         stop_ids: tuple[int, ...],
         generator: torch.Generator | None,
+        progress: ProgressCallback | None = None,
     ) -> list[tuple[list[int], list[float], str]]:
         """Run the KV-cache loop on one left-padded micro-batch."""
         device = self.model.get_input_embeddings().weight.device
-        input_ids, attention_mask = left_pad(prompts, self.pad_token_id)
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = positions_from_mask(attention_mask)
+        cache = new_dynamic_cache(self.model.config)
+        logits, attention_mask, next_position = self._prefill(prompts, cache, device)
         stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device)
         tokens: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         reasons = ["length"] * len(prompts)
         live_rows = list(range(len(prompts)))  # original row of each row still in the batch
-        next_position = position_ids[:, -1:] + 1
-        cache = None
         for step in range(params.max_new_tokens):
-            out = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            )
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            if step > 0:
+                logits = self._forward(sampled.unsqueeze(-1), attention_mask, next_position, cache)
+                next_position = next_position + 1
             sampled = choose_next_tokens(logits, params, generator)
             sampled_logprobs = token_logprobs(logits, sampled)
             finished = torch.isin(sampled, stop_tensor)
@@ -208,7 +279,11 @@ class EmbeddedRolloutEngine(RolloutEngine):
                 logprobs[row].append(logprob)
                 if done:
                     reasons[row] = "stop"
-            if step == params.max_new_tokens - 1 or bool(finished.all()):
+            last = step == params.max_new_tokens - 1 or bool(finished.all())
+            done_now = len(live_rows) if last else int(finished.sum())
+            if progress is not None and done_now:
+                progress(done_now)
+            if last:
                 break
             if bool(finished.any()):
                 keep = (~finished).nonzero().squeeze(-1)
@@ -219,8 +294,6 @@ class EmbeddedRolloutEngine(RolloutEngine):
                 )
             new_column = attention_mask.new_ones((len(live_rows), 1))
             attention_mask = torch.cat([attention_mask, new_column], dim=1)
-            input_ids, position_ids = sampled.unsqueeze(-1), next_position
-            next_position = next_position + 1
         return [(tokens[r], logprobs[r], reasons[r]) for r in range(len(prompts))]
 
     # ------------------------------------------------------------------------- weight sync

@@ -32,7 +32,7 @@ diagnostics.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from megacredit.rollout.base import (
     NamedTensor,
@@ -112,7 +112,8 @@ class SGLangRolloutEngine(RolloutEngine):
         self.engine = sglang.Engine(model_path=str(model_path), **server_args)
 
     def generate(
-        self, prompt_token_ids: list[list[int]], params: SamplingParams
+        self, prompt_token_ids: list[list[int]], params: SamplingParams,
+        *, progress: Callable[[int], None] | None = None,
     ) -> list[RolloutOutput]:
         rows = [(i, list(p)) for i, p in enumerate(prompt_token_ids) for _ in range(params.n)]
         results = self.engine.generate(
@@ -120,6 +121,8 @@ class SGLangRolloutEngine(RolloutEngine):
             sampling_params=to_sglang_sampling_params(params),
             return_logprob=True,
         )
+        if progress is not None:
+            progress(len(rows))
         return [from_sglang_output(r, i, p) for r, (i, p) in zip(results, rows)]
 
     def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:

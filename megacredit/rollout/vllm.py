@@ -28,7 +28,7 @@ API used (vllm-project/vllm, docs.vllm.ai):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from megacredit.rollout.base import (
     NamedTensor,
@@ -123,7 +123,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self.llm = self._vllm.LLM(model=str(model_path), **engine_args)
 
     def generate(
-        self, prompt_token_ids: list[list[int]], params: SamplingParams
+        self, prompt_token_ids: list[list[int]], params: SamplingParams,
+        *, progress: Callable[[int], None] | None = None,
     ) -> list[RolloutOutput]:
         sampling = self._vllm.SamplingParams(**to_vllm_sampling_kwargs(params))
         requests = [{"prompt_token_ids": list(p)} for p in prompt_token_ids]
@@ -131,6 +132,8 @@ class VLLMRolloutEngine(RolloutEngine):
         outputs: list[RolloutOutput] = []
         for index, (prompt, result) in enumerate(zip(prompt_token_ids, results)):
             outputs.extend(from_vllm_request_output(result, index, list(prompt)))
+        if progress is not None:
+            progress(len(outputs))
         return outputs
 
     def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:

@@ -124,8 +124,9 @@ def build_env(cfg: MegacreditConfig):
                           f"{one_line(error)}") from error
 
 
-def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource):
-    """This rank's Megatron actor: model (weights loaded), DDP, optimizer, teacher."""
+def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
+    """This rank's Megatron actor: model (weights loaded), DDP, optimizer, teacher; ``progress``
+    (a megacredit.utils.progress reporter) shows its passes."""
     from megacredit.megatron.actor import ActorSettings, MegatronActor
     from megacredit.megatron.bridge import load_hf_weights
     from megacredit.megatron.model_provider import build_gpt_model
@@ -156,7 +157,7 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource):
         objective=objective_settings(cfg), top_k=algorithm.sdpo.top_k, topk_source=algorithm.sdpo.topk_source,
         token_budget=cfg.parallel.micro_batch_tokens, pad_token_id=source.tokenizer.pad_token_id or 0,
     )
-    return MegatronActor(chunks, optimizer, teacher, ctx, settings)
+    return MegatronActor(chunks, optimizer, teacher, ctx, settings, progress)
 
 
 def objective_settings(cfg: MegacreditConfig):

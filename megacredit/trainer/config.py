@@ -371,6 +371,12 @@ class LoggingConfig:
     """W&B entity (team); null = your default."""
     console: bool = True
     """Progress bar and summary table on the console."""
+    progress: Literal["auto", "rich", "plain", "off"] = "auto"
+    """Progress inside the long phases (start-up, rollout samples, pass micro-batches, validation)
+    on the logging rank: 'auto' = rich bars on a terminal, plain periodic lines otherwise (CI,
+    Slurm logs); 'rich' / 'plain' force one; 'off' = none."""
+    progress_interval_s: float = 30.0
+    """Plain progress lines: at most one per running task every this many seconds (0 = every update)."""
     token_credit_samples: int = 4
     """Samples per step whose per-token credit goes to <run_dir>/token_credit.jsonl; 0 = off."""
 

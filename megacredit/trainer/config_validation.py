@@ -347,6 +347,8 @@ def _check_validation_logging_checkpoint(cfg: "MegacreditConfig") -> None:
     _require(bool(log.run_dir.strip()), "logging.run_dir", log.run_dir, "must not be empty")
     _require(log.token_credit_samples >= 0, "logging.token_credit_samples",
              log.token_credit_samples, "must be >= 0 (0 = off)")
+    _require(log.progress_interval_s >= 0, "logging.progress_interval_s", log.progress_interval_s,
+             "must be >= 0 seconds (0 = a line per update)")
     _require(ckpt.save_every >= 0, "checkpoint.save_every", ckpt.save_every, "must be >= 0")
     _require(ckpt.keep_last >= 0, "checkpoint.keep_last", ckpt.keep_last, "must be >= 0")
     _require(bool(ckpt.resume.strip()), "checkpoint.resume", ckpt.resume,

@@ -26,24 +26,34 @@ def validate(run: RLRun, val_records: list[dict], step: int, logger) -> None:
     with run.phase("val"):
         result = evaluate(run.engine, run.tokenizer, run.env, records,
                           validation_params(cfg, [run.tokenizer.eos_token_id], step_seed(cfg.training.seed, step, 3)),
-                          cfg.validation.bootstrap_samples, cfg.validation.confidence, seed=step)
+                          cfg.validation.bootstrap_samples, cfg.validation.confidence, seed=step,
+                          progress=run.progress)
     logger.log(step, {**result, "perf/time_val": run.timings.pop("perf/time_val")})
 
 
 def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
-    """Start the parallel state and build every component of the run."""
+    """Start the parallel state and build every component of the run (each shown as a stage)."""
     from megacredit.megatron.distributed import initialize
+    from megacredit.utils.progress import make_progress_reporter
 
     builder.check_engine(cfg)  # the cheap parts first: bad inputs fail in seconds
     train_records, val_records = builder.build_data(cfg)
     env = builder.build_env(cfg)
     ctx = initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                      seed=cfg.training.seed)
-    source = builder.resolve_model(cfg)
+    progress = make_progress_reporter(cfg.logging.progress, enabled=ctx.rank == 0,
+                                      interval_s=cfg.logging.progress_interval_s)
+    converted = " (converted from its GGUF once per cache dir)" if cfg.model.name_or_path == builder.BUILTIN_SMOLLM2 else ""
+    with progress.stage(f"loading the model {cfg.model.name_or_path}{converted}"):
+        source = builder.resolve_model(cfg)
     validate_against_model(cfg, source.hf_config)
-    actor = builder.build_actor(cfg, ctx, source)
-    engine = builder.build_engine(cfg, source) if ctx.rank == 0 else None
-    run = RLRun(cfg, ctx, actor, engine, env, source.tokenizer, source.hf_config)
+    with progress.stage("building the Megatron model, loading its weights, building the optimizer"):
+        actor = builder.build_actor(cfg, ctx, source, progress)
+    engine = None
+    if ctx.rank == 0:
+        with progress.stage(f"building the {cfg.rollout.engine} rollout engine"):
+            engine = builder.build_engine(cfg, source)
+    run = RLRun(cfg, ctx, actor, engine, env, source.tokenizer, source.hf_config, progress=progress)
     return run, train_records, val_records
 
 
@@ -59,7 +69,7 @@ def train(cfg: MegacreditConfig) -> dict[str, Any]:
     prompts = PromptStream(train_records, cfg.data.prompts_per_step, cfg.training.seed, cfg.data.shuffle)
     total = cfg.training.resolved_steps(len(train_records), cfg.data.prompts_per_step)
     preemption = checkpointing.PreemptionFlag().install()
-    logger = MetricsLogger.from_config(cfg, total, start_step or None) if run.is_logger else None
+    logger = MetricsLogger.from_config(cfg, total, start_step or None, run.progress.console) if run.is_logger else None
     if logger is not None:
         save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
     if start_step == 0 and cfg.validation.before_training:
@@ -75,8 +85,9 @@ def train(cfg: MegacreditConfig) -> dict[str, Any]:
             validate(run, val_records, done, logger)
         save_every, preempted = cfg.checkpoint.save_every, preemption.on_any_rank()
         if preempted or (save_every and (done % save_every == 0 or last)):
-            checkpointing.save(run.actor, run.ctx, cfg.checkpoint_dir(), done, cfg.checkpoint.keep_last,
-                               {"completed_steps": done})
+            with run.progress.stage(f"saving the checkpoint of step {done}"):
+                checkpointing.save(run.actor, run.ctx, cfg.checkpoint_dir(), done, cfg.checkpoint.keep_last,
+                                   {"completed_steps": done})
         if preempted:
             break
     preemption.uninstall()

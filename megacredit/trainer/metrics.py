@@ -130,6 +130,7 @@ class MetricsLogger:
         wandb_project: str = "megacredit",
         wandb_entity: str | None = None,
         run_config: Mapping[str, Any] | None = None,
+        rich_console: Any = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,20 +147,22 @@ class MetricsLogger:
         if console:
             from megacredit.trainer.metrics_console import ConsoleReporter
 
-            self._console = ConsoleReporter(total_steps, start_step=resume_from_step or 0)
+            # One rich console for the step bar and the progress bars of the phases (they nest).
+            self._console = ConsoleReporter(total_steps, start_step=resume_from_step or 0, console=rich_console)
         self._closed = False
 
     @classmethod
     def from_config(cls, cfg: Any, total_steps: int | None = None,
-                    resume_from_step: int | None = None) -> "MetricsLogger":
-        """A logger set up from a ``MegacreditConfig``'s ``logging`` section."""
+                    resume_from_step: int | None = None, rich_console: Any = None) -> "MetricsLogger":
+        """A logger set up from a ``MegacreditConfig``'s ``logging`` section; ``rich_console``:
+        the console the progress reporter draws on, if any (shared with the step bar)."""
         from megacredit.trainer.config import config_to_dict
 
         log = cfg.logging
         return cls(log.run_dir, jsonl=log.jsonl, tensorboard=log.tensorboard, wandb=log.wandb,
                    console=log.console, total_steps=total_steps,
                    resume_from_step=resume_from_step, wandb_project=log.wandb_project,
-                   wandb_entity=log.wandb_entity, run_config=config_to_dict(cfg))
+                   wandb_entity=log.wandb_entity, run_config=config_to_dict(cfg), rich_console=rich_console)
 
     # -- sinks -----------------------------------------------------------------------
     def _open_jsonl(self, resume_from_step: int | None):

@@ -24,6 +24,7 @@ from megacredit.trainer import rollout as rollout_lib
 from megacredit.trainer import step_metrics
 from megacredit.trainer.objective import PPO_METHODS, token_advantages
 from megacredit.utils.comm import all_gather_objects, broadcast_object
+from megacredit.utils.progress import ProgressReporter
 
 
 @dataclass
@@ -38,6 +39,8 @@ class RLRun:
     tokenizer: Any
     hf_config: Any
     timings: dict[str, float] = field(default_factory=dict)
+    progress: ProgressReporter = field(default_factory=ProgressReporter)
+    """Progress shown inside the long phases (shows nothing except on the logging rank)."""
 
     @property
     def is_logger(self) -> bool:
@@ -76,7 +79,7 @@ def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> rollout_lib
             n=cfg.algorithm.group_size, seed=rollout_lib.step_seed(cfg.training.seed, step, salt=1),
         )
         with run.phase("rollout"):
-            batch = rollout_lib.generate(run.engine, run.tokenizer, prompts, params)
+            batch = rollout_lib.generate(run.engine, run.tokenizer, prompts, params, run.progress)
         with run.phase("reward"):
             rollout_lib.score(run.env, batch)
     return broadcast_object(batch)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from megacredit.data.templates import encode_student_prompt
 from megacredit.envs.base import EnvResult, Environment
 from megacredit.rollout.base import RolloutEngine, SamplingParams
+from megacredit.utils.progress import ProgressReporter
 
 
 @dataclass
@@ -73,10 +74,13 @@ class PromptStream:
 
 
 def generate(engine: RolloutEngine, tokenizer: Any, records: Sequence[dict[str, Any]],
-             params: SamplingParams) -> RolloutBatch:
-    """Sample ``params.n`` responses per prompt record (call on the engine's rank)."""
+             params: SamplingParams, progress: ProgressReporter | None = None,
+             description: str = "rollout") -> RolloutBatch:
+    """Sample ``params.n`` responses per prompt record (call on the engine's rank); the samples
+    done are shown as ``description`` on ``progress``."""
     prompts = [encode_student_prompt(tokenizer, record) for record in records]
-    outputs = engine.generate(prompts, params)
+    with (progress or ProgressReporter()).task(description, len(prompts) * params.n, "samples") as advance:
+        outputs = engine.generate(prompts, params, progress=advance)
     return RolloutBatch(
         records=[records[o.prompt_index] for o in outputs],
         group_ids=[o.prompt_index for o in outputs],

@@ -12,6 +12,7 @@ from megacredit.envs.base import Environment
 from megacredit.rollout.base import RolloutEngine, SamplingParams
 from megacredit.trainer import rollout as rollout_lib
 from megacredit.trainer.validation_stats import avg_at_k, mean_pass_at_k
+from megacredit.utils.progress import ProgressReporter
 
 
 def validation_params(cfg, eos_token_ids: Sequence[int] | None, seed: int) -> SamplingParams:
@@ -25,12 +26,13 @@ def validation_params(cfg, eos_token_ids: Sequence[int] | None, seed: int) -> Sa
 
 
 def evaluate(engine: RolloutEngine, tokenizer: Any, env: Environment, records: Sequence[dict[str, Any]],
-             params: SamplingParams, bootstrap_samples: int, confidence: float, seed: int) -> dict[str, float]:
+             params: SamplingParams, bootstrap_samples: int, confidence: float, seed: int,
+             progress: ProgressReporter | None = None) -> dict[str, float]:
     """val/ metrics: avg@k of ``records`` (k = ``params.n``) with a prompt-level bootstrap CI,
-    unbiased pass@k and the mean response length."""
+    unbiased pass@k and the mean response length. The samples done are shown on ``progress``."""
     if not records:
         raise ValueError("validation set is empty: set data.val_path or data.num_generated_val > 0")
-    batch = rollout_lib.generate(engine, tokenizer, records, params)
+    batch = rollout_lib.generate(engine, tokenizer, records, params, progress, description="validation")
     rollout_lib.score(env, batch, split="val")
     scores: list[list[float]] = [[] for _ in records]
     for group, reward in zip(batch.group_ids, batch.rewards):

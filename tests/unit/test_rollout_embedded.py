@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -195,6 +197,93 @@ def test_seeded_sampling_is_deterministic_and_grouped_by_prompt():
     other_seed = engine.generate(PROMPTS, SamplingParams(
         temperature=1.0, max_new_tokens=6, n=3, seed=124, stop_token_ids=()))
     assert [o.token_ids for o in other_seed] != [o.token_ids for o in first]
+
+
+# Frequent stop ids (1 in 8 of the 96-token vocabulary): rows finish at different steps.
+FREQUENT_STOPS = tuple(range(0, 96, 8))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_shared_prompt_prefill_equals_one_prefill_per_sample(family):
+    """The prompt is prefilled once for its n samples; the old algorithm (one prefill per
+    sample) gives bit-identical tokens, log-probs and finish reasons on these tiny models
+    (tests/integration/test_rollout_smollm2.py covers the real model's float rounding)."""
+    model = tiny_model(family)
+    for max_batch_size in (4, 64):  # 4: a prompt's 3 samples span two micro-batches
+        for params in (
+            SamplingParams(temperature=0, max_new_tokens=8, n=3, stop_token_ids=()),
+            SamplingParams(temperature=1.0, max_new_tokens=8, n=3, seed=5, stop_token_ids=FREQUENT_STOPS),
+        ):
+            shared = EmbeddedRolloutEngine(model, max_batch_size=max_batch_size).generate(PROMPTS, params)
+            reference = EmbeddedRolloutEngine(
+                model, max_batch_size=max_batch_size, share_prompt_prefill=False).generate(PROMPTS, params)
+            assert [o.token_ids for o in shared] == [o.token_ids for o in reference], (max_batch_size, params)
+            assert [o.logprobs for o in shared] == [o.logprobs for o in reference], (max_batch_size, params)
+            assert [o.finish_reason for o in shared] == [o.finish_reason for o in reference]
+            assert [o.prompt_index for o in shared] == [i for i in range(len(PROMPTS)) for _ in range(3)]
+            if params.stop_token_ids == FREQUENT_STOPS:  # the early-stop path was exercised
+                assert {"stop", "length"} <= {o.finish_reason for o in shared}
+
+
+def record_forward_shapes(model) -> tuple[list, object]:
+    shapes: list[tuple[int, ...]] = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
+    return shapes, hook
+
+
+def test_prefill_runs_once_per_distinct_prompt_of_a_micro_batch():
+    model = tiny_model("llama")
+    prompts = PROMPTS + [PROMPTS[0]]  # prompt 4 repeats prompt 0: one prefill row for both
+    params = SamplingParams(temperature=1.0, max_new_tokens=4, n=3, seed=0, stop_token_ids=())
+    shapes, hook = record_forward_shapes(model)
+    try:
+        outputs = EmbeddedRolloutEngine(model, max_batch_size=64).generate(prompts, params)
+        shared_shapes = list(shapes)
+        shapes.clear()
+        EmbeddedRolloutEngine(model, max_batch_size=64, share_prompt_prefill=False).generate(prompts, params)
+    finally:
+        hook.remove()
+    longest = max(map(len, prompts))
+    assert shared_shapes[0] == (4, longest), "prefill should hold the 4 distinct prompts once each"
+    assert shared_shapes[1:] == [(15, 1)] * 3, "decoding runs on all 5 x 3 samples"
+    assert shapes[0] == (15, longest), "the reference path prefills every sample"
+    assert [o.prompt_index for o in outputs[-3:]] == [4, 4, 4] and outputs[-1].prompt_ids == PROMPTS[0]
+    for out in outputs:  # every expanded cache row continues its own prompt
+        reference = full_forward_logprobs(model, out.prompt_ids, out.token_ids)
+        torch.testing.assert_close(torch.tensor(out.logprobs), reference, atol=LOGPROB_TOLERANCE, rtol=0)
+
+
+def test_generation_uses_the_current_cache_api_without_deprecation_warnings(recwarn, caplog):
+    """transformers 5.24 deprecates the ``past_key_values`` argument and output attribute (a
+    FutureWarning per forward plus a one-time logger warning); the engine passes a
+    ``DynamicCache`` as ``cache`` and never reads the old attribute."""
+    from transformers.utils import logging as hf_logging
+
+    model = tiny_model("qwen3")
+    engine = EmbeddedRolloutEngine(model)
+    logging.Logger.warning_once.cache_clear()  # transformers' warning_once fires once per process
+    hf_logging.enable_propagation()
+    warnings.simplefilter("always")
+    try:
+        with caplog.at_level(logging.WARNING):
+            outputs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=6, n=2,
+                                                              stop_token_ids=()))
+    finally:
+        hf_logging.disable_propagation()
+    messages = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "past_key_values" in m or "deprecat" in m.lower()], messages
+    assert [o.token_ids for o in outputs[::2]] == hf_greedy(model, PROMPTS, max_new_tokens=6)
+    assert [o.token_ids for o in outputs[1::2]] == [o.token_ids for o in outputs[::2]]
+
+
+def test_progress_reports_every_sample_as_it_finishes():
+    engine = EmbeddedRolloutEngine(tiny_model("llama"), max_batch_size=5)
+    counts: list[int] = []
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, n=3, seed=5, stop_token_ids=FREQUENT_STOPS)
+    outputs = engine.generate(PROMPTS, params, progress=counts.append)
+    assert sum(counts) == len(outputs) == 12 and all(c > 0 for c in counts)
+    assert len(counts) > 3, "samples that stop early must be reported before their micro-batch ends"
 
 
 @pytest.mark.parametrize(
