@@ -133,6 +133,13 @@ class VLLMRolloutEngine(RolloutEngine):
             outputs.extend(from_vllm_request_output(result, index, list(prompt)))
         return outputs
 
+    def score_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """vLLM's prompt log-probs (``prompt_logprobs=0``: the given token's own log-prob)."""
+        sampling = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        results = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], sampling)
+        return [[float(step[t].logprob) for step, t in zip(r.prompt_logprobs[1:], s[1:])]
+                for r, s in zip(results, sequences)]
+
     def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:
         report = WeightLoadReport()
         for bucket in rebucket(named_tensors, self.max_bucket_bytes):
