@@ -34,6 +34,7 @@ How it talks to vLLM (vllm-project/vllm, version 0.32):
 from __future__ import annotations
 
 import base64
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -109,6 +110,7 @@ class MegacreditWorkerExtension:
     def megacredit_begin_weight_update(self) -> bool:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload  # noqa: PLC0415
 
+        quiet_expected_reload_warnings()
         initialize_layerwise_reload(self._megacredit_model())
         return True
 
@@ -132,6 +134,23 @@ class MegacreditWorkerExtension:
         model = self._megacredit_model()
         weights = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.numel()}
         return weights, dict(getattr(model, "packed_modules_mapping", {}) or {})
+
+
+class _ExpectedReloadWarnings(logging.Filter):
+    """Drops vLLM's "<Layer>: Failed to load weights" for layers that have no checkpoint tensor
+    of their own in an HF stream (rotary tables, a tied LM head); others still show."""
+
+    LAYERS = ("RotaryEmbedding", "ParallelLMHead")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Failed to load weights" in message and message.split(":")[0] in self.LAYERS)
+
+
+def quiet_expected_reload_warnings() -> None:
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _ExpectedReloadWarnings) for f in logger.filters):
+        logger.addFilter(_ExpectedReloadWarnings())
 
 
 def reprocess_tied_head(model: torch.nn.Module) -> bool:
@@ -226,13 +245,17 @@ class VLLMRolloutEngine(RolloutEngine):
     """An in-process ``vllm.LLM`` (see the module docstring)."""
 
     def __init__(self, model_path: str | Path, *, manifest: WeightManifest | None = None,
-                 **engine_args: Any) -> None:
+                 in_process: bool = True, **engine_args: Any) -> None:
         """model_path: HF folder (config, tokenizer; weights unless ``load_format="dummy"``);
         manifest: HF name -> shape the engine accepts (default: read from the folder's
-        safetensors headers; None when it has none); engine_args: ``vllm.LLM`` arguments
-        (dtype, tensor_parallel_size, max_model_len, enable_sleep_mode, seed, ...)."""
+        safetensors headers; None when it has none); in_process: run vLLM's engine core in this
+        process (the worker gets our tensors as they are; needs a process without another
+        torch.distributed world) or in vLLM's own process (buckets travel as safetensors
+        bytes); engine_args: ``vllm.LLM`` arguments (dtype, tensor_parallel_size,
+        max_model_len, enable_sleep_mode, seed, ...)."""
         os.environ.update(vllm_environment())
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker must share our tensors
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        self.in_process = in_process
         vllm = import_vllm()
         self._vllm = vllm
         self.model_path = Path(model_path)
@@ -270,14 +293,16 @@ class VLLMRolloutEngine(RolloutEngine):
         """One bucket into the worker (call inside begin/finish: use the entry point
         ``update_weights_from_buckets``)."""
         pairs = list(named_tensors)
-        self.llm.collective_rpc("megacredit_load_weights", args=(pairs,))
+        self.llm.collective_rpc("megacredit_load_weights", args=(pairs if self.in_process else encode_bucket(pairs),))
         return WeightLoadReport(num_tensors=len(pairs), num_bytes=bucket_bytes(pairs))
 
     def finish_weight_update(self) -> None:
         self.llm.collective_rpc("megacredit_finish_weight_update")
         self.llm.reset_prefix_cache()
 
-    def read_weights(self) -> dict[str, torch.Tensor]:
+    def read_weights(self) -> dict[str, torch.Tensor] | None:
+        if not self.in_process:
+            return None
         weights, packing = self.llm.collective_rpc("megacredit_read_weights")[0]
         return unpack_weights(weights, packing, self._manifest)
 
