@@ -156,16 +156,21 @@ def build_engine(cfg: MegacreditConfig, source: ModelSource, ctx=None):
     """This rank's rollout engine, or None on ranks without one; its weights come from the actor
     through the weight sync (docs/engines.md).
 
-    embedded: our sampler on global rank 0. vllm colocated: one ``vllm.LLM`` on rank 0 started
-    from the policy's HF folder (a tiny model's is written under the run directory); in this
-    process when the job has one rank, in vLLM's own engine process otherwise (one engine per
-    group of ranks is not implemented yet: use remote servers to generate on several engines).
+    embedded: our sampler on global rank 0. vllm colocated: one ``vllm.LLM`` on rank 0 over the
+    job's devices (engine tensor-parallel size = world size), started from the policy's HF folder
+    (a tiny model's is written under the run directory); in this process when the job has one
+    rank, in vLLM's own engine processes otherwise.
     vllm remote: rank 0 drives the servers at ``rollout.urls``, the prompts split across them.
     sglang: the adapters of megacredit/rollout/sglang*.py (GPU only, unverified).
     """
     rank = 0 if ctx is None else ctx.rank
     world = 1 if ctx is None else ctx.world_size
     ro = cfg.rollout
+    if ro.engine != "embedded" and ro.placement == "colocated" and world not in (1, ro.engine_tensor_parallel_size):
+        raise NotImplementedError(
+            f"rollout.placement=colocated with {world} ranks needs one engine over all of them "
+            f"(rollout.engine_tensor_parallel_size={world}); one engine per smaller group of ranks is not "
+            f"implemented yet: start the engines as servers and use rollout.placement=remote (docs/engines.md)")
     if rank != 0:
         return None
     if ro.engine == "embedded":
