@@ -78,6 +78,8 @@ def train(cfg: MegacreditConfig) -> dict[str, Any]:
         if preempted:
             break
     preemption.uninstall()
+    if run.engine is not None:
+        run.engine.shutdown()  # engine processes / memory (remote servers are not ours: left running)
     if logger is not None:
         logger.close()
         render_run(cfg.logging.run_dir)
