@@ -128,6 +128,12 @@ class MegacreditWorkerExtension:
         reprocess_tied_head(model)
         return True
 
+    def megacredit_weight_manifest(self) -> dict[str, list[int]]:
+        """HF name -> shape of the checkpoint this engine was started from (its safetensors
+        headers, read where the engine runs: a remote server's own disk); {} without one."""
+        manifest = folder_manifest(Path(self.vllm_config.model_config.model))  # type: ignore[attr-defined]
+        return {name: list(shape) for name, shape in (manifest or {}).items()}
+
     def megacredit_read_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
         """The parameters that hold their data in checkpoint layout (kernel-repacked ones, e.g.
         the CPU backend's linear layers, are empty and skipped) and the model's packing map."""
@@ -261,7 +267,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.model_path = Path(model_path)
         self.sleep_mode = bool(engine_args.get("enable_sleep_mode", False))
         engine_args.setdefault("worker_extension_cls", WORKER_EXTENSION)
-        self._manifest = manifest if manifest is not None else _folder_manifest(self.model_path)
+        self._manifest = manifest if manifest is not None else folder_manifest(self.model_path)
         self.llm = vllm.LLM(model=str(model_path), **engine_args)
 
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[RolloutOutput]:
@@ -328,7 +334,8 @@ class VLLMRolloutEngine(RolloutEngine):
             gc.collect()
 
 
-def _folder_manifest(model_path: Path) -> WeightManifest | None:
+def folder_manifest(model_path: Path) -> WeightManifest | None:
+    """The safetensors manifest of an HF folder, or None when it has no weights."""
     from megacredit.rollout.checkpoint_manifest import checkpoint_manifest  # noqa: PLC0415
 
     try:

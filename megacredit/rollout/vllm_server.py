@@ -45,7 +45,7 @@ from megacredit.rollout.base import (
 from megacredit.rollout.http_json import EngineHTTPError, JSONClient, normalize_url
 from megacredit.rollout.vllm import (
     WORKER_EXTENSION,
-    _folder_manifest,
+    folder_manifest,
     check_finish_reason,
     encode_bucket,
     request_sampling_kwargs,
@@ -86,11 +86,13 @@ class VLLMServerEngine(RolloutEngine):
 
     def __init__(self, url: str, *, model_path: str | Path | None = None, timeout: float = 600.0,
                  max_concurrency: int = 32, client: JSONClient | None = None) -> None:
-        """url: 'http://host:port'; model_path: the HF folder the server was started from (its
-        safetensors manifest checks updates before any copy; None = no check)."""
+        """url: 'http://host:port'; model_path: a local copy of the HF folder the server was
+        started from, whose safetensors manifest checks updates before any copy (None: the
+        server reads the manifest of its own checkpoint, on its own disk)."""
         self.url = normalize_url(url)
         self.client = client or JSONClient(timeout)
-        self._manifest = _folder_manifest(Path(model_path)) if model_path is not None else None
+        self._manifest = folder_manifest(Path(model_path)) if model_path is not None else None
+        self._asked_manifest = model_path is not None
         self._threads = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="vllm-http")
         self.model = self.client.get(self.url, "/v1/models")["data"][0]["id"]
 
@@ -119,6 +121,10 @@ class VLLMServerEngine(RolloutEngine):
         return list(self._threads.map(one, sequences))
 
     def weight_manifest(self) -> WeightManifest | None:
+        if not self._asked_manifest:
+            answer = self._rpc("megacredit_weight_manifest")["results"][0]
+            self._manifest = {name: tuple(shape) for name, shape in answer.items()} or None
+            self._asked_manifest = True
         return self._manifest
 
     def begin_weight_update(self) -> None:

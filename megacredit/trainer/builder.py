@@ -180,10 +180,9 @@ def build_engine(cfg: MegacreditConfig, source: ModelSource, ctx=None):
             source.hf_config, dtype=DTYPES[cfg.model.dtype], max_batch_size=ro.batch_size,
             eos_token_ids=[source.tokenizer.eos_token_id], pad_token_id=source.tokenizer.pad_token_id,
         )
-    model_dir = engine_model_dir(cfg, source)
     if ro.engine == "vllm":
-        return _build_vllm(cfg, source, model_dir, world)
-    return _build_sglang(cfg, model_dir)
+        return _build_vllm(cfg, source, world)
+    return _build_sglang(cfg, engine_model_dir(cfg, source))
 
 
 def engine_model_dir(cfg: MegacreditConfig, source: ModelSource) -> Path:
@@ -201,13 +200,13 @@ def engine_model_dir(cfg: MegacreditConfig, source: ModelSource) -> Path:
     return out
 
 
-def _build_vllm(cfg: MegacreditConfig, source: ModelSource, model_dir: Path, world: int):
+def _build_vllm(cfg: MegacreditConfig, source: ModelSource, world: int):
     ro = cfg.rollout
     if ro.placement == "remote":
         from megacredit.rollout.pool import EnginePool
         from megacredit.rollout.vllm_server import VLLMServerEngine
 
-        engines = [VLLMServerEngine(url, model_path=model_dir) for url in ro.urls]
+        engines = [VLLMServerEngine(url) for url in ro.urls]  # each checks against its own checkpoint
         return engines[0] if len(engines) == 1 else EnginePool(engines)
     from megacredit.rollout.vllm import VLLMRolloutEngine
 
@@ -216,7 +215,7 @@ def _build_vllm(cfg: MegacreditConfig, source: ModelSource, model_dir: Path, wor
             "seed": cfg.training.seed, "enforce_eager": not torch.cuda.is_available()}
     if torch.cuda.is_available():
         args.update(gpu_memory_utilization=ro.gpu_memory_utilization, enable_sleep_mode=True)
-    return VLLMRolloutEngine(model_dir, in_process=world == 1, **{**args, **ro.engine_kwargs})
+    return VLLMRolloutEngine(engine_model_dir(cfg, source), in_process=world == 1, **{**args, **ro.engine_kwargs})
 
 
 def _build_sglang(cfg: MegacreditConfig, model_dir: Path):

@@ -62,9 +62,11 @@ def _pairs(model_dir, seed):
 
 
 def _engines(servers, model_dir):
+    """Server 0 checks updates against the local folder, server 1 asks the server for the
+    manifest of its own checkpoint."""
     from megacredit.rollout.vllm_server import VLLMServerEngine
 
-    return [VLLMServerEngine(s.url, model_path=model_dir) for s in servers]
+    return [VLLMServerEngine(servers[0].url, model_path=model_dir), VLLMServerEngine(servers[1].url)]
 
 
 def test_two_engines_split_the_prompts_and_equal_one_engine(servers, model_dir):
@@ -94,8 +96,10 @@ def test_http_weight_update_matches_the_embedded_engine_and_bad_updates_change_n
 
     from megacredit.rollout.base import SamplingParams, manifest_of
     from megacredit.rollout.embedded import EmbeddedRolloutEngine
+    from megacredit.rollout.vllm import folder_manifest
 
     engine = _engines(servers, model_dir)[1]
+    assert engine.weight_manifest() == folder_manifest(model_dir)  # read by the server itself
     pairs, donor = _pairs(model_dir, seed=5)
     engine.update_weights_from_buckets([pairs[:3], pairs[3:]], manifest_of(pairs))
     reference = EmbeddedRolloutEngine(donor)
