@@ -4,6 +4,8 @@
 - :func:`export_hf_weights` / :func:`iter_hf_weight_buckets`: a Megatron model (any layout) ->
   a stream of full HF tensors (per tensor or in bounded-size buckets), the path used to sync
   trained weights into the rollout engine every step. Collective: every rank iterates.
+- :func:`export_plan` / :func:`hf_export_manifest`: what the export will yield (HF names and
+  shapes), computed without moving data, to check an engine before a sync.
 - :func:`save_hf_pretrained`: a folder ``transformers.AutoModelForCausalLM.from_pretrained``
   loads.
 
@@ -13,7 +15,11 @@ The name/layout mapping lives in :mod:`megacredit.megatron.hf_mapping`.
 from megacredit.megatron.bridge_export import (
     DEFAULT_BUCKET_BYTES,
     DEFAULT_MAX_SHARD_BYTES,
+    RECEIVERS,
+    ExportItem,
     export_hf_weights,
+    export_plan,
+    hf_export_manifest,
     iter_hf_weight_buckets,
     save_hf_pretrained,
 )
@@ -27,8 +33,12 @@ from megacredit.megatron.bridge_load import (
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "DEFAULT_MAX_SHARD_BYTES",
+    "RECEIVERS",
+    "ExportItem",
     "HFTensorSource",
     "export_hf_weights",
+    "export_plan",
+    "hf_export_manifest",
     "global_named_parameters",
     "iter_hf_weight_buckets",
     "load_hf_weights",

@@ -1,15 +1,17 @@
 """Export a Megatron ``GPTModel`` (any TP x PP layout) back to Hugging Face tensors.
 
 ``export_hf_weights`` walks the parameters in HF checkpoint order. For each one, the TP ranks
-of the owning pipeline stage all-gather their shards, the owning stage broadcasts the gathered
-stack over the pipeline group, and the receiving rank(s) re-assemble the full HF tensor(s)
-(unfusing q/k/v and gate/up, dropping vocab padding) and yield them one at a time. This is the
-stream the rollout engine's weight sync consumes; ``iter_hf_weight_buckets`` groups it into
-bounded-size buckets and ``save_hf_pretrained`` writes a ``from_pretrained``-ready folder.
+of the owning pipeline stage all-gather their shards and that stage's first TP rank
+re-assembles the full HF tensor(s) (unfusing q/k/v and gate/up, dropping vocab padding). The
+tensors then go where the caller says (``receivers``): to global rank 0 (sent point to point by
+each stage, never relayed through other stages), stay on each stage's first TP rank (one NCCL
+broadcast source per stage for remote engines), or to every rank. This is the stream the
+rollout engine's weight sync consumes; ``iter_hf_weight_buckets`` groups it into bounded-size
+buckets and ``save_hf_pretrained`` writes a ``from_pretrained``-ready folder.
 
 COLLECTIVE CONTRACT: every rank of the job must run the iterator to the end (``for _ in it``),
 receiving or not; a rank that stops early leaves the others blocked in a collective. Data-
-parallel replicas other than DP rank 0 skip the collectives when only rank 0 receives.
+parallel replicas other than DP rank 0 skip the collectives except with ``receivers="all"``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
@@ -27,8 +30,10 @@ from megacredit.megatron.bridge_load import canonical_order, global_named_parame
 from megacredit.megatron.distributed import ParallelContext
 from megacredit.megatron.hf_mapping import OUTPUT_LAYER, AttentionShape, mapping_for, unshard
 from megacredit.rollout.base import rebucket
+from megacredit.utils.sync_stats import InFlightBytes, track
 
-Receivers = Literal["rank0", "all"]
+Receivers = Literal["rank0", "all", "stage"]
+RECEIVERS = ("rank0", "all", "stage")
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -36,6 +41,22 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 def _as_list(model_chunks: torch.nn.Module | Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
     return [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
+
+
+@dataclass(frozen=True)
+class ExportItem:
+    """One Megatron parameter of the export and the HF tensors it becomes."""
+
+    name: str
+    """Global Megatron name."""
+    owner: int
+    """Pipeline rank that holds it (the first one for a tied output-layer copy)."""
+    local_shape: tuple[int, ...]
+    """Shape of one TP rank's shard."""
+    dtype: torch.dtype
+    """The parameter's dtype (the export may cast)."""
+    hf: tuple[tuple[str, tuple[int, ...]], ...]
+    """``(hf_name, full_shape)`` of each HF tensor, in the order they are yielded."""
 
 
 def _pipeline_manifest(
@@ -57,35 +78,112 @@ def _pipeline_manifest(
     return manifest
 
 
+def export_plan(
+    model_chunks: torch.nn.Module | Sequence[torch.nn.Module], hf_config: Any, ctx: ParallelContext
+) -> list[ExportItem]:
+    """Every exported parameter in HF checkpoint order, with its HF names and full shapes
+    (computed on the meta device: no data moves). Collective over the pipeline group."""
+    params = global_named_parameters(_as_list(model_chunks))
+    return _plan(params, hf_config, ctx)
+
+
+def _plan(params: dict[str, torch.nn.Parameter], hf_config: Any, ctx: ParallelContext) -> list[ExportItem]:
+    manifest = _pipeline_manifest(params, ctx)
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    attention = AttentionShape.from_hf(hf_config)
+    items = []
+    for name in sorted(manifest, key=canonical_order):
+        if tied and name == OUTPUT_LAYER:
+            continue  # HF re-ties lm_head to the input embedding on load
+        owner, local_shape, dtype = manifest[name]
+        meta_shards = [torch.empty(local_shape, device="meta") for _ in range(ctx.tp_size)]
+        pieces = unshard(mapping_for(name, tied), meta_shards, hf_config.vocab_size, attention)
+        items.append(ExportItem(name, owner, local_shape, dtype, tuple((n, tuple(t.shape)) for n, t in pieces)))
+    return items
+
+
+def hf_export_manifest(
+    model_chunks: torch.nn.Module | Sequence[torch.nn.Module], hf_config: Any, ctx: ParallelContext
+) -> dict[str, tuple[int, ...]]:
+    """HF name -> full shape of everything the export yields (to check an engine against it
+    before any weight moves). Collective over the pipeline group."""
+    return {hf_name: shape for item in export_plan(model_chunks, hf_config, ctx) for hf_name, shape in item.hf}
+
+
 def _gathered_stack(
-    name: str,
-    owner: int,
-    local_shape: tuple[int, ...],
-    dtype: torch.dtype,
+    item: ExportItem,
     params: dict[str, torch.nn.Parameter],
     ctx: ParallelContext,
-    receivers: Receivers,
+    dtype: torch.dtype | None,
+    broadcast_over_pp: bool,
+    tracker: InFlightBytes | None,
 ) -> torch.Tensor | None:
-    """[tp, *local_shape]: every TP shard of ``name``, on the ranks that take part."""
+    """[tp, *local_shape]: every TP shard of ``item`` (cast to ``dtype`` before it moves) on
+    the owning stage, and on every stage too when ``broadcast_over_pp``."""
     from megatron.core import parallel_state
 
-    tp_takes_part = receivers == "all" or ctx.dp_rank == 0
-    pp_takes_part = receivers == "all" or (ctx.dp_rank == 0 and ctx.tp_rank == 0)
+    dtype = dtype or item.dtype
     stack = None
-    if ctx.pp_rank == owner and tp_takes_part:
-        local = params[name].detach().contiguous()
-        if ctx.tp_size > 1:
-            shards = [torch.empty_like(local) for _ in range(ctx.tp_size)]
-            dist.all_gather(shards, local, group=parallel_state.get_tensor_model_parallel_group())
-            stack = torch.stack(shards)
+    if ctx.pp_rank == item.owner:
+        local = params[item.name].detach().to(dtype).contiguous()  # a copy only when it casts
+        stack = torch.empty((ctx.tp_size, *item.local_shape), dtype=dtype, device=local.device)
+        if ctx.tp_size > 1:  # gather straight into the stack's rows: no second copy
+            dist.all_gather(list(stack.unbind(0)), local, group=parallel_state.get_tensor_model_parallel_group())
         else:
-            stack = local.unsqueeze(0)
-    if ctx.pp_size > 1 and pp_takes_part:
+            stack[0].copy_(local)
+        del local
+    if broadcast_over_pp and ctx.pp_size > 1:
         group = parallel_state.get_pipeline_model_parallel_group()
         if stack is None:
-            stack = torch.empty((ctx.tp_size, *local_shape), dtype=dtype, device=ctx.device)
-        dist.broadcast(stack, src=dist.get_global_rank(group, owner), group=group)
-    return stack
+            stack = torch.empty((ctx.tp_size, *item.local_shape), dtype=dtype, device=ctx.device)
+        dist.broadcast(stack, src=dist.get_global_rank(group, item.owner), group=group)
+    return None if stack is None else track(tracker, stack)
+
+
+def _unshard_stack(item: ExportItem, stack: torch.Tensor, hf_config: Any, tracker: InFlightBytes | None) -> list:
+    """The HF tensors of ``item`` from its gathered stack (the caller drops the stack)."""
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    pieces = unshard(mapping_for(item.name, tied), list(stack.unbind(0)), hf_config.vocab_size,
+                     AttentionShape.from_hf(hf_config))
+    return [(name, track(tracker, tensor)) for name, tensor in pieces]
+
+
+def _receive_pieces(item: ExportItem, dtype: torch.dtype, source: int, ctx: ParallelContext,
+                    tracker: InFlightBytes | None) -> list:
+    """Rank 0: the HF tensors of ``item``, sent point to point by its stage's first TP rank."""
+    pieces = []
+    for hf_name, shape in item.hf:
+        buffer = track(tracker, torch.empty(shape, dtype=dtype, device=ctx.device))
+        dist.recv(buffer, src=source)
+        pieces.append((hf_name, buffer))
+    return pieces
+
+
+def _item_pieces(item, params, hf_config, ctx, receivers, dtype, tracker) -> list | None:
+    """This rank's HF tensors of ``item`` (None when it receives nothing). Every rank that
+    holds a shard or must receive calls it for every item, in plan order."""
+    from megatron.core import parallel_state
+
+    if receivers == "all":
+        stack = _gathered_stack(item, params, ctx, dtype, True, tracker)
+        return _unshard_stack(item, stack, hf_config, tracker)
+    if ctx.dp_rank != 0:
+        return None  # data-parallel replicas hold the same weights: replica 0 exports
+    if ctx.pp_rank != item.owner:
+        if receivers == "rank0" and ctx.rank == 0:
+            source = dist.get_global_rank(parallel_state.get_pipeline_model_parallel_group(), item.owner)
+            return _receive_pieces(item, dtype or item.dtype, source, ctx, tracker)
+        return None
+    stack = _gathered_stack(item, params, ctx, dtype, False, tracker)
+    if ctx.tp_rank != 0:
+        return None
+    pieces = _unshard_stack(item, stack, hf_config, tracker)
+    del stack
+    if receivers == "rank0" and ctx.rank != 0:
+        for _, tensor in pieces:  # this stage's first TP rank sends straight to global rank 0
+            dist.send(tensor.contiguous(), dst=0)
+        return None
+    return pieces
 
 
 def export_hf_weights(
@@ -96,31 +194,37 @@ def export_hf_weights(
     receivers: Receivers = "rank0",
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    tracker: InFlightBytes | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, full_tensor)`` for the whole model, in HF checkpoint order.
+    """Yield ``(hf_name, full_tensor)`` in HF checkpoint order, from any TP x PP layout.
 
-    receivers: "rank0" (only global rank 0 yields; the others yield nothing but must still
-    exhaust the iterator) or "all" (every rank yields every tensor). dtype: cast the yielded
-    tensors (default: the parameters' dtype). device: where yielded tensors live (default CPU;
-    pass the GPU to feed a colocated rollout engine without a host copy). With tied embeddings no
+    Each parameter is all-gathered over TP on the stage that holds it and turned into HF
+    tensors there; where it goes then depends on ``receivers``:
+
+    - "rank0": global rank 0 yields everything (the embedded or a colocated engine on rank 0);
+      other stages' first TP rank sends their own tensors point to point to rank 0.
+    - "stage": the first TP rank of data-parallel replica 0 of each pipeline stage yields
+      that stage's tensors only, in HF order (the sources of an NCCL broadcast to remote
+      engines: one sender per stage, nothing crosses the pipeline).
+    - "all": every rank yields every tensor (gathered stacks are broadcast over the pipeline).
+
+    dtype: cast before anything moves (default: the parameters' dtype). device: where yielded
+    tensors live (default CPU; pass the GPU to feed a colocated engine without a host copy).
+    tracker: counts the bytes this export allocates while they are alive (see
+    :class:`megacredit.utils.sync_stats.InFlightBytes`). With tied embeddings no
     ``lm_head.weight`` is yielded (HF re-ties it on load).
     """
-    if receivers not in ("rank0", "all"):
-        raise ValueError(f"receivers must be 'rank0' or 'all', got {receivers!r}")
+    if receivers not in RECEIVERS:
+        raise ValueError(f"receivers must be one of {RECEIVERS}, got {receivers!r}")
     params = global_named_parameters(_as_list(model_chunks))
-    manifest = _pipeline_manifest(params, ctx)
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    attention = AttentionShape.from_hf(hf_config)
-    receives = receivers == "all" or ctx.rank == 0
-    for name in sorted(manifest, key=canonical_order):
-        if tied and name == OUTPUT_LAYER:
-            continue
-        owner, local_shape, param_dtype = manifest[name]
-        stack = _gathered_stack(name, owner, local_shape, param_dtype, params, ctx, receivers)
-        if not receives:
-            continue
-        for hf_name, tensor in unshard(mapping_for(name, tied), list(stack.unbind(0)), hf_config.vocab_size, attention):
-            yield hf_name, tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
+    for item in _plan(params, hf_config, ctx):
+        pieces = _item_pieces(item, params, hf_config, ctx, receivers, dtype, tracker)
+        while pieces:
+            hf_name, tensor = pieces.pop(0)
+            moved = tensor.to(device=device).contiguous()
+            del tensor
+            yield hf_name, track(tracker, moved)
+            del moved
 
 
 def iter_hf_weight_buckets(
@@ -132,11 +236,20 @@ def iter_hf_weight_buckets(
     receivers: Receivers = "rank0",
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    tracker: InFlightBytes | None = None,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """:func:`export_hf_weights` grouped in lists whose total size is <= ``bucket_bytes``
-    (a single tensor larger than the bound travels alone). Same collective contract."""
+    (a single tensor larger than the bound travels alone). Same collective contract.
+
+    Memory: the export itself holds at most the bucket being filled, one parameter's
+    gathered TP shards and its HF tensors; so a consumer that drops each bucket before
+    asking for the next (``del bucket`` at the end of the loop body) keeps the extra memory
+    under ``bucket_bytes + 2 x`` the largest gathered parameter (measured in
+    tests/distributed/test_weight_resharding.py).
+    """
     yield from rebucket(
-        export_hf_weights(model_chunks, hf_config, ctx, receivers=receivers, dtype=dtype, device=device),
+        export_hf_weights(model_chunks, hf_config, ctx, receivers=receivers, dtype=dtype, device=device,
+                          tracker=tracker),
         bucket_bytes,
     )
 

@@ -17,6 +17,8 @@ _LAZY = {
     "EmbeddedRolloutEngine": "megacredit.rollout.embedded",
     "SGLangRolloutEngine": "megacredit.rollout.sglang",
     "VLLMRolloutEngine": "megacredit.rollout.vllm",
+    "VLLMServerEngine": "megacredit.rollout.vllm_server",
+    "EnginePool": "megacredit.rollout.pool",
 }
 
 __all__ = [

@@ -1,15 +1,21 @@
-"""The rollout-engine interface: sampling parameters, outputs, and the abstract engine.
+"""The rollout-engine interface: sampling parameters, outputs, weight updates, the abstract engine.
 
 Every inference engine megacredit can drive (the embedded CPU engine in ``embedded.py``, the
-SGLang and vLLM adapters) implements :class:`RolloutEngine`. The trainer only ever talks to
-this interface:
+vLLM adapter in ``vllm.py``, the SGLang adapter in ``sglang.py``, and the data-parallel
+:class:`~megacredit.rollout.pool.EnginePool` over several of them) implements
+:class:`RolloutEngine`. The trainer only ever talks to this interface:
 
-* ``generate(prompt_token_ids, params)`` returns one :class:`RolloutOutput` per sample;
-* ``load_weights(named_tensors)`` receives the trained weights as a stream of
-  ``(hf_name, full_tensor)`` pairs in Hugging Face naming (what the Megatron -> HF bridge
-  exports), and ``update_weights_from_buckets(buckets)`` is the same for the bucketed stream;
-* ``sleep()`` / ``wake()`` let a colocated engine release and re-take memory around training
-  (no-ops by default).
+* ``generate(prompt_token_ids, params)`` returns one :class:`RolloutOutput` per sample, each
+  with the engine's log-probs of its sampled tokens (raw logits, temperature 1, full vocab);
+* ``score_logprobs(sequences)`` scores given token sequences (the weight-sync probe);
+* ``update_weights_from_buckets(buckets, manifest)`` is THE weight-update entry point: the
+  trained weights as a stream of buckets of ``(hf_name, full_tensor)`` pairs in Hugging Face
+  naming (what the Megatron -> HF bridge exports). The whole manifest of names and shapes is
+  validated against the engine before anything is copied, so a wrong name or shape raises
+  and leaves the previous weights in place. ``load_weights(named_tensors)`` is the engine's
+  low-level copy that the entry point drives;
+* ``sleep()`` / ``wake()`` let a colocated engine release and re-take memory around training;
+  ``shutdown()`` releases the engine for good (processes, servers it started, memory).
 """
 
 from __future__ import annotations
@@ -53,6 +59,12 @@ class SamplingParams:
     # Seed of the sampling generator; same seed + same prompts + same weights -> same samples.
     # None draws from torch's global RNG.
     seed: int | None = None
+    # Index, in the step's whole batch, of this call's first prompt. Engines that seed every
+    # request on its own (vLLM, SGLang) sample prompt i of the call with
+    # ``request_seed(seed, seed_offset + i)``, so a batch split across engines (EnginePool)
+    # samples what one engine samples for the whole batch. The embedded engine draws all rows
+    # of a call from one generator seeded with ``request_seed(seed, seed_offset)``.
+    seed_offset: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
@@ -86,6 +98,10 @@ class SamplingParams:
             raise ValueError(
                 f"SamplingParams.seed must be None or a non-negative integer, got {self.seed!r}"
             )
+        if not _is_int(self.seed_offset) or self.seed_offset < 0:
+            raise ValueError(
+                f"SamplingParams.seed_offset must be a non-negative integer, got {self.seed_offset!r}"
+            )
         if self.stop_token_ids is not None:
             ids = tuple(self.stop_token_ids)
             if not all(_is_int(t) and t >= 0 for t in ids):
@@ -99,6 +115,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when sampling reduces to argmax (temperature 0)."""
         return self.temperature == 0
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The seed of request ``index`` of a batch sampled with ``SamplingParams.seed = seed``
+    (``index`` counts prompts over the whole batch, see ``SamplingParams.seed_offset``);
+    ``request_seed(seed, 0) == seed``."""
+    return (seed + index * 1_000_003) % (2**31 - 1)
 
 
 @dataclass
@@ -170,8 +193,88 @@ def rebucket(
         yield bucket
 
 
+# ------------------------------------------------------------------------------ weight sync
+#: The names and shapes of a whole weight update: HF name -> shape.
+WeightManifest = dict[str, tuple[int, ...]]
+
+
+class WeightSyncError(RuntimeError):
+    """A weight update failed after it started copying (the engine may hold a mix of old and
+    new weights and must be synced again before it generates)."""
+
+
+def manifest_of(named_tensors: Iterable[NamedTensor]) -> WeightManifest:
+    """The manifest of a materialised stream of pairs (duplicate names are an error)."""
+    manifest: WeightManifest = {}
+    for name, tensor in named_tensors:
+        if name in manifest:
+            raise ValueError(f"weight update: tensor '{name}' appears twice in the stream")
+        manifest[name] = tuple(tensor.shape)
+    return manifest
+
+
+def check_manifest(manifest: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]],
+                   engine: str = "engine") -> None:
+    """Raise before anything is copied if ``manifest`` names a tensor the engine does not have
+    (``KeyError``, with the closest engine name) or gives a shape the engine's parameter does
+    not have (``ValueError``). Engine parameters absent from the manifest are allowed (a
+    partial update); tied weights appear in ``expected`` under every name."""
+    import difflib  # noqa: PLC0415
+
+    for name, shape in manifest.items():
+        if name not in expected:
+            close = difflib.get_close_matches(name, list(expected), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise KeyError(
+                f"weight update: unknown tensor name '{name}': not a parameter of the {engine}"
+                f"{hint} Names must use Hugging Face naming, e.g. "
+                f"'model.layers.0.self_attn.q_proj.weight'. Nothing was copied."
+            )
+        if tuple(shape) != tuple(expected[name]):
+            raise ValueError(
+                f"weight update: tensor '{name}' has shape {tuple(shape)} but the {engine}'s "
+                f"parameter has shape {tuple(expected[name])}; the exported model and the "
+                f"engine's model disagree (vocab padding not removed? different "
+                f"num_key_value_heads / hidden size?). Nothing was copied."
+            )
+
+
+def check_bucket(bucket: Sequence[NamedTensor], manifest: Mapping[str, Sequence[int]],
+                 seen: set[str]) -> None:
+    """Raise ``WeightSyncError`` if a bucket disagrees with the announced manifest (a tensor
+    not in it, sent twice, or of another shape); called before the bucket is copied."""
+    for name, tensor in bucket:
+        if not isinstance(tensor, torch.Tensor):
+            raise WeightSyncError(f"weight update: '{name}' must be a torch.Tensor, got {type(tensor)}")
+        problem = None
+        if name not in manifest:
+            problem = "is not in the manifest announced for this update"
+        elif name in seen:
+            problem = "was sent twice"
+        elif tuple(tensor.shape) != tuple(manifest[name]):
+            problem = f"has shape {tuple(tensor.shape)}, the manifest said {tuple(manifest[name])}"
+        if problem:
+            raise WeightSyncError(
+                f"weight update: tensor '{name}' {problem}; {len(seen)} tensors were already "
+                f"copied, so the engine holds a mix of old and new weights: sync again"
+            )
+        seen.add(name)
+
+
+def bucket_bytes(bucket: Sequence[NamedTensor]) -> int:
+    """Bytes of a bucket (numel * element size of its tensors)."""
+    return sum(t.numel() * t.element_size() for _, t in bucket)
+
+
 class RolloutEngine(ABC):
-    """An inference engine that samples responses and accepts HF-named weight updates."""
+    """An inference engine that samples responses and accepts HF-named weight updates.
+
+    Subclasses implement ``generate``, ``score_logprobs`` and ``load_weights``; they override
+    ``weight_manifest`` when they can list their parameters (enables the check-before-copy),
+    ``finish_weight_update`` when an update needs a final step (vLLM: process the reloaded
+    weights, reset the prefix cache), and ``sleep`` / ``wake`` / ``shutdown`` when they hold
+    memory or processes.
+    """
 
     @abstractmethod
     def generate(
@@ -183,18 +286,93 @@ class RolloutEngine(ABC):
         Returns ``len(prompt_token_ids) * params.n`` outputs, grouped by prompt: outputs
         ``[i * n, (i + 1) * n)`` answer prompt ``i``. ``progress(count)``, if given, is called
         as ``count`` more samples finish (engines that cannot tell call it once at the end).
+        Every output carries the engine's
+        log-probs of its sampled tokens (``RolloutOutput.logprobs``: raw logits, temperature
+        1, full vocabulary), which the trainer compares with its own (rollout/ metrics and
+        ``algorithm.rollout_is``).
+        """
+
+    @abstractmethod
+    def score_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Score given token sequences (the weight-sync probe; no sampling).
+
+        For each sequence ``s`` (at least 2 tokens) returns ``len(s) - 1`` floats:
+        ``log pi(s[t] | s[:t])`` for ``t = 1 .. len(s) - 1``, from the model's raw logits at
+        temperature 1 over the full vocabulary -- the same quantity as
+        ``RolloutOutput.logprobs`` and as the trainer's log-probs of those tokens.
         """
 
     @abstractmethod
     def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:
-        """Copy ``(hf_name, full_tensor)`` pairs into the engine's model."""
+        """Copy ``(hf_name, full_tensor)`` pairs into the engine's model (low level: the
+        trainer calls :meth:`update_weights_from_buckets`, which validates first)."""
 
-    def update_weights_from_buckets(self, buckets: Iterable[WeightBucket]) -> WeightLoadReport:
-        """Load the bucketed HF-named weight stream (each bucket: pairs or a mapping)."""
-        return self.load_weights(iterate_buckets(buckets))
+    def weight_manifest(self) -> WeightManifest | None:
+        """HF name -> shape of every parameter the engine accepts (tied weights under each of
+        their names), or None when the engine cannot tell (then only the engine's own loader
+        checks names and shapes, possibly after copying has begun)."""
+        return None
+
+    def missing_weight_names(self, received: set[str]) -> list[str] | None:
+        """Engine parameters a full update with ``received`` names did not touch (None when
+        the engine cannot tell)."""
+        return None
+
+    def read_weights(self) -> Mapping[str, torch.Tensor] | None:
+        """The engine's current weights under HF names, as far as it can read them back (the
+        sync check uses them to name the tensor that differs most from the trainer's); None
+        when it cannot (e.g. a remote server)."""
+        return None
+
+    def check_weight_manifest(self, manifest: Mapping[str, Sequence[int]]) -> None:
+        """Raise (``KeyError`` / ``ValueError``) if ``manifest`` does not fit the engine; the
+        trainer calls it before the export starts, so every rank learns of a mismatch before
+        any tensor moves."""
+        expected = self.weight_manifest()
+        if expected is not None:
+            check_manifest(manifest, expected, type(self).__name__)
+
+    def begin_weight_update(self) -> None:
+        """Called once after the manifest check, before the first bucket (no-op by default)."""
+
+    def finish_weight_update(self) -> None:
+        """Called once after the last bucket of an update (no-op by default)."""
+
+    def update_weights_from_buckets(
+        self, buckets: Iterable[WeightBucket], manifest: Mapping[str, Sequence[int]] | None = None
+    ) -> WeightLoadReport:
+        """THE weight-update entry point: load a bucketed HF-named weight stream.
+
+        ``manifest`` (HF name -> shape of every tensor the stream will carry) is checked
+        against :meth:`weight_manifest` before anything is copied: an unknown name raises
+        ``KeyError``, a wrong shape ``ValueError``, and the engine keeps its previous
+        weights. Without a manifest the stream is materialised first (extra memory of one
+        full copy) so the same check still precedes any copy. Each bucket is then checked
+        against the manifest before it is copied (a deviation raises ``WeightSyncError``).
+        """
+        if manifest is None:
+            staged = [list(iterate_buckets([bucket])) for bucket in buckets]
+            manifest = manifest_of(pair for bucket in staged for pair in bucket)
+            buckets = staged
+        self.check_weight_manifest(manifest)
+        self.begin_weight_update()
+        report, seen = WeightLoadReport(), set()
+        for bucket in buckets:
+            pairs = list(iterate_buckets([bucket]))
+            check_bucket(pairs, manifest, seen)
+            part = self.load_weights(pairs)
+            report.num_tensors += part.num_tensors
+            report.num_bytes += part.num_bytes
+        self.finish_weight_update()
+        report.missing_names = self.missing_weight_names(seen)
+        return report
 
     def sleep(self) -> None:
         """Release memory while the trainer runs (no-op unless the engine overrides it)."""
 
     def wake(self) -> None:
         """Re-take memory before the next rollout (no-op unless the engine overrides it)."""
+
+    def shutdown(self) -> None:
+        """Release the engine for good: memory, worker processes, servers it started (no-op
+        unless the engine overrides it). Safe to call twice."""

@@ -47,6 +47,8 @@ from megacredit.rollout.base import (
     RolloutOutput,
     SamplingParams,
     WeightLoadReport,
+    WeightManifest,
+    request_seed,
 )
 from megacredit.rollout.sampling import (
     choose_next_tokens,
@@ -174,7 +176,8 @@ class EmbeddedRolloutEngine(RolloutEngine):
         stop_ids = self.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
         generator = None
         if params.seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(params.seed)
+            generator = torch.Generator(device="cpu").manual_seed(
+                request_seed(params.seed, params.seed_offset))
         rows = [(i, p) for i, p in enumerate(prompt_token_ids) for _ in range(params.n)]
         order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
         outputs: list[RolloutOutput | None] = [None] * len(rows)
@@ -296,7 +299,38 @@ class EmbeddedRolloutEngine(RolloutEngine):
             attention_mask = torch.cat([attention_mask, new_column], dim=1)
         return [(tokens[r], logprobs[r], reasons[r]) for r in range(len(prompts))]
 
+    # ----------------------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def score_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log pi(s[t] | s[:t]) for t >= 1 of each sequence (raw logits, T=1, full vocab)."""
+        if not sequences or any(len(s) < 2 for s in sequences):
+            raise ValueError("score_logprobs: give a non-empty list of sequences of >= 2 tokens")
+        device = self.model.get_input_embeddings().weight.device
+        scores: list[list[float]] = []
+        for start in range(0, len(sequences), self.max_batch_size):
+            chunk = [list(s) for s in sequences[start:start + self.max_batch_size]]
+            input_ids, attention_mask = left_pad(chunk, self.pad_token_id)
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=positions_from_mask(attention_mask)).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            width = input_ids.shape[1]
+            scores.extend(picked[row, width - len(s):].tolist() for row, s in enumerate(chunk))
+        return scores
+
     # ------------------------------------------------------------------------- weight sync
+    def weight_manifest(self) -> WeightManifest:
+        return {name: tuple(t.shape) for name, t in self._named_targets().items()}
+
+    def read_weights(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach() for name, t in self._named_targets().items()}
+
+    def missing_weight_names(self, received: set[str]) -> list[str]:
+        targets = self._named_targets()
+        loaded = {targets[name].data_ptr() for name in received if name in targets}
+        return sorted(name for name, t in targets.items() if t.data_ptr() not in loaded)
+
     def _named_targets(self) -> dict[str, torch.Tensor]:
         """Every loadable tensor by HF name; tied weights appear under each of their names."""
         return dict(self.model.state_dict(keep_vars=True))

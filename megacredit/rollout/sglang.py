@@ -125,6 +125,15 @@ class SGLangRolloutEngine(RolloutEngine):
             progress(len(rows))
         return [from_sglang_output(r, i, p) for r, (i, p) in zip(results, rows)]
 
+    def score_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Prompt log-probs of each sequence (``return_logprob`` from position 0, one token
+        generated and ignored); SGLang reports None for the first token, dropped here."""
+        results = self.engine.generate(
+            input_ids=[list(s) for s in sequences], sampling_params={"max_new_tokens": 1},
+            return_logprob=True, logprob_start_len=0,
+        )
+        return [[float(t[0]) for t in r["meta_info"]["input_token_logprobs"][1:]] for r in results]
+
     def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:
         """Send HF-named tensors in buckets; the KV cache is flushed once, after the last."""
         report = WeightLoadReport()

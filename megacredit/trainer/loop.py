@@ -36,8 +36,7 @@ def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
     from megacredit.megatron.distributed import initialize
     from megacredit.utils.progress import make_progress_reporter
 
-    builder.check_engine(cfg)  # the cheap parts first: bad inputs fail in seconds
-    train_records, val_records = builder.build_data(cfg)
+    train_records, val_records = builder.build_data(cfg)  # the cheap parts first: bad inputs fail in seconds
     env = builder.build_env(cfg)
     ctx = initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                      seed=cfg.training.seed)
@@ -49,10 +48,8 @@ def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
     validate_against_model(cfg, source.hf_config)
     with progress.stage("building the Megatron model, loading its weights, building the optimizer"):
         actor = builder.build_actor(cfg, ctx, source, progress)
-    engine = None
-    if ctx.rank == 0:
-        with progress.stage(f"building the {cfg.rollout.engine} rollout engine"):
-            engine = builder.build_engine(cfg, source)
+    with progress.stage(f"building the {cfg.rollout.engine} rollout engine"):
+        engine = builder.build_engine(cfg, source, ctx)  # None on ranks without one
     run = RLRun(cfg, ctx, actor, engine, env, source.tokenizer, source.hf_config, progress=progress)
     return run, train_records, val_records
 
@@ -91,6 +88,8 @@ def train(cfg: MegacreditConfig) -> dict[str, Any]:
         if preempted:
             break
     preemption.uninstall()
+    if run.engine is not None:
+        run.engine.shutdown()  # engine processes / memory (remote servers are not ours: left running)
     if logger is not None:
         logger.close()
         render_run(cfg.logging.run_dir)

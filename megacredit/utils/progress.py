@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from typing import Callable, Iterator, Literal, TextIO
 
@@ -87,6 +88,7 @@ class PlainProgressReporter(ProgressReporter):
         start = last_line = self.clock()
         done = 0
         printed = False
+        lock = threading.Lock()  # engines with a thread per server report concurrently
 
         def line(now: float) -> str:
             elapsed = now - start
@@ -102,11 +104,12 @@ class PlainProgressReporter(ProgressReporter):
             nonlocal done, last_line, printed
             if count <= 0:
                 return
-            done += count
-            now = self.clock()
-            if done < total and now - last_line >= self.interval_s:
-                self._write(line(now))
-                last_line, printed = now, True
+            with lock:
+                done += count
+                now = self.clock()
+                if done < total and now - last_line >= self.interval_s:
+                    self._write(line(now))
+                    last_line, printed = now, True
 
         yield advance
         now = self.clock()

@@ -1,0 +1,195 @@
+"""Resharding for the weight sync: any TP x PP layout -> the exact HF tensors of TP=1.
+
+One spawned 2-process gloo run (module fixture) loads the same perturbed random HF model
+(6 layers, vocab 101 so TP=2 pads the vocabulary) into TP=1 (DP=2), TP=2 and PP=2, and
+exports it with every ``receivers`` mode. Checks:
+
+- TP=2 and PP=2 give bitwise the tensors (names, order, dtypes) of TP=1, which equal the HF
+  state dict; also with a bf16 cast done before the gather;
+- "rank0": only global rank 0 yields; "stage": each pipeline stage's first TP rank yields
+  exactly its own stage's tensors; "all": every rank yields everything;
+- buckets respect their byte bound, and the extra memory of a streamed sync (tracked bytes of
+  every tensor the export allocated, while alive) stays under one bucket plus twice the
+  largest gathered parameter, while collecting all buckets reaches the whole model's size (so
+  the tracker can tell the two apart).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from megacredit.models.tiny import tiny_config
+from megacredit.testing import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+MODELS = {
+    "llama": dict(family="llama"),
+    "qwen3_tied": dict(family="qwen3", tie_word_embeddings=True),
+}
+BUCKET_BYTES = 96 * 1024  # the model is ~1 MB of fp32: many buckets
+
+
+def _random_hf_model(model_key: str):
+    options = dict(MODELS[model_key])
+    config = tiny_config(options.pop("family"), vocab_size=101, num_hidden_layers=6, **options)
+    torch.manual_seed(sum(map(ord, model_key)))
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def _largest_gathered_bytes(model, ctx) -> int:
+    """max over all parameters of tp_size * shard bytes (the stack one gather holds)."""
+    local = max(p.numel() * p.element_size() for p in model.parameters()) * ctx.tp_size
+    value = torch.tensor([local], dtype=torch.int64)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return int(value)
+
+
+def _streamed_peak(model, hf_config, ctx) -> tuple[int, int]:
+    """(peak tracked bytes, bytes received) of a sync that drops each bucket after use."""
+    from megacredit.megatron.bridge import iter_hf_weight_buckets
+    from megacredit.utils.sync_stats import SyncMeter
+
+    meter = SyncMeter()
+    for bucket in meter.count(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES,
+                                                     tracker=meter.tracker)):
+        del bucket
+    assert meter.tracker.current == 0  # everything the export allocated is gone
+    return meter.tracker.peak, meter.num_bytes
+
+
+def _collected_peak(model, hf_config, ctx) -> int:
+    from megacredit.megatron.bridge import iter_hf_weight_buckets
+    from megacredit.utils.sync_stats import InFlightBytes
+
+    tracker = InFlightBytes()
+    kept = list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES, tracker=tracker))
+    del kept
+    return tracker.peak
+
+
+def _run_all_layouts(rank, world_size, hf_dirs):
+    from transformers import AutoConfig
+
+    from megacredit.megatron.bridge import iter_hf_weight_buckets, load_hf_weights
+    from megacredit.megatron.distributed import initialize
+    from megacredit.megatron.model_provider import build_gpt_model
+
+    results = {}
+    for layout, (tp, pp) in LAYOUTS.items():
+        ctx = initialize(tp, pp, seed=1)
+        for model_key, hf_dir in hf_dirs.items():
+            hf_config = AutoConfig.from_pretrained(hf_dir)
+            model = build_gpt_model(hf_config, ctx)
+            load_hf_weights([model], hf_dir, hf_config, ctx)
+            out = {"pp_rank": ctx.pp_rank, "tp_rank": ctx.tp_rank, "dp_rank": ctx.dp_rank}
+            for receivers in ("rank0", "stage", "all"):
+                out[receivers] = list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES,
+                                                             receivers=receivers))
+            out["bf16"] = [pair for bucket in iter_hf_weight_buckets(
+                [model], hf_config, ctx, BUCKET_BYTES, dtype=torch.bfloat16) for pair in bucket]
+            out["largest_gathered"] = _largest_gathered_bytes(model, ctx)
+            out["streamed_peak"], out["streamed_bytes"] = _streamed_peak(model, hf_config, ctx)
+            out["collected_peak"] = _collected_peak(model, hf_config, ctx)
+            results[layout, model_key] = out
+    return results
+
+
+@pytest.fixture(scope="module")
+def reshard_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reshard")
+    hf_models, hf_dirs = {}, {}
+    for model_key in MODELS:
+        hf_models[model_key] = _random_hf_model(model_key)
+        hf_dirs[model_key] = str(root / model_key)
+        hf_models[model_key].save_pretrained(hf_dirs[model_key])
+    return hf_models, run_distributed(_run_all_layouts, world_size=2, hf_dirs=hf_dirs)
+
+
+def _flat(buckets) -> list[tuple[str, torch.Tensor]]:
+    return [pair for bucket in buckets for pair in bucket]
+
+
+def _assert_identical(got, expected) -> None:
+    assert [n for n, _ in got] == [n for n, _ in expected]
+    for (name, tensor), (_, reference) in zip(got, expected):
+        assert tensor.dtype == reference.dtype and tensor.shape == reference.shape, name
+        assert torch.equal(tensor, reference), name
+
+
+@pytest.mark.parametrize("model_key", list(MODELS))
+def test_tp1_export_is_the_hf_state_dict(reshard_run, model_key):
+    hf_models, per_rank = reshard_run
+    state = hf_models[model_key].state_dict()
+    if hf_models[model_key].config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    exported = _flat(per_rank[0]["tp1", model_key]["rank0"])
+    assert sorted(n for n, _ in exported) == sorted(state)
+    for name, tensor in exported:
+        assert torch.equal(tensor, state[name]), name
+
+
+@pytest.mark.parametrize("model_key", list(MODELS))
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_rank0_receives_exactly_the_tp1_tensors(reshard_run, layout, model_key):
+    _, per_rank = reshard_run
+    reference = _flat(per_rank[0]["tp1", model_key]["rank0"])
+    _assert_identical(_flat(per_rank[0][layout, model_key]["rank0"]), reference)
+    assert per_rank[1][layout, model_key]["rank0"] == []
+    _assert_identical(per_rank[0][layout, model_key]["bf16"], per_rank[0]["tp1", model_key]["bf16"])
+    # the cast before the gather equals casting the fp32 result
+    _assert_identical(per_rank[0][layout, model_key]["bf16"],
+                      [(n, t.to(torch.bfloat16)) for n, t in reference])
+
+
+@pytest.mark.parametrize("model_key", list(MODELS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_stage_receivers_send_each_stage_from_that_stage(reshard_run, layout, model_key):
+    _, per_rank = reshard_run
+    reference = _flat(per_rank[0]["tp1", model_key]["rank0"])
+    yielded = {rank: _flat(per_rank[rank][layout, model_key]["stage"]) for rank in (0, 1)}
+    if layout == "pp2":
+        assert yielded[0] and yielded[1]  # both stages send, neither relays the other
+        assert yielded[0][0][0] == "model.embed_tokens.weight"
+        assert all(not n.startswith("model.layers.") or int(n.split(".")[2]) < 3 for n, _ in yielded[0])
+        assert all(n.startswith("model.layers.") and int(n.split(".")[2]) >= 3 or n == "model.norm.weight"
+                   or n == "lm_head.weight" for n, _ in yielded[1])
+        _assert_identical(yielded[0] + yielded[1], reference)
+    else:  # one stage: its first TP rank of DP replica 0 (rank 0) sends everything
+        _assert_identical(yielded[0], reference)
+        assert yielded[1] == []
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_all_receivers_get_everything(reshard_run, layout):
+    _, per_rank = reshard_run
+    reference = _flat(per_rank[0]["tp1", "llama"]["rank0"])
+    for rank in (0, 1):
+        _assert_identical(_flat(per_rank[rank][layout, "llama"]["all"]), reference)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_buckets_and_streamed_memory_are_bounded(reshard_run, layout):
+    _, per_rank = reshard_run
+    result = per_rank[0][layout, "llama"]
+    buckets = result["rank0"]
+    total = sum(t.numel() * t.element_size() for _, t in _flat(buckets))
+    assert len(buckets) > 4 and total > 8 * BUCKET_BYTES
+    for bucket in buckets:
+        size = sum(t.numel() * t.element_size() for _, t in bucket)
+        assert size <= BUCKET_BYTES or len(bucket) == 1, [n for n, _ in bucket]
+    assert result["streamed_bytes"] == total
+    bound = BUCKET_BYTES + 2 * result["largest_gathered"]
+    assert result["streamed_peak"] <= bound, (result["streamed_peak"], bound)
+    assert result["collected_peak"] >= total  # the tracker sees what a consumer keeps
+    assert result["streamed_peak"] < total / 2
+    sender = per_rank[1][layout, "llama"]  # rank 1 sends (pp2) or gathers (tp2): no bucket
+    assert sender["streamed_bytes"] == 0
+    assert sender["streamed_peak"] <= 2 * result["largest_gathered"]
