@@ -30,7 +30,7 @@ from megacredit.megatron.bridge_load import canonical_order, global_named_parame
 from megacredit.megatron.distributed import ParallelContext
 from megacredit.megatron.hf_mapping import OUTPUT_LAYER, AttentionShape, mapping_for, unshard
 from megacredit.rollout.base import rebucket
-from megacredit.utils.sync_stats import InFlightBytes, track
+from megacredit.rollout.sync_stats import InFlightBytes, track
 
 Receivers = Literal["rank0", "all", "stage"]
 RECEIVERS = ("rank0", "all", "stage")
@@ -103,11 +103,18 @@ def _plan(params: dict[str, torch.nn.Parameter], hf_config: Any, ctx: ParallelCo
 
 
 def hf_export_manifest(
-    model_chunks: torch.nn.Module | Sequence[torch.nn.Module], hf_config: Any, ctx: ParallelContext
+    model_chunks: torch.nn.Module | Sequence[torch.nn.Module], hf_config: Any, ctx: ParallelContext,
+    *, stage_only: bool = False,
 ) -> dict[str, tuple[int, ...]]:
     """HF name -> full shape of everything the export yields (to check an engine against it
-    before any weight moves). Collective over the pipeline group."""
-    return {hf_name: shape for item in export_plan(model_chunks, hf_config, ctx) for hf_name, shape in item.hf}
+    before any weight moves); with ``stage_only`` only what this rank's pipeline stage owns
+    (what ``receivers="stage"`` yields here). Collective over the pipeline group."""
+    return {
+        hf_name: shape
+        for item in export_plan(model_chunks, hf_config, ctx)
+        if not stage_only or item.owner == ctx.pp_rank
+        for hf_name, shape in item.hf
+    }
 
 
 def _gathered_stack(
@@ -211,7 +218,7 @@ def export_hf_weights(
     dtype: cast before anything moves (default: the parameters' dtype). device: where yielded
     tensors live (default CPU; pass the GPU to feed a colocated engine without a host copy).
     tracker: counts the bytes this export allocates while they are alive (see
-    :class:`megacredit.utils.sync_stats.InFlightBytes`). With tied embeddings no
+    :class:`megacredit.rollout.sync_stats.InFlightBytes`). With tied embeddings no
     ``lm_head.weight`` is yielded (HF re-ties it on load).
     """
     if receivers not in RECEIVERS:

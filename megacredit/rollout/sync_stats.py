@@ -26,10 +26,12 @@ from typing import Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
+from megacredit.rollout.base import WeightBucket, bucket_bytes, iterate_buckets
+
 GB = 1e9  # sync/* metrics use decimal gigabytes
 SYNC_METRICS = ("sync/bytes", "sync/seconds", "sync/gb_per_s", "sync/peak_extra_gb")
 
-Bucket = TypeVar("Bucket")
+Bucket = TypeVar("Bucket", bound=WeightBucket)
 
 
 class InFlightBytes:
@@ -120,7 +122,7 @@ class SyncMeter:
         self.start()
         try:
             for bucket in buckets:
-                self.add_bytes(bucket_bytes(bucket))
+                self.add_bytes(bucket_bytes(list(iterate_buckets([bucket]))))
                 yield bucket
                 del bucket
         finally:
@@ -128,9 +130,3 @@ class SyncMeter:
 
     def metrics(self) -> dict[str, float]:
         return sync_metrics(self.num_bytes, self.seconds, self.tracker.peak)
-
-
-def bucket_bytes(bucket: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> int:
-    """numel * element size summed over a bucket (pairs or a name -> tensor mapping)."""
-    tensors = bucket.values() if isinstance(bucket, Mapping) else (t for _, t in bucket)
-    return sum(t.numel() * t.element_size() for t in tensors)
