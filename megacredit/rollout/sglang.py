@@ -66,7 +66,7 @@ from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype
 
 _INSTALL_HINT = (
     "SGLangRolloutEngine needs the `sglang` package, which requires a CUDA GPU: install it "
-    "with `pip install 'sglang[all]'` on a GPU machine (see docs/engines.md), or use "
+    "with `pip install 'megacredit[sglang]'` on a GPU machine (see docs/engines.md), or use "
     "rollout.engine=embedded (CPU) or rollout.engine=vllm."
 )
 FLATTENED = "flattened_bucket"
