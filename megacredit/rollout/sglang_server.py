@@ -31,14 +31,10 @@ pipeline parallelism every stage's first TP rank owns a group of its own
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
-from urllib.parse import urlsplit
 
 import torch
 
@@ -55,6 +51,7 @@ from megacredit.rollout.base import (
 )
 from megacredit.rollout.checkpoint_manifest import checkpoint_manifest
 from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype
+from megacredit.rollout.http_json import EngineHTTPError, JSONClient, normalize_url
 from megacredit.rollout.sglang import (
     FLATTENED,
     check_answer,
@@ -67,53 +64,6 @@ from megacredit.rollout.sglang import (
 PAUSE_MODES = ("abort", "retract", "in_place")
 
 
-class SGLangHTTPError(RuntimeError):
-    """An SGLang server answered with an error status (or could not be reached)."""
-
-
-def normalize_url(url: str, field: str = "rollout.urls") -> str:
-    """'host:port' or 'http(s)://host:port[/]' -> 'http(s)://host:port' (errors name ``field``)."""
-    text = str(url).strip().rstrip("/")
-    if "://" not in text:
-        text = "http://" + text
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
-        raise ValueError(f"{field}: {url!r} is not a server address; write 'http://host:port' or 'host:port'")
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
-class JSONClient:
-    """Minimal JSON-over-HTTP client (stdlib only: no extra dependency for remote engines)."""
-
-    def __init__(self, timeout: float = 600.0) -> None:
-        self.timeout = timeout
-
-    def request(self, method: str, url: str, path: str, body: Any | None = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"{url}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")[:2000]
-            raise SGLangHTTPError(f"{method} {url}{path} -> HTTP {error.code}: {detail}") from error
-        except (urllib.error.URLError, OSError) as error:
-            raise SGLangHTTPError(f"{method} {url}{path} failed: {error}; is the SGLang server up?") from error
-        if not raw:
-            return None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            return raw.decode(errors="replace")
-
-    def get(self, url: str, path: str) -> Any:
-        return self.request("GET", url, path)
-
-    def post(self, url: str, path: str, body: Any | None = None) -> Any:
-        return self.request("POST", url, path, {} if body is None else body)
-
-
 def router_worker_urls(router_url: str, client: JSONClient) -> list[str]:
     """The worker URLs behind a router: ``GET /workers`` (SGLang Model Gateway), else the
     older ``GET /list_workers`` (``{"urls": [...]}``)."""
@@ -121,7 +71,7 @@ def router_worker_urls(router_url: str, client: JSONClient) -> list[str]:
                           ("/list_workers", lambda b: b["urls"])):
         try:
             urls = extract(client.get(router_url, path))
-        except (SGLangHTTPError, KeyError, TypeError):
+        except (EngineHTTPError, KeyError, TypeError):
             continue
         if urls:
             return [normalize_url(u, "router worker") for u in urls]
@@ -132,7 +82,7 @@ def _check_future(future: Future, what: str, copied: int) -> None:
     """An update call's answer: SGLang reports failure as HTTP 400 + ``{"success": false}``."""
     try:
         answer = future.result()
-    except SGLangHTTPError as error:
+    except EngineHTTPError as error:
         answer = {"success": False, "message": str(error)}
     check_answer(answer, what, copied)
 
@@ -232,7 +182,7 @@ class SGLangServerEngine(RolloutEngine):
                 try:
                     self.client.post(url, "/flush_cache", {})
                     break
-                except SGLangHTTPError as error:
+                except EngineHTTPError as error:
                     if "HTTP 400" not in str(error) or time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)

@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -113,17 +112,9 @@ def test_colocated_engine_scores_updates_and_refuses_bad_names(smollm2):
 
 
 def _wait_healthy(url, process, seconds=600):
-    from megacredit.rollout.sglang_server import JSONClient, SGLangHTTPError
+    from megacredit.rollout.http_json import JSONClient
 
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"sglang.launch_server exited with {process.returncode}"
-        try:
-            JSONClient(5).get(url, "/health")
-            return
-        except SGLangHTTPError:
-            time.sleep(2)
-    raise TimeoutError(f"SGLang server {url} not healthy after {seconds}s")
+    JSONClient(5).wait_healthy(url, "/health", timeout=seconds, alive=lambda: process.poll() is None)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL path needs 2 GPUs (trainer + server)")

@@ -171,7 +171,7 @@ def running_server(**config):
 
 def reset_server(url: str, **config) -> str:
     """Forget the recorded requests and received tensors; apply ``config``; returns ``url``."""
-    from megacredit.rollout.sglang_server import JSONClient
+    from megacredit.rollout.http_json import JSONClient
 
     JSONClient(30).post(url, "/_reset", config)
     return url
@@ -179,6 +179,6 @@ def reset_server(url: str, **config) -> str:
 
 def server_state(url: str) -> dict:
     """What the fake server recorded (requests in arrival order) and received (tensors)."""
-    from megacredit.rollout.sglang_server import JSONClient
+    from megacredit.rollout.http_json import JSONClient
 
     return JSONClient(30).get(url, "/_state")

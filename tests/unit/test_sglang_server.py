@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from megacredit.rollout.base import SamplingParams, WeightSyncError, manifest_of
-from megacredit.rollout.sglang_server import (
-    SGLangHTTPError,
-    SGLangServerEngine,
-    contiguous_chunks,
-    normalize_url,
-)
+from megacredit.rollout.http_json import EngineHTTPError, normalize_url
+from megacredit.rollout.sglang_server import SGLangServerEngine, contiguous_chunks
 from megacredit.rollout.weight_group import free_port
 from sglang_fake_server import reset_server, running_server, server_state
 
@@ -183,5 +179,5 @@ def test_flush_cache_waits_for_busy_workers_and_load_weights_needs_a_group(serve
     assert [p for _, p, _ in server_state(url)["requests"]] == ["/flush_cache"] * 3
     with pytest.raises(RuntimeError, match="connect_weight_sync"):
         engine.load_weights(_weights())
-    with pytest.raises(SGLangHTTPError, match="HTTP 404"):
+    with pytest.raises(EngineHTTPError, match="HTTP 404"):
         engine.client.post(url, "/no_such_endpoint", {})
