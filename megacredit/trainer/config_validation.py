@@ -216,6 +216,7 @@ def _check_rollout_and_data(cfg: "MegacreditConfig") -> None:
              f"must be smaller than rollout.max_seq_len ({ro.max_seq_len}), which also holds "
              "the prompt")
     _require(ro.batch_size >= 1, "rollout.batch_size", ro.batch_size, "must be >= 1")
+    _check_engine_placement(cfg)
     _require(bool(cfg.env.name.strip()), "env.name", cfg.env.name, "must name an environment")
     _require(data.prompts_per_step >= 1, "data.prompts_per_step", data.prompts_per_step,
              "must be >= 1")
@@ -228,6 +229,38 @@ def _check_rollout_and_data(cfg: "MegacreditConfig") -> None:
     _require(data.prompts_per_step % tr.ppo_mini_batch_size == 0,
              "training.ppo_mini_batch_size", tr.ppo_mini_batch_size,
              f"must divide data.prompts_per_step ({data.prompts_per_step})")
+
+
+def _check_engine_placement(cfg: "MegacreditConfig") -> None:
+    ro = cfg.rollout
+    remote = ro.placement == "remote"
+    _require(ro.engine != "embedded" or not remote, "rollout.placement", ro.placement,
+             "the embedded engine runs inside the trainer; use rollout.engine=vllm or sglang "
+             "for remote servers")
+    _require(not remote or bool(ro.urls), "rollout.urls", ro.urls,
+             "placement=remote needs the servers' URLs, e.g. ['http://host:8000']")
+    _require(remote or not ro.urls, "rollout.urls", ro.urls,
+             "URLs are only read with rollout.placement=remote")
+    for url in ro.urls + ([ro.router_url] if ro.router_url else []):
+        _require(url.startswith(("http://", "https://")), "rollout.urls", url,
+                 "each URL must start with http:// or https://")
+    _require(ro.router_url is None or remote, "rollout.router_url", ro.router_url,
+             "a router is only used with rollout.placement=remote")
+    _require(ro.router_url is None or ro.engine != "vllm", "rollout.router_url", ro.router_url,
+             "vLLM has no router: list the servers in rollout.urls and megacredit splits the "
+             "prompts across them")
+    _require(ro.engine_tensor_parallel_size >= 1, "rollout.engine_tensor_parallel_size",
+             ro.engine_tensor_parallel_size, "must be >= 1")
+    _require(0.0 < ro.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization",
+             ro.gpu_memory_utilization, "must lie in (0, 1]")
+    _require(ro.sync_bucket_mb >= 1, "rollout.sync_bucket_mb", ro.sync_bucket_mb, "must be >= 1")
+    _require(ro.check_weight_sync_every >= 0, "rollout.check_weight_sync_every",
+             ro.check_weight_sync_every, "must be >= 0 (0 = never check)")
+    _require(ro.check_weight_sync_tolerance > 0.0, "rollout.check_weight_sync_tolerance",
+             ro.check_weight_sync_tolerance, "must be > 0")
+    alg = cfg.algorithm
+    _require(alg.rollout_is_cap > 0.0, "algorithm.rollout_is_cap", alg.rollout_is_cap,
+             "must be > 0 (verl's default: 2.0)")
 
 
 def _check_optimisation(cfg: "MegacreditConfig") -> None:
