@@ -26,10 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
-from megacredit.models.tiny import tiny_config
 from megacredit.testing import run_distributed
+from megatron_test_helpers import each_loaded_model, perturbed_hf_model
 
 pytestmark = pytest.mark.distributed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the fake SGLang server
@@ -44,13 +42,7 @@ BUCKET_BYTES = 96 * 1024  # the model is ~1 MB of fp32: many buckets
 
 def _random_hf_model(model_key: str):
     options = dict(MODELS[model_key])
-    config = tiny_config(options.pop("family"), vocab_size=101, num_hidden_layers=6, **options)
-    torch.manual_seed(sum(map(ord, model_key)))
-    model = AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    return model
+    return perturbed_hf_model(options.pop("family"), sum(map(ord, model_key)), num_layers=6, **options)
 
 
 def _largest_gathered_bytes(model, ctx) -> int:
@@ -113,33 +105,24 @@ def _remote_stage_sync(model, hf_config, ctx, url) -> None:
 
 
 def _run_all_layouts(rank, world_size, hf_dirs, server_urls):
-    from transformers import AutoConfig
-
-    from megacredit.megatron.bridge import hf_export_manifest, iter_hf_weight_buckets, load_hf_weights
-    from megacredit.megatron.distributed import initialize
-    from megacredit.megatron.model_provider import build_gpt_model
+    from megacredit.megatron.bridge import hf_export_manifest, iter_hf_weight_buckets
 
     results = {}
-    for layout, (tp, pp) in LAYOUTS.items():
-        ctx = initialize(tp, pp, seed=1)
-        for model_key, hf_dir in hf_dirs.items():
-            hf_config = AutoConfig.from_pretrained(hf_dir)
-            model = build_gpt_model(hf_config, ctx)
-            load_hf_weights([model], hf_dir, hf_config, ctx)
-            out = {"pp_rank": ctx.pp_rank, "tp_rank": ctx.tp_rank, "dp_rank": ctx.dp_rank}
-            for receivers in ("rank0", "stage", "all"):
-                out[receivers] = list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES,
-                                                             receivers=receivers))
-            out["manifest"] = hf_export_manifest([model], hf_config, ctx)
-            out["stage_manifest"] = hf_export_manifest([model], hf_config, ctx, stage_only=True)
-            if model_key == "llama" and layout != "tp1":
-                _remote_stage_sync(model, hf_config, ctx, server_urls[layout])
-            out["bf16"] = [pair for bucket in iter_hf_weight_buckets(
-                [model], hf_config, ctx, BUCKET_BYTES, dtype=torch.bfloat16) for pair in bucket]
-            out["largest_gathered"] = _largest_gathered_bytes(model, ctx)
-            out["streamed_peak"], out["streamed_bytes"] = _streamed_peak(model, hf_config, ctx)
-            out["collected_peak"] = _collected_peak(model, hf_config, ctx)
-            results[layout, model_key] = out
+    for layout, model_key, ctx, hf_config, model in each_loaded_model(LAYOUTS, hf_dirs):
+        out = {"pp_rank": ctx.pp_rank, "tp_rank": ctx.tp_rank, "dp_rank": ctx.dp_rank}
+        for receivers in ("rank0", "stage", "all"):
+            out[receivers] = list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES,
+                                                         receivers=receivers))
+        out["manifest"] = hf_export_manifest([model], hf_config, ctx)
+        out["stage_manifest"] = hf_export_manifest([model], hf_config, ctx, stage_only=True)
+        if model_key == "llama" and layout != "tp1":
+            _remote_stage_sync(model, hf_config, ctx, server_urls[layout])
+        out["bf16"] = [pair for bucket in iter_hf_weight_buckets(
+            [model], hf_config, ctx, BUCKET_BYTES, dtype=torch.bfloat16) for pair in bucket]
+        out["largest_gathered"] = _largest_gathered_bytes(model, ctx)
+        out["streamed_peak"], out["streamed_bytes"] = _streamed_peak(model, hf_config, ctx)
+        out["collected_peak"] = _collected_peak(model, hf_config, ctx)
+        results[layout, model_key] = out
     return results
 
 

@@ -17,7 +17,7 @@ import torch
 from megacredit.rollout import sglang as sglang_adapter
 from megacredit.rollout.base import SamplingParams, manifest_of, request_seed
 from megacredit.rollout.checkpoint_manifest import checkpoint_manifest
-from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype, unflatten_tensors
+from megacredit.rollout.flat_buckets import FlatTensorMeta, flatten_tensors, split_by_dtype, unflatten_tensors
 
 
 def _pairs():
@@ -110,14 +110,10 @@ def test_checkpoint_manifest_lists_the_names_the_engine_loads(tmp_path, tied):
 
 
 # ---------------------------------------------------------------- colocated engine, faked
-@dataclasses.dataclass
-class _FakeMetadata:  # the fields of SGLang's FlattenedTensorMetadata
-    name: str
-    shape: torch.Size
-    dtype: torch.dtype
-    start_idx: int
-    end_idx: int
-    numel: int
+@dataclasses.dataclass(frozen=True)
+class _FakeMetadata(FlatTensorMeta):
+    """Stands for SGLang's FlattenedTensorMetadata (same fields), a type of its own so the test
+    sees that the adapter builds SGLang's class, not megacredit's."""
 
 
 class _FakeSerializer:
@@ -139,6 +135,7 @@ class _FakeEngine:
             data = pickle.loads(base64.b64decode(named_tensors[0]))
             flat = data["flattened_tensor"]
             for meta in data["metadata"]:
+                assert type(meta) is _FakeMetadata
                 self.weights[meta.name] = flat[meta.start_idx:meta.end_idx].reshape(meta.shape).clone()
         else:
             self.weights.update({n: t.clone() for n, t in named_tensors})
