@@ -46,7 +46,6 @@ from megacredit.rollout.base import (
     WeightBucket,
     WeightLoadReport,
     WeightManifest,
-    WeightSyncError,
     bucket_bytes,
 )
 from megacredit.rollout.checkpoint_manifest import checkpoint_manifest
