@@ -7,7 +7,8 @@ exports it with every ``receivers`` mode. Checks:
 - TP=2 and PP=2 give bitwise the tensors (names, order, dtypes) of TP=1, which equal the HF
   state dict; also with a bf16 cast done before the gather;
 - "rank0": only global rank 0 yields; "stage": each pipeline stage's first TP rank yields
-  exactly its own stage's tensors; "all": every rank yields everything;
+  exactly its own stage's tensors; "all" and an explicit list of ranks: each of them yields
+  everything;
 - the manifests (``hf_export_manifest``, whole and per stage) list exactly what is yielded;
 - the remote-engine path: each stage's first TP rank opens its own broadcast group to a
   recording stand-in of an SGLang server (tests/unit/sglang_fake_server.py, which receives as
@@ -22,6 +23,7 @@ exports it with every ``receivers`` mode. Checks:
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,9 @@ def _streamed_peak(model, hf_config, ctx) -> tuple[int, int]:
     for bucket in meter.count(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES,
                                                      tracker=meter.tracker)):
         del bucket
+    deadline = time.monotonic() + 30  # gloo's send/recv work objects release their tensors late
+    while meter.tracker.current and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert meter.tracker.current == 0  # everything the export allocated is gone
     return meter.tracker.peak, meter.num_bytes
 
@@ -110,7 +115,7 @@ def _run_all_layouts(rank, world_size, hf_dirs, server_urls):
     results = {}
     for layout, model_key, ctx, hf_config, model in each_loaded_model(LAYOUTS, hf_dirs):
         out = {"pp_rank": ctx.pp_rank, "tp_rank": ctx.tp_rank, "dp_rank": ctx.dp_rank}
-        for receivers in ("rank0", "stage", "all"):
+        for receivers in ("rank0", "stage", "all", (0, 1)):
             out[receivers] = list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES,
                                                          receivers=receivers))
         out["manifest"] = hf_export_manifest([model], hf_config, ctx)
@@ -197,12 +202,14 @@ def test_stage_receivers_send_each_stage_from_that_stage(reshard_run, layout, mo
         assert yielded[1] == []
 
 
+@pytest.mark.parametrize("receivers", ["all", (0, 1)])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_all_receivers_get_everything(reshard_run, layout):
+def test_every_receiver_gets_everything(reshard_run, layout, receivers):
+    """Also rank 1 as a chosen destination: a DP replica (tp1), a TP peer (tp2), stage 1 (pp2)."""
     _, per_rank, _ = reshard_run
     reference = _flat(per_rank[0]["tp1", "llama"]["rank0"])
     for rank in (0, 1):
-        _assert_identical(_flat(per_rank[rank][layout, "llama"]["all"]), reference)
+        _assert_identical(_flat(per_rank[rank][layout, "llama"][receivers]), reference)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
