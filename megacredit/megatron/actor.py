@@ -123,6 +123,18 @@ class MegatronActor:
 
         return self._forward_only(groups, collect)
 
+    def score_sequences(self, sequences: Sequence[Sequence[int]]) -> dict[int, torch.Tensor]:
+        """log pi(s[t] | s[:t]), t >= 1, of each sequence with the current weights: the trainer's
+        side of the weight-sync probe. Results on the last pipeline stage ({} elsewhere)."""
+        groups = [[_sequence(("p", i), ids, len(ids) - 1)] for i, ids in enumerate(sequences)]
+
+        def collect(hidden: torch.Tensor, micro_batch: PackedMicroBatch) -> dict:
+            out = self.head(hidden, sampled_ids=micro_batch.target_ids.to(hidden.device))
+            sampled = split_per_sequence(out.sampled_logprobs, micro_batch)
+            return {key[1]: sampled[key] for key in micro_batch.keys}
+
+        return self._forward_only(groups, collect)
+
     def teacher_pass(self, samples: dict[int, SampleSequences],
                      student: dict[int, StudentResult] | None = None) -> dict[int, TeacherResult]:
         """Teacher and its C contrastive sequences of each sample, in one micro-batch, with the
@@ -175,8 +187,10 @@ class MegatronActor:
     # ----------------------------------------------------------------------------- training
     def train_mini_batch(self, mini_batch: Sequence[int], samples: dict[int, SampleSequences],
                          student: dict[int, StudentResult], teacher: dict[int, TeacherResult],
-                         advantages: dict[int, torch.Tensor] | None) -> dict[str, float]:
-        """One optimizer step on one mini-batch (all DP ranks together); returns metrics."""
+                         advantages: dict[int, torch.Tensor] | None,
+                         token_weights: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
+        """One optimizer step on one mini-batch (all DP ranks together); returns metrics.
+        ``token_weights``: per-sample [R] rollout IS weights multiplying the token losses."""
         objective = self.settings.objective
         denominator = max(loss_mask_denominator(
             objective, [samples[i].response_length for i in mini_batch],
@@ -190,6 +204,8 @@ class MegatronActor:
                        if objective.uses_teacher_topk else None)
             out = self.head(hidden, gather_ids=set_ids, sampled_ids=micro_batch.target_ids.to(hidden.device))
             inputs = self._micro_batch_inputs(indices, micro_batch, out, samples, student, teacher, advantages)
+            if token_weights is not None:
+                inputs.token_weights = pad_per_sample([token_weights[i] for i in indices])
             terms = micro_batch_loss(objective, inputs)
             loss_share = terms.numerator / denominator
             return loss_share, {**terms.metrics, "loss": loss_share.detach()}

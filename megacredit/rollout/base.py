@@ -315,6 +315,23 @@ class RolloutEngine(ABC):
         the engine cannot tell)."""
         return None
 
+    def read_weights(self) -> Mapping[str, torch.Tensor] | None:
+        """The engine's current weights under HF names, as far as it can read them back (the
+        sync check uses them to name the tensor that differs most from the trainer's); None
+        when it cannot (e.g. a remote server)."""
+        return None
+
+    def check_weight_manifest(self, manifest: Mapping[str, Sequence[int]]) -> None:
+        """Raise (``KeyError`` / ``ValueError``) if ``manifest`` does not fit the engine; the
+        trainer calls it before the export starts, so every rank learns of a mismatch before
+        any tensor moves."""
+        expected = self.weight_manifest()
+        if expected is not None:
+            check_manifest(manifest, expected, type(self).__name__)
+
+    def begin_weight_update(self) -> None:
+        """Called once after the manifest check, before the first bucket (no-op by default)."""
+
     def finish_weight_update(self) -> None:
         """Called once after the last bucket of an update (no-op by default)."""
 
@@ -334,9 +351,8 @@ class RolloutEngine(ABC):
             staged = [list(iterate_buckets([bucket])) for bucket in buckets]
             manifest = manifest_of(pair for bucket in staged for pair in bucket)
             buckets = staged
-        expected = self.weight_manifest()
-        if expected is not None:
-            check_manifest(manifest, expected, type(self).__name__)
+        self.check_weight_manifest(manifest)
+        self.begin_weight_update()
         report, seen = WeightLoadReport(), set()
         for bucket in buckets:
             pairs = list(iterate_buckets([bucket]))

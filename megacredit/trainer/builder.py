@@ -152,16 +152,82 @@ def objective_settings(cfg: MegacreditConfig):
     )
 
 
-def build_engine(cfg: MegacreditConfig, source: ModelSource):
-    """The rollout engine (rank 0). Its weights come from the actor through the weight sync."""
-    if cfg.rollout.engine != "embedded":
-        raise NotImplementedError(
-            f"rollout.engine={cfg.rollout.engine!r}: the SGLang/vLLM adapters (megacredit/rollout/) are "
-            f"unverified without a GPU and not wired into the trainer yet; use rollout.engine=embedded"
-        )
-    from megacredit.rollout.embedded import EmbeddedRolloutEngine
+def build_engine(cfg: MegacreditConfig, source: ModelSource, ctx=None):
+    """This rank's rollout engine, or None on ranks without one; its weights come from the actor
+    through the weight sync (docs/engines.md).
 
-    return EmbeddedRolloutEngine.from_config(
-        source.hf_config, dtype=DTYPES[cfg.model.dtype], max_batch_size=cfg.rollout.batch_size,
-        eos_token_ids=[source.tokenizer.eos_token_id], pad_token_id=source.tokenizer.pad_token_id,
-    )
+    embedded: our sampler on global rank 0. vllm colocated: one ``vllm.LLM`` on rank 0 over the
+    job's devices (engine tensor-parallel size = world size), started from the policy's HF folder
+    (a tiny model's is written under the run directory); in this process when the job has one
+    rank, in vLLM's own engine processes otherwise.
+    vllm remote: rank 0 drives the servers at ``rollout.urls``, the prompts split across them.
+    sglang: the adapters of megacredit/rollout/sglang*.py (GPU only, unverified).
+    """
+    rank = 0 if ctx is None else ctx.rank
+    world = 1 if ctx is None else ctx.world_size
+    ro = cfg.rollout
+    if ro.engine != "embedded" and ro.placement == "colocated" and world not in (1, ro.engine_tensor_parallel_size):
+        raise NotImplementedError(
+            f"rollout.placement=colocated with {world} ranks needs one engine over all of them "
+            f"(rollout.engine_tensor_parallel_size={world}); one engine per smaller group of ranks is not "
+            f"implemented yet: start the engines as servers and use rollout.placement=remote (docs/engines.md)")
+    if rank != 0:
+        return None
+    if ro.engine == "embedded":
+        from megacredit.rollout.embedded import EmbeddedRolloutEngine
+
+        return EmbeddedRolloutEngine.from_config(
+            source.hf_config, dtype=DTYPES[cfg.model.dtype], max_batch_size=ro.batch_size,
+            eos_token_ids=[source.tokenizer.eos_token_id], pad_token_id=source.tokenizer.pad_token_id,
+        )
+    model_dir = engine_model_dir(cfg, source)
+    if ro.engine == "vllm":
+        return _build_vllm(cfg, source, model_dir, world)
+    return _build_sglang(cfg, model_dir)
+
+
+def engine_model_dir(cfg: MegacreditConfig, source: ModelSource) -> Path:
+    """The HF folder an engine starts from: the policy's own, or (tiny in-memory models) one
+    written to ``<run_dir>/engine_model`` with the tokenizer."""
+    if isinstance(source.weights, str):
+        return Path(source.weights)
+    from transformers import AutoModelForCausalLM
+
+    out = Path(cfg.logging.run_dir) / "engine_model"
+    model = AutoModelForCausalLM.from_config(source.hf_config)
+    model.load_state_dict(source.weights)
+    model.to(DTYPES[cfg.model.dtype]).save_pretrained(out)
+    source.tokenizer.save_pretrained(out)
+    return out
+
+
+def _build_vllm(cfg: MegacreditConfig, source: ModelSource, model_dir: Path, world: int):
+    ro = cfg.rollout
+    if ro.placement == "remote":
+        from megacredit.rollout.pool import EnginePool
+        from megacredit.rollout.vllm_server import VLLMServerEngine
+
+        engines = [VLLMServerEngine(url, model_path=model_dir) for url in ro.urls]
+        return engines[0] if len(engines) == 1 else EnginePool(engines)
+    from megacredit.rollout.vllm import VLLMRolloutEngine
+
+    args = {"dtype": cfg.model.dtype, "tensor_parallel_size": ro.engine_tensor_parallel_size,
+            "max_model_len": min(ro.max_seq_len, getattr(source.hf_config, "max_position_embeddings", ro.max_seq_len)),
+            "seed": cfg.training.seed, "enforce_eager": not torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        args.update(gpu_memory_utilization=ro.gpu_memory_utilization, enable_sleep_mode=True)
+    return VLLMRolloutEngine(model_dir, in_process=world == 1, **{**args, **ro.engine_kwargs})
+
+
+def _build_sglang(cfg: MegacreditConfig, model_dir: Path):
+    """UNVERIFIED (SGLang needs a GPU): the SGLang adapters' own constructors."""
+    ro = cfg.rollout
+    if ro.placement == "remote":
+        from megacredit.rollout.sglang_server import SGLangServerEngine
+
+        return SGLangServerEngine(ro.urls, router_url=ro.router_url, model_path=model_dir)
+    from megacredit.rollout.sglang import SGLangRolloutEngine
+
+    return SGLangRolloutEngine(model_dir, tp_size=ro.engine_tensor_parallel_size, dtype=cfg.model.dtype,
+                               mem_fraction_static=ro.gpu_memory_utilization, enable_memory_saver=True,
+                               **ro.engine_kwargs)

@@ -40,7 +40,7 @@ def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
     validate_against_model(cfg, source.hf_config)
     train_records, val_records = builder.build_data(cfg)
     actor = builder.build_actor(cfg, ctx, source)
-    engine = builder.build_engine(cfg, source) if ctx.rank == 0 else None
+    engine = builder.build_engine(cfg, source, ctx)
     run = RLRun(cfg, ctx, actor, engine, builder.build_env(cfg), source.tokenizer, source.hf_config)
     return run, train_records, val_records
 

@@ -1,7 +1,7 @@
 """Metrics logging: JSONL, TensorBoard, Weights & Biases (optional) and the console.
 
 Every metric name carries a namespace (``rollout/``, ``train/``, ``teacher/``, ``perf/``,
-``val/``); the names the training loop emits are listed in :data:`DOCUMENTED_METRICS` and
+``val/``, ``sync/``); the names the training loop emits are listed in :data:`DOCUMENTED_METRICS` and
 explained in docs/metrics.md. Per-token credit of a few samples per step goes to
 ``<run_dir>/token_credit.jsonl`` through :func:`save_token_credit`.
 """
@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-METRIC_NAMESPACES = ("rollout", "train", "teacher", "perf", "val")
+METRIC_NAMESPACES = ("rollout", "train", "teacher", "perf", "val", "sync")
 """Allowed first components of a metric name."""
 METRICS_FILE = "metrics.jsonl"
 TOKEN_CREDIT_FILE = "token_credit.jsonl"
@@ -33,6 +33,9 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "rollout/group_all_correct_frac": "fraction of groups whose G rollouts all have reward 1",
     "rollout/group_all_wrong_frac": "fraction of groups whose G rollouts all have reward 0",
     "rollout/leakage_count": "responses that mention privileged information (RLSD sec. 3.1)",
+    "rollout/logprob_abs_diff": "mean |log pi_old - log pi_engine| over sampled tokens (engine/trainer mismatch)",
+    "rollout/engine_kl": "KL(pi_engine || pi_old) on the sampled tokens, k3 estimator exp(r) - 1 - r, r = log pi_old - log pi_engine",
+    "rollout/engine_kl_k1": "KL(pi_engine || pi_old) on the sampled tokens, k1 estimator -r (unbiased, may be negative)",
     # train/: the policy update
     "train/loss": "total loss of the step (mean over mini-batches)",
     "train/entropy": "token entropy of the behaviour policy renormalised on its top-K set (the full-vocabulary entropy is never materialised)",
@@ -43,6 +46,8 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "train/rlsd_lam": "RLSD mixing coefficient lambda at this step",
     "train/grad_norm": "global gradient norm before clipping",
     "train/lr": "learning rate",
+    "train/rollout_is_weight_mean": "mean truncated rollout IS weight over trained tokens (algorithm.rollout_is)",
+    "train/rollout_is_clip_frac": "fraction of trained tokens whose rollout IS weight hit algorithm.rollout_is_cap",
     # teacher/: the self-teacher's signal (CREDIT section 3)
     "teacher/s_t": "input-specific signal S_t on the sampled token, token mean (CREDIT)",
     "teacher/delta_v": "realised Delta V_t = r_t(y_t) on the sampled token, token mean",
@@ -63,6 +68,12 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "perf/time_sync": "weight sync to the rollout engine and teacher update",
     "perf/time_val": "validation time (steps that validate)",
     "perf/peak_memory_gb": "peak resident memory of the process",
+    # sync/: the weight sync into the rollout engine(s), every step
+    "sync/bytes": "bytes of HF tensors exported to the engine(s) this step",
+    "sync/seconds": "wall time of the export and the engines' loading",
+    "sync/gb_per_s": "sync/bytes / sync/seconds in GB/s (1e9 bytes)",
+    "sync/peak_extra_gb": "peak extra memory the export's own buffers held (GB)",
+    "sync/probe_logprob_diff": "steps whose sync was checked: mean |engine - trainer| log-prob of the probe (worst engine)",
     # val/: periodic evaluation (avg@k with a bootstrap CI over prompts)
     "val/avg_at_k": "mean over prompts of the mean reward of k samples",
     "val/avg_at_k_ci_low": "lower bound of the bootstrap CI of avg@k",

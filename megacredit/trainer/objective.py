@@ -80,6 +80,8 @@ class MicroBatchInputs:
     """[C, B, T, K] contrastive-teacher log-probs on the same set (CREDIT)."""
     has_teacher_signal: torch.Tensor | None = None
     """[B] bool: the sample had a sibling solution or feedback."""
+    token_weights: torch.Tensor | None = None
+    """[B, T] rollout importance weights (algorithm.rollout_is; detached), or None."""
 
 
 @dataclass
@@ -115,6 +117,8 @@ def micro_batch_loss(settings: ObjectiveSettings, inputs: MicroBatchInputs) -> L
                     has_teacher_signal=inputs.has_teacher_signal, lam=settings.credit_lam, **common, **off_policy,
                 )
         per_token, loss_mask, metrics = output.per_token_loss, output.loss_mask, output.metrics
+    if inputs.token_weights is not None:  # truncated rollout IS (megacredit/algorithms/rollout_is.py)
+        per_token = per_token * inputs.token_weights.to(per_token)
     numerator = aggregate(per_token, loss_mask, settings.loss_agg_mode, global_denominator=1.0)
     denominator = loss_denominator(loss_mask, settings.loss_agg_mode)
     return LossTerms(numerator, denominator, {k: v.detach() for k, v in metrics.items()})

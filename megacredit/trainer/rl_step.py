@@ -22,7 +22,9 @@ from megacredit.megatron.optimizer import set_learning_rate
 from megacredit.rollout.base import SamplingParams
 from megacredit.trainer import rollout as rollout_lib
 from megacredit.trainer import step_metrics
+from megacredit.trainer.mismatch import engine_mismatch_sums, rollout_is_token_weights
 from megacredit.trainer.objective import PPO_METHODS, token_advantages
+from megacredit.trainer.weight_sync import sync_weights  # noqa: F401 - the loop imports it from here
 from megacredit.utils.comm import all_gather_objects, broadcast_object
 
 
@@ -38,6 +40,8 @@ class RLRun:
     tokenizer: Any
     hf_config: Any
     timings: dict[str, float] = field(default_factory=dict)
+    sync_count: int = 0
+    """Weight syncs done so far (the sync at start-up is sync 0)."""
 
     @property
     def is_logger(self) -> bool:
@@ -66,7 +70,12 @@ def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
 
 
 def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> rollout_lib.RolloutBatch:
-    """Generate G responses per prompt and score them (rank 0), then share the batch."""
+    """Generate G responses per prompt and score them (rank 0), then share the batch.
+
+    The engine (one, or an EnginePool splitting the prompts across several) returns its own
+    log-probs of every sampled token with the sample (``RolloutBatch.engine_logprobs``); it is
+    put to sleep afterwards (colocated engines release memory for training) and woken by the
+    next weight sync."""
     cfg = run.cfg
     batch = None
     if run.engine is not None:
@@ -77,6 +86,7 @@ def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> rollout_lib
         )
         with run.phase("rollout"):
             batch = rollout_lib.generate(run.engine, run.tokenizer, prompts, params)
+            run.engine.sleep()
         with run.phase("reward"):
             rollout_lib.score(run.env, batch)
     return broadcast_object(batch)
@@ -132,15 +142,17 @@ def run_step(run: RLRun, step: int, prompts: list[dict]) -> dict[str, Any]:
         student = actor.old_policy_pass(owned)
         teacher = actor.teacher_pass(owned, student) if cfg.algorithm.name != "grpo" else {}
     advantages, advantage_sums = compute_advantages(run, step, batch, student, teacher)
+    is_weights, is_sums = rollout_is_token_weights(cfg.algorithm.rollout_is, cfg.algorithm.rollout_is_cap,
+                                                   sorted(student), student, batch.engine_logprobs)
     with run.phase("train"):
-        train_parts = [actor.train_mini_batch(mb, samples, student, teacher, advantages)
+        train_parts = [actor.train_mini_batch(mb, samples, student, teacher, advantages, is_weights)
                        for _ in range(cfg.training.ppo_epochs) for mb in batches]
         actor.after_training_step(step + 1)
     with run.phase("sync"):
-        sync_weights(run)
-    metrics = collect_metrics(run, step, batch, samples, student, teacher, advantages, advantage_sums,
-                              train_parts, time.perf_counter() - step_start)
-    return {**metrics, "train/lr": lr} if metrics else metrics
+        sync_metrics = sync_weights(run)
+    metrics = collect_metrics(run, step, batch, samples, student, teacher, advantages,
+                              {**advantage_sums, **is_sums}, train_parts, time.perf_counter() - step_start)
+    return {**metrics, **sync_metrics, "train/lr": lr} if metrics else metrics
 
 
 def peak_memory_gb() -> float:
@@ -166,15 +178,6 @@ def reduce_train_metrics(per_rank: list[list[dict[str, float]]]) -> dict[str, fl
     return {name: sum(values) / len(values) for name, values in merged.items()}
 
 
-def sync_weights(run: RLRun) -> None:
-    """Stream the policy's weights (HF names, bounded buckets) into the rollout engine."""
-    from megacredit.megatron.bridge import iter_hf_weight_buckets
-
-    for bucket in iter_hf_weight_buckets(run.actor.model_chunks, run.hf_config, run.ctx):
-        if run.engine is not None:
-            run.engine.load_weights(bucket)
-
-
 def collect_metrics(run: RLRun, step, batch, samples, student, teacher, advantages, advantage_sums,
                     train_parts, step_time) -> dict[str, Any]:
     """Reduce the step's diagnostics from the ranks that hold them to global rank 0."""
@@ -188,6 +191,7 @@ def collect_metrics(run: RLRun, step, batch, samples, student, teacher, advantag
                 indices, student, teacher, [samples[i].has_teacher_signal for i in indices])
             local["sums"].update(sums)
         local["sums"].update(step_metrics.entropy_sums(indices, student))
+        local["sums"].update(engine_mismatch_sums(indices, student, batch.engine_logprobs))
         local["sums"].update(advantage_sums)
         local["train"] = train_parts
         local["adv"] = {i: advantages[i].tolist() for i in indices} if advantages else {}

@@ -36,6 +36,8 @@ class RolloutBatch:
     """Environment reward in [0, 1]."""
     feedbacks: list[str] = field(default_factory=list)
     """Environment feedback z."""
+    engine_logprobs: list[list[float]] = field(default_factory=list)
+    """The engine's log-probs of each sample's generated tokens (RolloutOutput.logprobs)."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -84,6 +86,7 @@ def generate(engine: RolloutEngine, tokenizer: Any, records: Sequence[dict[str, 
         response_ids=[list(o.token_ids) for o in outputs],
         response_texts=[tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs],
         finish_reasons=[o.finish_reason for o in outputs],
+        engine_logprobs=[list(o.logprobs) for o in outputs],
     )
 
 

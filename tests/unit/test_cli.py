@@ -26,6 +26,16 @@ def test_config_show_prints_the_resolved_config(capsys):
     assert "credit" not in printed["algorithm"]  # sdpo does not read algorithm.credit
 
 
+def test_paper_scale_config_shows_with_its_engine_and_checks_paths_on_request(capsys):
+    paper = ROOT / "examples" / "qwen3_8b_credit_code.yaml"
+    assert main(["config", "show", str(paper)]) == 0
+    rollout = yaml.safe_load(capsys.readouterr().out)["rollout"]
+    assert rollout["engine"] == "sglang" and rollout["placement"] == "colocated"
+    assert rollout["engine_tensor_parallel_size"] == 8
+    assert main(["config", "show", str(paper), "--check-paths"]) == EXIT_CONFIG_ERROR
+    assert "data.train_path" in capsys.readouterr().err
+
+
 def test_config_error_is_one_line_with_exit_2(capsys):
     code = main(["config", "show", str(DEMO), "algorithm.credit.num_contrastve=2"])
     err = capsys.readouterr().err
