@@ -30,7 +30,7 @@ from megacredit.megatron.bridge_load import canonical_order, global_named_parame
 from megacredit.megatron.distributed import ParallelContext
 from megacredit.megatron.hf_mapping import OUTPUT_LAYER, AttentionShape, mapping_for, unshard
 from megacredit.rollout.base import rebucket
-from megacredit.rollout.sync_stats import InFlightBytes, track
+from megacredit.utils.sync_stats import InFlightBytes, track
 from megacredit.utils.comm import all_gather_objects
 
 #: "rank0", "stage", "all", or the global ranks that must each receive everything.
@@ -240,7 +240,7 @@ def export_hf_weights(
     dtype: cast before anything moves (default: the parameters' dtype). device: where yielded
     tensors live (default CPU; pass the GPU to feed a colocated engine without a host copy).
     tracker: counts the bytes this export allocates while they are alive (see
-    :class:`megacredit.rollout.sync_stats.InFlightBytes`). With tied embeddings no
+    :class:`megacredit.utils.sync_stats.InFlightBytes`). With tied embeddings no
     ``lm_head.weight`` is yielded (HF re-ties it on load).
     """
     destinations = _destinations(receivers, ctx)

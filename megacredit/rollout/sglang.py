@@ -193,9 +193,13 @@ def flattened_payloads(named_tensors: Sequence[NamedTensor], tp_size: int) -> tu
     rank, and the flat tensor (keep it alive until the call returned)."""
     from sglang.srt.utils import MultiprocessingSerializer  # noqa: PLC0415
 
+    import torch  # noqa: PLC0415
+
     _patch_torch_reductions()
     metadata_class = _sglang_flat_metadata_class()
     flat, metadata = flatten_tensors(named_tensors)
+    if flat.device.type == "cpu" and torch.cuda.is_available():
+        flat = flat.cuda()  # a CUDA-IPC handle, not a host copy through shared memory
     data = {"flattened_tensor": flat, "metadata": [metadata_class(**asdict(meta)) for meta in metadata]}
     payload = MultiprocessingSerializer.serialize(data, output_str=True)
     return [payload] * tp_size, flat
@@ -235,14 +239,15 @@ class SGLangRolloutEngine(RolloutEngine):
         updates are checked against); tp_size: the engine's tensor parallelism; flatten: send
         each same-dtype bucket as one flat tensor (SGLang's ``flattened_bucket``) instead of
         one IPC handle per tensor; memory_saver: ``enable_memory_saver`` (needed by sleep /
-        wake, i.e. ``release_memory_occupation``); server_args: any other ``ServerArgs``."""
+        wake, i.e. ``release_memory_occupation``; an ``enable_memory_saver`` in server_args
+        wins); server_args: any other ``ServerArgs``."""
         sglang = import_sglang()
         os.environ.setdefault("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
         self.model_path, self.tp_size, self.flatten = Path(model_path), int(tp_size), flatten
         self._manifest: WeightManifest | None = None
         self._closed = False
-        self.engine = sglang.Engine(model_path=str(model_path), tp_size=self.tp_size,
-                                    enable_memory_saver=memory_saver, **server_args)
+        server_args.setdefault("enable_memory_saver", memory_saver)
+        self.engine = sglang.Engine(model_path=str(model_path), tp_size=self.tp_size, **server_args)
 
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[RolloutOutput]:
         results = self.engine.generate(**generate_request(prompt_token_ids, params))

@@ -51,6 +51,7 @@ from megacredit.rollout.base import (
 from megacredit.rollout.checkpoint_manifest import checkpoint_manifest
 from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype
 from megacredit.rollout.http_json import EngineHTTPError, JSONClient, normalize_url
+from megacredit.rollout.pool import contiguous_chunks
 from megacredit.rollout.sglang import (
     FLATTENED,
     check_answer,
@@ -86,19 +87,6 @@ def _check_future(future: Future, what: str, copied: int) -> None:
     check_answer(answer, what, copied)
 
 
-def contiguous_chunks(count: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous [start, end) ranges covering range(count), sizes differing by <= 1
-    (earlier chunks larger); empty ranges are dropped."""
-    base, extra = divmod(count, parts)
-    bounds, start = [], 0
-    for part in range(parts):
-        end = start + base + (1 if part < extra else 0)
-        if end > start:
-            bounds.append((start, end))
-        start = end
-    return bounds
-
-
 class SGLangServerEngine(RolloutEngine):
     """SGLang servers already running elsewhere, reached over HTTP. UNVERIFIED (no GPU here)."""
 
@@ -128,6 +116,8 @@ class SGLangServerEngine(RolloutEngine):
         self._manifest: WeightManifest | None = None
         self._group: Any = None
         self._group_name: str | None = None
+        self._device = torch.device("cpu")
+        self._paused = False
 
     # ------------------------------------------------------------------------- helpers
     def _on_all_workers(self, method: str, path: str, body: Any | None = None) -> list[Any]:
@@ -229,6 +219,7 @@ class SGLangServerEngine(RolloutEngine):
         ]
         self._group = join_weight_update_group(master_address, master_port, world_size, 0, group_name, backend)
         self._group_name = group_name
+        self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         for url, future in zip(self.workers, futures):
             _check_future(future, f"init_weights_update_group on {url}", 0)
 
@@ -240,8 +231,9 @@ class SGLangServerEngine(RolloutEngine):
         self._group, self._group_name = None, None
 
     def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:
-        """Broadcast one bucket to every worker (call :meth:`connect_weight_sync` first). The
-        tensors must be on a device the group's backend serves (GPU for NCCL)."""
+        """Broadcast one bucket to every worker (call :meth:`connect_weight_sync` first). With
+        NCCL, tensors not on this rank's GPU are copied there first (export them on the GPU,
+        ``device=ctx.device``, to avoid the copy)."""
         if self._group is None:
             raise RuntimeError("SGLangServerEngine.load_weights: call connect_weight_sync(...) first "
                                "on the rank that sends (remote weights travel by broadcast)")
@@ -264,31 +256,38 @@ class SGLangServerEngine(RolloutEngine):
                                  for url in self.workers]
         if self.flatten:
             flat, _ = flatten_tensors(pairs)
-            torch.distributed.broadcast(flat, src=0, group=self._group)
+            torch.distributed.broadcast(flat.to(self._device), src=0, group=self._group)
             del flat
-        else:
-            handles = [torch.distributed.broadcast(t.contiguous(), src=0, group=self._group, async_op=True)
-                       for _, t in pairs]
+        else:  # NCCL needs the tensors on this rank's GPU (a no-op when they already are)
+            handles = [torch.distributed.broadcast(t.to(self._device).contiguous(), src=0, group=self._group,
+                                                   async_op=True) for _, t in pairs]
             for handle in handles:
                 handle.wait()
         for url, future in zip(self.workers, futures):
             _check_future(future, f"update_weights_from_distributed on {url}", copied)
 
+    def begin_weight_update(self) -> None:
+        if self.pause_around_updates:
+            self.pause_generation()
+            self._paused = True
+
+    def finish_weight_update(self) -> None:
+        if self._paused:
+            self.flush_cache()
+            self.continue_generation()
+            self._paused = False
+
     def update_weights_from_buckets(self, buckets: Iterable[WeightBucket],
                                     manifest: Mapping[str, Sequence[int]] | None = None) -> WeightLoadReport:
-        """The interface's checked update, between ``pause_generation`` and
-        ``flush_cache`` + ``continue_generation`` when ``pause_around_updates``."""
-        if not self.pause_around_updates:
-            return super().update_weights_from_buckets(buckets, manifest)
-        self.pause_generation()
+        """The interface's checked update; with ``pause_around_updates`` the workers pause
+        before the first bucket and flush + continue after the last, and continue also when
+        the update fails half-way (the trainer then stops with the error)."""
         try:
             return super().update_weights_from_buckets(buckets, manifest)
         finally:
-            self.continue_generation()
-
-    def finish_weight_update(self) -> None:
-        if self.pause_around_updates:
-            self.flush_cache()
+            if self._paused:
+                self._paused = False
+                self.continue_generation()
 
     def shutdown(self) -> None:
         """Leave the broadcast group and stop the HTTP threads (the servers keep running:

@@ -58,7 +58,7 @@ def _largest_gathered_bytes(model, ctx) -> int:
 def _streamed_peak(model, hf_config, ctx) -> tuple[int, int]:
     """(peak tracked bytes, bytes received) of a sync that drops each bucket after use."""
     from megacredit.megatron.bridge import iter_hf_weight_buckets
-    from megacredit.rollout.sync_stats import SyncMeter
+    from megacredit.utils.sync_stats import SyncMeter
 
     meter = SyncMeter()
     for bucket in meter.count(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES,
@@ -73,7 +73,7 @@ def _streamed_peak(model, hf_config, ctx) -> tuple[int, int]:
 
 def _collected_peak(model, hf_config, ctx) -> int:
     from megacredit.megatron.bridge import iter_hf_weight_buckets
-    from megacredit.rollout.sync_stats import InFlightBytes
+    from megacredit.utils.sync_stats import InFlightBytes
 
     tracker = InFlightBytes()
     kept = list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES, tracker=tracker))

@@ -10,7 +10,7 @@ import torch
 
 from megacredit.rollout.base import SamplingParams, WeightSyncError, manifest_of
 from megacredit.rollout.http_json import EngineHTTPError, normalize_url
-from megacredit.rollout.sglang_server import SGLangServerEngine, contiguous_chunks
+from megacredit.rollout.sglang_server import SGLangServerEngine
 from megacredit.rollout.weight_group import free_port
 from sglang_fake_server import reset_server, running_server, server_state
 
@@ -37,12 +37,6 @@ def test_normalize_url_accepts_host_port_and_names_the_field():
         normalize_url("node3")
     with pytest.raises(ValueError, match="rollout.router_url"):
         normalize_url("ftp://x:1", "rollout.router_url")
-
-
-def test_contiguous_chunks_cover_in_order():
-    assert contiguous_chunks(5, 2) == [(0, 3), (3, 5)]
-    assert contiguous_chunks(2, 3) == [(0, 1), (1, 2)]
-    assert contiguous_chunks(6, 3) == [(0, 2), (2, 4), (4, 6)]
 
 
 def _tokens(outputs):
@@ -154,6 +148,11 @@ def test_a_bad_name_is_refused_before_any_weight_moves(servers, tmp_path):
     engine.update_weights_from_buckets([pairs], manifest_of(pairs))  # a correct one still goes through
     engine.shutdown()
     state = server_state(url)
+    # the refused updates sent nothing at all (not even a pause); the good one went through
+    assert [path for _, path, _ in state["requests"]] == [
+        "/get_server_info", "/init_weights_update_group", "/pause_generation",
+        "/update_weights_from_distributed", "/update_weights_from_distributed", "/flush_cache",
+        "/continue_generation", "/destroy_weights_update_group"]
     updates = [body for _, path, body in state["requests"] if path == "/update_weights_from_distributed"]
     assert [u["names"] for u in updates] == [[n for n, _ in pairs if n != "model.norm.weight"],
                                               ["model.norm.weight"]]

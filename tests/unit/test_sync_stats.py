@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megacredit.rollout.sync_stats import (
+from megacredit.utils.sync_stats import (
     SYNC_METRICS,
     InFlightBytes,
     SyncMeter,

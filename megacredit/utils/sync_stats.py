@@ -26,12 +26,10 @@ from typing import Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
-from megacredit.rollout.base import WeightBucket, bucket_bytes, iterate_buckets
-
 GB = 1e9  # sync/* metrics use decimal gigabytes
 SYNC_METRICS = ("sync/bytes", "sync/seconds", "sync/gb_per_s", "sync/peak_extra_gb")
 
-Bucket = TypeVar("Bucket", bound=WeightBucket)
+Bucket = TypeVar("Bucket")
 
 
 class InFlightBytes:
@@ -122,7 +120,8 @@ class SyncMeter:
         self.start()
         try:
             for bucket in buckets:
-                self.add_bytes(bucket_bytes(list(iterate_buckets([bucket]))))
+                tensors = bucket.values() if isinstance(bucket, Mapping) else (t for _, t in bucket)
+                self.add_bytes(sum(t.numel() * t.element_size() for t in tensors))
                 yield bucket
                 del bucket
         finally:
