@@ -31,10 +31,12 @@ pipeline parallelism every stage's first TP rank owns a group of its own
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import torch
 
@@ -78,6 +80,15 @@ def router_worker_urls(router_url: str, client: JSONClient) -> list[str]:
     raise ValueError(f"rollout.router_url: {router_url} lists no workers (GET /workers, /list_workers)")
 
 
+def route_address(url: str) -> str:
+    """This host's IP address on the route to ``url``'s host (a UDP socket's local end after
+    ``connect``; no packet is sent)."""
+    parts = urlsplit(url)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((parts.hostname, parts.port or 80))
+        return sock.getsockname()[0]
+
+
 def _check_future(future: Future, what: str, copied: int) -> None:
     """An update call's answer: SGLang reports failure as HTTP 400 + ``{"success": false}``."""
     try:
@@ -93,13 +104,17 @@ class SGLangServerEngine(RolloutEngine):
     def __init__(self, urls: Sequence[str] = (), *, router_url: str | None = None,
                  model_path: str | Path | None = None, timeout: float = 600.0,
                  pause_around_updates: bool = True, pause_mode: str = "abort",
-                 flatten: bool = True, client: JSONClient | None = None) -> None:
+                 flatten: bool = True, sync_address: str | None = None, sync_backend: str = "nccl",
+                 client: JSONClient | None = None) -> None:
         """urls: the workers (each 'host:port'); router_url: a router in front of them
         (generation goes through it; workers default to the router's list); model_path: the HF
         folder the servers were started from (its manifest checks updates before any copy;
         None = no check); pause_around_updates: pause generation before and flush + continue
         after ``update_weights_from_buckets`` (turn off on pipeline stages other than the one
-        that coordinates, see docs/engines.md); flatten: one broadcast per same-dtype bucket."""
+        that coordinates, see docs/engines.md); flatten: one broadcast per same-dtype bucket;
+        sync_address / sync_backend: where the servers reach this process for the broadcast
+        group when the first update connects it by itself (default: this host's address on
+        the route to the first worker; NCCL)."""
         if pause_mode not in PAUSE_MODES:
             raise ValueError(f"pause_mode must be one of {PAUSE_MODES}, got {pause_mode!r}")
         self.client = client or JSONClient(timeout)
@@ -118,6 +133,7 @@ class SGLangServerEngine(RolloutEngine):
         self._group_name: str | None = None
         self._device = torch.device("cpu")
         self._paused = False
+        self.sync_address, self.sync_backend = sync_address, sync_backend
 
     # ------------------------------------------------------------------------- helpers
     def _on_all_workers(self, method: str, path: str, body: Any | None = None) -> list[Any]:
@@ -235,8 +251,8 @@ class SGLangServerEngine(RolloutEngine):
         NCCL, tensors not on this rank's GPU are copied there first (export them on the GPU,
         ``device=ctx.device``, to avoid the copy)."""
         if self._group is None:
-            raise RuntimeError("SGLangServerEngine.load_weights: call connect_weight_sync(...) first "
-                               "on the rank that sends (remote weights travel by broadcast)")
+            raise RuntimeError("SGLangServerEngine.load_weights: no broadcast group; update through "
+                               "update_weights_from_buckets (it connects one) or call connect_weight_sync")
         pairs = list(named_tensors)
         for group in split_by_dtype(pairs):
             self._broadcast_bucket(group, copied=len(pairs))
@@ -267,6 +283,12 @@ class SGLangServerEngine(RolloutEngine):
             _check_future(future, f"update_weights_from_distributed on {url}", copied)
 
     def begin_weight_update(self) -> None:
+        """Connect the broadcast group if nobody did (group ``megacredit_pp0``), then pause."""
+        if self._group is None:
+            from megacredit.rollout.weight_group import free_port  # noqa: PLC0415
+
+            address = self.sync_address or route_address(self.workers[0])
+            self.connect_weight_sync(address, free_port(), backend=self.sync_backend)
         if self.pause_around_updates:
             self.pause_generation()
             self._paused = True

@@ -69,3 +69,23 @@ def test_mismatch_sums_equal_the_direct_formulas():
     k3 = sum(math.exp(o - e) - 1 - (o - e) for o, e in pairs)
     assert sums["kl_k3"] == pytest.approx((k3, len(pairs)))
     assert sums["kl_k3"][0] >= 0
+
+
+def test_the_weights_multiply_each_tokens_loss_before_aggregation():
+    from megacredit.algorithms import grpo
+    from megacredit.trainer.objective import MicroBatchInputs, ObjectiveSettings, micro_batch_loss
+
+    old, engine, mask = _batch(3)
+    logp = (old + 0.05).float().requires_grad_(True)
+    advantages = torch.tensor([[1.0] * 5, [-0.5] * 5, [2.0] * 5])
+    weights = rollout_is_weights(old, engine, mask, "token", 2.0).float()
+    settings = ObjectiveSettings(method="grpo")
+    inputs = MicroBatchInputs(mask=mask, logp=logp, old_logp=old.float(), token_advantages=advantages,
+                              token_weights=weights)
+    terms = micro_batch_loss(settings, inputs)
+    per_token, _ = grpo.ppo_clip_loss(logp, old.float(), advantages, mask, 0.2, 0.2)
+    expected = (per_token * weights)[mask].sum()  # token-mean numerator
+    torch.testing.assert_close(terms.numerator, expected)
+    plain = micro_batch_loss(settings, MicroBatchInputs(mask=mask, logp=logp, old_logp=old.float(),
+                                                        token_advantages=advantages))
+    assert not torch.allclose(plain.numerator, terms.numerator)

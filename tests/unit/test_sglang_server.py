@@ -176,7 +176,21 @@ def test_flush_cache_waits_for_busy_workers_and_load_weights_needs_a_group(serve
     engine = SGLangServerEngine([url])
     engine.flush_cache(wait_seconds=30)
     assert [p for _, p, _ in server_state(url)["requests"]] == ["/flush_cache"] * 3
-    with pytest.raises(RuntimeError, match="connect_weight_sync"):
+    with pytest.raises(RuntimeError, match="no broadcast group"):
         engine.load_weights(_weights())
     with pytest.raises(EngineHTTPError, match="HTTP 404"):
         engine.client.post(url, "/no_such_endpoint", {})
+
+
+def test_the_first_update_connects_the_group_by_itself(servers):
+    pairs = _weights()
+    url = servers[0]
+    engine = SGLangServerEngine([url], sync_backend="gloo")
+    engine.update_weights_from_buckets([pairs], manifest_of(pairs))
+    engine.update_weights_from_buckets([pairs], manifest_of(pairs))  # connected once, reused
+    engine.shutdown()
+    requests = server_state(url)["requests"]
+    inits = [body for _, path, body in requests if path == "/init_weights_update_group"]
+    assert len(inits) == 1 and inits[0]["master_address"] == "127.0.0.1"  # the route to 127.0.0.1
+    assert inits[0]["group_name"] == "megacredit_pp0" and inits[0]["backend"] == "gloo"
+    _assert_received(server_state(url)["received"], pairs)
