@@ -21,7 +21,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -31,8 +31,10 @@ from megacredit.megatron.distributed import ParallelContext
 from megacredit.megatron.hf_mapping import OUTPUT_LAYER, AttentionShape, mapping_for, unshard
 from megacredit.rollout.base import rebucket
 from megacredit.utils.sync_stats import InFlightBytes, track
+from megacredit.utils.comm import all_gather_objects
 
-Receivers = Literal["rank0", "all", "stage"]
+#: "rank0", "stage", "all", or the global ranks that must each receive everything.
+Receivers = Union[Literal["rank0", "all", "stage"], Sequence[int]]
 RECEIVERS = ("rank0", "all", "stage")
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
@@ -103,11 +105,18 @@ def _plan(params: dict[str, torch.nn.Parameter], hf_config: Any, ctx: ParallelCo
 
 
 def hf_export_manifest(
-    model_chunks: torch.nn.Module | Sequence[torch.nn.Module], hf_config: Any, ctx: ParallelContext
+    model_chunks: torch.nn.Module | Sequence[torch.nn.Module], hf_config: Any, ctx: ParallelContext,
+    *, stage_only: bool = False,
 ) -> dict[str, tuple[int, ...]]:
     """HF name -> full shape of everything the export yields (to check an engine against it
-    before any weight moves). Collective over the pipeline group."""
-    return {hf_name: shape for item in export_plan(model_chunks, hf_config, ctx) for hf_name, shape in item.hf}
+    before any weight moves); with ``stage_only`` only what this rank's pipeline stage owns
+    (what ``receivers="stage"`` yields here). Collective over the pipeline group."""
+    return {
+        hf_name: shape
+        for item in export_plan(model_chunks, hf_config, ctx)
+        if not stage_only or item.owner == ctx.pp_rank
+        for hf_name, shape in item.hf
+    }
 
 
 def _gathered_stack(
@@ -150,7 +159,7 @@ def _unshard_stack(item: ExportItem, stack: torch.Tensor, hf_config: Any, tracke
 
 def _receive_pieces(item: ExportItem, dtype: torch.dtype, source: int, ctx: ParallelContext,
                     tracker: InFlightBytes | None) -> list:
-    """Rank 0: the HF tensors of ``item``, sent point to point by its stage's first TP rank."""
+    """A destination rank: the HF tensors of ``item``, sent point to point by ``source``."""
     pieces = []
     for hf_name, shape in item.hf:
         buffer = track(tracker, torch.empty(shape, dtype=dtype, device=ctx.device))
@@ -159,31 +168,48 @@ def _receive_pieces(item: ExportItem, dtype: torch.dtype, source: int, ctx: Para
     return pieces
 
 
-def _item_pieces(item, params, hf_config, ctx, receivers, dtype, tracker) -> list | None:
-    """This rank's HF tensors of ``item`` (None when it receives nothing). Every rank that
-    holds a shard or must receive calls it for every item, in plan order."""
-    from megatron.core import parallel_state
+def _destinations(receivers: Receivers, ctx: ParallelContext) -> frozenset[int] | None:
+    """The global ranks that receive everything (None for the "all" and "stage" modes)."""
+    if isinstance(receivers, str):
+        if receivers not in RECEIVERS:
+            raise ValueError(f"receivers must be one of {RECEIVERS} or a list of global ranks, got {receivers!r}")
+        return frozenset({0}) if receivers == "rank0" else None
+    ranks = frozenset(int(rank) for rank in receivers)
+    if not ranks or not all(0 <= rank < ctx.world_size for rank in ranks):
+        raise ValueError(f"receivers: global ranks in [0, {ctx.world_size}) expected, got {sorted(ranks)}")
+    return ranks
 
+
+def _stage_sources(ctx: ParallelContext) -> list[int]:
+    """Global rank of every pipeline stage's first TP rank in DP replica 0 (world collective)."""
+    coordinates = all_gather_objects((ctx.pp_rank, ctx.tp_rank, ctx.dp_rank, ctx.rank))
+    sources = {pp: rank for pp, tp, dp, rank in coordinates if tp == 0 and dp == 0}
+    return [sources[stage] for stage in range(ctx.pp_size)]
+
+
+def _item_pieces(item, params, hf_config, ctx, receivers, destinations, sources, dtype, tracker) -> list | None:
+    """This rank's HF tensors of ``item`` (None when it receives nothing). Every rank calls it
+    for every item, in plan order."""
     if receivers == "all":
         stack = _gathered_stack(item, params, ctx, dtype, True, tracker)
         return _unshard_stack(item, stack, hf_config, tracker)
-    if ctx.dp_rank != 0:
-        return None  # data-parallel replicas hold the same weights: replica 0 exports
-    if ctx.pp_rank != item.owner:
-        if receivers == "rank0" and ctx.rank == 0:
-            source = dist.get_global_rank(parallel_state.get_pipeline_model_parallel_group(), item.owner)
-            return _receive_pieces(item, dtype or item.dtype, source, ctx, tracker)
-        return None
-    stack = _gathered_stack(item, params, ctx, dtype, False, tracker)
-    if ctx.tp_rank != 0:
-        return None
-    pieces = _unshard_stack(item, stack, hf_config, tracker)
-    del stack
-    if receivers == "rank0" and ctx.rank != 0:
-        for _, tensor in pieces:  # this stage's first TP rank sends straight to global rank 0
-            dist.send(tensor.contiguous(), dst=0)
-        return None
-    return pieces
+    pieces = None
+    if ctx.dp_rank == 0 and ctx.pp_rank == item.owner:  # DP replicas hold the same weights
+        stack = _gathered_stack(item, params, ctx, dtype, False, tracker)
+        if ctx.tp_rank == 0:
+            pieces = _unshard_stack(item, stack, hf_config, tracker)
+        del stack
+    if destinations is None:  # "stage": the stage's first TP rank keeps its own tensors
+        return pieces
+    source = sources[item.owner]
+    if ctx.rank == source:
+        for destination in sorted(destinations - {source}):  # straight from the stage, no relay
+            for _, tensor in pieces:
+                dist.send(tensor, dst=destination)
+        return pieces if source in destinations else None
+    if ctx.rank in destinations:
+        return _receive_pieces(item, dtype or item.dtype, source, ctx, tracker)
+    return None
 
 
 def export_hf_weights(
@@ -202,11 +228,14 @@ def export_hf_weights(
     tensors there; where it goes then depends on ``receivers``:
 
     - "rank0": global rank 0 yields everything (the embedded or a colocated engine on rank 0);
-      other stages' first TP rank sends their own tensors point to point to rank 0.
+      other stages' first TP rank sends their own tensors point to point to rank 0. Same as
+      ``receivers=[0]``.
     - "stage": the first TP rank of data-parallel replica 0 of each pipeline stage yields
       that stage's tensors only, in HF order (the sources of an NCCL broadcast to remote
       engines: one sender per stage, nothing crosses the pipeline).
     - "all": every rank yields every tensor (gathered stacks are broadcast over the pipeline).
+    - a list of global ranks: each of them yields everything, sent point to point by each
+      stage's first TP rank (e.g. the leader rank of every colocated engine).
 
     dtype: cast before anything moves (default: the parameters' dtype). device: where yielded
     tensors live (default CPU; pass the GPU to feed a colocated engine without a host copy).
@@ -214,11 +243,11 @@ def export_hf_weights(
     :class:`megacredit.utils.sync_stats.InFlightBytes`). With tied embeddings no
     ``lm_head.weight`` is yielded (HF re-ties it on load).
     """
-    if receivers not in RECEIVERS:
-        raise ValueError(f"receivers must be one of {RECEIVERS}, got {receivers!r}")
+    destinations = _destinations(receivers, ctx)
     params = global_named_parameters(_as_list(model_chunks))
+    sources = _stage_sources(ctx) if destinations is not None else None
     for item in _plan(params, hf_config, ctx):
-        pieces = _item_pieces(item, params, hf_config, ctx, receivers, dtype, tracker)
+        pieces = _item_pieces(item, params, hf_config, ctx, receivers, destinations, sources, dtype, tracker)
         while pieces:
             hf_name, tensor = pieces.pop(0)
             moved = tensor.to(device=device).contiguous()

@@ -363,6 +363,7 @@ class RolloutEngine(ABC):
             part = self.load_weights(pairs)
             report.num_tensors += part.num_tensors
             report.num_bytes += part.num_bytes
+            del bucket, pairs  # drop this bucket before the exporter builds the next (peak ~ one bucket)
         self.finish_weight_update()
         report.missing_names = self.missing_weight_names(seen)
         return report

@@ -1,38 +1,54 @@
-"""Adapter from megacredit's RolloutEngine interface to SGLang's offline ``Engine``.
+"""SGLang behind megacredit's RolloutEngine: request bodies, output parsing, colocated engine.
 
-UNVERIFIED HERE: SGLang needs CUDA (torch CUDA build, sgl-kernel, flashinfer) and cannot be
-installed or run on the CPU-only machines this project is developed and tested on. This
-module was written against SGLang's public API and has never been executed against a real
-SGLang; only the translation helpers below (sampling parameters in, output dicts out) are
-unit-tested, on dicts shaped as SGLang documents them. Check it on a GPU before relying on it.
+UNVERIFIED: SGLang needs CUDA (a CUDA torch build, sgl-kernel, flashinfer) and cannot be
+installed or run on the CPU machines this project is built and tested on. Everything here is
+written against SGLang's source (checked, see below) and unit-tested against fakes of SGLang;
+it has never run against a real SGLang. ``tests/integration/test_sglang_gpu.py`` is the check to
+run on a GPU machine before relying on it.
 
-API used (sgl-project/sglang, ``python/sglang/srt/entrypoints/engine.py``; the docs page
-https://docs.sglang.io/basic_usage/offline_engine_api.html and sampling parameters at
-https://docs.sglang.io/basic_usage/sampling_params.html):
+Checked in sgl-project/sglang (stored copies of its default branch):
 
-* ``sglang.Engine(model_path=..., **server_args)``;
-* ``Engine.generate(input_ids=[[...], ...], sampling_params={...}, return_logprob=True)``
-  returns one dict per input with ``meta_info["output_token_logprobs"]`` as
-  ``(logprob, token_id, text)`` triples and ``meta_info["finish_reason"]["type"]`` in
-  {"stop", "length", "abort"};
-* ``Engine.update_weights_from_tensor(named_tensors, load_format=None, flush_cache=True)``
-  (HF-named ``(name, tensor)`` pairs, as in SGLang's test/srt/test_update_weights_from_tensor.py);
-* ``Engine.init_weights_update_group(...)`` + ``Engine.update_weights_from_distributed(
-  names, dtypes, shapes, group_name, flush_cache)`` for the NCCL broadcast path, where the
-  trainer's rank 0 broadcasts each tensor in the same order;
-* ``release_memory_occupation()`` / ``resume_memory_occupation()`` for sleep / wake
-  (needs ``enable_memory_saver=True``).
+* ``python/sglang/srt/entrypoints/engine.py``: ``Engine(**server_args)``; ``Engine.generate(
+  input_ids=..., sampling_params=..., return_logprob=..., logprob_start_len=...)``;
+  ``Engine.update_weights_from_tensor(named_tensors, load_format=None, flush_cache=True)`` which,
+  for ``load_format="flattened_bucket"``, takes one pre-serialized payload per TP rank;
+  ``Engine.flush_cache()``; ``Engine.release_memory_occupation(tags=None)`` /
+  ``resume_memory_occupation(tags=None)``; ``Engine.shutdown()``.
+* ``python/sglang/srt/model_executor/model_runner.py``: ``ModelRunner.update_weights_from_tensor``
+  -> ``_update_weights_from_flattened_bucket`` reads ``{"flattened_tensor", "metadata"}`` (metadata
+  items with ``name, shape, dtype, start_idx, end_idx, numel``) and calls ``model.load_weights``.
+* ``python/sglang/srt/weight_sync/tensor_bucket.py``: ``FlattenedTensorBucket`` /
+  ``FlattenedTensorMetadata`` (the layout of :mod:`megacredit.rollout.flat_buckets`).
+* ``python/sglang/srt/sampling/sampling_params.py``: ``SamplingParams`` fields ``max_new_tokens``
+  (>= 0), ``stop_token_ids``, ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (-1 = off),
+  ``ignore_eos``, ``sampling_seed``.
+* ``python/sglang/srt/managers/tokenizer_manager.py``: ``detokenize_logprob_tokens`` gives
+  ``meta_info["output_token_logprobs"]`` / ``["input_token_logprobs"]`` as
+  ``(logprob, token_id, text)`` triples; ``meta_info["finish_reason"]["type"]`` is "stop",
+  "length" or "abort" (``schedule_batch.py`` ``FINISH_*.to_json``).
+* ``Req._check_token_based_finish`` (``schedule_batch.py``): ``ignore_eos`` disables every stop
+  token, and ``stop_token_ids`` are checked IN ADDITION to the model's EOS ids.
 
-Log-prob semantics: SGLang may report log-probs of the processed (tempered) distribution
-depending on its version and the ``SGLANG_RETURN_ORIGINAL_LOGPROB`` setting; the embedded
-engine reports raw T=1 log-probs. The trainer recomputes old log-probs, so this only affects
-diagnostics.
+Semantics that differ from the embedded engine (documented in docs/engines.md):
+
+* ``SamplingParams.stop_token_ids`` adds stop tokens to the model's EOS instead of replacing
+  them; ``()`` (never stop) maps to ``ignore_eos``.
+* Seeds go per request as ``sampling_seed``: sample j of prompt i of the step's whole batch
+  gets ``request_seed(seed, (seed_offset + i) * n + j)``, so splitting the batch over engines
+  does not change any request's seed; whether SGLang's sampler honours them depends on its
+  version and server flags (not verifiable here).
+* Log-probs: megacredit's contract is raw logits at temperature 1. The colocated engine sets
+  ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` (unless already set) before starting SGLang so that
+  sampled-token log-probs are taken before temperature; remote servers must be launched with
+  it. The weight-sync probe scores at temperature 1, where both agree.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from megacredit.rollout.base import (
     NamedTensor,
@@ -40,14 +56,20 @@ from megacredit.rollout.base import (
     RolloutOutput,
     SamplingParams,
     WeightLoadReport,
-    rebucket,
+    WeightManifest,
+    WeightSyncError,
+    bucket_bytes,
+    request_seed,
 )
+from megacredit.rollout.checkpoint_manifest import checkpoint_manifest
+from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype
 
 _INSTALL_HINT = (
     "SGLangRolloutEngine needs the `sglang` package, which requires a CUDA GPU: install it "
-    "with `pip install 'megacredit[sglang]'` on a GPU machine, or use the embedded engine "
-    "(megacredit.rollout.embedded.EmbeddedRolloutEngine) on CPU."
+    "with `pip install 'megacredit[sglang]'` on a GPU machine (see docs/engines.md), or use "
+    "rollout.engine=embedded (CPU) or rollout.engine=vllm."
 )
+FLATTENED = "flattened_bucket"
 
 
 def import_sglang() -> Any:
@@ -59,107 +81,207 @@ def import_sglang() -> Any:
     return sglang
 
 
-def to_sglang_sampling_params(params: SamplingParams) -> dict[str, Any]:
-    """SamplingParams -> SGLang's sampling_params dict (n is expanded by the caller)."""
+# ------------------------------------------------------------------------------ requests
+def sampling_params_dict(params: SamplingParams, seed: int | None = None) -> dict[str, Any]:
+    """One request's SGLang ``sampling_params`` (``n`` is expanded into rows by the caller)."""
     sampling: dict[str, Any] = {
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "top_k": params.top_k,
-        "max_new_tokens": params.max_new_tokens,
+        "temperature": float(params.temperature),
+        "top_p": float(params.top_p),
+        "top_k": int(params.top_k),
+        "max_new_tokens": int(params.max_new_tokens),
     }
     if params.stop_token_ids is not None:
         if params.stop_token_ids:
             sampling["stop_token_ids"] = list(params.stop_token_ids)
         else:
             sampling["ignore_eos"] = True
-    if params.seed is not None:
-        sampling["sampling_seed"] = params.seed
+    if seed is not None:
+        sampling["sampling_seed"] = int(seed)
     return sampling
 
 
-def from_sglang_output(
-    result: dict[str, Any], prompt_index: int, prompt_ids: list[int]
-) -> RolloutOutput:
-    """One SGLang generate() result dict -> RolloutOutput."""
-    meta = result["meta_info"]
-    finish = meta["finish_reason"]["type"]
-    if finish not in ("stop", "length"):
-        raise RuntimeError(f"SGLang request {prompt_index} ended with finish_reason={finish!r}")
-    triples = meta["output_token_logprobs"]
-    return RolloutOutput(
-        prompt_index=prompt_index,
-        prompt_ids=list(prompt_ids),
-        token_ids=[int(t[1]) for t in triples],
-        logprobs=[float(t[0]) for t in triples],
-        finish_reason=finish,
-    )
+def generate_request(prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> dict[str, Any]:
+    """The body of one batched ``/generate`` call (also ``Engine.generate``'s keyword
+    arguments): ``params.n`` rows per prompt, prompt by prompt, one seed per row."""
+    input_ids, sampling = [], []
+    for i, prompt in enumerate(prompt_token_ids):
+        for j in range(params.n):
+            row = (params.seed_offset + i) * params.n + j  # this sample's index in the whole batch
+            input_ids.append([int(t) for t in prompt])
+            sampling.append(sampling_params_dict(params, None if params.seed is None else request_seed(params.seed, row)))
+    return {"input_ids": input_ids, "sampling_params": sampling, "return_logprob": True}
+
+
+def parse_generate_results(
+    results: Sequence[dict[str, Any]], prompt_token_ids: Sequence[Sequence[int]], n: int
+) -> list[RolloutOutput]:
+    """SGLang's batched results (one dict per row, in request order) -> RolloutOutputs."""
+    if len(results) != len(prompt_token_ids) * n:
+        raise RuntimeError(f"SGLang returned {len(results)} results for {len(prompt_token_ids) * n} requests")
+    outputs = []
+    for row, result in enumerate(results):
+        prompt_index = row // n
+        meta = result["meta_info"]
+        finish = (meta.get("finish_reason") or {}).get("type")
+        if finish not in ("stop", "length"):
+            raise RuntimeError(
+                f"SGLang request {row} (prompt {prompt_index}) ended with finish_reason="
+                f"{meta.get('finish_reason')!r}; was generation paused or aborted during a weight update?"
+            )
+        triples = meta["output_token_logprobs"]
+        token_ids = [int(t[1]) for t in triples]
+        if "output_ids" in result and list(result["output_ids"]) != token_ids:
+            raise RuntimeError(f"SGLang request {row}: output_ids disagree with output_token_logprobs")
+        outputs.append(RolloutOutput(
+            prompt_index=prompt_index, prompt_ids=[int(t) for t in prompt_token_ids[prompt_index]],
+            token_ids=token_ids, logprobs=[float(t[0]) for t in triples], finish_reason=finish,
+        ))
+    return outputs
+
+
+def score_request(sequences: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Body of a scoring call: prompt log-probs from position 0, nothing generated, T = 1."""
+    if not sequences or any(len(s) < 2 for s in sequences):
+        raise ValueError("score_logprobs: give a non-empty list of sequences of >= 2 tokens")
+    return {
+        "input_ids": [[int(t) for t in s] for s in sequences],
+        "sampling_params": {"max_new_tokens": 0, "temperature": 1.0, "top_p": 1.0, "top_k": -1},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+    }
+
+
+def parse_score_results(results: Sequence[dict[str, Any]], sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+    """``input_token_logprobs`` of each sequence without its first entry (SGLang gives None
+    for the first token): log pi(s[t] | s[:t]) for t >= 1."""
+    scores = []
+    for index, (result, sequence) in enumerate(zip(results, sequences, strict=True)):
+        triples = result["meta_info"]["input_token_logprobs"]
+        if len(triples) != len(sequence) or [int(t[1]) for t in triples] != [int(t) for t in sequence]:
+            raise RuntimeError(
+                f"SGLang scored sequence {index} as {len(triples)} tokens that are not the "
+                f"{len(sequence)} it was given (logprob_start_len=0 not honoured?)"
+            )
+        scores.append([float(t[0]) for t in triples[1:]])
+    return scores
+
+
+# --------------------------------------------------------------------------- weight sync
+def _sglang_flat_metadata_class() -> Any:
+    try:
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata  # noqa: PLC0415
+    except ImportError:  # older SGLang kept it in the model runner
+        from sglang.srt.model_executor.model_runner import FlattenedTensorMetadata  # noqa: PLC0415
+    return FlattenedTensorMetadata
+
+
+def _patch_torch_reductions() -> None:
+    """SGLang's fix of CUDA-IPC device indices across processes (no-op where absent)."""
+    try:
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions  # noqa: PLC0415
+    except ImportError:
+        try:
+            from sglang.srt.patch_torch import monkey_patch_torch_reductions  # noqa: PLC0415
+        except ImportError:
+            return
+    monkey_patch_torch_reductions()
+
+
+def flattened_payloads(named_tensors: Sequence[NamedTensor], tp_size: int) -> tuple[list[Any], Any]:
+    """``update_weights_from_tensor`` arguments of one same-dtype bucket in SGLang's
+    ``flattened_bucket`` format: one serialized ``{"flattened_tensor", "metadata"}`` per TP
+    rank, and the flat tensor (keep it alive until the call returned)."""
+    from sglang.srt.utils import MultiprocessingSerializer  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    _patch_torch_reductions()
+    metadata_class = _sglang_flat_metadata_class()
+    flat, metadata = flatten_tensors(named_tensors)
+    if flat.device.type == "cpu" and torch.cuda.is_available():
+        flat = flat.cuda()  # a CUDA-IPC handle, not a host copy through shared memory
+    data = {"flattened_tensor": flat, "metadata": [metadata_class(**asdict(meta)) for meta in metadata]}
+    payload = MultiprocessingSerializer.serialize(data, output_str=True)
+    return [payload] * tp_size, flat
+
+
+def check_answer(answer: Any, what: str, copied: int) -> None:
+    """Raise ``WeightSyncError`` on SGLang's ``(False, message)`` / ``{"success": false}``."""
+    success, message = True, ""
+    if isinstance(answer, dict):
+        success, message = bool(answer.get("success", True)), str(answer.get("message", ""))
+    elif isinstance(answer, (tuple, list)) and answer and isinstance(answer[0], bool):
+        success, message = answer[0], str(answer[1]) if len(answer) > 1 else ""
+    elif hasattr(answer, "success"):
+        success, message = bool(answer.success), str(getattr(answer, "message", ""))
+    if not success:
+        raise WeightSyncError(
+            f"SGLang {what} failed: {message or answer!r}; {copied} tensors of this update were "
+            f"already sent, so the engine may hold a mix of old and new weights: sync again"
+        )
+
+
+def _ipc_collect() -> None:
+    import torch  # noqa: PLC0415
+
+    if torch.cuda.is_available():
+        torch.cuda.ipc_collect()
 
 
 class SGLangRolloutEngine(RolloutEngine):
-    """SGLang offline engine behind the RolloutEngine interface. UNVERIFIED (no GPU here)."""
+    """A colocated ``sglang.Engine`` (same node, same GPUs as the trainer). UNVERIFIED (no GPU
+    here). Weights arrive by CUDA IPC through ``update_weights_from_tensor``; export them on
+    the GPU (``iter_hf_weight_buckets(..., device="cuda")``) so no host copy is made."""
 
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        max_bucket_bytes: int = 512 * 1024**2,
-        **server_args: Any,
-    ) -> None:
-        """model_path: HF folder; server_args: any sglang ServerArgs (tp_size, dtype, ...);
-        max_bucket_bytes: size of each update_weights_from_tensor call."""
+    def __init__(self, model_path: str | Path, *, tp_size: int = 1, flatten: bool = True,
+                 memory_saver: bool = True, **server_args: Any) -> None:
+        """model_path: HF folder the engine starts from (its names and shapes are what weight
+        updates are checked against); tp_size: the engine's tensor parallelism; flatten: send
+        each same-dtype bucket as one flat tensor (SGLang's ``flattened_bucket``) instead of
+        one IPC handle per tensor; memory_saver: ``enable_memory_saver`` (needed by sleep /
+        wake, i.e. ``release_memory_occupation``; an ``enable_memory_saver`` in server_args
+        wins); server_args: any other ``ServerArgs``."""
         sglang = import_sglang()
-        self.max_bucket_bytes = max_bucket_bytes
-        self.engine = sglang.Engine(model_path=str(model_path), **server_args)
+        os.environ.setdefault("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
+        self.model_path, self.tp_size, self.flatten = Path(model_path), int(tp_size), flatten
+        self._manifest: WeightManifest | None = None
+        self._closed = False
+        server_args.setdefault("enable_memory_saver", memory_saver)
+        self.engine = sglang.Engine(model_path=str(model_path), tp_size=self.tp_size, **server_args)
 
-    def generate(
-        self, prompt_token_ids: list[list[int]], params: SamplingParams,
-        *, progress: Callable[[int], None] | None = None,
-    ) -> list[RolloutOutput]:
-        rows = [(i, list(p)) for i, p in enumerate(prompt_token_ids) for _ in range(params.n)]
-        results = self.engine.generate(
-            input_ids=[prompt for _, prompt in rows],
-            sampling_params=to_sglang_sampling_params(params),
-            return_logprob=True,
-        )
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams,
+                 *, progress: Callable[[int], None] | None = None) -> list[RolloutOutput]:
+        results = self.engine.generate(**generate_request(prompt_token_ids, params))
+        outputs = parse_generate_results(results, prompt_token_ids, params.n)
         if progress is not None:
-            progress(len(rows))
-        return [from_sglang_output(r, i, p) for r, (i, p) in zip(results, rows)]
+            progress(len(outputs))
+        return outputs
 
     def score_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        """Prompt log-probs of each sequence (``return_logprob`` from position 0, one token
-        generated and ignored); SGLang reports None for the first token, dropped here."""
-        results = self.engine.generate(
-            input_ids=[list(s) for s in sequences], sampling_params={"max_new_tokens": 1},
-            return_logprob=True, logprob_start_len=0,
-        )
-        return [[float(t[0]) for t in r["meta_info"]["input_token_logprobs"][1:]] for r in results]
+        return parse_score_results(self.engine.generate(**score_request(sequences)), sequences)
+
+    def weight_manifest(self) -> WeightManifest:
+        if self._manifest is None:
+            self._manifest = checkpoint_manifest(self.model_path)
+        return self._manifest
 
     def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:
-        """Send HF-named tensors in buckets; the KV cache is flushed once, after the last."""
-        report = WeightLoadReport()
-        pending: list[NamedTensor] | None = None
-        for bucket in rebucket(named_tensors, self.max_bucket_bytes):
-            if pending is not None:
-                self._send(pending, flush_cache=False)
-            pending = bucket
-            report.num_tensors += len(bucket)
-            report.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        if pending is not None:
-            self._send(pending, flush_cache=True)
-        return report
+        """One ``update_weights_from_tensor`` call per dtype in the bucket (cache kept: the
+        update's last step, ``finish_weight_update``, flushes it once)."""
+        pairs = list(named_tensors)
+        for group in split_by_dtype(pairs):
+            if self.flatten:
+                payloads, flat = flattened_payloads(group, self.tp_size)
+                answer = self.engine.update_weights_from_tensor(payloads, load_format=FLATTENED, flush_cache=False)
+                del payloads, flat
+            else:
+                answer = self.engine.update_weights_from_tensor(group, flush_cache=False)
+            check_answer(answer, "update_weights_from_tensor", len(pairs))
+            _ipc_collect()
+        return WeightLoadReport(num_tensors=len(pairs), num_bytes=bucket_bytes(pairs))
 
-    def _send(self, bucket: list[NamedTensor], flush_cache: bool) -> None:
-        answer = self.engine.update_weights_from_tensor(bucket, flush_cache=flush_cache)
-        if isinstance(answer, tuple) and answer and answer[0] is False:
-            raise RuntimeError(f"SGLang update_weights_from_tensor failed: {answer}")
-
-    def init_weights_update_group(self, **kwargs: Any) -> Any:
-        """Pass-through to ``Engine.init_weights_update_group`` (NCCL path)."""
-        return self.engine.init_weights_update_group(**kwargs)
-
-    def update_weights_from_distributed(self, **kwargs: Any) -> Any:
-        """Pass-through to ``Engine.update_weights_from_distributed`` (NCCL path)."""
-        return self.engine.update_weights_from_distributed(**kwargs)
+    def finish_weight_update(self) -> None:
+        check_answer(self.engine.flush_cache(), "flush_cache", 0)
 
     def sleep(self) -> None:
         self.engine.release_memory_occupation()
@@ -168,4 +290,6 @@ class SGLangRolloutEngine(RolloutEngine):
         self.engine.resume_memory_occupation()
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        if not self._closed:
+            self._closed = True
+            self.engine.shutdown()

@@ -120,7 +120,8 @@ class SyncMeter:
         self.start()
         try:
             for bucket in buckets:
-                self.add_bytes(bucket_bytes(bucket))
+                tensors = bucket.values() if isinstance(bucket, Mapping) else (t for _, t in bucket)
+                self.add_bytes(sum(t.numel() * t.element_size() for t in tensors))
                 yield bucket
                 del bucket
         finally:
@@ -128,9 +129,3 @@ class SyncMeter:
 
     def metrics(self) -> dict[str, float]:
         return sync_metrics(self.num_bytes, self.seconds, self.tracker.peak)
-
-
-def bucket_bytes(bucket: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]) -> int:
-    """numel * element size summed over a bucket (pairs or a name -> tensor mapping)."""
-    tensors = bucket.values() if isinstance(bucket, Mapping) else (t for _, t in bucket)
-    return sum(t.numel() * t.element_size() for t in tensors)

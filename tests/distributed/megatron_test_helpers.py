@@ -96,3 +96,37 @@ def probe_logits(chunks, tokens: torch.Tensor) -> torch.Tensor:
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
     return holder[0]
+
+
+def perturbed_hf_model(family: str, seed: int, num_layers: int = 4, **options):
+    """A random tiny HF model (vocab 101: TP=2 pads it) with every parameter perturbed, so norms
+    are not 1 and biases not 0 (a layout bug cannot hide behind a trivial init)."""
+    from transformers import AutoModelForCausalLM
+
+    from megacredit.models.tiny import tiny_config
+
+    config = tiny_config(family, vocab_size=101, num_hidden_layers=num_layers, **options)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def each_loaded_model(layouts: dict, hf_dirs: dict):
+    """For each (TP, PP) layout in turn (Megatron re-initialised) and each saved HF model: yield
+    ``(layout, model_key, ctx, hf_config, model)`` with the HF weights loaded. Run in ranks."""
+    from transformers import AutoConfig
+
+    from megacredit.megatron.bridge import load_hf_weights
+    from megacredit.megatron.distributed import initialize
+    from megacredit.megatron.model_provider import build_gpt_model
+
+    for layout, (tp, pp) in layouts.items():
+        ctx = initialize(tp, pp, seed=1)
+        for model_key, hf_dir in hf_dirs.items():
+            hf_config = AutoConfig.from_pretrained(hf_dir)
+            model = build_gpt_model(hf_config, ctx)
+            load_hf_weights([model], hf_dir, hf_config, ctx)
+            yield layout, model_key, ctx, hf_config, model

@@ -22,8 +22,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from megacredit.models.tiny import tiny_config
 from megacredit.testing import run_distributed
+from megatron_test_helpers import each_loaded_model, perturbed_hf_model
 
 pytestmark = pytest.mark.distributed
 
@@ -52,38 +52,24 @@ def _input_ids(vocab_size: int) -> torch.Tensor:
 
 def _random_hf_model(model_key: str):
     options = dict(MODELS[model_key])
-    config = tiny_config(options.pop("family"), vocab_size=101, num_hidden_layers=4, **options)
-    torch.manual_seed(sum(map(ord, model_key)))
-    model = AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))  # norms != 1, biases != 0
-    return model
+    return perturbed_hf_model(options.pop("family"), sum(map(ord, model_key)), num_layers=4, **options)
 
 
 def _run_all_layouts(rank, world_size, hf_dirs, save_root):
-    from transformers import AutoConfig
-
-    from megacredit.megatron.bridge import iter_hf_weight_buckets, load_hf_weights, save_hf_pretrained
-    from megacredit.megatron.distributed import initialize
-    from megacredit.megatron.model_provider import build_gpt_model, pipeline_forward_logits
+    from megacredit.megatron.bridge import iter_hf_weight_buckets, save_hf_pretrained
+    from megacredit.megatron.model_provider import pipeline_forward_logits
 
     results = {}
-    for layout, (tp, pp) in LAYOUTS.items():
-        ctx = initialize(tp, pp, seed=1)
-        for model_key, hf_dir in hf_dirs.items():
-            hf_config = AutoConfig.from_pretrained(hf_dir)
-            model = build_gpt_model(hf_config, ctx)
-            load_hf_weights([model], hf_dir, hf_config, ctx)
-            logits = pipeline_forward_logits([model], _input_ids(hf_config.vocab_size))
-            buckets = list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES))
-            everywhere = list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES, receivers="all"))
-            out_dir = f"{save_root}/{layout}_{model_key}"
-            save_hf_pretrained([model], hf_config, ctx, out_dir, tokenizer_dir=hf_dir, max_shard_bytes=SHARD_BYTES)
-            results[layout, model_key] = dict(
-                logits=logits, buckets=buckets, everywhere=everywhere, saved=out_dir,
-                padded_vocab=model.vocab_size,
-            )
+    for layout, model_key, ctx, hf_config, model in each_loaded_model(LAYOUTS, hf_dirs):
+        logits = pipeline_forward_logits([model], _input_ids(hf_config.vocab_size))
+        buckets = list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES))
+        everywhere = list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES, receivers="all"))
+        out_dir = f"{save_root}/{layout}_{model_key}"
+        save_hf_pretrained([model], hf_config, ctx, out_dir, tokenizer_dir=hf_dirs[model_key], max_shard_bytes=SHARD_BYTES)
+        results[layout, model_key] = dict(
+            logits=logits, buckets=buckets, everywhere=everywhere, saved=out_dir,
+            padded_vocab=model.vocab_size,
+        )
     return results
 
 

@@ -38,14 +38,14 @@ def test_adapters_say_they_are_unverified():
 def test_sampling_params_translation():
     params = SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=64,
                             stop_token_ids=(2, 7), seed=5, n=4)
-    assert sglang_adapter.to_sglang_sampling_params(params) == {
+    assert sglang_adapter.sampling_params_dict(params, seed=5) == {
         "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 64,
         "stop_token_ids": [2, 7], "sampling_seed": 5}
     assert vllm_adapter.to_vllm_sampling_kwargs(params) == {
         "n": 4, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 64,
         "seed": 5, "logprobs": 0, "stop_token_ids": [2, 7]}
     never_stop = SamplingParams(stop_token_ids=())
-    assert sglang_adapter.to_sglang_sampling_params(never_stop)["ignore_eos"] is True
+    assert sglang_adapter.sampling_params_dict(never_stop)["ignore_eos"] is True
     assert vllm_adapter.to_vllm_sampling_kwargs(never_stop)["ignore_eos"] is True
 
 
@@ -53,12 +53,12 @@ def test_sglang_output_parsing():
     result = {"text": "ab", "meta_info": {
         "finish_reason": {"type": "stop"},
         "output_token_logprobs": [(-0.5, 11, "a"), (-1.25, 2, None)]}}
-    out = sglang_adapter.from_sglang_output(result, prompt_index=3, prompt_ids=[1, 2])
+    out, = sglang_adapter.parse_generate_results([result], [[1, 2]], n=1)
     assert (out.prompt_index, out.prompt_ids, out.token_ids, out.logprobs, out.finish_reason) \
-        == (3, [1, 2], [11, 2], [-0.5, -1.25], "stop")
+        == (0, [1, 2], [11, 2], [-0.5, -1.25], "stop")
     result["meta_info"]["finish_reason"] = {"type": "abort"}
     with pytest.raises(RuntimeError, match="abort"):
-        sglang_adapter.from_sglang_output(result, 0, [1])
+        sglang_adapter.parse_generate_results([result], [[1]], n=1)
 
 
 def test_vllm_output_parsing():

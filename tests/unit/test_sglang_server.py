@@ -1,0 +1,196 @@
+"""Remote SGLang engine over HTTP, against real local HTTP servers that record the requests and
+receive weights over a real torch.distributed group (gloo here; NCCL on GPUs) the way SGLang's
+ModelRunner does (tests/unit/sglang_fake_server.py). SGLang itself cannot run here (no GPU):
+these tests check megacredit's side of the protocol, not SGLang."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megacredit.rollout.base import SamplingParams, WeightSyncError, manifest_of
+from megacredit.rollout.http_json import EngineHTTPError, normalize_url
+from megacredit.rollout.sglang_server import SGLangServerEngine
+from megacredit.rollout.weight_group import free_port
+from sglang_fake_server import reset_server, running_server, server_state
+
+PROMPTS = [[5, 6, 7], [8, 9], [10], [11, 12, 13, 14], [1, 2]]
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    """Three fake SGLang server processes shared by the module (each starts in seconds)."""
+    with running_server() as one, running_server() as two, running_server() as three:
+        yield one, two, three
+
+
+@pytest.fixture
+def servers(fleet):
+    """The fleet with its recordings cleared and the default config."""
+    return tuple(reset_server(url) for url in fleet)
+
+
+def test_normalize_url_accepts_host_port_and_names_the_field():
+    assert normalize_url("node3:30000") == "http://node3:30000"
+    assert normalize_url("https://a.b:443/") == "https://a.b:443"
+    with pytest.raises(ValueError, match="rollout.urls"):
+        normalize_url("node3")
+    with pytest.raises(ValueError, match="rollout.router_url"):
+        normalize_url("ftp://x:1", "rollout.router_url")
+
+
+def _tokens(outputs):
+    return [(o.prompt_index, o.prompt_ids, o.token_ids, o.logprobs, o.finish_reason) for o in outputs]
+
+
+def test_generation_split_over_workers_equals_one_worker(servers):
+    params = SamplingParams(temperature=0.7, max_new_tokens=3, n=2, seed=11)
+    one, a, b = servers
+    single = SGLangServerEngine([one]).generate(PROMPTS, params)
+    split = SGLangServerEngine([a, b]).generate(PROMPTS, params)
+    requests_a, requests_b = server_state(a)["requests"], server_state(b)["requests"]
+    assert _tokens(split) == _tokens(single)
+    assert [o.prompt_index for o in split] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    (method, path, body_a), = requests_a
+    assert (method, path) == ("POST", "/generate") and body_a["return_logprob"] is True
+    assert body_a["input_ids"] == [p for p in PROMPTS[:3] for _ in range(2)]
+    assert requests_b[0][2]["input_ids"] == [p for p in PROMPTS[3:] for _ in range(2)]
+    seeds = [s["sampling_seed"] for s in body_a["sampling_params"] + requests_b[0][2]["sampling_params"]]
+    assert len(set(seeds)) == len(seeds)  # every sample of every prompt has its own seed
+    assert body_a["sampling_params"][0] == {"temperature": 0.7, "top_p": 1.0, "top_k": -1,
+                                            "max_new_tokens": 3, "sampling_seed": 11}
+
+
+def test_router_gets_the_generation_and_lists_the_workers(servers):
+    worker, router, empty_router = servers
+    reset_server(router, workers=[worker])
+    engine = SGLangServerEngine(router_url=router)
+    assert engine.workers == [worker]
+    engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=2))
+    engine.sleep()
+    engine.wake()
+    assert [r[1] for r in server_state(router)["requests"]] == ["/workers", "/generate"]
+    assert [r[1] for r in server_state(worker)["requests"]] == ["/release_memory_occupation",
+                                                                "/resume_memory_occupation"]
+    with pytest.raises(ValueError, match="lists no workers"):
+        SGLangServerEngine(router_url=empty_router)
+
+
+def test_score_logprobs_drops_the_first_token(servers):
+    url = servers[0]
+    scores = SGLangServerEngine([url]).score_logprobs([[3, 8, 15], [4, 9]])
+    (_, _, body), = server_state(url)["requests"]
+    assert scores == [[-((8 % 7) + 1) / 10, -((15 % 7) + 1) / 10], [-((9 % 7) + 1) / 10]]
+    assert body["logprob_start_len"] == 0 and body["sampling_params"]["max_new_tokens"] == 0
+    assert body["sampling_params"]["temperature"] == 1.0
+
+
+def _weights():
+    generator = torch.Generator().manual_seed(0)
+    return [
+        ("model.embed_tokens.weight", torch.randn(7, 4, generator=generator)),
+        ("model.layers.0.self_attn.q_proj.weight", torch.randn(4, 4, generator=generator)),
+        ("model.norm.weight", torch.randn(4, generator=generator).to(torch.bfloat16)),
+        ("lm_head.weight", torch.randn(7, 4, generator=generator)),
+    ]
+
+
+def _assert_received(received, pairs):
+    assert set(received) == {name for name, _ in pairs}
+    for name, tensor in pairs:
+        got = received[name]
+        assert got["dtype"] == str(tensor.dtype) and got["shape"] == list(tensor.shape), name
+        assert torch.equal(torch.tensor(got["values"]), tensor.float().flatten()), name
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_distributed_update_request_sequence_and_exact_tensors(servers, flatten):
+    pairs = _weights()
+    buckets = [pairs[:2], pairs[2:]]  # the second bucket mixes bf16 and fp32: two requests
+    a, b, _ = servers
+    engine = SGLangServerEngine([a, b], flatten=flatten)
+    engine.connect_weight_sync("127.0.0.1", free_port(), group_name="megacredit_pp0", backend="gloo")
+    report = engine.update_weights_from_buckets(iter(buckets), manifest_of(pairs))
+    engine.shutdown()
+    states = [server_state(a), server_state(b)]
+    assert report.num_tensors == 4
+    for offset, state in enumerate(states, start=1):
+        paths = [path for _, path, _ in state["requests"]]
+        assert paths == ["/get_server_info", "/init_weights_update_group", "/pause_generation",
+                         "/update_weights_from_distributed", "/update_weights_from_distributed",
+                         "/update_weights_from_distributed", "/flush_cache", "/continue_generation",
+                         "/destroy_weights_update_group"]
+        init = state["requests"][1][2]
+        assert (init["rank_offset"], init["world_size"], init["group_name"]) == (offset, 3, "megacredit_pp0")
+        assert state["requests"][2][2] == {"mode": "abort"}
+        updates = [body for _, path, body in state["requests"] if path == "/update_weights_from_distributed"]
+        assert [u["names"] for u in updates] == [[n for n, _ in pairs[:2]], ["model.norm.weight"], ["lm_head.weight"]]
+        assert updates[1]["dtypes"] == ["bfloat16"] and updates[0]["shapes"] == [[7, 4], [4, 4]]
+        assert all(u["flush_cache"] is False for u in updates)
+        assert all((u.get("load_format") == "flattened_bucket") == flatten for u in updates)
+        _assert_received(state["received"], pairs)
+
+
+def test_a_bad_name_is_refused_before_any_weight_moves(servers, tmp_path):
+    from safetensors.torch import save_file
+
+    pairs = _weights()
+    save_file({n: t.contiguous() for n, t in pairs}, str(tmp_path / "model.safetensors"))
+    bad = pairs[:3] + [("lm_head.weights", pairs[3][1])]
+    url = servers[0]
+    engine = SGLangServerEngine([url], model_path=tmp_path)
+    engine.connect_weight_sync("127.0.0.1", free_port(), backend="gloo")
+    with pytest.raises(KeyError, match="did you mean 'lm_head.weight'"):
+        engine.update_weights_from_buckets([bad], manifest_of(bad))
+    with pytest.raises(ValueError, match="has shape"):
+        wrong = pairs[:3] + [("lm_head.weight", pairs[3][1][:-1])]
+        engine.update_weights_from_buckets([wrong], manifest_of(wrong))
+    engine.update_weights_from_buckets([pairs], manifest_of(pairs))  # a correct one still goes through
+    engine.shutdown()
+    state = server_state(url)
+    # the refused updates sent nothing at all (not even a pause); the good one went through
+    assert [path for _, path, _ in state["requests"]] == [
+        "/get_server_info", "/init_weights_update_group", "/pause_generation",
+        "/update_weights_from_distributed", "/update_weights_from_distributed", "/flush_cache",
+        "/continue_generation", "/destroy_weights_update_group"]
+    updates = [body for _, path, body in state["requests"] if path == "/update_weights_from_distributed"]
+    assert [u["names"] for u in updates] == [[n for n, _ in pairs if n != "model.norm.weight"],
+                                              ["model.norm.weight"]]
+
+
+def test_an_engine_side_failure_raises_a_sync_error_and_resumes_generation(servers):
+    pairs = _weights()
+    url = reset_server(servers[0], reject_names=["lm_head.weight"])
+    engine = SGLangServerEngine([url])
+    engine.connect_weight_sync("127.0.0.1", free_port(), backend="gloo")
+    with pytest.raises(WeightSyncError, match="unknown parameter lm_head.weight"):
+        engine.update_weights_from_buckets([pairs], manifest_of(pairs))
+    engine.shutdown()
+    paths = [path for _, path, _ in server_state(url)["requests"]]
+    assert paths[-2:] == ["/continue_generation", "/destroy_weights_update_group"]
+    assert "/flush_cache" not in paths
+
+
+def test_flush_cache_waits_for_busy_workers_and_load_weights_needs_a_group(servers):
+    url = reset_server(servers[0], flush_busy=2)
+    engine = SGLangServerEngine([url])
+    engine.flush_cache(wait_seconds=30)
+    assert [p for _, p, _ in server_state(url)["requests"]] == ["/flush_cache"] * 3
+    with pytest.raises(RuntimeError, match="no broadcast group"):
+        engine.load_weights(_weights())
+    with pytest.raises(EngineHTTPError, match="HTTP 404"):
+        engine.client.post(url, "/no_such_endpoint", {})
+
+
+def test_the_first_update_connects_the_group_by_itself(servers):
+    pairs = _weights()
+    url = servers[0]
+    engine = SGLangServerEngine([url], sync_backend="gloo")
+    engine.update_weights_from_buckets([pairs], manifest_of(pairs))
+    engine.update_weights_from_buckets([pairs], manifest_of(pairs))  # connected once, reused
+    engine.shutdown()
+    requests = server_state(url)["requests"]
+    inits = [body for _, path, body in requests if path == "/init_weights_update_group"]
+    assert len(inits) == 1 and inits[0]["master_address"] == "127.0.0.1"  # the route to 127.0.0.1
+    assert inits[0]["group_name"] == "megacredit_pp0" and inits[0]["backend"] == "gloo"
+    _assert_received(server_state(url)["received"], pairs)
