@@ -71,8 +71,10 @@ class VocabHead:
         return self.model.output_layer.weight
 
     def __call__(self, hidden: torch.Tensor, *, k: int | None = None, gather_ids: torch.Tensor | None = None,
-                 sampled_ids: torch.Tensor | None = None) -> TopKLogprobs:
-        weight = self.weight()
+                 sampled_ids: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> TopKLogprobs:
+        """Top-K / log-probs of the output layer at ``hidden``; ``weight`` replaces this rank's
+        output-layer shard (e.g. the teacher's copy of it)."""
+        weight = self.weight() if weight is None else weight
         return chunked_topk_logprobs_from_hidden(
             hidden.to(weight.dtype), weight, k=k, gather_ids=gather_ids, sampled_ids=sampled_ids,
             chunk_size=self.chunk_size, group=self.group, vocab_start=self.tp_rank * weight.shape[0],
