@@ -210,32 +210,41 @@ class MegatronActor:
             result.hidden = result.contrastive_hidden = result.head_weight = None
 
     def _collect_teacher(self, hidden, micro_batch: PackedMicroBatch, student) -> dict[int, TeacherResult]:
-        rows = torch.split(hidden, micro_batch.response_lengths)
-        targets = torch.split(micro_batch.target_ids.to(hidden.device), micro_batch.response_lengths)
-        by_key = {key: (row, target) for key, row, target in zip(micro_batch.keys, rows, targets)}
-        results: dict[int, TeacherResult] = {}
-        for key in micro_batch.keys:
-            if key[0] != "t":
-                continue
-            index = key[1]
-            row, target = by_key[key]
-            if student is None:
-                out = self.head(row, k=self.settings.top_k, sampled_ids=target)
-                set_ids, set_logp = out.topk_ids, out.topk_logprobs
-            else:
-                set_ids = student[index].topk_ids.to(row.device)
-                out = self.head(row, gather_ids=set_ids, sampled_ids=target)
-                set_logp = out.gathered_logprobs
-            contrastive = [by_key[c] for c in micro_batch.keys if c[0] == "c" and c[1] == index]
-            c_outs = [self.head(c_row, gather_ids=set_ids, sampled_ids=c_target) for c_row, c_target in contrastive]
-            empty_k = set_logp.new_zeros((0, *set_logp.shape))
-            results[index] = TeacherResult(
-                set_ids=set_ids, topk_logp=set_logp, sampled_logp=out.sampled_logprobs,
-                contrastive_topk_logp=torch.stack([o.gathered_logprobs for o in c_outs]) if c_outs else empty_k,
-                contrastive_sampled_logp=(torch.stack([o.sampled_logprobs for o in c_outs]) if c_outs
-                                          else out.sampled_logprobs.new_zeros((0, len(target)))),
-            )
-        return results
+        """Teacher results of a micro-batch: one head call for all teacher rows (their top-K, or
+        log-probs on the student's set) and one for all contrastive rows (on their sample's set)."""
+        rows = split_per_sequence(hidden, micro_batch)
+        targets = split_per_sequence(micro_batch.target_ids.to(hidden.device), micro_batch)
+        teachers = [key for key in micro_batch.keys if key[0] == "t"]
+        contrastive = {key[1]: [c for c in micro_batch.keys if c[0] == "c" and c[1] == key[1]] for key in teachers}
+        teacher_hidden = torch.cat([rows[key] for key in teachers])
+        teacher_targets = torch.cat([targets[key] for key in teachers])
+        if student is None:
+            out = self.head(teacher_hidden, k=self.settings.top_k, sampled_ids=teacher_targets)
+            all_set_ids, all_set_logp = out.topk_ids, out.topk_logprobs
+        else:
+            all_set_ids = torch.cat([student[key[1]].topk_ids for key in teachers]).to(hidden.device)
+            out = self.head(teacher_hidden, gather_ids=all_set_ids, sampled_ids=teacher_targets)
+            all_set_logp = out.gathered_logprobs
+        lengths = [len(rows[key]) for key in teachers]
+        set_ids = dict(zip(teachers, torch.split(all_set_ids, lengths)))
+        set_logp = dict(zip(teachers, torch.split(all_set_logp, lengths)))
+        sampled = dict(zip(teachers, torch.split(out.sampled_logprobs, lengths)))
+        c_keys = [c for key in teachers for c in contrastive[key[1]]]
+        c_gathered, c_sampled = {}, {}
+        if c_keys:
+            c_out = self.head(torch.cat([rows[c] for c in c_keys]),
+                              gather_ids=torch.cat([set_ids[("t", c[1])] for c in c_keys]),
+                              sampled_ids=torch.cat([targets[c] for c in c_keys]))
+            c_lengths = [len(rows[c]) for c in c_keys]
+            c_gathered = dict(zip(c_keys, torch.split(c_out.gathered_logprobs, c_lengths)))
+            c_sampled = dict(zip(c_keys, torch.split(c_out.sampled_logprobs, c_lengths)))
+        return {
+            key[1]: TeacherResult(
+                set_ids=set_ids[key], topk_logp=set_logp[key], sampled_logp=sampled[key],
+                contrastive_topk_logp=_stack([c_gathered[c] for c in contrastive[key[1]]], set_logp[key]),
+                contrastive_sampled_logp=_stack([c_sampled[c] for c in contrastive[key[1]]], sampled[key]))
+            for key in teachers
+        }
 
     # ----------------------------------------------------------------------------- training
     def train_mini_batch(self, mini_batch: Sequence[int], samples: dict[int, SampleSequences],
