@@ -24,7 +24,7 @@ Saved for backward (besides references to the inputs): top-K ids [N, k], gather 
 [N, Kg(+1)] and the logsumexp [N] -- O(N * K), never O(N * V_local). Peak temporary memory is
 a few [chunk_size, V_local] compute-dtype tensors. ``tests/unit/test_topk_fused.py`` checks
 the saved bytes with ``torch.autograd.graph.saved_tensors_hooks``;
-``benchmarks/topk_memory.py`` measures the peak RSS.
+``benchmarks/topk_loss.py`` measures the peak RSS against a naive full-vocabulary path.
 
 Backward (per chunk, z = the chunk's masked logits, p = softmax(z) over the full vocabulary,
 rebuilt from the saved global logsumexp as p = exp(z - lse) -- no communication):
