@@ -75,6 +75,8 @@ def summarise(runs: dict[str, list[list[dict]]]) -> dict:
             "time_step": _common.spread([t for run in times for t in run]),
             "time_step_by_step_median": [statistics.median(col) for col in zip(*times)],
             "phases": {p: statistics.median([r.get(p, 0.0) for run in tree_runs for r in run]) for p in PHASES},
+            "phases_per_run": [{p: statistics.median([r.get(p, 0.0) for r in run]) for p in PHASES}
+                               for run in tree_runs],
             "loss_per_run": [[r.get("train/loss") for r in run] for run in tree_runs],
         }
     base, current = (summary["trees"][k]["time_step_per_run"] for k in ("baseline", "current"))
