@@ -55,11 +55,14 @@ def hidden_states_output(model_chunks: Sequence[torch.nn.Module]) -> Iterator[No
 class VocabHead:
     """The output projection of the last stage, applied through the chunked top-K toolkit."""
 
-    def __init__(self, model_chunks: Sequence[torch.nn.Module], chunk_size: int = 1024) -> None:
+    def __init__(self, model_chunks: Sequence[torch.nn.Module], chunk_size: int = 1024,
+                 keep_logits_max_bytes: int = 512 * 2**20) -> None:
         from megatron.core import parallel_state
 
         self.model = unwrap(model_chunks[-1])
         self.chunk_size = chunk_size
+        # Logits of a training call up to this size are kept for its backward, not recomputed.
+        self.keep_logits_max_bytes = keep_logits_max_bytes
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.group = parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -82,7 +85,7 @@ class VocabHead:
             # With sequence parallelism the hidden states were all-gathered (response_hidden), and
             # that gather's backward already reduce-scatters their gradient over the TP group.
             # UNVERIFIED here: gloo has no reduce-scatter, so SP runs only on GPUs.
-            all_reduce_grad_hidden=not self.sequence_parallel,
+            all_reduce_grad_hidden=not self.sequence_parallel, keep_logits_max_bytes=self.keep_logits_max_bytes,
         )
 
 
