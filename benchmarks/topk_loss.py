@@ -6,8 +6,9 @@ one call in the shape the trainer makes it (this pass's top-K, log-probs at K id
 elsewhere -- the teacher's set -- and at the sampled token, all with gradient), then the
 backward of a loss over all of them.
 
-* chunked: ``megacredit.algorithms.topk_fused.chunked_topk_logprobs_from_hidden`` (logits exist
-  for ``chunk_size`` rows at a time, the backward recomputes them);
+* chunked: ``megacredit.algorithms.topk_fused.chunked_topk_logprobs_from_hidden`` with the
+  trainer's chunking (``rows_per_chunk``: one [chunk, V/TP] fp32 tensor within 128 MiB, so
+  220 rows at TP 1 and 441 at TP 2; the backward recomputes the logits);
 * naive: the logits shard ``hidden @ weight_shard^T`` [T, V/TP] materialised in fp32 and
   handed to the unchunked vocab-parallel functions of ``megacredit.algorithms.topk`` (plain
   torch ops at TP 1, autograd through every op) -- what one writes without the toolkit.
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 
-VOCAB, HIDDEN, CHUNK_SIZE = 151936, 64, 1024
+VOCAB, HIDDEN = 151936, 64
 TOLERANCE = {"logprobs": 1e-4, "grad": 1e-4}
 """Max abs difference of log-probs; of gradients relative to the naive gradient's max abs."""
 
@@ -75,8 +76,18 @@ def _chunked(hidden, weight, gather_ids, sampled_ids, top_k, group, vocab_start)
     from megacredit.algorithms.topk_fused import chunked_topk_logprobs_from_hidden
 
     out = chunked_topk_logprobs_from_hidden(hidden, weight, k=top_k, gather_ids=gather_ids, sampled_ids=sampled_ids,
-                                            chunk_size=CHUNK_SIZE, group=group, vocab_start=vocab_start)
+                                            chunk_size=chunk_size_for(weight.shape[0]), group=group,
+                                            vocab_start=vocab_start)
     return out.topk_ids, out.topk_logprobs, out.gathered_logprobs, out.sampled_logprobs
+
+
+def chunk_size_for(vocab_local: int) -> int:
+    """The trainer's chunk rows for this shard (megacredit.megatron.rl_passes.VocabHead's rule)."""
+    import torch
+
+    from megacredit.algorithms.topk_fused import rows_per_chunk
+
+    return rows_per_chunk(vocab_local, torch.float32)
 
 
 def _naive(hidden, weight, gather_ids, sampled_ids, top_k, group, vocab_start):
@@ -159,7 +170,8 @@ def run_config(tokens: int, top_k: int, tp: int, repeats: int) -> dict:
     run_naive = available >= needed
     ranks = run_distributed(measure, world_size=tp, timeout=3600, tokens=tokens, top_k=top_k, repeats=repeats,
                             run_naive=run_naive)
-    config = {"tokens": tokens, "top_k": top_k, "tp": tp, "vocab": VOCAB, "hidden": HIDDEN, "chunk_size": CHUNK_SIZE}
+    config = {"tokens": tokens, "top_k": top_k, "tp": tp, "vocab": VOCAB, "hidden": HIDDEN,
+              "chunk_size": chunk_size_for(VOCAB // tp)}
     for name in ("chunked", "naive"):
         if name not in ranks[0]:
             config[name] = {"skipped": f"needs about {needed / 2**30:.1f} GiB free, {available / 2**30:.1f} GiB available"}

@@ -370,6 +370,19 @@ def _plan(k, chunk_size, group, vocab_start, vocab_size, vocab: int) -> ChunkPla
     return ChunkPlan(int(k or 0), int(chunk_size), group, int(vocab_start), vocab_size)
 
 
+DEFAULT_CHUNK_BYTES = 128 * 2**20
+"""Default size of one [chunk, V_local] compute-dtype logits tensor (see :func:`rows_per_chunk`)."""
+
+
+def rows_per_chunk(vocab_local: int, dtype: torch.dtype, max_rows: int = 1024,
+                   max_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk such that one [chunk, V_local] logits tensor in the compute dtype of
+    ``dtype`` stays within ``max_bytes`` (at most ``max_rows``, at least 16): the chunked paths'
+    peak is a few such tensors, whatever the vocabulary (151936 x fp32: 220 rows per 128 MiB)."""
+    itemsize = compute_dtype_for(dtype).itemsize
+    return max(16, min(int(max_rows), int(max_bytes) // max(1, int(vocab_local) * itemsize)))
+
+
 def chunked_topk_logprobs_from_hidden(
     hidden: torch.Tensor,
     weight_shard: torch.Tensor,

@@ -22,7 +22,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from megacredit.algorithms.topk_fused import TopKLogprobs, chunked_topk_logprobs_from_hidden
+from megacredit.algorithms.topk_fused import (
+    TopKLogprobs,
+    chunked_topk_logprobs_from_hidden,
+    rows_per_chunk,
+)
 from megacredit.megatron.packed_attention import packed_seq_params
 from megacredit.trainer.packing import PackedMicroBatch
 
@@ -80,7 +84,8 @@ class VocabHead:
         weight = self.weight() if weight is None else weight
         return chunked_topk_logprobs_from_hidden(
             hidden.to(weight.dtype), weight, k=k, gather_ids=gather_ids, sampled_ids=sampled_ids,
-            chunk_size=self.chunk_size, group=self.group, vocab_start=self.tp_rank * weight.shape[0],
+            chunk_size=rows_per_chunk(weight.shape[0], weight.dtype, max_rows=self.chunk_size),
+            group=self.group, vocab_start=self.tp_rank * weight.shape[0],
             vocab_size=self.model.megacredit_vocab_size,
             # With sequence parallelism the hidden states were all-gathered (response_hidden), and
             # that gather's backward already reduce-scatters their gradient over the TP group.

@@ -232,3 +232,13 @@ def test_kept_logits_give_the_same_values_and_gradients():
     for a, b in zip(grads_kept, grads_recomputed):
         assert torch.equal(a, b)
     assert saved_big - saved_small == 10 * 14 * 8  # the float64 [N, V_padded] logits
+
+
+def test_rows_per_chunk_bounds_one_logits_chunk():
+    from megacredit.algorithms.topk_fused import rows_per_chunk
+
+    assert rows_per_chunk(151936, torch.float32) == 220  # 220 x 151936 x 4 B <= 128 MiB < 221 rows
+    assert rows_per_chunk(151936, torch.bfloat16) == 220  # the chunk is up-cast to float32
+    assert rows_per_chunk(75968, torch.float32) == 441  # TP = 2 shard
+    assert rows_per_chunk(1000, torch.float32) == 1024  # small vocabularies: max_rows
+    assert rows_per_chunk(10**9, torch.float32) == 16  # never fewer than 16 rows
