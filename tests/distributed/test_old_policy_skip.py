@@ -24,22 +24,6 @@ CASES = {
 }
 
 
-def _samples(generator):
-    from megacredit.data.teacher_context import SampleSequences
-
-    samples = {}
-    for index in range(4):
-        response = torch.randint(3, VOCAB, (3 + index,), generator=generator).tolist()
-        prompt = torch.randint(3, VOCAB, (4,), generator=generator).tolist()
-        privileged = torch.randint(3, VOCAB, (3,), generator=generator).tolist()
-        other_prompt = torch.randint(3, VOCAB, (5,), generator=generator).tolist()
-        samples[index] = SampleSequences(
-            student_ids=prompt + response, teacher_ids=prompt + privileged + response,
-            contrastive_ids=[other_prompt + privileged + response], response_length=len(response),
-            has_teacher_signal=index != 3, sibling_index=None, teacher_x_span=(0, 4), teacher_privileged_span=(4, 7))
-    return samples
-
-
 def _run_case(name, overrides, skip_old_policy, policy_state, teacher_tensors):
     from megacredit.megatron.distributed import current_context
     from megacredit.trainer.builder import ModelSource, build_actor
@@ -47,6 +31,7 @@ def _run_case(name, overrides, skip_old_policy, policy_state, teacher_tensors):
     from megacredit.trainer.rl_step import RLRun, passes_and_update
     from megacredit.trainer.rollout import RolloutBatch
     from megacredit.models.tiny import tiny_config
+    from megatron_test_helpers import random_sample_sequences
 
     method = name.split("_student_set")[0]
     cfg = load_config(None, [
@@ -63,7 +48,8 @@ def _run_case(name, overrides, skip_old_policy, policy_state, teacher_tensors):
                          response_texts=[""] * 4, finish_reasons=["stop"] * 4, rewards=[1.0, 0.0, 0.0, 1.0],
                          feedbacks=[""] * 4)
     run = RLRun(cfg, current_context(), actor, None, None, None, hf_config)
-    passes = passes_and_update(run, 0, batch, _samples(torch.Generator().manual_seed(5)), skip_old_policy)
+    samples = random_sample_sequences(torch.Generator().manual_seed(5), VOCAB, without_signal=(3,))
+    passes = passes_and_update(run, 0, batch, samples, skip_old_policy)
     params = [p.detach().clone() for chunk in actor.model_chunks for p in chunk.parameters()]
     grads = [p.main_grad.detach().clone() for chunk in actor.model_chunks for p in chunk.parameters()]
     return {"passes": passes, "params": params, "grads": grads}
