@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: env system-deps demo test test-unit test-distributed test-integration replicate clean
+.PHONY: env system-deps demo test test-unit test-distributed test-integration replicate bench bench-quick bench-compare clean
 
 env: system-deps $(VENV)/.stamp
 
@@ -59,6 +59,22 @@ test-distributed: env
 
 test-integration: env
 	$(PY) -m pytest -q tests/integration
+
+# Benchmarks (benchmarks/README.md): results in benchmarks/results/*.json and the README tables.
+# make bench: about 30 min on 2 cores; make bench-quick: about 10 min; bench-compare: the demo's
+# seconds per step against BASELINE (two pairs of 10-step runs, about 25 min).
+BENCH_FLAGS ?=
+BASELINE ?= 29e183b
+bench: env
+	$(PY) benchmarks/topk_loss.py $(BENCH_FLAGS)
+	$(PY) benchmarks/train_throughput.py $(BENCH_FLAGS)
+	$(PY) benchmarks/method_step_cost.py $(BENCH_FLAGS)
+
+bench-quick: BENCH_FLAGS = --quick
+bench-quick: bench
+
+bench-compare: env
+	$(PY) benchmarks/compare_trees.py --baseline $(BASELINE) $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -192,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # the console script, not a library call
         _show_config_warnings_in_one_line()
         _show_package_log_warnings()
+        if args.command == "train":  # before torch allocates anything large
+            from megacredit.utils.malloc import tune_glibc_malloc
+
+            tune_glibc_malloc()
     handlers = {
         "train": _cmd_train,
         "config": _cmd_config_show,

@@ -21,10 +21,11 @@ Entry points (see their docstrings):
   softmax chunk-wise in backward.
 
 Saved for backward (besides references to the inputs): top-K ids [N, k], gather ids
-[N, Kg(+1)] and the logsumexp [N] -- O(N * K), never O(N * V_local). Peak temporary memory is
+[N, Kg(+1)] and the logsumexp [N] -- O(N * K), never O(N * V_local) unless the caller lets
+the hidden path keep the logits (``keep_logits_max_bytes``). Peak temporary memory is
 a few [chunk_size, V_local] compute-dtype tensors. ``tests/unit/test_topk_fused.py`` checks
 the saved bytes with ``torch.autograd.graph.saved_tensors_hooks``;
-``benchmarks/topk_memory.py`` measures the peak RSS.
+``benchmarks/topk_loss.py`` measures the peak RSS against a naive full-vocabulary path.
 
 Backward (per chunk, z = the chunk's masked logits, p = softmax(z) over the full vocabulary,
 rebuilt from the saved global logsumexp as p = exp(z - lse) -- no communication):
@@ -225,6 +226,16 @@ def _grads_of_all_chunks(
 # ----------------------------------------------------------------------------- autograd Functions
 
 
+def _keeping(chunk_logits: Callable[[int, int], torch.Tensor], kept: list) -> Callable[[int, int], torch.Tensor]:
+    """``chunk_logits`` that also appends every chunk it computes to ``kept``."""
+
+    def compute_and_keep(start: int, end: int) -> torch.Tensor:
+        kept.append(chunk_logits(start, end))
+        return kept[-1]
+
+    return compute_and_keep
+
+
 class ChunkedLogitsTopK(torch.autograd.Function):
     """Chunked top-K / gather / logsumexp from logits [N, V_local]; backward recomputes softmax.
 
@@ -263,18 +274,24 @@ class ChunkedHiddenTopK(torch.autograd.Function):
     """Like :class:`ChunkedLogitsTopK` but the logits are hidden @ weight_shard^T per chunk.
 
     forward(hidden [N, H], weight_shard [V_local, H], gather_ids [N, Kg], plan,
-    all_reduce_grad_hidden) -> same four outputs. Backward returns grad_hidden (all-reduced
-    over plan.group if asked, see module docstring) and the local grad_weight_shard.
+    all_reduce_grad_hidden, keep_logits) -> same four outputs. Backward returns grad_hidden
+    (all-reduced over plan.group if asked, see module docstring) and the local
+    grad_weight_shard. ``keep_logits``: save every chunk's masked logits for the backward
+    instead of recomputing them (one matmul less, N x V_local compute-dtype bytes more).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight_shard, gather_ids, plan: ChunkPlan, all_reduce_grad_hidden):
+    def forward(ctx, hidden, weight_shard, gather_ids, plan: ChunkPlan, all_reduce_grad_hidden,
+                keep_logits: bool = False):
         compute_dtype = compute_dtype_for(hidden.dtype)
         chunk_logits = partial(_hidden_chunk_logits, hidden, weight_shard, plan)
+        kept: list[torch.Tensor] = []
+        if keep_logits:
+            chunk_logits = _keeping(chunk_logits, kept)
         outputs = _forward_all_chunks(
             chunk_logits, hidden.shape[0], gather_ids, plan, compute_dtype, hidden.device
         )
-        ctx.save_for_backward(hidden, weight_shard, outputs[0], gather_ids, outputs[2])
+        ctx.save_for_backward(hidden, weight_shard, outputs[0], gather_ids, outputs[2], *kept)
         ctx.plan = plan
         ctx.all_reduce_grad_hidden = all_reduce_grad_hidden
         ctx.mark_non_differentiable(outputs[0])
@@ -282,9 +299,11 @@ class ChunkedHiddenTopK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _grad_ids, grad_topk, grad_logsumexp, grad_gathered):
-        hidden, weight_shard, topk_ids, gather_ids, logsumexp = ctx.saved_tensors
+        hidden, weight_shard, topk_ids, gather_ids, logsumexp, *kept = ctx.saved_tensors
         plan, compute_dtype = ctx.plan, compute_dtype_for(hidden.dtype)
         chunk_logits = partial(_hidden_chunk_logits, hidden, weight_shard, plan)
+        if kept:
+            chunk_logits = lambda start, end: kept[start // plan.chunk_size]  # noqa: E731
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = hidden.new_zeros(hidden.shape, dtype=compute_dtype) if want_hidden else None
         grad_weight = (
@@ -302,7 +321,7 @@ class ChunkedHiddenTopK(torch.autograd.Function):
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=plan.group)
         grad_hidden = grad_hidden.to(hidden.dtype) if want_hidden else None
         grad_weight = grad_weight.to(weight_shard.dtype) if want_weight else None
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public wrappers
@@ -351,6 +370,19 @@ def _plan(k, chunk_size, group, vocab_start, vocab_size, vocab: int) -> ChunkPla
     return ChunkPlan(int(k or 0), int(chunk_size), group, int(vocab_start), vocab_size)
 
 
+DEFAULT_CHUNK_BYTES = 128 * 2**20
+"""Default size of one [chunk, V_local] compute-dtype logits tensor (see :func:`rows_per_chunk`)."""
+
+
+def rows_per_chunk(vocab_local: int, dtype: torch.dtype, max_rows: int = 1024,
+                   max_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk such that one [chunk, V_local] logits tensor in the compute dtype of
+    ``dtype`` stays within ``max_bytes`` (at most ``max_rows``, at least 16): the chunked paths'
+    peak is a few such tensors, whatever the vocabulary (151936 x fp32: 220 rows per 128 MiB)."""
+    itemsize = compute_dtype_for(dtype).itemsize
+    return max(16, min(int(max_rows), int(max_bytes) // max(1, int(vocab_local) * itemsize)))
+
+
 def chunked_topk_logprobs_from_hidden(
     hidden: torch.Tensor,
     weight_shard: torch.Tensor,
@@ -363,6 +395,7 @@ def chunked_topk_logprobs_from_hidden(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     all_reduce_grad_hidden: bool = True,
+    keep_logits_max_bytes: int = 0,
 ) -> TopKLogprobs:
     """Top-K / log-probs of ``softmax(hidden @ weight_shard^T)`` without storing the logits.
 
@@ -371,6 +404,9 @@ def chunked_topk_logprobs_from_hidden(
     [..., Kg] and ``sampled_ids`` [...] are global ids. Returns :class:`TopKLogprobs`.
     Gradients flow to ``hidden`` (all-reduced over ``group`` unless
     ``all_reduce_grad_hidden=False``, see module docstring) and to ``weight_shard``.
+    ``keep_logits_max_bytes``: when all N x V_local compute-dtype logits fit in this many
+    bytes and a backward will follow, they are kept for it instead of recomputed (saves one
+    [N, H] x [H, V_local] matmul; 0 = always recompute, the memory-bounded default).
     """
     if hidden.dim() < 1 or weight_shard.dim() != 2 or hidden.shape[-1] != weight_shard.shape[1]:
         raise ValueError(
@@ -387,7 +423,10 @@ def chunked_topk_logprobs_from_hidden(
     plan = _plan(k, chunk_size, group, vocab_start, vocab_size, vocab)
     ids = _combined_gather_ids(lead_shape, gather_ids, sampled_ids, vocab, hidden.device)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    outputs = ChunkedHiddenTopK.apply(flat_hidden, weight_shard, ids, plan, all_reduce_grad_hidden)
+    logits_bytes = flat_hidden.shape[0] * weight_shard.shape[0] * compute_dtype_for(hidden.dtype).itemsize
+    keep = (torch.is_grad_enabled() and (hidden.requires_grad or weight_shard.requires_grad)
+            and logits_bytes <= keep_logits_max_bytes)
+    outputs = ChunkedHiddenTopK.apply(flat_hidden, weight_shard, ids, plan, all_reduce_grad_hidden, keep)
     return _package(outputs, lead_shape, plan.k, gather_ids, sampled_ids)
 
 

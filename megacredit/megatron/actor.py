@@ -13,13 +13,14 @@ computed locally and identically everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from megacredit.data.teacher_context import SampleSequences
 from megacredit.megatron.distributed import ParallelContext
 from megacredit.megatron.optimizer import optimizer_step, zero_grads
+from megacredit.algorithms.topk_fused import TopKLogprobs
 from megacredit.megatron.rl_passes import VocabHead, run_packed_schedule
 from megacredit.megatron.teacher import TeacherWeights
 from megacredit.trainer.objective import (
@@ -78,6 +79,22 @@ class TeacherResult:
     """[C, R, K] log pi_ref(v | x'_k, y<t, z) on the same set (C may be 0)."""
     contrastive_sampled_logp: torch.Tensor
     """[C, R] log pi_ref(y_t | x'_k, y<t, z)."""
+    hidden: torch.Tensor | None = None
+    """[R, h] teacher hidden states, kept only while the set is deferred (see ``teacher_pass``)."""
+    contrastive_hidden: torch.Tensor | None = None
+    """[C, R, h] the contrastive sequences' hidden states, likewise."""
+    head_weight: torch.Tensor | None = None
+    """The teacher's output-layer shard the deferred set is scored with."""
+
+
+AdvantageFn = Callable[[Sequence[int], dict], tuple[dict, dict]]
+"""``(sample indices, student results) -> ({index: [R] token advantages}, metric sums)``
+(the trainer's ``rl_step.advantage_function``; the actor uses the advantages)."""
+
+
+def _stack(pieces: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """[C, ...] stack of per-contrastive tensors shaped like ``like``; [0, ...] when C = 0."""
+    return torch.stack(pieces) if pieces else like.new_zeros((0, *like.shape))
 
 
 def _sequence(key: tuple, ids: Sequence[int], response_length: int) -> SequenceToPack:
@@ -120,9 +137,7 @@ class MegatronActor:
 
         def collect(hidden: torch.Tensor, micro_batch: PackedMicroBatch) -> dict:
             out = self.head(hidden, k=self.settings.top_k, sampled_ids=micro_batch.target_ids.to(hidden.device))
-            sampled = split_per_sequence(out.sampled_logprobs, micro_batch)
-            ids, logp = split_per_sequence(out.topk_ids, micro_batch), split_per_sequence(out.topk_logprobs, micro_batch)
-            return {key[1]: StudentResult(sampled[key], ids[key], logp[key]) for key in micro_batch.keys}
+            return _student_results(out, micro_batch)
 
         return self._forward_only(groups, collect, "old-policy pass")
 
@@ -138,21 +153,29 @@ class MegatronActor:
 
         return self._forward_only(groups, collect)
 
-    def teacher_pass(self, samples: dict[int, SampleSequences],
-                     student: dict[int, StudentResult] | None = None) -> dict[int, TeacherResult]:
+    def teacher_pass(self, samples: dict[int, SampleSequences], student: dict[int, StudentResult] | None = None,
+                     defer_student_set: bool = False) -> dict[int, TeacherResult]:
         """Teacher and its C contrastive sequences of each sample, in one micro-batch, with the
-        teacher weights swapped into the policy's modules (restored bit-exactly afterwards)."""
+        teacher weights swapped into the policy's modules (restored bit-exactly afterwards).
+
+        With topk_source="student" the distillation set is the student's top-K. Without the
+        old-policy pass (``defer_student_set``, see ``train_mini_batch(..., student_from_forward=
+        True)``) the teacher's hidden states are kept and the set's log-probs are computed in the
+        training forward, once the student's top-K is known there.
+        """
         use_student_set = self.settings.topk_source == "student"
-        if use_student_set and student is None:
-            raise ValueError("topk_source='student' needs the old-policy pass results")
+        if use_student_set and student is None and not defer_student_set:
+            raise ValueError("topk_source='student' needs the old-policy pass results (or defer_student_set=True)")
         groups = [
             [_sequence(("t", i), s.teacher_ids, s.response_length)]
             + [_sequence(("c", i, k), ids, s.response_length) for k, ids in enumerate(s.contrastive_ids)]
             for i, s in samples.items()
         ]
-
-        def collect(hidden: torch.Tensor, micro_batch: PackedMicroBatch) -> dict:
-            return self._collect_teacher(hidden, micro_batch, student if use_student_set else None)
+        if use_student_set and defer_student_set:
+            collect = self._deferred_collector()
+        else:
+            def collect(hidden: torch.Tensor, micro_batch: PackedMicroBatch) -> dict:
+                return self._collect_teacher(hidden, micro_batch, student if use_student_set else None)
 
         description = "teacher+contrastive pass" if any(len(g) > 1 for g in groups) else "teacher pass"
         if self.teacher is None:
@@ -160,41 +183,101 @@ class MegatronActor:
         with self.teacher.swapped_in(self.model_chunks):
             return self._forward_only(groups, collect, description)
 
+    def _deferred_collector(self):
+        """Teacher-pass callback that keeps hidden states (and the teacher's output-layer shard)
+        instead of scoring a set that is not known yet; only sampled-token log-probs are final."""
+        weight = self.head.weight().detach()
+        if self.teacher is not None:
+            weight = self.teacher.tensor_of(self.model_chunks, self.head.weight()).to(weight.dtype)
+
+        def collect(hidden: torch.Tensor, micro_batch: PackedMicroBatch) -> dict:
+            sampled = split_per_sequence(
+                self.head(hidden, sampled_ids=micro_batch.target_ids.to(hidden.device)).sampled_logprobs, micro_batch)
+            rows = split_per_sequence(hidden, micro_batch)
+            results = {}
+            for key in (k for k in micro_batch.keys if k[0] == "t"):
+                contrastive = [c for c in micro_batch.keys if c[0] == "c" and c[1] == key[1]]
+                results[key[1]] = TeacherResult(
+                    set_ids=None, topk_logp=None, sampled_logp=sampled[key], contrastive_topk_logp=None,
+                    contrastive_sampled_logp=_stack([sampled[c] for c in contrastive], sampled[key]),
+                    hidden=rows[key], contrastive_hidden=_stack([rows[c] for c in contrastive], rows[key]),
+                    head_weight=weight)
+            return results
+
+        return collect
+
+    @torch.no_grad()
+    def _score_deferred_sets(self, indices: Sequence[int], teacher: dict[int, TeacherResult],
+                             set_ids: torch.Tensor) -> None:
+        """Fill the deferred teacher results of ``indices`` with their log-probs on ``set_ids``
+        [N, K] (the student's top-K of the training forward, rows in the order of ``indices``)."""
+        per_sample = torch.split(set_ids, [len(teacher[i].sampled_logp) for i in indices])
+        rows = [teacher[i].hidden for i in indices] + [c for i in indices for c in teacher[i].contrastive_hidden]
+        ids = list(per_sample) + [per_sample[j] for j, i in enumerate(indices)
+                                  for _ in range(teacher[i].contrastive_hidden.shape[0])]
+        out = self.head(torch.cat(rows), gather_ids=torch.cat(ids), weight=teacher[indices[0]].head_weight)
+        pieces = iter(torch.split(out.gathered_logprobs, [len(r) for r in rows]))
+        teachers = [next(pieces) for _ in indices]
+        for j, i in enumerate(indices):
+            result, count = teacher[i], teacher[i].contrastive_hidden.shape[0]
+            contrastive = [next(pieces) for _ in range(count)]
+            result.set_ids, result.topk_logp = per_sample[j], teachers[j]
+            result.contrastive_topk_logp = _stack(contrastive, teachers[j])
+            result.hidden = result.contrastive_hidden = result.head_weight = None
+
     def _collect_teacher(self, hidden, micro_batch: PackedMicroBatch, student) -> dict[int, TeacherResult]:
-        rows = torch.split(hidden, micro_batch.response_lengths)
-        targets = torch.split(micro_batch.target_ids.to(hidden.device), micro_batch.response_lengths)
-        by_key = {key: (row, target) for key, row, target in zip(micro_batch.keys, rows, targets)}
-        results: dict[int, TeacherResult] = {}
-        for key in micro_batch.keys:
-            if key[0] != "t":
-                continue
-            index = key[1]
-            row, target = by_key[key]
-            if student is None:
-                out = self.head(row, k=self.settings.top_k, sampled_ids=target)
-                set_ids, set_logp = out.topk_ids, out.topk_logprobs
-            else:
-                set_ids = student[index].topk_ids.to(row.device)
-                out = self.head(row, gather_ids=set_ids, sampled_ids=target)
-                set_logp = out.gathered_logprobs
-            contrastive = [by_key[c] for c in micro_batch.keys if c[0] == "c" and c[1] == index]
-            c_outs = [self.head(c_row, gather_ids=set_ids, sampled_ids=c_target) for c_row, c_target in contrastive]
-            empty_k = set_logp.new_zeros((0, *set_logp.shape))
-            results[index] = TeacherResult(
-                set_ids=set_ids, topk_logp=set_logp, sampled_logp=out.sampled_logprobs,
-                contrastive_topk_logp=torch.stack([o.gathered_logprobs for o in c_outs]) if c_outs else empty_k,
-                contrastive_sampled_logp=(torch.stack([o.sampled_logprobs for o in c_outs]) if c_outs
-                                          else out.sampled_logprobs.new_zeros((0, len(target)))),
-            )
-        return results
+        """Teacher results of a micro-batch: one head call for all teacher rows (their top-K, or
+        log-probs on the student's set) and one for all contrastive rows (on their sample's set)."""
+        rows = split_per_sequence(hidden, micro_batch)
+        targets = split_per_sequence(micro_batch.target_ids.to(hidden.device), micro_batch)
+        teachers = [key for key in micro_batch.keys if key[0] == "t"]
+        contrastive = {key[1]: [c for c in micro_batch.keys if c[0] == "c" and c[1] == key[1]] for key in teachers}
+        teacher_hidden = torch.cat([rows[key] for key in teachers])
+        teacher_targets = torch.cat([targets[key] for key in teachers])
+        if student is None:
+            out = self.head(teacher_hidden, k=self.settings.top_k, sampled_ids=teacher_targets)
+            all_set_ids, all_set_logp = out.topk_ids, out.topk_logprobs
+        else:
+            all_set_ids = torch.cat([student[key[1]].topk_ids for key in teachers]).to(hidden.device)
+            out = self.head(teacher_hidden, gather_ids=all_set_ids, sampled_ids=teacher_targets)
+            all_set_logp = out.gathered_logprobs
+        lengths = [len(rows[key]) for key in teachers]
+        set_ids = dict(zip(teachers, torch.split(all_set_ids, lengths)))
+        set_logp = dict(zip(teachers, torch.split(all_set_logp, lengths)))
+        sampled = dict(zip(teachers, torch.split(out.sampled_logprobs, lengths)))
+        c_keys = [c for key in teachers for c in contrastive[key[1]]]
+        c_gathered, c_sampled = {}, {}
+        if c_keys:
+            c_out = self.head(torch.cat([rows[c] for c in c_keys]),
+                              gather_ids=torch.cat([set_ids[("t", c[1])] for c in c_keys]),
+                              sampled_ids=torch.cat([targets[c] for c in c_keys]))
+            c_lengths = [len(rows[c]) for c in c_keys]
+            c_gathered = dict(zip(c_keys, torch.split(c_out.gathered_logprobs, c_lengths)))
+            c_sampled = dict(zip(c_keys, torch.split(c_out.sampled_logprobs, c_lengths)))
+        return {
+            key[1]: TeacherResult(
+                set_ids=set_ids[key], topk_logp=set_logp[key], sampled_logp=sampled[key],
+                contrastive_topk_logp=_stack([c_gathered[c] for c in contrastive[key[1]]], set_logp[key]),
+                contrastive_sampled_logp=_stack([c_sampled[c] for c in contrastive[key[1]]], sampled[key]))
+            for key in teachers
+        }
 
     # ----------------------------------------------------------------------------- training
     def train_mini_batch(self, mini_batch: Sequence[int], samples: dict[int, SampleSequences],
                          student: dict[int, StudentResult], teacher: dict[int, TeacherResult],
                          advantages: dict[int, torch.Tensor] | None,
-                         token_weights: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
+                         token_weights: dict[int, torch.Tensor] | None = None, student_from_forward: bool = False,
+                         advantage_fn: AdvantageFn | None = None) -> dict[str, float]:
         """One optimizer step on one mini-batch (all DP ranks together); returns metrics.
-        ``token_weights``: per-sample [R] rollout IS weights multiplying the token losses."""
+
+        ``token_weights``: per-sample [R] rollout IS weights multiplying the token losses.
+        ``student_from_forward``: the old-policy pass was skipped because it would equal this
+        forward (one mini-batch, one epoch, on-policy; the trainer's ``old_policy_from_training``
+        decides). ``student`` is then filled here from this forward (detached, so
+        pi_old = sg(pi_theta) and the PPO ratio is exactly 1), a deferred student-top-K set is
+        scored (``teacher_pass(defer_student_set=True)``), and ``advantage_fn(indices,
+        student)`` fills ``advantages`` before the loss.
+        """
         objective = self.settings.objective
         denominator = max(loss_mask_denominator(
             objective, [samples[i].response_length for i in mini_batch],
@@ -204,9 +287,14 @@ class MegatronActor:
 
         def loss_callback(hidden: torch.Tensor, micro_batch: PackedMicroBatch):
             indices = [key[1] for key in micro_batch.keys]
-            set_ids = (torch.cat([teacher[i].set_ids for i in indices]).to(hidden.device)
-                       if objective.uses_teacher_topk else None)
-            out = self.head(hidden, gather_ids=set_ids, sampled_ids=micro_batch.target_ids.to(hidden.device))
+            if student_from_forward:
+                out = self._student_forward_head(hidden, micro_batch, student, teacher)
+                if advantage_fn is not None:
+                    advantages.update(advantage_fn(indices, student)[0])
+            else:
+                set_ids = (torch.cat([teacher[i].set_ids for i in indices]).to(hidden.device)
+                           if objective.uses_teacher_topk else None)
+                out = self.head(hidden, gather_ids=set_ids, sampled_ids=micro_batch.target_ids.to(hidden.device))
             inputs = self._micro_batch_inputs(indices, micro_batch, out, samples, student, teacher, advantages)
             if token_weights is not None:
                 inputs.token_weights = pad_per_sample([token_weights[i] for i in indices])
@@ -226,6 +314,23 @@ class MegatronActor:
         metrics = _mean_metrics(outputs)
         metrics.update({"train/grad_norm": step.grad_norm or 0.0})
         return metrics
+
+    def _student_forward_head(self, hidden: torch.Tensor, micro_batch: PackedMicroBatch,
+                              student: dict[int, StudentResult], teacher: dict[int, TeacherResult]) -> TopKLogprobs:
+        """The training head when this forward also stands in for the old-policy pass: the
+        student's top-K (diagnostics, and the set when topk_source="student") in the same call."""
+        indices = [key[1] for key in micro_batch.keys]
+        distill = self.settings.objective.uses_teacher_topk
+        student_set = distill and self.settings.topk_source == "student"
+        set_ids = (torch.cat([teacher[i].set_ids for i in indices]).to(hidden.device)
+                   if distill and not student_set else None)
+        out = self.head(hidden, k=self.settings.top_k, gather_ids=set_ids,
+                        sampled_ids=micro_batch.target_ids.to(hidden.device))
+        student.update(_student_results(out, micro_batch))
+        if student_set:
+            self._score_deferred_sets(indices, teacher, out.topk_ids.detach())
+            out.gathered_logprobs = out.topk_logprobs  # the student's log-probs on its own top-K
+        return out
 
     def _micro_batch_inputs(self, indices, micro_batch, out, samples, student, teacher, advantages) -> MicroBatchInputs:
         lengths = micro_batch.response_lengths
@@ -252,6 +357,14 @@ class MegatronActor:
         """Hard-copy teacher sync (RLSD) at the end of a training step."""
         if self.teacher is not None:
             self.teacher.after_training_step(self.model_chunks, step)
+
+
+def _student_results(out: TopKLogprobs, micro_batch: PackedMicroBatch) -> dict[int, StudentResult]:
+    """Per-sample old-policy results of a head output (detached)."""
+    sampled = split_per_sequence(out.sampled_logprobs.detach(), micro_batch)
+    ids = split_per_sequence(out.topk_ids, micro_batch)
+    logp = split_per_sequence(out.topk_logprobs.detach(), micro_batch)
+    return {key[1]: StudentResult(sampled[key], ids[key], logp[key]) for key in micro_batch.keys}
 
 
 LOSS_METRIC_NAMES = {

@@ -51,17 +51,27 @@ def _is_cuda_device(device: Any) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA device arguments to CPU in every torch call made under it."""
+    """Rewrites CUDA device arguments to CPU in every torch call made under it.
+
+    Every torch call of the thread passes through here, so the common case (no keyword
+    arguments, not ``Tensor.to``/``Tensor.cuda``) does no allocation and two identity checks.
+    """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if _is_cuda_device(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        if func in (torch.Tensor.to,) and args and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        if func is torch.Tensor.cuda:
+        if kwargs:
+            device = kwargs.get("device")
+            if device is not None and _is_cuda_device(device):
+                kwargs = {**kwargs, "device": "cpu"}
+        else:
+            kwargs = {}
+        if func is _TENSOR_CUDA:
             return args[0]
+        if func is _TENSOR_TO and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+_TENSOR_TO, _TENSOR_CUDA = torch.Tensor.to, torch.Tensor.cuda
 
 
 class _NoOpStream:

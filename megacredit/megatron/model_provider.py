@@ -129,6 +129,16 @@ def _check_parallel_sizes(hf_config: Any, tp: int, pp: int, overrides: dict) -> 
         )
 
 
+def _rope_fusion_available() -> bool:
+    """Without Transformer Engine, Megatron's fused-RoPE hook gets megacredit's torch kernel
+    (``rope_kernel``: same values, cos/sin once per forward); TE's own fused RoPE stays off."""
+    if transformer_engine_available():
+        return False
+    from megacredit.megatron import rope_kernel
+
+    return rope_kernel.install()
+
+
 def transformer_config_from_hf(
     hf_config: Any,
     *,
@@ -178,7 +188,7 @@ def transformer_config_from_hf(
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=_rope_fusion_available(),
         gradient_accumulation_fusion=False,
     )
     fields.update(overrides)

@@ -2,45 +2,69 @@
 
 On GPU, Transformer Engine's attention takes ``PackedSeqParams(qkv_format="thd")`` natively.
 Megatron's local ``DotProductAttention`` refuses them, so on CPU this subclass accepts them and
-attends within each ``cu_seqlens`` block (block-diagonal causal attention), the blocks laid out
-as a padded batch. Megatron's attention module has already
-applied RoPE per sequence (positions restart at every ``cu_seqlens`` boundary) and squeezed the
-batch dimension away; this module restores it, so the arithmetic is exactly that of the parent
-class on each sequence alone. Swap it into a layer spec with :func:`with_packed_attention`.
+attends within each ``cu_seqlens`` block (block-diagonal causal attention). Megatron's attention
+module has already applied RoPE per sequence (positions restart at every ``cu_seqlens``
+boundary) and squeezed the batch dimension away.
+
+How: the blocks are laid out as a padded batch [n_blocks, longest, heads, dim] with one
+``index_select`` per tensor, attended with ``torch.nn.functional.scaled_dot_product_attention``
+(``is_causal=True``; grouped KV heads without repeating them), and the valid rows are selected
+back into the packed row. No mask is needed: a block's padding sits after its last token, and
+under the causal mask a real query never sees a later position, so padded keys are never
+attended by real queries; the padded queries' outputs are dropped (and get no gradient). The
+cost is n_blocks * longest^2, not total^2 as a dense block-diagonal mask would be. The index
+maps are built once per packed row and shared by all layers (cached on the
+``PackedSeqParams`` object). Same arithmetic as Megatron's unfused attention on each sequence
+alone (softmax(QK^T * softmax_scale) V), up to float rounding inside the fused kernel.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """Index maps between a packed row of T tokens and its blocks as a padded [n, L] batch."""
 
-def _blocks_as_batch(cu_seqlens: torch.Tensor, device: torch.device):
-    """Index map from a packed row to a padded batch of its blocks: ``index`` [L, n] (packed
-    position of block b's token i, clamped), ``valid`` [n, L] and the Megatron mask [n, 1, L, L]
-    (True = masked: causal within the block, padding keys masked)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
-    longest = int(lengths.max())
+    num_blocks: int
+    """n: blocks of ``cu_seqlens`` (sequences and the padding tail)."""
+    longest: int
+    """L: length of the longest block."""
+    to_padded: torch.Tensor
+    """[n * L] packed position of block b's token i at b * L + i (clamped past a block's end)."""
+    to_packed: torch.Tensor
+    """[T] padded position b * L + i of each packed token."""
+
+
+def block_layout(cu_seqlens: torch.Tensor, device: torch.device) -> BlockLayout:
+    """The :class:`BlockLayout` of a packed row with block boundaries ``cu_seqlens``."""
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    num_blocks, longest, total = lengths.numel(), int(lengths.max()), int(cu[-1])
     positions = torch.arange(longest, device=device)
-    valid = positions[None, :] < lengths[:, None]
-    index = (cu_seqlens[:-1].to(device=device, dtype=torch.long)[:, None] + positions[None, :])
-    index = index.clamp(max=int(cu_seqlens[-1]) - 1).t()
-    causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
-    mask = ~(causal[None] & valid[:, None, :])
-    return index, valid, mask[:, None]
+    to_padded = (cu[:-1, None] + positions[None, :]).clamp(max=total - 1).reshape(-1)
+    block = torch.repeat_interleave(torch.arange(num_blocks, device=device), lengths)
+    to_packed = block * longest + torch.arange(total, device=device) - cu[:-1][block]
+    return BlockLayout(num_blocks, longest, to_padded, to_packed)
+
+
+def _cached_layout(packed_seq_params, device: torch.device) -> BlockLayout:
+    layout = getattr(packed_seq_params, "megacredit_block_layout", None)
+    if layout is None or layout.to_padded.device != device:
+        layout = block_layout(packed_seq_params.cu_seqlens_q, device)
+        packed_seq_params.megacredit_block_layout = layout  # one per packed row, shared by all layers
+    return layout
 
 
 class PackedDotProductAttention(DotProductAttention):
-    """``DotProductAttention`` that also accepts THD-packed sequences.
-
-    The packed blocks are laid out as a padded batch (one row per sequence) and attended in one
-    call with a causal + key-padding mask, so each sequence sees only its own causal past and
-    the cost is n_blocks * longest^2 (not total^2 as a dense block-diagonal mask would be).
-    """
+    """``DotProductAttention`` that also accepts THD-packed sequences (see the module docstring)."""
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -48,11 +72,25 @@ class PackedDotProductAttention(DotProductAttention):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"packed attention supports qkv_format='thd', got {packed_seq_params.qkv_format!r}")
+        if self.softmax_offset is not None or attention_bias is not None:
+            raise ValueError("packed attention supports softmax_type='vanilla' without attention bias")
         if query.dim() == 4:  # [t, 1, heads, dim] -> [t, heads, dim]
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
-        index, valid, mask = _blocks_as_batch(packed_seq_params.cu_seqlens_q, query.device)
-        output = super().forward(query[index], key[index], value[index], mask, attn_mask_type, attention_bias)
-        return output.transpose(0, 1)[valid]  # [n, L, h*d] -> packed [t, h*d]
+        layout = _cached_layout(packed_seq_params, query.device)
+        n, length = layout.num_blocks, layout.longest
+
+        def padded(x: torch.Tensor) -> torch.Tensor:  # [t, h, d] -> [n, h, L, d]
+            return x.index_select(0, layout.to_padded).view(n, length, *x.shape[1:]).transpose(1, 2)
+
+        dropout = self.attention_dropout.p if self.training else 0.0
+        # apply_query_key_layer_scaling divides softmax_scale by the layer number and the
+        # parent's softmax multiplies it back; the product is the scale of the scores.
+        scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
+        out = F.scaled_dot_product_attention(
+            padded(query), padded(key), padded(value), dropout_p=dropout, is_causal=True,
+            scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+        out = out.transpose(1, 2).reshape(n * length, -1)  # [n, h, L, d] -> [n * L, h * d]
+        return out.index_select(0, layout.to_packed)  # packed [t, h * d]
 
 
 def with_packed_attention(layer_spec: ModuleSpec) -> ModuleSpec:

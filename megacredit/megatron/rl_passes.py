@@ -22,7 +22,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from megacredit.algorithms.topk_fused import TopKLogprobs, chunked_topk_logprobs_from_hidden
+from megacredit.algorithms.topk_fused import (
+    TopKLogprobs,
+    chunked_topk_logprobs_from_hidden,
+    rows_per_chunk,
+)
 from megacredit.megatron.packed_attention import packed_seq_params
 from megacredit.trainer.packing import PackedMicroBatch
 from megacredit.utils.progress import ProgressReporter
@@ -56,11 +60,14 @@ def hidden_states_output(model_chunks: Sequence[torch.nn.Module]) -> Iterator[No
 class VocabHead:
     """The output projection of the last stage, applied through the chunked top-K toolkit."""
 
-    def __init__(self, model_chunks: Sequence[torch.nn.Module], chunk_size: int = 1024) -> None:
+    def __init__(self, model_chunks: Sequence[torch.nn.Module], chunk_size: int = 1024,
+                 keep_logits_max_bytes: int = 512 * 2**20) -> None:
         from megatron.core import parallel_state
 
         self.model = unwrap(model_chunks[-1])
         self.chunk_size = chunk_size
+        # Logits of a training call up to this size are kept for its backward, not recomputed.
+        self.keep_logits_max_bytes = keep_logits_max_bytes
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.group = parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -72,16 +79,19 @@ class VocabHead:
         return self.model.output_layer.weight
 
     def __call__(self, hidden: torch.Tensor, *, k: int | None = None, gather_ids: torch.Tensor | None = None,
-                 sampled_ids: torch.Tensor | None = None) -> TopKLogprobs:
-        weight = self.weight()
+                 sampled_ids: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> TopKLogprobs:
+        """Top-K / log-probs of the output layer at ``hidden``; ``weight`` replaces this rank's
+        output-layer shard (e.g. the teacher's copy of it)."""
+        weight = self.weight() if weight is None else weight
         return chunked_topk_logprobs_from_hidden(
             hidden.to(weight.dtype), weight, k=k, gather_ids=gather_ids, sampled_ids=sampled_ids,
-            chunk_size=self.chunk_size, group=self.group, vocab_start=self.tp_rank * weight.shape[0],
+            chunk_size=rows_per_chunk(weight.shape[0], weight.dtype, max_rows=self.chunk_size),
+            group=self.group, vocab_start=self.tp_rank * weight.shape[0],
             vocab_size=self.model.megacredit_vocab_size,
             # With sequence parallelism the hidden states were all-gathered (response_hidden), and
             # that gather's backward already reduce-scatters their gradient over the TP group.
             # UNVERIFIED here: gloo has no reduce-scatter, so SP runs only on GPUs.
-            all_reduce_grad_hidden=not self.sequence_parallel,
+            all_reduce_grad_hidden=not self.sequence_parallel, keep_logits_max_bytes=self.keep_logits_max_bytes,
         )
 
 

@@ -71,6 +71,13 @@ class TeacherWeights:
             for backup, param in zip(self._backup, params):
                 param.copy_(backup)
 
+    def tensor_of(self, model_chunks: Sequence[torch.nn.Module], param: torch.nn.Parameter) -> torch.Tensor:
+        """The teacher's copy of the policy parameter ``param`` (fp32, same shard)."""
+        for teacher, candidate in zip(self.tensors, _parameters(model_chunks)):
+            if candidate is param:
+                return teacher
+        raise KeyError("tensor_of: the parameter is not one of the model chunks' parameters")
+
     def state_tensors(self) -> list[torch.Tensor]:
         """The teacher tensors, in parameter order (for checkpointing)."""
         return self.tensors

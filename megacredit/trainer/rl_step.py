@@ -107,20 +107,46 @@ def sequence_advantages(cfg, batch) -> torch.Tensor:
                             eps=cfg.algorithm.adv_eps)
 
 
-def compute_advantages(run: RLRun, step: int, batch, student: dict, teacher: dict) -> tuple[dict, dict]:
-    """Token advantages [R] of the samples whose pass results live on this rank."""
-    cfg, method = run.cfg, run.cfg.algorithm.name
-    if method not in PPO_METHODS or not student:
-        return ({} if method in PPO_METHODS else None), {}
+def old_policy_from_training(cfg, num_mini_batches: int) -> bool:
+    """True when the old-policy forward is provably redundant, so it is skipped and its results
+    are taken from the training forward: one mini-batch and one PPO epoch (the only optimizer
+    step of the step comes after the training forward, so pi_old = pi_theta there, and the
+    model has no dropout), and no rollout importance correction (which would need pi_old
+    before training). The loss and gradients equal those with the pass
+    (tests/distributed/test_old_policy_skip.py)."""
+    return (num_mini_batches == 1 and cfg.training.ppo_epochs == 1
+            and getattr(cfg.algorithm, "rollout_is", "none") == "none")
+
+
+def advantage_function(run: RLRun, step: int, batch, teacher: dict):
+    """``(indices, student) -> (token advantages {index: [R]}, metric sums)`` for the PPO family;
+    per-sample arithmetic, so any subset of the batch gives the same values as the whole."""
+    cfg = run.cfg
     seq_adv = sequence_advantages(cfg, batch)
-    indices = sorted(student)
-    lengths = [len(student[i].sampled_logp) for i in indices]
-    mask, old_logp, teacher_logp, contrastive = step_metrics.sampled_token_tensors(indices, student, teacher)
     lam = LambdaSchedule(**vars(cfg.algorithm.rlsd.lam)).value(step)
     settings = run.actor.settings.objective
-    adv, metrics = token_advantages(settings, seq_adv[indices], mask, old_logp, teacher_logp, contrastive, lam)
-    device = student[indices[0]].sampled_logp.device
-    advantages = {i: adv[row, :length].to(device) for row, (i, length) in enumerate(zip(indices, lengths))}
+
+    def compute(indices, student: dict) -> tuple[dict, dict]:
+        lengths = [len(student[i].sampled_logp) for i in indices]
+        mask, old_logp, teacher_logp, contrastive = step_metrics.sampled_token_tensors(indices, student, teacher)
+        adv, metrics = token_advantages(settings, seq_adv[indices], mask, old_logp, teacher_logp, contrastive, lam)
+        device = student[indices[0]].sampled_logp.device
+        advantages = {i: adv[row, :length].to(device) for row, (i, length) in enumerate(zip(indices, lengths))}
+        return advantages, _advantage_sums(cfg.algorithm.name, adv, mask, metrics, lam)
+
+    return compute
+
+
+def compute_advantages(run: RLRun, step: int, batch, student: dict, teacher: dict) -> tuple[dict, dict]:
+    """Token advantages [R] of the samples whose pass results live on this rank."""
+    method = run.cfg.algorithm.name
+    if method not in PPO_METHODS or not student:
+        return ({} if method in PPO_METHODS else None), {}
+    return advantage_function(run, step, batch, teacher)(sorted(student), student)
+
+
+def _advantage_sums(method: str, adv, mask, metrics: dict, lam: float) -> dict:
+    """Advantage diagnostics as (sum, count) pairs."""
     evidence = "teacher/rlsd_delta" if method == "rlsd" else "teacher/s_t_hybrid"
     names = {"clip_fraction": "train/rlsd_clip_frac", "evidence_mean": evidence}
     sums = {names.get(k, f"train/rlsd_{k}"): (float(v), 1.0) for k, v in metrics.items()}
@@ -129,12 +155,60 @@ def compute_advantages(run: RLRun, step: int, batch, student: dict, teacher: dic
     sums["train/advantage_std"] = (float(valid.std(correction=0)) * valid.numel(), float(valid.numel()))
     if method in ("rlsd", "credit_rlsd"):
         sums["train/rlsd_lam"] = (lam, 1.0)
-    return advantages, sums
+    return sums
+
+
+@dataclass
+class StepPasses:
+    """What the passes and the update of one step produced (on the ranks that hold it)."""
+
+    student: dict
+    """Old-policy results per owned sample (last pipeline stage)."""
+    teacher: dict
+    """Teacher / contrastive results per owned sample ({} for GRPO)."""
+    advantages: dict | None
+    """PPO-family token advantages per owned sample (None for distillation methods)."""
+    advantage_sums: dict
+    """Advantage diagnostics as (sum, count)."""
+    train_parts: list
+    """Metrics of every mini-batch update."""
+
+
+def passes_and_update(run: RLRun, step: int, batch, samples, skip_old_policy: bool | None = None) -> StepPasses:
+    """Old-policy, teacher and contrastive passes, advantages, and the PPO mini-batch updates.
+
+    ``skip_old_policy``: None decides with :func:`old_policy_from_training`; True/False force
+    one path (the equality test runs both).
+    """
+    cfg, actor = run.cfg, run.actor
+    batches = mini_batches(cfg, len(batch))
+    owned = {i: samples[i] for mb in batches for i in actor.owned(mb)}
+    fused = old_policy_from_training(cfg, len(batches)) if skip_old_policy is None else skip_old_policy
+    with run.phase("teacher"):
+        student = {} if fused else actor.old_policy_pass(owned)
+        teacher = actor.teacher_pass(owned, student, defer_student_set=fused) if cfg.algorithm.name != "grpo" else {}
+    advantage_fn = None
+    if fused:  # advantages are computed in the training forward, from its own log-probs
+        advantages = {} if cfg.algorithm.name in PPO_METHODS else None
+        advantage_fn = advantage_function(run, step, batch, teacher) if advantages is not None else None
+    else:
+        advantages, advantage_sums = compute_advantages(run, step, batch, student, teacher)
+    # Truncated IS for the engine/trainer mismatch needs pi_old before training, so never fused.
+    is_weights, is_sums = rollout_is_token_weights(cfg.algorithm.rollout_is, cfg.algorithm.rollout_is_cap,
+                                                   sorted(student), student, batch.engine_logprobs)
+    with run.phase("train"):
+        train_parts = [actor.train_mini_batch(mb, samples, student, teacher, advantages, token_weights=is_weights,
+                                              student_from_forward=fused, advantage_fn=advantage_fn)
+                       for _ in range(cfg.training.ppo_epochs) for mb in batches]
+        actor.after_training_step(step + 1)
+    if fused:  # the diagnostics of the advantages the loss used (same per-sample arithmetic)
+        advantage_sums = compute_advantages(run, step, batch, student, teacher)[1]
+    return StepPasses(student, teacher, advantages, {**advantage_sums, **is_sums}, train_parts)
 
 
 def run_step(run: RLRun, step: int, prompts: list[dict]) -> dict[str, Any]:
     """One training step; returns the metrics (complete on global rank 0)."""
-    cfg, actor, ctx = run.cfg, run.actor, run.ctx
+    cfg, actor = run.cfg, run.actor
     run.timings = {}
     lr = warmup_lr(cfg.optimizer.lr, cfg.optimizer.warmup_steps, step)
     set_learning_rate(actor.optimizer, lr)
@@ -145,21 +219,11 @@ def run_step(run: RLRun, step: int, prompts: list[dict]) -> dict[str, Any]:
             run.tokenizer, batch.records, batch.group_ids, batch.response_ids, batch.rewards, batch.feedbacks,
             teacher_context_config(cfg), seed=rollout_lib.step_seed(cfg.training.seed, step, salt=2),
             response_texts=batch.response_texts)
-        batches = mini_batches(cfg, len(batch))
-        owned = {i: samples[i] for mb in batches for i in actor.owned(mb)}
-        student = actor.old_policy_pass(owned)
-        teacher = actor.teacher_pass(owned, student) if cfg.algorithm.name != "grpo" else {}
-    advantages, advantage_sums = compute_advantages(run, step, batch, student, teacher)
-    is_weights, is_sums = rollout_is_token_weights(cfg.algorithm.rollout_is, cfg.algorithm.rollout_is_cap,
-                                                   sorted(student), student, batch.engine_logprobs)
-    with run.phase("train"):
-        train_parts = [actor.train_mini_batch(mb, samples, student, teacher, advantages, is_weights)
-                       for _ in range(cfg.training.ppo_epochs) for mb in batches]
-        actor.after_training_step(step + 1)
+    passes = passes_and_update(run, step, batch, samples)
     with run.phase("sync"):
         sync_metrics = sync_weights(run)
-    metrics = collect_metrics(run, step, batch, samples, student, teacher, advantages,
-                              {**advantage_sums, **is_sums}, train_parts, time.perf_counter() - step_start)
+    metrics = collect_metrics(run, step, batch, samples, passes.student, passes.teacher, passes.advantages,
+                              passes.advantage_sums, passes.train_parts, time.perf_counter() - step_start)
     return {**metrics, **sync_metrics, "train/lr": lr} if metrics else metrics
 
 

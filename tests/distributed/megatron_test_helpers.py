@@ -130,3 +130,20 @@ def each_loaded_model(layouts: dict, hf_dirs: dict):
             model = build_gpt_model(hf_config, ctx)
             load_hf_weights([model], hf_dir, hf_config, ctx)
             yield layout, model_key, ctx, hf_config, model
+def random_sample_sequences(generator: torch.Generator, vocab: int, without_signal: tuple[int, ...] = ()) -> dict:
+    """Four rollout samples of random ids: prompt (4), privileged context (3), one contrastive
+    prompt (5), responses of 3..6 tokens; ``without_signal`` lists samples with no teacher signal."""
+    from megacredit.data.teacher_context import SampleSequences
+
+    samples = {}
+    for index in range(4):
+        response = torch.randint(3, vocab, (3 + index,), generator=generator).tolist()
+        prompt = torch.randint(3, vocab, (4,), generator=generator).tolist()
+        privileged = torch.randint(3, vocab, (3,), generator=generator).tolist()
+        other_prompt = torch.randint(3, vocab, (5,), generator=generator).tolist()
+        samples[index] = SampleSequences(
+            student_ids=prompt + response, teacher_ids=prompt + privileged + response,
+            contrastive_ids=[other_prompt + privileged + response], response_length=len(response),
+            has_teacher_signal=index not in without_signal, sibling_index=None, teacher_x_span=(0, 4),
+            teacher_privileged_span=(4, 7))
+    return samples

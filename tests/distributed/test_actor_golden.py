@@ -17,22 +17,6 @@ pytestmark = pytest.mark.distributed
 VOCAB, TOP_K, LAM = 64, 5, 0.3
 
 
-def _sample_sequences(generator):
-    from megacredit.data.teacher_context import SampleSequences
-
-    samples = {}
-    for index in range(4):
-        response = torch.randint(3, VOCAB, (3 + index,), generator=generator).tolist()
-        prompt = torch.randint(3, VOCAB, (4,), generator=generator).tolist()
-        privileged = torch.randint(3, VOCAB, (3,), generator=generator).tolist()
-        other_prompt = torch.randint(3, VOCAB, (5,), generator=generator).tolist()
-        samples[index] = SampleSequences(
-            student_ids=prompt + response, teacher_ids=prompt + privileged + response,
-            contrastive_ids=[other_prompt + privileged + response], response_length=len(response),
-            has_teacher_signal=True, sibling_index=None, teacher_x_span=(0, 4), teacher_privileged_span=(4, 7))
-    return samples
-
-
 def _hf_logp(model, ids, response_length):
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0]
@@ -88,7 +72,9 @@ def _golden(rank, world_size):
     load_hf_weights([teacher_megatron], teacher.state_dict(), hf_config, ctx)
     actor.teacher.load_state_tensors([p.detach() for p in teacher_megatron.parameters()])
 
-    samples = _sample_sequences(torch.Generator().manual_seed(5))
+    from megatron_test_helpers import random_sample_sequences
+
+    samples = random_sample_sequences(torch.Generator().manual_seed(5), VOCAB)
     student_results = actor.old_policy_pass(samples)
     teacher_results = actor.teacher_pass(samples, student_results)
     metrics = actor.train_mini_batch(sorted(samples), samples, student_results, teacher_results, None)

@@ -208,3 +208,37 @@ def test_bad_input_raises_a_named_error(call, message):
     hidden, weight, gather_ids, _ = make_problem()
     with pytest.raises(ValueError, match=message):
         call(hidden, weight, gather_ids)
+
+
+def test_kept_logits_give_the_same_values_and_gradients():
+    """Keeping the logits for the backward (instead of recomputing them) changes nothing but
+    the saved bytes: one [N, V] tensor more."""
+    hidden, weight, gather_ids, sampled_ids = make_problem(n_rows=10, padded_vocab=14)
+    results = {}
+    for budget in (0, 10**9):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+
+        def run(budget=budget, h=h, w=w):
+            return chunked_topk_logprobs_from_hidden(
+                h, w, k=4, gather_ids=gather_ids, sampled_ids=sampled_ids, chunk_size=3, vocab_size=11,
+                keep_logits_max_bytes=budget)
+
+        saved = saved_bytes_beyond_inputs(run, (h, w))
+        out = run()
+        results[budget] = (out, torch.autograd.grad(scalar_loss(out), (h, w)), saved)
+    (recomputed, grads_recomputed, saved_small), (kept, grads_kept, saved_big) = results[0], results[10**9]
+    for name in ("topk_logprobs", "logsumexp", "gathered_logprobs", "sampled_logprobs"):
+        assert torch.equal(getattr(kept, name), getattr(recomputed, name))
+    for a, b in zip(grads_kept, grads_recomputed):
+        assert torch.equal(a, b)
+    assert saved_big - saved_small == 10 * 14 * 8  # the float64 [N, V_padded] logits
+
+
+def test_rows_per_chunk_bounds_one_logits_chunk():
+    from megacredit.algorithms.topk_fused import rows_per_chunk
+
+    assert rows_per_chunk(151936, torch.float32) == 220  # 220 x 151936 x 4 B <= 128 MiB < 221 rows
+    assert rows_per_chunk(151936, torch.bfloat16) == 220  # the chunk is up-cast to float32
+    assert rows_per_chunk(75968, torch.float32) == 441  # TP = 2 shard
+    assert rows_per_chunk(1000, torch.float32) == 1024  # small vocabularies: max_rows
+    assert rows_per_chunk(10**9, torch.float32) == 16  # never fewer than 16 rows
