@@ -34,7 +34,8 @@ class DatasetRowError(SetupError, ValueError):
         self.message = message
         super().__init__(
             f"{self.path}: row {row} (1-based), field {field_name!r}: {message} "
-            "(fix the row, or pass skip_invalid_rows=True to skip and count such rows)"
+            "(fix the row, or set data.skip_invalid_rows=true (skip_invalid_rows=True in Python) to skip and "
+            "count such rows)"
         )
 
 

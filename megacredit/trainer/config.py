@@ -423,7 +423,7 @@ class CheckpointConfig:
     dir: Optional[str] = None
     """Checkpoint directory; null = <run_dir>/checkpoints."""
     save_every: int = 50
-    """Save every N steps (and on SIGTERM); 0 = only on SIGTERM and at the end."""
+    """Save every N steps and after the last step (and always on SIGTERM); 0 = only on SIGTERM."""
     resume: str = "auto"
     """'auto' (latest complete checkpoint in dir, if any), 'none', or a checkpoint path."""
     keep_last: int = 2
