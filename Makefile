@@ -42,8 +42,8 @@ $(VENV)/.stamp: pyproject.toml Makefile
 demo: env
 	$(VENV)/bin/megacredit train examples/credit_smollm2_arithmetic.yaml
 
-# The CPU replication (docs/results.md): 5 methods x 3 seeds x 15 steps, about 2.4 h on 2 cores
-# before the issue-11 speed-ups; resumable (finished runs are skipped). REPLICATE_ARGS="--dry-run"
+# The CPU replication (docs/results.md): 5 methods x 3 seeds x 10 steps, about 1.1-1.3 h on 2
+# cores; resumable (finished runs are skipped). REPLICATE_ARGS="--dry-run"
 # prints the plan.
 replicate: env
 	$(PY) tools/replicate.py $(REPLICATE_ARGS)

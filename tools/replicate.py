@@ -40,15 +40,18 @@ from megacredit.trainer.replication_report import (  # noqa: E402 (the repositor
 )
 
 METHODS = ("grpo", "sdpo", "credit", "rlsd", "credit_rlsd")
-BUDGET = {"seeds": (1, 2, 3), "steps": 15, "val_every": 5}
-"""The documented budget: 5 methods x 3 seeds x 15 steps, validation (64 prompts x 4 samples)
-at steps 0, 5, 10 and 15."""
-STEP_SECONDS_ESTIMATE = {"grpo": 20.0, "sdpo": 25.0, "credit": 30.0, "rlsd": 25.0, "credit_rlsd": 30.0}
-"""Seconds per training step on 2 cores before the issue-11 speed-ups: CREDIT 30 s from
-docs/demo.md (rollout + teacher + train = 298 s over 10 steps); SDPO = CREDIT / 1.2 (issue 11's
-measured CPU ratio at C = 1); GRPO without the teacher pass; RLSD and the hybrid like SDPO / CREDIT."""
-VALIDATION_SECONDS_ESTIMATE = 41.0
-"""One validation of 64 prompts x 4 samples (docs/demo.md: 124 s for 3)."""
+BUDGET = {"seeds": (1, 2, 3), "steps": 10, "val_every": 5}
+"""The documented budget: 5 methods x 3 seeds x 10 steps, validation (64 prompts x 4 samples)
+at steps 0, 5 and 10; chosen to fit one developer session's background time (about 1.3 h on an
+idle 2-core machine)."""
+STEP_SECONDS_ESTIMATE = {"grpo": 12.0, "sdpo": 14.0, "credit": 17.0, "rlsd": 14.0, "credit_rlsd": 17.0}
+"""Seconds per training step on 2 cores after the issue-11 speed-ups: CREDIT 30 s before them
+(docs/demo.md: rollout + teacher + train = 298 s over 10 steps) x 0.57 (benchmarks/README.md,
+demo step vs 29e183b); SDPO = CREDIT / 1.2 (issue 11's measured CPU ratio at C = 1); GRPO
+without the teacher pass; RLSD and the hybrid like SDPO / CREDIT."""
+VALIDATION_SECONDS_ESTIMATE = 28.0
+"""One validation of 64 prompts x 4 samples: 41 s in docs/demo.md (124 s for 3) / 1.5, the
+embedded engine's prompt-prefilled-once speed-up."""
 STARTUP_SECONDS_ESTIMATE = 20.0
 """Process start, model load and the first weight sync."""
 MARKER = "replicate.json"
@@ -119,7 +122,7 @@ def run_all(args: argparse.Namespace) -> list[tuple[str, int, str]]:
     todo = [(m, s) for m, s in plan if args.force or not is_finished(run_dir(m, s, args), run_command(m, s, args))]
     remaining = sum(estimate_seconds(m, args) for m, _ in todo)
     print(f"replicate: {len(plan)} runs, {len(plan) - len(todo)} already finished, {len(todo)} to train "
-          f"(estimate before the speed-ups: {remaining / 3600:.1f} h)", flush=True)
+          f"(estimate: {remaining / 3600:.1f} h)", flush=True)
     load = os.getloadavg()[0]
     if todo and load > 1.5 * (os.cpu_count() or 1):
         print(f"replicate: warning: load average {load:.1f} on {os.cpu_count()} cores; other work slows the "
@@ -211,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 done = "finished" if is_finished(run_dir(method, seed, args), command) else "to run"
                 print(f"{done:>8}  ~{estimate_seconds(method, args) / 60:4.1f} min  megacredit {' '.join(command[3:])}")
         total = sum(estimate_seconds(m, args) for m in args.methods) * len(args.seeds)
-        print(f"estimate before the issue-11 speed-ups: {total / 3600:.2f} h on 2 cores")
+        print(f"estimate: {total / 3600:.2f} h on 2 cores")
         return 0
     started = time.monotonic()
     failures = [] if args.report_only else run_all(args)
