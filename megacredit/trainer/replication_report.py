@@ -254,8 +254,8 @@ on 2 CPU cores, with batches, response lengths, the learning rate and the teache
 down (examples/_smollm2_arithmetic_base.yaml). The paired comparisons test the papers' orderings
 only at this scale; "not shown" means this budget cannot tell the methods apart, not that the
 papers are wrong. Long-run claims (OPSD's late collapse and growing leakage, RLSD's higher
-convergence ceiling, CREDIT's faster convergence on LiveCodeBench) are out of reach of a 15-step
-run and are not tested. The time ratio is a CPU measurement where the teacher and contrastive
+convergence ceiling, CREDIT's faster convergence on LiveCodeBench) are out of reach of runs this
+short and are not tested. The time ratio is a CPU measurement where the teacher and contrastive
 forwards dominate; the paper's 1.01x comes from GPU runs dominated by long rollouts."""
 
 
