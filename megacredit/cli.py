@@ -193,9 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _show_config_warnings_in_one_line()
         _show_package_log_warnings()
         if args.command == "train":  # before torch allocates anything large
+            from megacredit.utils.cpu_threads import limit_threads_per_local_rank
             from megacredit.utils.malloc import tune_glibc_malloc
 
             tune_glibc_malloc()
+            limit_threads_per_local_rank()  # several ranks on one node's cores (srun): a share each
     handlers = {
         "train": _cmd_train,
         "config": _cmd_config_show,
