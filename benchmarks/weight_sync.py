@@ -38,7 +38,7 @@ GB = 1e9
 
 
 def _config(run_dir: str, bucket_mb: int):
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
 
     overrides = {
         "model.name_or_path": "smollm2-135m-instruct", "algorithm.name": "grpo", "algorithm.group_size": 2,

@@ -7,7 +7,7 @@ For each sample i (prompt record x_i, response ids y_i, reward R_i, feedback z_i
   same response tokens under the enriched context). privileged_i = a successful sibling's
   solution from the same group (never sample i itself) + z_i + the re-solve instruction
   (appendix A.1, see megacredit.data.templates), or in ``rlsd`` mode only the ground-truth
-  answer (rlsd.md section 5: "RLSD requires only the final ground-truth answer").
+  answer (RLSD paper section 5: "RLSD requires only the final ground-truth answer").
 - contrastive k = 1..C (CREDIT section 3.3, eq. 8, appendix A Table 3): the teacher context
   with x_i replaced by x'_k in the user-turn prefix, x'_k drawn uniformly from the OTHER
   distinct prompts of the batch; solution, z_i and y_i unchanged.

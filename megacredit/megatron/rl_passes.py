@@ -28,7 +28,7 @@ from megacredit.algorithms.topk_fused import (
     rows_per_chunk,
 )
 from megacredit.megatron.packed_attention import packed_seq_params
-from megacredit.trainer.packing import PackedMicroBatch
+from megacredit.data.packing import PackedMicroBatch
 from megacredit.utils.progress import ProgressReporter
 
 

@@ -155,7 +155,7 @@ class VLLMServer:
     def __init__(self, model_path: str | Path, *, port: int | None = None, log_path: str | Path | None = None,
                  extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
                  startup_timeout: float = 600.0) -> None:
-        from megacredit.testing import find_free_port  # noqa: PLC0415
+        from megacredit.utils.spawn import find_free_port  # noqa: PLC0415
 
         self.model_path, self.port = str(model_path), port or find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"

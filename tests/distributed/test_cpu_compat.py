@@ -1,13 +1,13 @@
 """The CPU compatibility layer: each fix it claims, checked in a fresh process.
 
 The layer pushes a global torch function mode, so every check runs in a spawned process
-(megacredit.testing.run_distributed) and never leaks into the pytest process.
+(megacredit.utils.spawn.run_distributed) and never leaks into the pytest process.
 """
 
 import pytest
 import torch
 
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 from megatron_test_helpers import each_loaded_model, perturbed_hf_model
 
 pytestmark = pytest.mark.distributed

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 VOCAB, TOP_K = 64, 5
@@ -27,7 +27,7 @@ CASES = {
 def _run_case(name, overrides, skip_old_policy, policy_state, teacher_tensors):
     from megacredit.megatron.distributed import current_context
     from megacredit.trainer.builder import ModelSource, build_actor
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
     from megacredit.trainer.rl_step import RLRun, passes_and_update
     from megacredit.trainer.rollout import RolloutBatch
     from megacredit.models.tiny import tiny_config

@@ -4,8 +4,8 @@ same outputs and gradients as running each sequence alone through the real Megat
 import pytest
 import torch
 
-from megacredit.testing import run_distributed
-from megacredit.trainer.packing import SequenceToPack, pack_sequences, split_per_sequence
+from megacredit.utils.spawn import run_distributed
+from megacredit.data.packing import SequenceToPack, pack_sequences, split_per_sequence
 
 pytestmark = pytest.mark.distributed
 

@@ -17,7 +17,7 @@ import contextlib
 import pytest
 import torch
 
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 from megatron_test_helpers import (
     NUM_SEQUENCES,
     VOCAB_SIZE,

@@ -20,7 +20,7 @@ from megacredit.algorithms.topk_fused import (
     chunked_topk_logprobs_from_hidden,
     chunked_topk_logprobs_from_logits,
 )
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -47,7 +47,7 @@ def roundtrip(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megacredit.models.smollm2 import smollm2_hf_dir
-    from megacredit.testing import run_distributed
+    from megacredit.utils.spawn import run_distributed
 
     hf_dir = smollm2_hf_dir()  # converted once from the GGUF (~20 s), then cached
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)

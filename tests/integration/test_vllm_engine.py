@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 from trainer_helpers import tiny_overrides
 from vllm_helpers import TINY_VLLM, needs_vllm
 
@@ -40,7 +40,7 @@ def _smollm2_scenario(rank, world_size, run_dir):
     import torch
 
     from megacredit.rollout.base import SamplingParams, WeightSyncError
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
     from megacredit.trainer.loop import setup
     from megacredit.trainer.rl_step import run_step
     from megacredit.trainer.rollout import PromptStream
@@ -131,7 +131,7 @@ def test_the_sync_check_names_the_corrupted_tensor(smollm2):
 
 
 def _train_tiny(rank, world_size, run_dir):
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
     from megacredit.trainer.loop import train
 
     overrides = tiny_overrides("grpo", Path(run_dir), steps=2, **TINY_VLLM, **{

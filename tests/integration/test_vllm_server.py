@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 from trainer_helpers import tiny_overrides
 from vllm_helpers import needs_vllm, write_tiny_model
 
@@ -117,7 +117,7 @@ def test_http_weight_update_matches_the_embedded_engine_and_bad_updates_change_n
 
 
 def _train_remote(rank, world_size, run_dir, model_dir, urls):
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
     from megacredit.trainer.loop import train
 
     overrides = tiny_overrides("grpo", Path(run_dir), steps=2, **{

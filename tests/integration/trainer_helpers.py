@@ -76,7 +76,7 @@ def read_losses(run_dir: Path) -> dict[int, dict[str, float]]:
 def train_runs(rank, world_size, runs: list[tuple[str, list[str]]]) -> dict[str, dict]:
     """Train each (name, overrides) config in turn in this process group; rank 0 returns the
     logged metrics of each run."""
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
     from megacredit.trainer.loop import train
 
     results = {}

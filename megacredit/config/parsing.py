@@ -1,4 +1,4 @@
-"""Generic, schema-agnostic machinery behind :mod:`megacredit.trainer.config`.
+"""Generic, schema-agnostic machinery behind :mod:`megacredit.config`.
 
 Turns nested plain dicts (from YAML) into typed dataclasses with errors that name the full
 dotted key, and applies ``key.sub=value`` command-line overrides whose values are parsed as
