@@ -120,7 +120,7 @@ def probe_logits(chunks, tokens: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits [B, S, VOCAB_SIZE] of ``tokens`` inputs, on every rank."""
     from megatron.core import parallel_state
 
-    from megacredit.megatron.model_provider import pipeline_forward_logits
+    from megatron_probes import pipeline_forward_logits
 
     bare = [getattr(chunk, "module", chunk) for chunk in chunks]  # DDP -> GPTModel
     logits = pipeline_forward_logits(bare, tokens[:, :-1])
