@@ -167,11 +167,6 @@ def enable_cpu_compat() -> bool:
     return True
 
 
-def is_enabled() -> bool:
-    """True when :func:`enable_cpu_compat` has switched the layer on in this process."""
-    return bool(_STATE["enabled"])
-
-
 def device() -> torch.device:
     """The device megacredit places model tensors on: the current CUDA device, else CPU."""
     if cuda_available():
