@@ -90,20 +90,6 @@ class SampleSequences:
         """Index where the response begins in ``sequence`` (any of this sample's sequences)."""
         return len(sequence) - self.response_length
 
-    @property
-    def student_response_span(self) -> tuple[int, int]:
-        """[start, end) of y_i in ``student_ids``."""
-        return (len(self.student_ids) - self.response_length, len(self.student_ids))
-
-    @property
-    def teacher_response_span(self) -> tuple[int, int]:
-        """[start, end) of y_i in ``teacher_ids``."""
-        return (len(self.teacher_ids) - self.response_length, len(self.teacher_ids))
-
-    def teacher_side_sequences(self) -> list[list[int]]:
-        """[teacher, contrastive_1..C]: the sequences to run together in one micro-batch."""
-        return [self.teacher_ids, *self.contrastive_ids]
-
 
 def split_think_trace(text: str) -> tuple[str, str]:
     """(think trace, solution without the <think> blocks) of a response text."""
