@@ -9,7 +9,9 @@
   megacredit viz RUN_DIR [RUN_DIR ...] [--out HTML] token-credit heatmaps, runs side by side
 
 A setup error (config, data row, model folder, checkpoint, TP x PP vs the processes started,
-run directory) prints one line, ``megacredit: error: ...``, and exits with status 2.
+run directory, a full disk) prints one line, ``megacredit: error: ...``, and exits with status 2;
+a fault the run did not survive (no rollout engine left, a lost trainer rank) prints one line and
+exits with status 3 (docs/reliability.md).
 ``--debug`` (or the environment variable MEGACREDIT_DEBUG=1) shows the full traceback instead.
 """
 
@@ -25,10 +27,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from megacredit.config.parsing import ConfigError, ConfigWarning
-from megacredit.utils.errors import SetupError
+from megacredit.utils.errors import RunFault, SetupError
 
 EXIT_CONFIG_ERROR = 2
 EXIT_MISSING_COMPONENT = 1
+EXIT_RUN_FAULT = 3
 DEBUG_ENV = "MEGACREDIT_DEBUG"
 CONVERTERS = {
     "hf-to-mcore": ("megacredit.megatron.convert", "hf_to_mcore_main"),
@@ -213,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Other setup errors (DatasetRowError: file, row and field) carry their whole story.
         prefix = "config error: " if isinstance(exc, ConfigError) else ""
         return _fail(f"{prefix}{exc}", EXIT_CONFIG_ERROR)
+    except RunFault as exc:
+        if args.debug:
+            raise
+        return _fail(str(exc), EXIT_RUN_FAULT)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,16 @@ data-loader position, ... saved once in the common part, so it must be the same 
 and ``extra_sharded_state`` (a mapping of ShardedTensors, e.g. the EMA teacher's weights built
 with :func:`sharded_like_params`).
 
-Atomicity: every rank writes into ``step_XXXXXX.tmp/``; after a barrier rank 0 lists the files
-(every other rank confirms the listing from its own view of the shared directory), writes the
-completion marker with that manifest, renames the directory to ``step_XXXXXX/``, then rewrites
-``latest``, prunes to ``keep_last`` and a final collective lets every rank return (or raise,
-when the ranks' views disagree or rank 0 could not publish). A crash at any point leaves either the
-previous complete checkpoint as the latest, or the new one complete.
+Atomicity: rank 0 removes the leftovers of crashed saves (``step_*.tmp``), every rank checks
+that the save fits on the disk (megacredit/megatron/checkpoint_disk.py; a full disk stops every
+rank with one line before anything is written) and writes into ``step_XXXXXX.tmp/``; after a
+barrier rank 0 lists the files (every other rank confirms the listing from its own view of the
+shared directory), writes the completion marker with that manifest (fsynced), renames the
+directory to ``step_XXXXXX/``, then rewrites ``latest``, prunes to ``keep_last`` (each old
+directory renamed to ``*.deleted.tmp`` first, so a half-deleted one is never a candidate) and a
+final collective lets every rank return (or raise, when the ranks' views disagree or rank 0 could
+not publish). A kill at any point leaves either the previous complete checkpoint as the newest,
+or the new one complete (tests/integration/test_checkpoint_faults.py kills a save at each step).
 
 Saves are synchronous. Megatron's asynchronous save starts a multiprocessing Manager which
 re-imports the launched script: it would need an ``if __name__ == "__main__":`` guard in every
@@ -43,6 +47,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -52,6 +57,17 @@ import torch
 
 from megacredit.megatron import cpu_compat
 from megacredit.megatron.checkpoint_manifest import list_files, listing_disagreement, manifest_problem
+from megacredit.megatron.checkpoint_disk import (
+    checkpoint_bytes,
+    free_bytes,
+    fsync_directory,
+    is_out_of_space,
+    remove_unfinished_saves,
+    space_problem,
+    state_bytes,
+    unfinished_saves,
+    write_durably,
+)
 from megacredit.megatron.distributed import ParallelContext
 from megacredit.utils.comm import all_gather_objects, broadcast_object
 from megacredit.utils.errors import SetupError, one_line
@@ -69,6 +85,10 @@ _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 class CheckpointError(SetupError, RuntimeError):
     """A checkpoint is missing, incomplete or does not match the model."""
+
+
+class CheckpointSpaceError(CheckpointError):
+    """A save does not fit on its filesystem (checked before writing, or ENOSPC while writing)."""
 
 
 @dataclass
@@ -159,17 +179,24 @@ def find_latest_checkpoint(root: str | Path, warn: bool = True) -> Path | None:
     """The newest intact checkpoint in ``root``, or None.
 
     A newer finished save that is damaged (a truncated or missing shard, see
-    :func:`checkpoint_problem`) is skipped with a warning naming it (``warn=False``: silently,
-    e.g. on all ranks but 0). The ``latest`` file is advisory (a crash between rename and its
-    update leaves it one step behind).
+    :func:`checkpoint_problem`) is skipped with a warning naming it, and so is a newer unfinished
+    save (``step_N.tmp``: the run was stopped while writing it) (``warn=False``: silently, e.g. on
+    all ranks but 0). The ``latest`` file is advisory (a crash between rename and its update
+    leaves it one step behind).
     """
+    chosen = None
     for path in reversed(_finished_step_dirs(Path(root))):
         problem = checkpoint_problem(path)
         if problem is None:
-            return path
+            chosen = path
+            break
         if warn:
             logger.warning("checkpoint %s is damaged (%s); skipping it", path, problem)
-    return None
+    if warn:
+        newest = _step_of(chosen) if chosen is not None else -1
+        for path in unfinished_saves(root, newer_than=newest):
+            logger.warning("%s is an unfinished save (the run stopped while writing it); skipping it", path)
+    return chosen
 
 
 def _no_intact_checkpoint(root: Path) -> CheckpointError:
@@ -280,20 +307,16 @@ def _params_dtype_name(model_chunks: Sequence[torch.nn.Module]) -> str:
     return str(first.dtype).replace("torch.", "")
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def _publish(tmp_dir: Path, final_dir: Path, root: Path, info: dict[str, Any]) -> None:
     """Rank 0: completion marker, rename tmp -> final, then the ``latest`` marker."""
-    (tmp_dir / MARKER_FILE).write_text(json.dumps(info, indent=1))
+    write_durably(tmp_dir / MARKER_FILE, json.dumps(info, indent=1))
     if final_dir.exists():  # re-saving the same step: move the old copy aside first
         stale = final_dir.with_name(final_dir.name + ".old.tmp")
         shutil.rmtree(stale, ignore_errors=True)
         final_dir.rename(stale)
         shutil.rmtree(stale, ignore_errors=True)
     tmp_dir.rename(final_dir)
+    fsync_directory(root)
     marker_tmp = root / (LATEST_FILE + ".tmp")
     marker_tmp.write_text(final_dir.name + "\n")
     os.replace(marker_tmp, root / LATEST_FILE)
@@ -314,8 +337,11 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     kept = intact[-keep_last:]
     oldest_kept = _step_of(kept[0])
     doomed = [p for p in _finished_step_dirs(Path(root)) if p not in kept and _step_of(p) < oldest_kept]
-    for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+    for path in doomed:  # renamed first: a deletion stopped half-way leaves no damaged candidate
+        trash = path.with_name(path.name + ".deleted.tmp")
+        shutil.rmtree(trash, ignore_errors=True)
+        path.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return doomed
 
 
@@ -360,20 +386,14 @@ def save_checkpoint(
     Returns:
         The final step directory.
     """
-    from megatron.core import dist_checkpointing
-
     root = Path(ckpt_dir)
     final_dir = root / step_dir_name(step)
     tmp_dir = root / (final_dir.name + ".tmp")
-    if ctx.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of a crashed save of this step
-        tmp_dir.mkdir()
-    _barrier()
     state = _build_state(model_chunks, optimizer, ctx, step, extra_state, extra_sharded_state,
                          loading=False, with_rng=save_rng, with_optimizer=True)
-    dist_checkpointing.save(state, str(tmp_dir))
-    _barrier()
+    needed = sum(all_gather_objects(state_bytes(state)))
+    _prepare_save(root, tmp_dir, step, needed, ctx.rank)
+    _write_state(state, root, tmp_dir, step, needed, ctx.rank)
     manifest, problem = _confirmed_listing(tmp_dir, ctx.rank)
     if ctx.rank == 0 and problem is None:
         info = {"step": int(step), "layout": _layout(ctx), "format_version": FORMAT_VERSION,
@@ -384,11 +404,79 @@ def save_checkpoint(
             if keep_last:
                 prune_checkpoints(root, keep_last)
         except OSError as error:  # e.g. a full disk: every rank must hear of it, not hang
-            problem = one_line(error)
-    problem = broadcast_object(problem)  # also the final barrier
-    if problem is not None:
-        raise CheckpointError(f"checkpoint of step {step} was not published ({tmp_dir} kept): {problem}")
+            problem = _failed_save_problem(is_out_of_space(error), one_line(error), root, tmp_dir, step, needed)
+    _raise_on_every_rank(problem)  # also the final barrier
     return final_dir
+
+
+def _raise_on_every_rank(problem: tuple[bool, str] | None) -> None:
+    """Every rank raises rank 0's (out of space?, message) together, or returns. Collective."""
+    problem = broadcast_object(problem)
+    if problem is not None:
+        out_of_space, message = problem
+        raise (CheckpointSpaceError if out_of_space else CheckpointError)(message)
+
+
+def _previous_and_needed(root: Path, needed: int) -> tuple[Path | None, int]:
+    """The newest complete checkpoint (kept until the new one is complete) and the bytes the new
+    one needs: the larger of its size and ``needed`` (the tensors being saved)."""
+    previous = find_latest_checkpoint(root, warn=False)
+    return previous, max(needed, checkpoint_bytes(previous, MARKER_FILE) if previous else 0)
+
+
+def _prepare_save(root: Path, tmp_dir: Path, step: int, needed: int, rank: int) -> None:
+    """Rank 0 removes killed saves' leftovers, checks the free space and makes ``tmp_dir``; every
+    rank raises together when it could not (nothing written). Collective."""
+    problem = None
+    if rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_unfinished_saves(root)
+            previous, needed = _previous_and_needed(root, needed)
+            free = free_bytes(root)
+            if free < needed:
+                problem = (True, space_problem(step, tmp_dir, needed, free, previous))
+            else:
+                tmp_dir.mkdir()
+        except OSError as error:
+            problem = _failed_save_problem(is_out_of_space(error), one_line(error), root, tmp_dir, step, needed)
+    _raise_on_every_rank(problem)
+
+
+def _write_state(state: dict[str, Any], root: Path, tmp_dir: Path, step: int, needed: int, rank: int) -> None:
+    """Megatron's collective write into ``tmp_dir``; a failure on any rank (a full disk: ENOSPC)
+    raises on every rank, after rank 0 removed the unfinished directory. Collective."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        dist_checkpointing.save(state, str(tmp_dir))
+        failure = None
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - shared with every rank below
+        failure = error
+    failures = all_gather_objects(None if failure is None else (is_out_of_space(failure), one_line(failure)))
+    failed = [(other, report) for other, report in enumerate(failures) if report is not None]
+    if not failed:
+        return
+    out_of_space, detail = any(report[0] for _, report in failed), f"rank {failed[0][0]}: {failed[0][1][1]}"
+    _raise_on_every_rank(_failed_save_problem(out_of_space, detail, root, tmp_dir, step, needed) if rank == 0
+                         else None)
+
+
+def _failed_save_problem(out_of_space: bool, detail: str, root: Path, tmp_dir: Path, step: int,
+                         needed: int) -> tuple[bool, str]:
+    """Rank 0: (out of space?, the one line) of a save that failed before or while it was
+    published; the unfinished directory is removed (it may hold the space a retry needs). A write
+    error counts as a full disk also when its text does not say so (torch.save reports "iostream
+    error") but the filesystem has less room than the save still needed."""
+    previous, needed = _previous_and_needed(root, needed)
+    written = sum(entry["size"] for entry in list_files(tmp_dir, checksums=False).values()) if tmp_dir.is_dir() else 0
+    out_of_space = out_of_space or free_bytes(root) < needed - written
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    if out_of_space:
+        return True, space_problem(step, tmp_dir, needed, free_bytes(root), previous)
+    newest = f"the newest complete checkpoint is {previous.name}" if previous else "no complete checkpoint exists"
+    return False, f"the checkpoint of step {step} could not be written to {tmp_dir} ({detail}); {newest}"
 
 
 def _resolve_on_every_rank(ckpt_dir: str | Path, step: int | None, rank: int) -> Path:
@@ -442,7 +530,15 @@ def load_checkpoint(
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     try:
-        loaded = dist_checkpointing.load(state, str(path))
+        with warnings.catch_warnings():
+            # PyTorch's FutureWarnings "Please use DTensor instead and we are deprecating ShardedTensor."
+            # and "`load_state_dict` is deprecated ...": raised on every load by Megatron-Core 0.16's
+            # torch_dist strategy (strategies/torch.py), which builds ShardedTensors and calls
+            # torch.distributed.checkpoint.load_state_dict; nothing megacredit can change.
+            warnings.filterwarnings("ignore", "Please use DTensor instead and we are deprecating ShardedTensor",
+                                    FutureWarning)
+            warnings.filterwarnings("ignore", "`load_state_dict` is deprecated", FutureWarning)
+            loaded = dist_checkpointing.load(state, str(path))
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - re-raised with a hint
         raise CheckpointError(
             f"cannot load {path} into this model ({one_line(error)}); "

@@ -18,11 +18,13 @@ from megacredit.megatron.checkpoint import (
     damaged_checkpoints,
     find_latest_checkpoint,
     load_checkpoint,
+    read_checkpoint_info,
     resolve_checkpoint,
     save_checkpoint,
     sharded_like_params,
 )
 from megacredit.utils.comm import all_gather_objects
+from megacredit.utils.progress import ProgressReporter
 
 
 class PreemptionFlag:
@@ -62,13 +64,15 @@ def save(actor, ctx, ckpt_dir: str, step: int, keep_last: int, extra: dict[str, 
                            extra_state=extra, extra_sharded_state=_teacher_sharded(actor), keep_last=keep_last)
 
 
-def resume(actor, ctx, cfg) -> tuple[int, dict[str, Any]]:
+def resume(actor, ctx, cfg, progress: ProgressReporter | None = None) -> tuple[int, dict[str, Any]]:
     """Restore from ``checkpoint.resume`` ("auto": the newest intact one; "none"; a path).
 
-    "auto" skips damaged newer checkpoints with a warning naming them (files that no longer match
-    the manifest written at save time) and starts fresh only when the directory holds no finished
-    checkpoint at all; when every one is damaged it raises CheckpointError rather than start over.
-    Returns (completed steps, extra state); (0, {}) when starting fresh.
+    "auto" skips damaged newer checkpoints and unfinished saves (``step_N.tmp``: the run was
+    stopped while writing them) with a warning naming each and why, and starts fresh only when
+    the directory holds no finished checkpoint at all; when every one is damaged it raises
+    CheckpointError rather than start over. What is resumed is shown as a stage on ``progress``
+    ("resuming from <dir> (step N)"). Returns (completed steps, extra state); (0, {}) when
+    starting fresh.
     """
     mode = cfg.checkpoint.resume
     root = cfg.checkpoint_dir()
@@ -80,8 +84,10 @@ def resume(actor, ctx, cfg) -> tuple[int, dict[str, Any]]:
         path = resolve_checkpoint(root, warn=ctx.rank == 0)  # the newest intact one, or raises
     else:
         path = Path(mode)
-    loaded = load_checkpoint(actor.model_chunks, actor.optimizer, ctx, path,
-                             extra_sharded_state=_teacher_sharded(actor))
+    description = f"resuming from {path}" + (f" (step {read_checkpoint_info(path)['step']})" if mode == "auto" else "")
+    with (progress or ProgressReporter()).stage(description):
+        loaded = load_checkpoint(actor.model_chunks, actor.optimizer, ctx, path,
+                                 extra_sharded_state=_teacher_sharded(actor))
     if actor.teacher is not None:
         actor.teacher.load_state_tensors(loaded.extra_sharded_state["teacher"])
     return loaded.step, loaded.extra_state

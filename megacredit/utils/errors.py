@@ -1,8 +1,9 @@
 """Errors a user fixes in the run's inputs, and the parallel-layout rule both the config and the
 launcher check. Megatron-free and import-light: every layer (cli, trainer, megatron, data) uses it.
 
-The ``megacredit`` command prints a :class:`SetupError` as one line and exits with status 2
-(``--debug`` or ``MEGACREDIT_DEBUG=1`` shows the traceback instead).
+The ``megacredit`` command prints a :class:`SetupError` as one line and exits with status 2, a
+:class:`RunFault` as one line with status 3 (``--debug`` or ``MEGACREDIT_DEBUG=1`` shows the
+traceback instead); docs/reliability.md lists the faults.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ import re
 class SetupError(Exception):
     """A problem with the run's inputs (config, data, model, checkpoint, launch layout) that the
     user can fix; the message says what is wrong and how to fix it, in one line."""
+
+
+class RunFault(RuntimeError):
+    """A fault the run did not survive although its inputs are fine (no rollout engine left, a
+    trainer rank lost): one line saying what failed, where, and that ``checkpoint.resume=auto``
+    continues from the newest complete checkpoint once the cause is gone. Exit status 3, which
+    slurm/launch.sh answers with a requeue."""
 
 
 class ParallelLayoutError(SetupError, ValueError):
