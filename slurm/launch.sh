@@ -28,7 +28,10 @@
 #      limit; it is forwarded to the trainer, which saves a checkpoint at the end of the
 #      current step and exits 0; the job then requeues itself (`scontrol requeue`) and the
 #      next run continues with checkpoint.resume=auto. A job preempted by the scheduler
-#      (PreemptMode=REQUEUE) gets SIGTERM, which the trainer handles the same way.
+#      (PreemptMode=REQUEUE) gets SIGTERM, which the trainer handles the same way;
+#   6. a lost rank: srun --kill-on-bad-exit stops the others, and a status a restart may cure
+#      (a rank killed by a signal, megacredit's fault status 3) requeues the job the same way,
+#      at most MAX_REQUEUES times (docs/reliability.md).
 #
 # Rollout engine placement (the trainer's rollout.engine: embedded | vllm | sglang):
 #   ROLLOUT_PLACEMENT=colocated (default): the trainer starts the engine itself, on the
@@ -255,14 +258,23 @@ mc_on_preempt() {
   if [[ -n "${TRAIN_PID:-}" ]]; then kill -USR1 "$TRAIN_PID" 2>/dev/null || true; fi
 }
 
+# Returns 1 when it did not requeue (MAX_REQUEUES reached).
 mc_requeue() {
   local max=${MAX_REQUEUES:-20}
   if ((RESTART >= max)); then
     mc_log "not requeueing: restart $RESTART reached MAX_REQUEUES=$max"
-    return 0
+    return 1
   fi
   mc_log "requeueing job $JOB_ID; the next run resumes from the newest checkpoint in $RUN_DIR"
   scontrol requeue "$JOB_ID"
+}
+
+# A trainer status that a restart may cure (docs/reliability.md): a rank killed by a signal (srun
+# returns 128 + the signal, e.g. 137 for SIGKILL: the OOM killer, a lost node) or megacredit's
+# status 3 (a fault it did not survive: a rank lost in a collective, no rollout engine left).
+# Not 1 (a bug) or 2 (a setup error, e.g. a full disk): those need a person.
+mc_restartable_status() {
+  (($1 == 3 || $1 >= 128))
 }
 
 mc_run() {
@@ -285,7 +297,11 @@ mc_run() {
     kill -0 "$TRAIN_PID" 2>/dev/null || break
   done
   mc_log "trainer exited with status $rc"
-  if [[ "$PREEMPTED" == 1 && "$rc" == 0 ]]; then mc_requeue; return 0; fi
+  if [[ "$PREEMPTED" == 1 && "$rc" == 0 ]]; then mc_requeue || true; return 0; fi
+  if [[ "$PREEMPTED" == 0 ]] && mc_restartable_status "$rc"; then
+    mc_log "the trainer lost a rank or hit a fault (status $rc; the train log above names it)"
+    if mc_requeue; then return 0; fi
+  fi
   return "$rc"
 }
 

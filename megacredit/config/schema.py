@@ -96,6 +96,11 @@ class ParallelConfig:
     """Megatron sequence parallelism (needs TP > 1)."""
     micro_batch_tokens: int = 32768
     """Token budget of one packed micro-batch (sequences are packed up to this many tokens)."""
+    collective_timeout_minutes: float = 30.0
+    """How long a rank waits in a collective (gloo and NCCL, the default group and Megatron's)
+    before it stops the run with one line: bounds how long the ranks outlive one that died or
+    hangs (docs/reliability.md). Must exceed the longest phase rank 0 runs alone (its rollouts
+    and validation, a checkpoint write)."""
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` processes (raises ConfigError if TP*PP does not divide)."""
@@ -265,6 +270,13 @@ class RolloutConfig:
     check_weight_sync_tolerance: float = 0.05
     """Largest allowed mean absolute difference of the probe's per-token log-probs between
     engine and trainer (float32 on CPU measures about 1e-5; bf16 engines on GPUs about 1e-2)."""
+    request_timeout_s: float = 600.0
+    """Remote engines: a request (one prompt's generation, one weight bucket) that has not been
+    answered after this many seconds counts as a hung server, which leaves the pool like a dead
+    one (docs/reliability.md). Must exceed the longest generation of one prompt."""
+    max_engine_faults: int = 10
+    """Remote vLLM servers: engine faults (a server died or hung) the run survives before it
+    stops; each is logged and counted in rollout/engine_faults. 0 = stop at the first."""
 
 
 @dataclass

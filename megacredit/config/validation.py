@@ -176,6 +176,8 @@ def _check_parallel_and_model(cfg: MegacreditConfig) -> None:
              par.micro_batch_tokens,
              f"must be >= rollout.max_seq_len ({cfg.rollout.max_seq_len}) so a full-length "
              "sequence fits one packed micro-batch")
+    _require(par.collective_timeout_minutes > 0, "parallel.collective_timeout_minutes",
+             par.collective_timeout_minutes, "must be > 0 (docs/reliability.md)")
     _require(bool(cfg.model.name_or_path.strip()), "model.name_or_path", cfg.model.name_or_path,
              "give an HF folder/hub id or a builtin name (smollm2-135m-instruct, tiny)")
     if cfg.model.name_or_path == "tiny":
@@ -329,6 +331,9 @@ def _check_engine_placement(cfg: MegacreditConfig) -> None:
              ro.check_weight_sync_every, "must be >= 0 (0 = never check)")
     _require(ro.check_weight_sync_tolerance > 0.0, "rollout.check_weight_sync_tolerance",
              ro.check_weight_sync_tolerance, "must be > 0")
+    _require(ro.request_timeout_s > 0.0, "rollout.request_timeout_s", ro.request_timeout_s, "must be > 0")
+    _require(ro.max_engine_faults >= 0, "rollout.max_engine_faults", ro.max_engine_faults,
+             "must be >= 0 (0 = stop at the first fault)")
     alg = cfg.algorithm
     _require(alg.rollout_is_cap > 0.0, "algorithm.rollout_is_cap", alg.rollout_is_cap,
              "must be > 0 (verl's default: 2.0)")

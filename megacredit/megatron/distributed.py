@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -18,7 +19,7 @@ from typing import Mapping
 import torch
 
 from megacredit.megatron import cpu_compat
-from megacredit.utils.errors import ParallelLayoutError, parallel_layout_problem
+from megacredit.utils.errors import ParallelLayoutError, RunFault, parallel_layout_problem
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,14 @@ def initialize(
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
     backend: str | None = None,
-    timeout_minutes: int = 30,
+    timeout_minutes: float = 30.0,
 ) -> ParallelContext:
     """Start torch.distributed (if needed) and Megatron's parallel state; seed the RNG tracker.
 
-    Safe to call when the process group already exists (e.g. tests' launcher): it reuses it.
+    ``timeout_minutes`` (``parallel.collective_timeout_minutes``) bounds every collective of the
+    default group and of Megatron's groups: gloo raises on the waiting rank, NCCL's watchdog ends
+    the process (docs/reliability.md). Safe to call when the process group already exists (e.g.
+    tests' launcher): it reuses it, with its own timeout.
     """
     launch = read_launch_env()  # checked first: a bad layout fails before Megatron is imported
     _validate_layout(launch.world_size, tensor_model_parallel_size, pipeline_model_parallel_size, launch.launcher)
@@ -150,6 +154,7 @@ def initialize(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         create_gloo_process_groups=not cpu,
+        distributed_timeout_minutes=timeout_minutes,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
@@ -172,6 +177,26 @@ def current_context() -> ParallelContext:
         backend=torch.distributed.get_backend(),
         device=cpu_compat.device(),
     )
+
+
+PEER_LOST_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out waiting",
+                   "Socket closed", "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
+"""What gloo and NCCL say when the other side of a collective died or stopped answering."""
+
+
+def lost_peer_fault(error: BaseException, rank: int, timeout_minutes: float) -> RunFault | None:
+    """The one line for a collective that failed because another rank died or hangs (raised by
+    torch.distributed with one of :data:`PEER_LOST_SIGNS`), None for any other error."""
+    frames = traceback.extract_tb(error.__traceback__)
+    in_collective = isinstance(error, torch.distributed.DistError) or any(
+        "torch/distributed/" in frame.filename for frame in frames)
+    text = str(error)
+    if not in_collective or not any(sign in text for sign in PEER_LOST_SIGNS):
+        return None
+    detail = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return RunFault(f"rank {rank}: a collective failed ({detail[:300]}): another rank died or did not answer "
+                    f"within parallel.collective_timeout_minutes={timeout_minutes:g}; the launcher's log names the "
+                    f"rank that failed first; checkpoint.resume=auto continues from the newest complete checkpoint")
 
 
 def shutdown() -> None:

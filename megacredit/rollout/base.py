@@ -15,7 +15,10 @@ vLLM adapter in ``vllm.py``, the SGLang adapter in ``sglang.py``, and the data-p
   and leaves the previous weights in place. ``load_weights(named_tensors)`` is the engine's
   low-level copy that the entry point drives;
 * ``sleep()`` / ``wake()`` let a colocated engine release and re-take memory around training;
-  ``shutdown()`` releases the engine for good (processes, servers it started, memory).
+  ``shutdown()`` releases the engine for good (processes, servers it started, memory);
+* ``health_problem()`` / ``restart()``: a server's health check, and a restart of a server
+  megacredit started; an engine that died or hung raises :class:`EngineUnavailableError`, which
+  an :class:`~megacredit.rollout.pool.EnginePool` survives (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -198,6 +201,12 @@ def rebucket(
 WeightManifest = dict[str, tuple[int, ...]]
 
 
+class EngineUnavailableError(RuntimeError):
+    """The engine died or did not answer in time (connection refused or reset, a timeout): the
+    fault an :class:`~megacredit.rollout.pool.EnginePool` survives by moving the engine's work to
+    the others. Errors the engine answers with (a bad request) are not this."""
+
+
 class WeightSyncError(RuntimeError):
     """A weight update failed after it started copying (the engine may hold a mix of old and
     new weights and must be synced again before it generates)."""
@@ -377,3 +386,19 @@ class RolloutEngine(ABC):
     def shutdown(self) -> None:
         """Release the engine for good: memory, worker processes, servers it started (no-op
         unless the engine overrides it). Safe to call twice."""
+
+    def health_problem(self) -> str | None:
+        """Why the engine cannot serve right now (its health check), None when it can. In-process
+        engines are healthy while their process runs; servers answer a health endpoint."""
+        return None
+
+    def take_faults(self) -> list:
+        """The engine faults survived since the last call (an EnginePool's, each printable as
+        "engine K (url) failed during ... (cause)"); a single engine survives none."""
+        return []
+
+    def restart(self) -> bool:
+        """Restart the engine's server after it died or hung, when megacredit started it (blocks
+        until it is healthy); False when it cannot (a server somebody else runs). A restarted
+        engine holds its initial weights: it needs a full weight update before it generates."""
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -9,9 +10,16 @@ import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
+from megacredit.rollout.base import EngineUnavailableError
+
 
 class EngineHTTPError(RuntimeError):
     """A server answered with an error status, or could not be reached."""
+
+
+class EngineUnreachableError(EngineHTTPError, EngineUnavailableError):
+    """A server could not be reached, dropped the connection or did not answer within the
+    client's timeout: it died or hangs."""
 
 
 def normalize_url(url: str, field: str = "rollout.urls") -> str:
@@ -41,8 +49,9 @@ class JSONClient:
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace")[:2000]
             raise EngineHTTPError(f"{method} {url}{path} -> HTTP {error.code}: {detail}") from error
-        except (urllib.error.URLError, OSError) as error:
-            raise EngineHTTPError(f"{method} {url}{path} failed: {error}; is the server up?") from error
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # refused, reset, timed out
+            reason = getattr(error, "reason", None) or error or type(error).__name__
+            raise EngineUnreachableError(f"{method} {url}{path} failed: {reason}; is the server up?") from error
         if not raw:
             return None
         try:
@@ -55,6 +64,17 @@ class JSONClient:
 
     def post(self, url: str, path: str, body: Any | None = None) -> Any:
         return self.request("POST", url, path, {} if body is None else body)
+
+    def health_problem(self, url: str, path: str = "/health", timeout: float = 10.0) -> str | None:
+        """None when ``GET url+path`` answers with a success status within ``timeout`` seconds,
+        else what happened (refused, timed out, an error status)."""
+        try:
+            urllib.request.urlopen(f"{url}{path}", timeout=timeout).read()
+            return None
+        except urllib.error.HTTPError as error:
+            return f"GET {url}{path} -> HTTP {error.code}"
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+            return f"GET {url}{path} failed: {getattr(error, 'reason', None) or error or type(error).__name__}"
 
     def wait_healthy(self, url: str, path: str = "/health", timeout: float = 300.0,
                      alive: Any = None) -> None:

@@ -321,3 +321,12 @@ class SGLangServerEngine(RolloutEngine):
             self.disconnect_weight_sync()
         finally:
             self._pool.shutdown(wait=False)
+
+    def health_problem(self) -> str | None:
+        """The first of the router and the workers that does not answer ``GET /health``
+        (``python/sglang/srt/entrypoints/http_server.py``), None when all do."""
+        for url in ([self.router_url] if self.router_url else []) + self.workers:
+            problem = self.client.health_problem(url, "/health")
+            if problem is not None:
+                return problem
+        return None

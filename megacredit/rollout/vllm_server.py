@@ -53,6 +53,11 @@ from megacredit.rollout.vllm import (
 )
 
 
+HEALTH_TIMEOUT_S = 30.0
+"""How long ``GET /health`` may take before the server counts as unhealthy (a trivial endpoint:
+seconds even on a loaded machine)."""
+
+
 def completion_request(model: str, prompt: Sequence[int], params: SamplingParams, index: int) -> dict[str, Any]:
     """The ``/v1/completions`` body of prompt ``index`` of a generate call."""
     body = {"model": model, "prompt": list(prompt), "return_token_ids": True, "skip_special_tokens": False,
@@ -85,12 +90,17 @@ class VLLMServerEngine(RolloutEngine):
     form an :class:`~megacredit.rollout.pool.EnginePool`."""
 
     def __init__(self, url: str, *, model_path: str | Path | None = None, timeout: float = 600.0,
-                 max_concurrency: int = 32, client: JSONClient | None = None) -> None:
+                 max_concurrency: int = 32, client: JSONClient | None = None,
+                 server: "VLLMServer | None" = None) -> None:
         """url: 'http://host:port'; model_path: a local copy of the HF folder the server was
         started from, whose safetensors manifest checks updates before any copy (None: the
-        server reads the manifest of its own checkpoint, on its own disk)."""
+        server reads the manifest of its own checkpoint, on its own disk); timeout: seconds a
+        request may take before the server counts as hung (``rollout.request_timeout_s``);
+        server: the :class:`VLLMServer` that started it, when megacredit did (then
+        :meth:`restart` restarts it)."""
         self.url = normalize_url(url)
         self.client = client or JSONClient(timeout)
+        self.server = server
         self._manifest = folder_manifest(Path(model_path)) if model_path is not None else None
         self._asked_manifest = model_path is not None
         self._threads = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="vllm-http")
@@ -146,6 +156,16 @@ class VLLMServerEngine(RolloutEngine):
     def shutdown(self) -> None:
         self._threads.shutdown(wait=False)
 
+    def health_problem(self) -> str | None:
+        return self.client.health_problem(self.url, "/health", timeout=HEALTH_TIMEOUT_S)
+
+    def restart(self) -> bool:
+        if self.server is None:
+            return False
+        self.server.stop()
+        self.server.start()
+        return True
+
 
 # ----------------------------------------------------------------------------- launcher
 class VLLMServer:
@@ -171,7 +191,7 @@ class VLLMServer:
     def start(self) -> "VLLMServer":
         env = vllm_environment({**os.environ, **self.env})
         env["VLLM_SERVER_DEV_MODE"] = "1"
-        log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the server's lifetime
+        log = open(self.log_path, "ab")  # noqa: SIM115 - appended: a restart keeps the log of the dead server
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         log.close()
@@ -190,17 +210,22 @@ class VLLMServer:
             return "(no log)"
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the server's process group (its PID), SIGKILL if it has not exited."""
+        """SIGTERM to the server's process group (its PID; SIGCONT too, so that a stopped, hung
+        server handles it), SIGKILL if it has not exited; also when the server itself already
+        died, whatever it spawned is killed."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
         for sig in (signal.SIGTERM, signal.SIGKILL):
+            if process.poll() is not None:
+                break
             try:
                 os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
+                if sig == signal.SIGTERM:
+                    os.killpg(process.pid, signal.SIGCONT)
                 process.wait(timeout=timeout)
+                break
+            except ProcessLookupError:
                 break
             except subprocess.TimeoutExpired:
                 continue
@@ -208,6 +233,12 @@ class VLLMServer:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        process.wait()
+
+    @property
+    def running(self) -> bool:
+        """True while the started server process lives."""
+        return self.process is not None and self.process.poll() is None
 
     def __enter__(self) -> "VLLMServer":
         return self.start()

@@ -181,7 +181,8 @@ def build_engine(cfg: MegacreditConfig, source: ModelSource, ctx=None):
     job's devices (engine tensor-parallel size = world size), started from the policy's HF folder
     (a tiny model's is written under the run directory); in this process when the job has one
     rank, in vLLM's own engine processes otherwise.
-    vllm remote: rank 0 drives the servers at ``rollout.urls``, the prompts split across them.
+    vllm remote: rank 0 drives the servers at ``rollout.urls`` as an EnginePool (the prompts split
+    across them; a server that dies or hangs is left out, docs/reliability.md).
     sglang: the adapters of megacredit/rollout/sglang*.py (GPU only, unverified).
     """
     rank = 0 if ctx is None else ctx.rank
@@ -227,8 +228,16 @@ def _build_vllm(cfg: MegacreditConfig, source: ModelSource, world: int):
         from megacredit.rollout.pool import EnginePool
         from megacredit.rollout.vllm_server import VLLMServerEngine
 
-        engines = [VLLMServerEngine(url) for url in ro.urls]  # each checks against its own checkpoint
-        return engines[0] if len(engines) == 1 else EnginePool(engines)
+        from megacredit.rollout.http_json import EngineHTTPError
+
+        # Each checks updates against its own checkpoint; the pool survives servers that die or
+        # hang (docs/reliability.md), also with one URL (no engine left: one line, exit 3).
+        try:
+            engines = [VLLMServerEngine(url, timeout=ro.request_timeout_s) for url in ro.urls]
+        except EngineHTTPError as error:
+            raise ConfigError(f"config key 'rollout.urls' = {ro.urls!r}: {one_line(error)} (start the vLLM "
+                              f"servers first: docs/engines.md)") from error
+        return EnginePool(engines, max_faults=ro.max_engine_faults)
     from megacredit.rollout.vllm import VLLMRolloutEngine
 
     args = {"dtype": cfg.model.dtype, "tensor_parallel_size": ro.engine_tensor_parallel_size,

@@ -41,7 +41,7 @@ def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
     train_records, val_records = builder.build_data(cfg)  # the cheap parts first: bad inputs fail in seconds
     env = builder.build_env(cfg)
     ctx = initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
-                     seed=cfg.training.seed)
+                     seed=cfg.training.seed, timeout_minutes=cfg.parallel.collective_timeout_minutes)
     progress = make_progress_reporter(cfg.logging.progress, enabled=ctx.rank == 0,
                                       interval_s=cfg.logging.progress_interval_s)
     converted = " (converted from its GGUF once per cache dir)" if cfg.model.name_or_path == builder.BUILTIN_SMOLLM2 else ""
@@ -57,45 +57,72 @@ def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
 
 
 def train(cfg: MegacreditConfig) -> dict[str, Any]:
-    """Run the configured job to ``training.steps``; returns the final logged metrics."""
+    """Run the configured job to ``training.steps``; returns the final logged metrics.
+
+    A collective that fails because another rank died or hangs (after at most
+    ``parallel.collective_timeout_minutes``) stops this rank with one line (RunFault, exit 3:
+    docs/reliability.md); the rollout engine is shut down whatever ends the run.
+    """
+    from megacredit.megatron.distributed import lost_peer_fault
     from megacredit.reporting.metrics import MetricsLogger
-    from megacredit.trainer.weight_sync import sync_weights
     from megacredit.reporting.visualize import render_run
+    from megacredit.trainer.weight_sync import sync_weights
 
     run, train_records, val_records = setup(cfg)
-    start_step, _ = checkpointing.resume(run.actor, run.ctx, cfg)
-    sync_weights(run)  # the engine starts from the (loaded) policy: the same path as every step
+    logger, finished = None, False
+    try:
+        start_step, _ = checkpointing.resume(run.actor, run.ctx, cfg, run.progress)
+        sync_weights(run)  # the engine starts from the (loaded) policy: the same path as every step
+        total = cfg.training.resolved_steps(len(train_records), cfg.data.prompts_per_step)
+        if run.is_logger:
+            logger = MetricsLogger.from_config(cfg, total, start_step or None, run.progress.console)
+            save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
+        run_steps(run, train_records, val_records, start_step, total, logger)
+        finished = True
+    except RuntimeError as error:
+        fault = lost_peer_fault(error, run.ctx.rank, cfg.parallel.collective_timeout_minutes)
+        if fault is None:
+            raise
+        raise fault from error
+    finally:
+        if run.engine is not None:
+            run.engine.shutdown()  # engine processes / memory (remote servers are not ours: left running)
+        if logger is not None and not finished:
+            logger.close(print_summary=False)  # what was logged stays readable
+    if logger is None:
+        return {}
+    logger.close()
+    render_run(cfg.logging.run_dir)
+    return dict(logger.history[-1][1]) if logger.history else {}
+
+
+def run_steps(run: RLRun, train_records: list[dict], val_records: list[dict], start_step: int, total: int,
+              logger) -> None:
+    """Steps ``start_step`` .. ``total`` - 1 with validation and checkpoints; SIGTERM / SIGUSR1
+    save at the end of the current step and stop."""
+    cfg = run.cfg
     prompts = PromptStream(train_records, cfg.data.prompts_per_step, cfg.training.seed, cfg.data.shuffle)
-    total = cfg.training.resolved_steps(len(train_records), cfg.data.prompts_per_step)
     preemption = checkpointing.PreemptionFlag().install()
     page_faults = PageFaultCheck()  # does the malloc tuning help on this machine? (utils/malloc.py)
-    logger = MetricsLogger.from_config(cfg, total, start_step or None, run.progress.console) if run.is_logger else None
-    if logger is not None:
-        save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
-    if start_step == 0 and cfg.validation.before_training:
-        validate(run, val_records, 0, logger)
-    for step in range(start_step, total):
-        metrics = run_step(run, step, prompts.batch(step))
-        metrics.update(page_faults.after_step())
-        done = step + 1
-        if logger is not None:
-            logger.save_token_credit(done, metrics.pop("_token_credit", []))
-            logger.log(done, metrics)
-        last, every = done == total, cfg.validation.every_steps
-        if (every and done % every == 0 and not last) or (last and cfg.validation.after_training):
-            validate(run, val_records, done, logger)
-        save_every, preempted = cfg.checkpoint.save_every, preemption.on_any_rank()
-        if preempted or (save_every and (done % save_every == 0 or last)):
-            with run.progress.stage(f"saving the checkpoint of step {done}"):
-                checkpointing.save(run.actor, run.ctx, cfg.checkpoint_dir(), done, cfg.checkpoint.keep_last,
-                                   {"completed_steps": done})
-        if preempted:
-            break
-    preemption.uninstall()
-    if run.engine is not None:
-        run.engine.shutdown()  # engine processes / memory (remote servers are not ours: left running)
-    if logger is not None:
-        logger.close()
-        render_run(cfg.logging.run_dir)
-        return dict(logger.history[-1][1]) if logger.history else {}
-    return {}
+    try:
+        if start_step == 0 and cfg.validation.before_training:
+            validate(run, val_records, 0, logger)
+        for step in range(start_step, total):
+            metrics = run_step(run, step, prompts.batch(step))
+            metrics.update(page_faults.after_step())
+            done = step + 1
+            if logger is not None:
+                logger.save_token_credit(done, metrics.pop("_token_credit", []))
+                logger.log(done, metrics)
+            last, every = done == total, cfg.validation.every_steps
+            if (every and done % every == 0 and not last) or (last and cfg.validation.after_training):
+                validate(run, val_records, done, logger)
+            save_every, preempted = cfg.checkpoint.save_every, preemption.on_any_rank()
+            if preempted or (save_every and (done % save_every == 0 or last)):
+                with run.progress.stage(f"saving the checkpoint of step {done}"):
+                    checkpointing.save(run.actor, run.ctx, cfg.checkpoint_dir(), done, cfg.checkpoint.keep_last,
+                                       {"completed_steps": done})
+            if preempted:
+                break
+    finally:
+        preemption.uninstall()

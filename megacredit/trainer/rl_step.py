@@ -52,21 +52,30 @@ def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> RolloutBatc
     The engine (one, or an EnginePool splitting the prompts across several) returns its own
     log-probs of every sampled token with the sample (``RolloutBatch.engine_logprobs``); it is
     put to sleep afterwards (colocated engines release memory for training) and woken by the
-    next weight sync."""
+    next weight sync. An error on rank 0 (no rollout engine left, ...) is raised on every rank,
+    so none waits for a batch that never comes."""
     cfg = run.cfg
-    batch = None
+    batch, error = None, None
     if run.engine is not None:
         params = SamplingParams(
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
             max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=(run.tokenizer.eos_token_id,),
             n=cfg.algorithm.group_size, seed=rollout_lib.step_seed(cfg.training.seed, step, salt=1),
         )
-        with run.phase("rollout"):
-            batch = rollout_lib.generate(run.engine, run.tokenizer, prompts, params, run.progress)
-            run.engine.sleep()
-        with run.phase("reward"):
-            rollout_lib.score(run.env, batch)
-    return broadcast_object(batch)
+        try:
+            with run.phase("rollout"):
+                batch = rollout_lib.generate(run.engine, run.tokenizer, prompts, params, run.progress)
+                run.engine.sleep()
+            with run.phase("reward"):
+                rollout_lib.score(run.env, batch)
+        except Exception as exc:  # noqa: BLE001 - e.g. no engine left: every rank stops, none waits below
+            error = exc
+    batch, shared_error = broadcast_object((batch, rollout_lib.picklable(error)))
+    if error is not None:
+        raise error  # rank 0: the original, with its traceback
+    if shared_error is not None:
+        raise shared_error
+    return batch
 
 
 def mini_batches(cfg: MegacreditConfig, num_samples: int) -> list[list[int]]:
@@ -202,7 +211,9 @@ def run_step(run: RLRun, step: int, prompts: list[dict]) -> dict[str, Any]:
         sync_metrics = sync_weights(run)
     metrics = collect_metrics(run, step, batch, samples, passes.student, passes.teacher, passes.advantages,
                               passes.advantage_sums, passes.train_parts, time.perf_counter() - step_start)
-    return {**metrics, **sync_metrics, "train/lr": lr} if metrics else metrics
+    if not metrics:
+        return metrics
+    return {**metrics, **sync_metrics, **rollout_lib.engine_fault_metrics(run.engine), "train/lr": lr}
 
 
 def peak_memory_gb() -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megacredit.rollout.base import RolloutEngine, WeightSyncError
+from megacredit.rollout.base import EngineUnavailableError, RolloutEngine, WeightSyncError
 from megacredit.rollout.sync_check import (
     compare_probe,
     largest_weight_difference,
@@ -95,8 +95,11 @@ def check_weight_sync(run, sync_index: int) -> dict[str, float]:
     trainer = _first_available(scored[0].tolist() if 0 in scored else None)
     failure, worst_diff = None, 0.0
     for index, engine in enumerate(engines_of(run.engine)):
-        comparison = compare_probe(engine.score_logprobs([probe])[0], trainer,
-                                   run.cfg.rollout.check_weight_sync_tolerance)
+        try:
+            scored_by_engine = engine.score_logprobs([probe])[0]
+        except EngineUnavailableError:  # died since the update: the pool leaves it out at its next call
+            continue
+        comparison = compare_probe(scored_by_engine, trainer, run.cfg.rollout.check_weight_sync_tolerance)
         worst_diff = max(worst_diff, comparison.mean_abs_diff)
         if not comparison.ok and failure is None:
             failure = (index, comparison)

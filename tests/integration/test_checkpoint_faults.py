@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_fault_child import KILL_POINTS
+from process_helpers import kill_pids, session_pids
 from trainer_helpers import tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -35,19 +36,6 @@ HERE = Path(__file__).resolve().parent
 CHILD = HERE / "checkpoint_fault_child.py"
 COMMAND_TIMEOUT_S = 300
 """One fork's resume + save on a loaded 2-core machine takes 10-30 s."""
-
-
-def _session_pids(session: int) -> list[int]:
-    """Processes of the session ``session`` (the saver and everything it forked)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == session:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-    return pids
 
 
 class Saver:
@@ -83,14 +71,10 @@ class Saver:
             self.process.wait(timeout=60)
         except (subprocess.TimeoutExpired, BrokenPipeError):
             pass
-        for pid in _session_pids(session):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_pids(session_pids(session))
         self.process.wait(timeout=30)
         self.stderr.close()
-        assert not _session_pids(session), "processes of the saver outlived it"
+        assert not session_pids(session), "processes of the saver outlived it"
 
 
 @contextmanager

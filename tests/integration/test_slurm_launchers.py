@@ -1,5 +1,6 @@
 """The launchers for real: ``sbatch`` of slurm/credit_8b.sh and NeMo-Run's executors, on a one-node
-Slurm cluster (slurmctld + slurmd + slurmdbd + MariaDB, free ports) brought up for this module.
+Slurm cluster (slurmctld + slurmd + slurmdbd + MariaDB, free ports) brought up for this module;
+a job requeues itself after USR1 (the time limit) and after a rank was SIGKILLed, and resumes.
 
 The tiny CPU config (examples/tiny_cpu_arithmetic.yaml) replaces the 8B one on the command line;
 the sbatch options override the script's GPU header (no GPUs, 2 tasks); TP=2 over the 2 ranks.
@@ -129,6 +130,50 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes_to_the_same_metrics
     assert 1 <= interrupted_at < STEPS, "USR1 should stop the first run before its last step"
     resumed_log = (log_dir / "train.restart1.log").read_text()
     assert (log_dir / "train.restart0.log").exists() and resumed_log
+    resumed = read_losses(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1)), "each step logged once, counter continued"
+    for step in range(1, STEPS + 1):
+        for name in COMPARED:
+            assert resumed[step][name] == pytest.approx(reference[step][name], rel=1e-6, abs=1e-9), (step, name)
+
+
+def _trainer_pid(job_id: str, rank: int) -> int | None:
+    """PID of the job's trainer process of ``rank`` (found by its Slurm environment), or None."""
+    wanted = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={rank}".encode()}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"train" in (entry / "cmdline").read_bytes() and \
+                    wanted <= set((entry / "environ").read_bytes().split(b"\0")):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.timeout(3000)
+def test_a_rank_killed_mid_step_requeues_the_job_which_resumes_to_the_same_metrics(cluster, uninterrupted,
+                                                                                 tmp_path):
+    """SIGKILL to rank 1 (the OOM killer, a lost node): srun --kill-on-bad-exit stops rank 0 within
+    Slurm's KillWait (30 s here), the batch script sees status 137 and requeues the job, which
+    resumes from the newest complete checkpoint to the metrics of the uninterrupted run."""
+    from megacredit.megatron.checkpoint import find_latest_checkpoint
+
+    reference_id, reference_tmp = uninterrupted
+    reference = read_losses(_job_dirs(reference_tmp, reference_id)[1])
+    job_id = _sbatch(cluster, tmp_path, "checkpoint.save_every=1", "parallel.collective_timeout_minutes=1", wait=False)
+    log_dir, run_dir = _job_dirs(tmp_path, job_id)
+    checkpoints = run_dir / "checkpoints"
+    _wait_until(lambda: find_latest_checkpoint(checkpoints, warn=False) is not None, 900, "the first checkpoint")
+    survivor, victim = _trainer_pid(job_id, 0), _trainer_pid(job_id, 1)
+    assert survivor and victim, _job_output(tmp_path)
+    os.kill(victim, signal.SIGKILL)
+    _wait_until(lambda: not Path(f"/proc/{survivor}").exists(), 90, "rank 0 to stop after rank 1 was killed")
+    _wait_until(lambda: cluster.accounting_states(job_id)[-1:] in (["COMPLETED"], ["FAILED"]), 1200,
+                "the requeued run to end")
+    assert cluster.accounting_states(job_id) == ["REQUEUED", "COMPLETED"], _job_output(tmp_path)
+    batch = next(tmp_path.glob(f"slurm-megacredit-credit-8b-{job_id}.out")).read_text()
+    assert "trainer exited with status 137" in batch and "requeueing job" in batch, batch
+    assert "resuming from" in (log_dir / "train.restart1.log").read_text()
     resumed = read_losses(run_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1)), "each step logged once, counter continued"
     for step in range(1, STEPS + 1):

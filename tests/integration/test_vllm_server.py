@@ -15,18 +15,15 @@ tiny random Llama folder. Tests:
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from megacredit.utils.spawn import run_distributed
 from trainer_helpers import tiny_overrides
-from vllm_helpers import needs_vllm, write_tiny_model
+from vllm_helpers import PROMPTS, needs_vllm, vllm_servers, write_tiny_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_vllm]
-SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--seed", "0"]
-PROMPTS = [[1, 504, 3458, 282], [1, 33, 44], [1, 7, 8, 9, 10], [1, 600], [1, 42, 43], [1, 99, 98, 97]]
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +33,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory):
-    from megacredit.rollout.vllm_server import VLLMServer
-
-    logs = tmp_path_factory.mktemp("vllm_logs")
-    pending = [VLLMServer(model_dir, log_path=logs / f"server{i}.log", extra_args=SERVER_ARGS) for i in range(2)]
-    started = []
-    try:
-        with ThreadPoolExecutor(2) as threads:
-            for server in threads.map(lambda s: s.start(), pending):
-                started.append(server)
+    with vllm_servers(model_dir, tmp_path_factory.mktemp("vllm_logs")) as started:
         yield started
-    finally:
-        for server in pending:
-            server.stop()
 
 
 def _pairs(model_dir, seed):

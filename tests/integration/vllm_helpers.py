@@ -1,8 +1,11 @@
-"""Shared pieces of the vLLM tests: skip without vllm, a tiny model vLLM's CPU kernels accept."""
+"""Shared pieces of the vLLM tests: skip without vllm, a tiny model vLLM's CPU kernels accept,
+servers started for a test module and stopped by PID."""
 
 from __future__ import annotations
 
 import importlib.util
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,26 @@ def write_tiny_model(folder: Path, seed: int = 0) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--seed", "0"]
+"""vLLM server flags of the tests: float32 on CPU, no compilation, a fixed seed."""
+PROMPTS = [[1, 504, 3458, 282], [1, 33, 44], [1, 7, 8, 9, 10], [1, 600], [1, 42, 43], [1, 99, 98, 97]]
+"""Token-id prompts of different lengths."""
+
+
+@contextmanager
+def vllm_servers(model_dir: Path, log_dir: Path, count: int = 2):
+    """``count`` vLLM servers of ``model_dir`` on free ports, started in parallel; every one is
+    stopped by its PID afterwards (also when a start failed)."""
+    from megacredit.rollout.vllm_server import VLLMServer
+
+    servers = [VLLMServer(model_dir, log_path=log_dir / f"server{i}.log", extra_args=SERVER_ARGS)
+               for i in range(count)]
+    try:
+        with ThreadPoolExecutor(count) as threads:
+            list(threads.map(lambda server: server.start(), servers))
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
