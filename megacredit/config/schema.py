@@ -252,7 +252,8 @@ class RolloutConfig:
     this many engines."""
     gpu_memory_utilization: float = 0.5
     """Colocated vllm/sglang engines: fraction of device memory the engine may take (the
-    rest is the trainer's)."""
+    rest is the trainer's). vLLM: an upper bound, lowered at start-up (with a warning) to what
+    the actor left free, since vLLM refuses to start otherwise (megacredit/rollout/engine_memory.py)."""
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the engine constructor (vllm.LLM / sglang.Engine), e.g.
     ``{max_model_len: 4096, enforce_eager: true}``."""

@@ -192,6 +192,11 @@ def build_engine(cfg: MegacreditConfig, source: ModelSource, ctx=None):
             f"rollout.placement=colocated with {world} ranks needs one engine over all of them "
             f"(rollout.engine_tensor_parallel_size={world}); one engine per smaller group of ranks is not "
             f"implemented yet: start the engines as servers and use rollout.placement=remote (docs/engines.md)")
+    memory = None
+    if ro.engine == "vllm" and ro.placement == "colocated" and torch.cuda.is_available():
+        from megacredit.rollout.engine_memory import least_free_device_memory
+
+        memory = least_free_device_memory()  # on every rank: what the actor left on the engine's GPUs
     if rank != 0:
         return None
     if ro.engine == "embedded":
@@ -202,7 +207,7 @@ def build_engine(cfg: MegacreditConfig, source: ModelSource, ctx=None):
             eos_token_ids=[source.tokenizer.eos_token_id], pad_token_id=source.tokenizer.pad_token_id,
         )
     if ro.engine == "vllm":
-        return _build_vllm(cfg, source, world)
+        return _build_vllm(cfg, source, world, memory)
     return _build_sglang(cfg, engine_model_dir(cfg, source))
 
 
@@ -221,7 +226,8 @@ def engine_model_dir(cfg: MegacreditConfig, source: ModelSource) -> Path:
     return out
 
 
-def _build_vllm(cfg: MegacreditConfig, source: ModelSource, world: int):
+def _build_vllm(cfg: MegacreditConfig, source: ModelSource, world: int, memory: tuple[int, int] | None):
+    """``memory``: (free, total) bytes of the engine's GPUs after the actor was built (None on CPU)."""
     ro = cfg.rollout
     if ro.placement == "remote":
         from megacredit.rollout.pool import EnginePool
@@ -231,12 +237,28 @@ def _build_vllm(cfg: MegacreditConfig, source: ModelSource, world: int):
         return engines[0] if len(engines) == 1 else EnginePool(engines)
     from megacredit.rollout.vllm import VLLMRolloutEngine
 
+    model_dir = engine_model_dir(cfg, source)
     args = {"dtype": cfg.model.dtype, "tensor_parallel_size": ro.engine_tensor_parallel_size,
             "max_model_len": min(ro.max_seq_len, getattr(source.hf_config, "max_position_embeddings", ro.max_seq_len)),
             "seed": cfg.training.seed, "enforce_eager": not torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        args.update(gpu_memory_utilization=ro.gpu_memory_utilization, enable_sleep_mode=True)
-    return VLLMRolloutEngine(engine_model_dir(cfg, source), in_process=world == 1, **{**args, **ro.engine_kwargs})
+    if memory is not None:
+        args.update(enable_sleep_mode=True, gpu_memory_utilization=vllm_memory_fraction(
+            cfg, source.hf_config, model_dir, args["max_model_len"], memory))
+    return VLLMRolloutEngine(model_dir, in_process=world == 1, **{**args, **ro.engine_kwargs})
+
+
+def vllm_memory_fraction(cfg: MegacreditConfig, hf_config: Any, model_dir: Path, max_model_len: int,
+                         memory: tuple[int, int]) -> float:
+    """``rollout.gpu_memory_utilization``, lowered to what the actor left free (vLLM refuses to
+    start otherwise; megacredit/rollout/engine_memory.py), keeping two sync buckets free."""
+    from megacredit.rollout.checkpoint_manifest import checkpoint_manifest
+    from megacredit.rollout.engine_memory import CONTEXT_RESERVE_BYTES, colocated_fraction, engine_need
+
+    ro = cfg.rollout
+    need = engine_need(checkpoint_manifest(model_dir), hf_config, max_model_len, DTYPES[cfg.model.dtype],
+                       ro.engine_tensor_parallel_size)
+    reserve = 2 * ro.sync_bucket_mb * (1 << 20) + CONTEXT_RESERVE_BYTES
+    return colocated_fraction(ro.gpu_memory_utilization, *memory, need, reserve)
 
 
 def _build_sglang(cfg: MegacreditConfig, model_dir: Path):
