@@ -78,7 +78,10 @@ class ModelConfig:
     cache_dir: str = "~/.cache/megacredit"
     """Where builtin models are converted to and cached."""
     transformer_engine: Literal["auto", "on", "off"] = "auto"
-    """Use Transformer Engine layers and fused kernels: auto = when importable (GPU)."""
+    """Transformer Engine's layer spec (its fused transformer layers; the vocabulary head is
+    megacredit's own chunked torch code either way): auto = when ``transformer_engine.pytorch``
+    imports, else Megatron-Core's local spec; on = TE's or a one-line error; off = the local
+    spec. Start-up shows which spec was chosen and why."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture used when name_or_path is 'tiny'."""
 

@@ -19,6 +19,8 @@ from megacredit.config.validation import hf_folder_problem
 from megacredit.utils.errors import one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRANSFORMER_ENGINE = {"auto": None, "on": True, "off": False}
+"""``model.transformer_engine`` -> ``use_transformer_engine`` of the model provider."""
 BUILTIN_SMOLLM2 = "smollm2-135m-instruct"
 
 
@@ -137,7 +139,7 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
     from megacredit.megatron.teacher import TeacherWeights
 
     dtype = DTYPES[cfg.model.dtype]
-    use_te = {"auto": None, "on": True, "off": False}[cfg.model.transformer_engine]
+    use_te = TRANSFORMER_ENGINE[cfg.model.transformer_engine]
     model = build_gpt_model(source.hf_config, ctx, dtype=dtype, use_transformer_engine=use_te,
                             sequence_parallel=cfg.parallel.sequence_parallel)
     # Keep Megatron's random init although the HF weights overwrite it: with CPU initialisation,

@@ -277,3 +277,14 @@ def test_the_config_literal_names_every_method_of_the_table():
     from megacredit.config.schema import AlgorithmName
 
     assert sorted(typing.get_args(AlgorithmName)) == METHODS
+
+
+@pytest.mark.parametrize("text, expected", [("on", "on"), ("off", "off"), ('"on"', "on"), ("auto", "auto")])
+def test_a_bare_on_or_off_is_the_word_not_a_yaml_boolean(tmp_path, text, expected):
+    """YAML 1.1 (PyYAML) reads an unquoted on/off as True/False; on/off fields take it as the word."""
+    path = tmp_path / "te.yaml"
+    path.write_text(f"model:\n  transformer_engine: {text}\n")
+    assert load_config(path).model.transformer_engine == expected
+    assert load_config(None, [f"model.transformer_engine={text}"]).model.transformer_engine == expected
+    with pytest.raises(ConfigError, match="must be one of 'auto', 'on', 'off', got 'yes'"):
+        load_config(None, ["model.transformer_engine='yes'"])
