@@ -1,12 +1,16 @@
 """Skipping the old-policy forward (one mini-batch, one PPO epoch) changes nothing: for every
 method, the loss, every gradient, the updated weights, the old-policy and teacher results and the
-advantages equal those of the path with the pass (both forced on two identical actors)."""
+advantages equal those of the path with the pass (both forced on two identical actors). And the
+forward is really skipped: the passes run through Megatron's schedule (as the actor reports them
+to its progress reporter) and the model's forward calls are counted on both paths."""
 
+import contextlib
 import types
 
 import pytest
 import torch
 
+from megacredit.utils.progress import ProgressReporter
 from megacredit.utils.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -22,6 +26,24 @@ CASES = {
     "rlsd": [LAM],
     "credit_rlsd": [LAM, "algorithm.credit.num_contrastive=1"],
 }
+
+
+class PassLog(ProgressReporter):
+    """A progress reporter that records each pass the actor runs through Megatron's schedule
+    (``run_packed_schedule`` reports it as a task) and how many micro-batches it ran forward."""
+
+    def __init__(self):
+        self.passes = []
+
+    @contextlib.contextmanager
+    def task(self, description, total, unit):
+        entry = [description, 0]
+        self.passes.append(entry)
+
+        def advance(count=1):
+            entry[1] += count
+
+        yield advance
 
 
 def _run_case(name, overrides, old_policy_from_training, policy_state, teacher_tensors):
@@ -41,8 +63,12 @@ def _run_case(name, overrides, old_policy_from_training, policy_state, teacher_t
         "rollout.max_seq_len=32", "rollout.max_new_tokens=8", "model.name_or_path=tiny", "optimizer.lr=1e-3",
         *overrides], check_paths=False)
     hf_config = tiny_config("qwen2", vocab_size=VOCAB)
+    log = PassLog()
     actor = build_actor(cfg, current_context(), ModelSource(hf_config, types.SimpleNamespace(pad_token_id=0),
-                                                            policy_state))
+                                                            policy_state), progress=log)
+    forwards = []
+    for chunk in actor.model_chunks:  # what the schedule calls, once per micro-batch of every pass
+        chunk.register_forward_hook(lambda *args: forwards.append(1))
     if actor.teacher is not None:
         actor.teacher.load_state_tensors(teacher_tensors)
     batch = RolloutBatch(records=[{}] * 4, group_ids=[0, 0, 1, 1], prompt_ids=[[]] * 4, response_ids=[[]] * 4,
@@ -53,7 +79,7 @@ def _run_case(name, overrides, old_policy_from_training, policy_state, teacher_t
     passes = passes_and_update(run, 0, batch, samples, old_policy_from_training)
     params = [p.detach().clone() for chunk in actor.model_chunks for p in chunk.parameters()]
     grads = [p.main_grad.detach().clone() for chunk in actor.model_chunks for p in chunk.parameters()]
-    return {"passes": passes, "params": params, "grads": grads}
+    return {"passes": passes, "params": params, "grads": grads, "pass_log": log.passes, "forwards": len(forwards)}
 
 
 def _both_paths(rank, world_size):
@@ -80,8 +106,14 @@ def _assert_close(got, want, what):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
 
-def test_skipping_the_old_policy_pass_changes_nothing():
-    (results,) = run_distributed(_both_paths, world_size=1)
+@pytest.fixture(scope="module")
+def results():
+    """Every case on both paths, in one process (about a minute on 2 cores)."""
+    (both,) = run_distributed(_both_paths, world_size=1)
+    return both
+
+
+def test_skipping_the_old_policy_pass_changes_nothing(results):
     for name, (with_pass, skipped) in results.items():
         a, b = with_pass["passes"], skipped["passes"]
         for key in ("train/loss", "train/grad_norm"):
@@ -104,6 +136,17 @@ def test_skipping_the_old_policy_pass_changes_nothing():
             _assert_close(got, want, f"{name} gradient")
         for got, want in zip(skipped["params"], with_pass["params"]):
             _assert_close(got, want, f"{name} updated weights")
+
+
+def test_the_skipped_path_runs_no_old_policy_forward(results):
+    for name, (with_pass, skipped) in results.items():
+        old_policy = [count for description, count in with_pass["pass_log"] if description == "old-policy pass"]
+        assert len(old_policy) == 1 and old_policy[0] > 0, (name, with_pass["pass_log"])
+        assert all(description != "old-policy pass" for description, _ in skipped["pass_log"]), name
+        others = [entry for entry in with_pass["pass_log"] if entry[0] != "old-policy pass"]
+        assert skipped["pass_log"] == others, name  # teacher and train passes: the same micro-batches
+        assert with_pass["forwards"] - skipped["forwards"] == old_policy[0], name
+        assert skipped["forwards"] == sum(count for _, count in skipped["pass_log"]), name
 
 
 def test_predicate_skips_only_when_provably_redundant():
