@@ -288,3 +288,6 @@ def test_a_bare_on_or_off_is_the_word_not_a_yaml_boolean(tmp_path, text, expecte
     assert load_config(None, [f"model.transformer_engine={text}"]).model.transformer_engine == expected
     with pytest.raises(ConfigError, match="must be one of 'auto', 'on', 'off', got 'yes'"):
         load_config(None, ["model.transformer_engine='yes'"])
+    assert load_config(None, ["logging.progress=off"]).logging.progress == "off"  # 'off' without an 'on'
+    with pytest.raises(ConfigError, match="'logging.progress' must be one of 'auto', 'rich', 'plain', 'off', got True"):
+        load_config(None, ["logging.progress=on"])
