@@ -85,5 +85,27 @@ bench-quick: bench
 bench-compare: env
 	$(PY) benchmarks/compare_trees.py --baseline $(BASELINE) $(BENCH_FLAGS)
 
+# GPU check (benchmarks/gpu_check.py; unrun so far: no GPU was lent): for a machine with one NVIDIA
+# GPU, PyTorch and no network. Here: `make gpu-check-wheels` (megatron-core and small packages for
+# GPU_PYTHON_VERSION, about 28 MiB; carry benchmarks/gpu_wheels there). There: `make gpu-check`
+# installs the missing ones offline into .gpu_site/ and writes benchmarks/results/gpu_check.json.
+.PHONY: gpu-check gpu-check-wheels gpu-check-dry-run
+GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEELS ?= benchmarks/gpu_wheels
+gpu-check-wheels: env
+	rm -rf $(GPU_WHEELS)
+	$(PIP) download --quiet --dest $(GPU_WHEELS) --no-deps --only-binary=:all: --implementation cp \
+	  --python-version $(GPU_PYTHON_VERSION) --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any -r benchmarks/gpu_check_requirements.txt
+	@size=$$(du -sm $(GPU_WHEELS) | cut -f1); echo "$(GPU_WHEELS): $$size MiB"; \
+	  [ "$$size" -le 56 ] || { echo "error: $(GPU_WHEELS) is $$size MiB; with the checkout it must stay under 64 MiB"; exit 1; }
+
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --wheels $(GPU_WHEELS)
+
+gpu-check-dry-run: env
+	$(PY) benchmarks/gpu_check.py --dry-run --wheels $(GPU_WHEELS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
