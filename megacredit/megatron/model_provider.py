@@ -298,9 +298,14 @@ def build_gpt_model(
         hf_config, tp=ctx.tp_size, pp=ctx.pp_size, dtype=dtype,
         sequence_parallel=sequence_parallel, **config_overrides,
     )
+    layer_spec = layer_spec_for(hf_config, use_transformer_engine)
+    if config.sequence_parallel:  # the local spec's torch norms refuse it as they are
+        from megacredit.megatron.sequence_parallel import with_sequence_parallel_norms
+
+        layer_spec = with_sequence_parallel_norms(layer_spec, config)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec_for(hf_config, use_transformer_engine),
+        transformer_layer_spec=layer_spec,
         vocab_size=padded_vocab_size(hf_config.vocab_size, ctx.tp_size, make_vocab_size_divisible_by),
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=ctx.is_first_stage if pre_process is None else pre_process,

@@ -52,9 +52,8 @@ def _run_case(name, overrides, old_policy_from_training, policy_state, teacher_t
     from megacredit.config import load_config
     from megacredit.trainer.rl_step import passes_and_update
     from megacredit.trainer.run import RLRun
-    from megacredit.trainer.rollout import RolloutBatch
     from megacredit.models.tiny import tiny_config
-    from megatron_test_helpers import random_sample_sequences
+    from megatron_test_helpers import four_sample_batch, random_sample_sequences
 
     method = name.split("_student_set")[0]
     cfg = load_config(None, [
@@ -71,12 +70,9 @@ def _run_case(name, overrides, old_policy_from_training, policy_state, teacher_t
         chunk.register_forward_hook(lambda *args: forwards.append(1))
     if actor.teacher is not None:
         actor.teacher.load_state_tensors(teacher_tensors)
-    batch = RolloutBatch(records=[{}] * 4, group_ids=[0, 0, 1, 1], prompt_ids=[[]] * 4, response_ids=[[]] * 4,
-                         response_texts=[""] * 4, finish_reasons=["stop"] * 4, rewards=[1.0, 0.0, 0.0, 1.0],
-                         feedbacks=[""] * 4)
     run = RLRun(cfg, current_context(), actor, None, None, None, hf_config)
     samples = random_sample_sequences(torch.Generator().manual_seed(5), VOCAB, without_signal=(3,))
-    passes = passes_and_update(run, 0, batch, samples, old_policy_from_training)
+    passes = passes_and_update(run, 0, four_sample_batch(), samples, old_policy_from_training)
     params = [p.detach().clone() for chunk in actor.model_chunks for p in chunk.parameters()]
     grads = [p.main_grad.detach().clone() for chunk in actor.model_chunks for p in chunk.parameters()]
     return {"passes": passes, "params": params, "grads": grads, "pass_log": log.passes, "forwards": len(forwards)}
@@ -85,19 +81,17 @@ def _run_case(name, overrides, old_policy_from_training, policy_state, teacher_t
 def _both_paths(rank, world_size):
     from transformers import AutoModelForCausalLM
 
-    from megacredit.megatron.bridge import load_hf_weights
     from megacredit.megatron.distributed import initialize
-    from megacredit.megatron.model_provider import build_gpt_model
     from megacredit.models.tiny import tiny_config
+    from megatron_test_helpers import model_shards
 
     ctx = initialize(1, 1, seed=0)
     hf_config = tiny_config("qwen2", vocab_size=VOCAB)
     torch.manual_seed(0)
     policy_state = AutoModelForCausalLM.from_config(hf_config).state_dict()
     torch.manual_seed(1)
-    teacher_model = build_gpt_model(hf_config, ctx)  # a different teacher: non-vacuous distillation
-    load_hf_weights([teacher_model], AutoModelForCausalLM.from_config(hf_config).state_dict(), hf_config, ctx)
-    teacher_tensors = [p.detach() for p in teacher_model.parameters()]
+    # a different teacher: non-vacuous distillation
+    teacher_tensors = model_shards(hf_config, AutoModelForCausalLM.from_config(hf_config).state_dict(), ctx)
     return {name: [_run_case(name, overrides, skip, policy_state, teacher_tensors) for skip in (False, True)]
             for name, overrides in CASES.items()}
 

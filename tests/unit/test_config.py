@@ -120,6 +120,9 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
     (["parallel.tensor_model_parallel_size=2"], r"does not divide the 9 attention heads"),
     (["parallel.pipeline_model_parallel_size=4"], r"does not divide the 30 layers"),
     (["parallel.sequence_parallel=true"], r"needs parallel\.tensor_model_parallel_size > 1"),
+    (["model.name_or_path=tiny", "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+      "parallel.sequence_parallel=true", "parallel.micro_batch_tokens=32769"],
+     r"'parallel\.micro_batch_tokens' = 32769 .*sequence and pipeline parallelism.*multiple of 2"),
     (["model.name_or_path=tiny", "parallel.tensor_model_parallel_size=3"], r"4 attention heads"),
     (["rollout.max_new_tokens=20000"], r"smaller than rollout\.max_seq_len"),
     (["data.dataset=sciknoweval", "data.train_path=/no/such/file.jsonl"], r"'data\.train_path'.*file not found"),
@@ -129,6 +132,14 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
 def test_incompatible_or_out_of_range_values_are_rejected(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, overrides)
+
+
+def test_sequence_parallel_budgets_that_can_run_are_accepted():
+    """Without PP the actor pads each packed row to a multiple of TP, so any budget runs; with PP
+    rows are padded to the budget itself, which must then split into TP shards."""
+    tiny_tp2 = ["model.name_or_path=tiny", "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+    assert load_config(None, [*tiny_tp2, "parallel.micro_batch_tokens=32769"]).parallel.sequence_parallel
+    assert load_config(None, [*tiny_tp2, "parallel.pipeline_model_parallel_size=2"]).parallel.sequence_parallel
 
 
 def test_group_size_one_is_allowed_without_group_normalisation():
