@@ -195,11 +195,12 @@ def flattened_payloads(named_tensors: Sequence[NamedTensor], tp_size: int) -> tu
 
     import torch  # noqa: PLC0415
 
-    _patch_torch_reductions()
     metadata_class = _sglang_flat_metadata_class()
     flat, metadata = flatten_tensors(named_tensors)
     if flat.device.type == "cpu" and torch.cuda.is_available():
         flat = flat.cuda()  # a CUDA-IPC handle, not a host copy through shared memory
+    if flat.is_cuda:  # SGLang's patch assumes CUDA's reduction layout: CPU tensors fail to pickle with it
+        _patch_torch_reductions()
     data = {"flattened_tensor": flat, "metadata": [metadata_class(**asdict(meta)) for meta in metadata]}
     payload = MultiprocessingSerializer.serialize(data, output_str=True)
     return [payload] * tp_size, flat
