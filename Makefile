@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: env system-deps demo test test-unit test-distributed test-integration replicate bench bench-quick bench-compare clean
+.PHONY: env system-deps demo test test-variant test-unit test-distributed test-integration replicate bench bench-quick bench-compare clean
 
 env: system-deps $(VENV)/.stamp
 
@@ -50,6 +50,13 @@ replicate: env
 
 test: env
 	$(PY) -m pytest -q -ra tests
+
+# The suite on other kernels, one thread and another order (docs/testing.md): MKL's AVX2 code path
+# (what MKL runs on AMD CPUs), ATen's AVX2 kernels, OMP_NUM_THREADS=1, each module's tests reversed.
+# Catches tests that hold only for one machine's float rounding. Not part of `make test`.
+VARIANT_ENV = MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1 MEGACREDIT_TEST_ORDER=reverse
+test-variant: env
+	$(VARIANT_ENV) $(PY) -m pytest -q -ra tests $(PYTEST_ARGS)
 
 test-unit: env
 	$(PY) -m pytest -q tests/unit

@@ -1,6 +1,15 @@
-"""Shared pytest setup: offline hubs, deterministic threads."""
+"""Shared pytest setup: offline hubs; ``MEGACREDIT_TEST_ORDER=reverse`` runs the tests of each
+module in reverse order (``make test-variant``, docs/testing.md)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("MEGACREDIT_TEST_ORDER") == "reverse":
+        by_module: dict = {}
+        for item in items:
+            by_module.setdefault(item.module.__name__ if item.module else "", []).append(item)
+        items[:] = [item for group in by_module.values() for item in reversed(group)]

@@ -13,6 +13,7 @@ from megacredit.trainer import builder, checkpointing
 from megacredit.trainer.config import MegacreditConfig, save_config, validate_against_model
 from megacredit.trainer.rl_step import RLRun, run_step
 from megacredit.trainer.rollout import PromptStream, step_seed
+from megacredit.utils.malloc import PageFaultCheck
 
 
 def validate(run: RLRun, val_records: list[dict], step: int, logger) -> None:
@@ -66,6 +67,7 @@ def train(cfg: MegacreditConfig) -> dict[str, Any]:
     prompts = PromptStream(train_records, cfg.data.prompts_per_step, cfg.training.seed, cfg.data.shuffle)
     total = cfg.training.resolved_steps(len(train_records), cfg.data.prompts_per_step)
     preemption = checkpointing.PreemptionFlag().install()
+    page_faults = PageFaultCheck()  # does the malloc tuning help on this machine? (utils/malloc.py)
     logger = MetricsLogger.from_config(cfg, total, start_step or None, run.progress.console) if run.is_logger else None
     if logger is not None:
         save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
@@ -73,6 +75,7 @@ def train(cfg: MegacreditConfig) -> dict[str, Any]:
         validate(run, val_records, 0, logger)
     for step in range(start_step, total):
         metrics = run_step(run, step, prompts.batch(step))
+        metrics.update(page_faults.after_step())
         done = step + 1
         if logger is not None:
             logger.save_token_credit(done, metrics.pop("_token_credit", []))

@@ -70,6 +70,8 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "perf/time_sync": "weight sync to the rollout engine and teacher update",
     "perf/time_val": "validation time (steps that validate)",
     "perf/peak_memory_gb": "peak resident memory of the process",
+    "perf/page_faults": "minor page faults of the logging process during the step (megacredit/utils/malloc.py: "
+                        "whether the malloc tuning saves them is the kernel's choice; one warning when it does not)",
     # sync/: the weight sync into the rollout engine(s), every step
     "sync/bytes": "bytes of HF tensors exported to the engine(s) this step",
     "sync/seconds": "wall time of the export and the engines' loading",
