@@ -179,6 +179,7 @@ class SGLangServerEngine(RolloutEngine):
         self._abandoned_groups = 0
         self._device = torch.device("cpu")
         self._paused = False
+        self._memory_saver: bool | None = None
         self._sessions: list[str] = []  # workers with an open update session
         self._loaded = 0  # tensors of the current update loaded so far
         self.sync_address, self.sync_backend = sync_address, sync_backend
@@ -247,11 +248,23 @@ class SGLangServerEngine(RolloutEngine):
                         raise
                     time.sleep(0.5)
 
+    def memory_saver(self) -> bool:
+        """Whether every worker runs with ``--enable-memory-saver``, which release / resume
+        need (asked once, ``/server_info``). Without it SGLang 0.5.23's
+        ``resume_memory_occupation`` fails inside the scheduler (nothing was released) and
+        the server dies: seen on CPU, so sleep / wake are no-ops then."""
+        if self._memory_saver is None:
+            self._memory_saver = all(bool(self._server_info(url).get("enable_memory_saver"))
+                                     for url in self.workers)
+        return self._memory_saver
+
     def sleep(self) -> None:
-        self._on_all_workers("POST", "/release_memory_occupation", {})
+        if self.memory_saver():
+            self._on_all_workers("POST", "/release_memory_occupation", {})
 
     def wake(self) -> None:
-        self._on_all_workers("POST", "/resume_memory_occupation", {})
+        if self.memory_saver():
+            self._on_all_workers("POST", "/resume_memory_occupation", {})
 
     def weight_manifest(self) -> WeightManifest | None:
         if self.model_path is None:
@@ -326,17 +339,21 @@ class SGLangServerEngine(RolloutEngine):
                 logger.warning("SGLang continue_generation after a failed update: %s", error)
 
     # ---------------------------------------------------------------- weight transport
+    def _server_info(self, url: str) -> dict[str, Any]:
+        """A worker's ``ServerArgs`` and state: ``/server_info``, or ``/get_server_info`` on
+        servers without it."""
+        try:
+            return self.client.get(url, "/server_info")
+        except EngineHTTPError as error:
+            if error.status != 404:
+                raise
+            return self.client.get(url, "/get_server_info")
+
     def tp_sizes(self) -> list[int]:
-        """Each worker's tensor-parallel size (``/server_info``, or ``/get_server_info`` on
-        servers without it); one engine per server."""
+        """Each worker's tensor-parallel size; one engine per server."""
         sizes = []
         for url in self.workers:
-            try:
-                info = self.client.get(url, "/server_info")
-            except EngineHTTPError as error:
-                if error.status != 404:
-                    raise
-                info = self.client.get(url, "/get_server_info")
+            info = self._server_info(url)
             for field in ("dp_size", "pp_size"):
                 if int(info.get(field, 1) or 1) != 1:
                     raise ValueError(f"SGLang server {url} runs {field}={info[field]}; the broadcast weight "

@@ -106,7 +106,8 @@ class _State:
 
 def _answer(state, method, path, body):
     if path in ("/server_info", "/get_server_info"):
-        return 200, {"tp_size": 1, "dp_size": 1, "pp_size": 1}
+        return 200, {"tp_size": 1, "dp_size": 1, "pp_size": 1,
+                     "enable_memory_saver": state.config.get("memory_saver", True)}
     if path in ("/begin_weight_update", "/end_weight_update"):
         return state.session(path)
     if path == "/workers":

@@ -71,8 +71,13 @@ def test_router_gets_the_generation_and_lists_the_workers(servers):
     engine.sleep()
     engine.wake()
     assert [r[1] for r in server_state(router)["requests"]] == ["/workers", "/generate"]
-    assert [r[1] for r in server_state(worker)["requests"]] == ["/release_memory_occupation",
+    assert [r[1] for r in server_state(worker)["requests"]] == ["/server_info", "/release_memory_occupation",
                                                                 "/resume_memory_occupation"]
+    reset_server(worker, memory_saver=False)  # started without --enable-memory-saver: nothing to release
+    engine = SGLangServerEngine([worker])
+    engine.sleep()
+    engine.wake()
+    assert [r[1] for r in server_state(worker)["requests"]] == ["/server_info"]
     with pytest.raises(ValueError, match="lists no workers"):
         SGLangServerEngine(router_url=empty_router)
 
