@@ -312,7 +312,7 @@ class SGLangRolloutEngine(RolloutEngine):
         sglang = import_sglang()
         self.model_path, self.tp_size, self.flatten = Path(model_path), int(tp_size), flatten
         self._manifest: WeightManifest | None = None
-        self._closed, self._session_open, self._loaded = False, False, 0
+        self._closed, self._session_open, self._asleep, self._loaded = False, False, False, 0
         if memory_saver is None:
             memory_saver = torch.cuda.is_available()
         server_args.setdefault("enable_memory_saver", memory_saver)
@@ -381,12 +381,17 @@ class SGLangRolloutEngine(RolloutEngine):
 
     # -------------------------------------------------------------------------- lifecycle
     def sleep(self) -> None:
-        if self.memory_saver:
+        if self.memory_saver and not self._asleep:
             self.engine.release_memory_occupation()
+            self._asleep = True
 
     def wake(self) -> None:
-        if self.memory_saver:
+        """Resume only what :meth:`sleep` released: SGLang 0.5.23's resume of memory that was
+        not released fails in the scheduler (``offload_tags.remove``), and the trainer's first
+        sync wakes the engine before it ever slept."""
+        if self._asleep:
             self.engine.resume_memory_occupation()
+            self._asleep = False
 
     def shutdown(self) -> None:
         if not self._closed:

@@ -180,6 +180,7 @@ class SGLangServerEngine(RolloutEngine):
         self._device = torch.device("cpu")
         self._paused = False
         self._memory_saver: bool | None = None
+        self._asleep = False
         self._sessions: list[str] = []  # workers with an open update session
         self._loaded = 0  # tensors of the current update loaded so far
         self.sync_address, self.sync_backend = sync_address, sync_backend
@@ -252,19 +253,24 @@ class SGLangServerEngine(RolloutEngine):
         """Whether every worker runs with ``--enable-memory-saver``, which release / resume
         need (asked once, ``/server_info``). Without it SGLang 0.5.23's
         ``resume_memory_occupation`` fails inside the scheduler (nothing was released) and
-        the server dies: seen on CPU, so sleep / wake are no-ops then."""
+        the server dies (seen on CPU), so sleep / wake are no-ops then."""
         if self._memory_saver is None:
             self._memory_saver = all(bool(self._server_info(url).get("enable_memory_saver"))
                                      for url in self.workers)
         return self._memory_saver
 
     def sleep(self) -> None:
-        if self.memory_saver():
+        if not self._asleep and self.memory_saver():
             self._on_all_workers("POST", "/release_memory_occupation", {})
+            self._asleep = True
 
     def wake(self) -> None:
-        if self.memory_saver():
+        """Resume only what :meth:`sleep` released: SGLang 0.5.23's resume of memory that was
+        not released fails inside the scheduler (``offload_tags.remove``) and the server dies,
+        and the trainer's first sync wakes the engine before it ever slept."""
+        if self._asleep:
             self._on_all_workers("POST", "/resume_memory_occupation", {})
+            self._asleep = False
 
     def weight_manifest(self) -> WeightManifest | None:
         if self.model_path is None:

@@ -88,3 +88,23 @@ def assert_refused_updates_changed_nothing(result: dict[str, Any]) -> None:
     assert "unknown tensor name 'model.layers.0.mlp.gate_projj.weight'" in result["unknown_name"]
     assert "did you mean 'model.layers.0.mlp.gate_proj.weight'" in result["unknown_name"]
     assert result["still_generates"] and result["unchanged_scores"]
+
+
+def assert_step_logged_sync_and_mismatch(result: dict[str, Any], tolerance: float) -> None:
+    """The scenario's training step (sync check on) logged the sync/ and mismatch figures."""
+    step = result["step"]
+    assert step["sync/bytes"] > 5e8  # SmolLM2 in float32 is ~0.54 GB
+    assert step["sync/gb_per_s"] > 0 and step["sync/probe_logprob_diff"] < tolerance
+    assert 0 <= step["rollout/logprob_abs_diff"] < tolerance and abs(step["rollout/engine_kl"]) < tolerance
+    assert result["first_sync"]["sync/probe_logprob_diff"] < tolerance
+
+
+def training_steps_with_sync_and_mismatch(records: list[dict], tolerance: float, steps: int = 2) -> list[dict]:
+    """The training records of a short run (``train_and_read_records``) after checking that each
+    of its ``steps`` steps logged the sync/ figures of a checked sync and the mismatch figures."""
+    logged = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, steps + 1))
+    for record in logged:
+        assert record["sync/bytes"] > 0 and record["sync/probe_logprob_diff"] < tolerance
+        assert record["rollout/logprob_abs_diff"] < tolerance and "rollout/engine_kl" in record
+    return logged

@@ -58,6 +58,7 @@ class _State:
         self.received = {}
         self.flush_busy = int(config.get("flush_busy", 0))
         self.session_open = False
+        self.released = False
 
     def session(self, path):
         """0.5.23's ``SchedulerWeightUpdaterManager.begin_weight_update`` / ``end_weight_update``."""
@@ -136,7 +137,13 @@ def _answer(state, method, path, body):
         return 200, "Cache flushed."
     if path in ("/pause_generation", "/continue_generation"):
         return 200, {"message": "ok", "status": "ok"}
-    if path in ("/release_memory_occupation", "/resume_memory_occupation"):
+    if path == "/release_memory_occupation":
+        state.released = True
+        return 200, None
+    if path == "/resume_memory_occupation":  # 0.5.23: offload_tags.remove(tag) raises, the scheduler dies
+        if not state.released:
+            return 500, "KeyError: 'weights' (resume_memory_occupation without a release)"
+        state.released = False
         return 200, None
     return 404, {"error": f"no route {method} {path}"}
 

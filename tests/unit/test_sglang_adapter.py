@@ -254,6 +254,7 @@ def test_colocated_generate_score_sleep_wake_shutdown(fake_sglang, tmp_path):
     out = engine.generate([[1, 2]], SamplingParams(max_new_tokens=1, n=3))
     assert len(out) == 3 and out[0].token_ids == [9] and out[0].logprobs == [-0.3]
     assert engine.score_logprobs([[4, 5, 6]]) == [[-1.0, -1.0]]
+    engine.wake()  # never slept: nothing to resume (SGLang's resume would fail)
     engine.sleep()
     engine.wake()
     engine.shutdown()

@@ -68,6 +68,8 @@ def test_router_gets_the_generation_and_lists_the_workers(servers):
     engine = SGLangServerEngine(router_url=router)
     assert engine.workers == [worker]
     engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=2))
+    engine.wake()  # the trainer's first sync wakes an engine that never slept: nothing to resume
+    engine.sleep()
     engine.sleep()
     engine.wake()
     assert [r[1] for r in server_state(router)["requests"]] == ["/workers", "/generate"]
