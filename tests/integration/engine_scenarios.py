@@ -9,13 +9,16 @@ from typing import Any
 SEQUENCE_TEXT = "Question: what is 7 + 5? Answer: 12. The weights were synced into the rollout engine."
 
 
-def smollm2_engine_config(run_dir: str, **engine_overrides: Any):
-    """SmolLM2-135M-Instruct, GRPO, 2 prompts x 2 samples x 6 tokens, the sync check on every
-    sync; ``engine_overrides`` choose the engine (``rollout.engine``, placement, urls...)."""
+def smollm2_engine_config(run_dir: str, method: str = "grpo", **engine_overrides: Any):
+    """SmolLM2-135M-Instruct, ``method`` (GRPO by default), 2 prompts x 2 samples x 6 tokens, the
+    sync check on every sync; ``engine_overrides`` choose the engine (``rollout.engine``,
+    placement, urls...). GRPO's step moves the weights only when a group's rewards differ, which
+    seeded engines (vLLM) make reproducible; engines that cannot honour the seeds on CPU (SGLang)
+    use SDPO, whose distillation loss moves them whatever the rewards."""
     from megacredit.trainer.config import load_config
 
     overrides = {
-        "model.name_or_path": "smollm2-135m-instruct", "algorithm.name": "grpo", "algorithm.group_size": 2,
+        "model.name_or_path": "smollm2-135m-instruct", "algorithm.name": method, "algorithm.group_size": 2,
         "rollout.max_new_tokens": 6, "rollout.max_seq_len": 256,
         "rollout.check_weight_sync_every": 1, "data.prompts_per_step": 2, "data.num_generated_train": 8,
         "data.num_generated_val": 2, "training.ppo_mini_batch_size": 2, "optimizer.lr": 3e-4,

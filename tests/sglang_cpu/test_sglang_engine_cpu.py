@@ -1,10 +1,11 @@
 """SGLang 0.5.23 colocated in the training job (an ``sglang.Engine`` on the CPU), for real.
 
-1. SmolLM2-135M-Instruct exported from Megatron into SGLang, one training step, sync: SGLang's
-   log-probs of a fixed sequence equal megacredit's own (the actor's Megatron forward) within
-   1e-3 per token, before and after the step, and the step moved both by more than 20 times
-   that. float32 on both sides (SGLang's CPU engine runs float32), so what remains is kernel
-   order (torch-native attention vs Megatron's): measured below 1e-4, like vLLM's CPU engine.
+1. SmolLM2-135M-Instruct exported from Megatron into SGLang, one SDPO step (its distillation
+   loss moves the weights whatever the rewards: SGLang's sampling is not seeded on CPU), sync:
+   SGLang's log-probs of a fixed sequence equal megacredit's own (the actor's Megatron forward)
+   within 1e-3 per token, before and after the step, and the step moved both by more than 20
+   times that. float32 on both sides (SGLang's CPU engine runs the model in float32), so what
+   remains is kernel order (torch-native attention vs Megatron's): measured about 1e-6.
    A wrong shape or an unknown name raises before anything moves and SGLang still generates
    and scores exactly as before; an update SGLang itself refuses (its session already held)
    raises ``WeightSyncError`` with SGLang's message, changes nothing, and the next update works.
@@ -61,7 +62,7 @@ def _refused_by_sglang(run, sequence, greedy_tokens):
 def _smollm2_scenario(rank, world_size, run_dir):
     from megacredit.trainer.loop import setup
 
-    run, train_records, _ = setup(smollm2_engine_config(run_dir, **{"rollout.engine": "sglang"}))
+    run, train_records, _ = setup(smollm2_engine_config(run_dir, "sdpo", **{"rollout.engine": "sglang"}))
     try:
         out = sync_step_and_refused_updates(run, train_records)
         out.update(_refused_by_sglang(run, out["sequence"], out["greedy"]))

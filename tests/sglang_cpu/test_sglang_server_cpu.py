@@ -8,7 +8,7 @@ on free ports, each in its own process group, stopped by PID). Tests, in this or
   prompt in prompt order (docs/engines.md), token for token with greedy decoding; sampled
   batches keep the order but not the tokens, since SGLang ignores ``sampling_seed`` without
   ``--enable-deterministic-inference``, which 0.5.23 refuses with the CPU's torch-native attention;
-* the trainer with ``rollout.placement=remote`` over both servers: sync, one training step,
+* the trainer with ``rollout.placement=remote`` over both servers: sync, one SDPO step,
   sync: the servers' log-probs of a fixed sequence equal megacredit's within 1e-3 (float32 on
   both sides; measured about 1.6e-6) and moved by more than 20 times that; a wrong shape or an
   unknown name raises before anything moves; an update SGLang's own loader refuses (a wrong shape
@@ -140,7 +140,7 @@ def _session_vanishes(url, model_dir, norm_size):
 def _remote_scenario(rank, world_size, run_dir, urls, model_dir):
     from megacredit.trainer.loop import setup
 
-    run, train_records, _ = setup(smollm2_engine_config(run_dir, **{
+    run, train_records, _ = setup(smollm2_engine_config(run_dir, "sdpo", **{
         "rollout.engine": "sglang", "rollout.placement": "remote", "rollout.urls": json.dumps(urls)}))
     out = sync_step_and_refused_updates(run, train_records)
     norm_size = run.hf_config.hidden_size
