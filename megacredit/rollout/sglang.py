@@ -369,7 +369,7 @@ class SGLangRolloutEngine(RolloutEngine):
         """Close the session (SGLang re-processes the loaded weights), then flush the cache
         (its KV entries were computed with the old weights)."""
         self._end_session()
-        check_answer(self.engine.flush_cache(), "flush_cache", 0)
+        check_answer(self.engine.flush_cache(), "flush_cache", self._loaded)
 
     def abort_weight_update(self) -> None:
         """A failed update still closes SGLang's session, so the engine serves and takes the

@@ -10,7 +10,7 @@ on free ports, each in its own process group, stopped by PID). Tests, in this or
   ``--enable-deterministic-inference``, which 0.5.23 refuses with the CPU's torch-native attention;
 * the trainer with ``rollout.placement=remote`` over both servers: sync, one SDPO step,
   sync: the servers' log-probs of a fixed sequence equal megacredit's within 1e-3 (float32 on
-  both sides; measured about 1.6e-6) and moved by more than 20 times that; a wrong shape or an
+  both sides; measured 1.2e-6 to 1.6e-6) and moved by more than 20 times that; a wrong shape or an
   unknown name raises before anything moves; an update SGLang's own loader refuses (a wrong shape
   sent past megacredit's manifest check) raises ``WeightSyncError`` with SGLang's message and
   the servers keep their weights; a server that refuses before receiving (its update session
