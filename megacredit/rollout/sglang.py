@@ -340,7 +340,7 @@ class SGLangRolloutEngine(RolloutEngine):
     def begin_weight_update(self) -> None:
         """Open SGLang's update session (where it has one); a refusal raises before any copy."""
         self._loaded = 0
-        if has_update_session(self.engine):
+        if has_update_session(self.engine):  # entrypoints/engine.py Engine.begin_weight_update
             check_answer(self.engine.begin_weight_update(), "begin_weight_update", 0)
             self._session_open = True
 
@@ -351,6 +351,8 @@ class SGLangRolloutEngine(RolloutEngine):
         for group in split_by_dtype(pairs):
             if self.flatten:
                 payloads, flat = flattened_payloads(group, self.tp_size)
+                # entrypoints/engine.py Engine.update_weights_from_tensor -> model_executor/
+                # model_runner_components/weight_updater.py WeightUpdater._update_weights_from_flattened_bucket
                 answer = self.engine.update_weights_from_tensor(payloads, load_format=FLATTENED, flush_cache=False)
                 del payloads, flat
             else:
@@ -363,6 +365,7 @@ class SGLangRolloutEngine(RolloutEngine):
     def _end_session(self) -> None:
         if self._session_open:
             self._session_open = False
+            # entrypoints/engine.py Engine.end_weight_update (re-processes the loaded weights)
             check_answer(self.engine.end_weight_update(), "end_weight_update", self._loaded)
 
     def finish_weight_update(self) -> None:

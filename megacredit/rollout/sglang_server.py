@@ -285,6 +285,7 @@ class SGLangServerEngine(RolloutEngine):
         (SGLang 0.5.20), which takes updates as they come. Any refusal closes the sessions
         opened so far and raises."""
         failures = []
+        # entrypoints/http_server.py begin_weight_update -> SchedulerWeightUpdaterManager.begin_weight_update
         for url, future in self._submit_to_all("POST", "/begin_weight_update", {}).items():
             try:
                 success, message = answer_outcome(future.result())
@@ -305,6 +306,7 @@ class SGLangServerEngine(RolloutEngine):
         the loaded weights); the first failure raises after all answered, unless ``quiet``."""
         urls, self._sessions = self._sessions, []
         errors = []
+        # entrypoints/http_server.py end_weight_update -> SchedulerWeightUpdaterManager.end_weight_update
         for url, future in self._submit_to_all("POST", "/end_weight_update", {}, urls).items():
             try:
                 _check_future(future, f"end_weight_update on {url}", self._loaded)
@@ -442,6 +444,8 @@ class SGLangServerEngine(RolloutEngine):
         }
         if self.flatten:
             body["load_format"] = FLATTENED
+        # entrypoints/http_server.py update_weights_from_distributed -> SchedulerWeightUpdaterManager.
+        # update_weights_from_distributed -> WeightUpdater.receive_weights_from_distributed + load_weights
         futures = self._submit_to_all("POST", "/update_weights_from_distributed", body)
         # NCCL needs the tensors on this rank's GPU (a no-op when they already are there)
         if self.flatten:
