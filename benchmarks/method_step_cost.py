@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -94,7 +93,7 @@ def predicted_units(tokens: dict[str, int]) -> float:
 
 
 def build(quick: bool):
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
     from megacredit.trainer.loop import setup
     from megacredit.trainer.rl_step import sync_weights
     from megacredit.trainer.rollout import PromptStream

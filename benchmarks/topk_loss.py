@@ -138,7 +138,7 @@ def _differences(chunked: dict, naive: dict) -> dict:
 
 
 def measure(rank: int, world_size: int, tokens: int, top_k: int, repeats: int, run_naive: bool) -> dict:
-    """One configuration on this rank (run by megacredit.testing.run_distributed)."""
+    """One configuration on this rank (run by megacredit.utils.spawn.run_distributed)."""
     import torch.distributed as dist
 
     group = dist.new_group(list(range(world_size))) if world_size > 1 else None
@@ -163,7 +163,7 @@ def naive_peak_estimate(tokens: int, tp: int) -> int:
 
 
 def run_config(tokens: int, top_k: int, tp: int, repeats: int) -> dict:
-    from megacredit.testing import run_distributed
+    from megacredit.utils.spawn import run_distributed
 
     needed = naive_peak_estimate(tokens, tp) * tp + 2 * 2**30
     available = _common.mem_available_bytes()

@@ -64,8 +64,8 @@ class MegacreditSide:
     def __init__(self, tokens) -> None:
         from megacredit.megatron.distributed import initialize
         from megacredit.trainer import builder
-        from megacredit.trainer.config import load_config
-        from megacredit.trainer.packing import SequenceToPack, pack_sequences
+        from megacredit.config import load_config
+        from megacredit.data.packing import SequenceToPack, pack_sequences
 
         cfg = load_config(str(_common.REPO / "examples" / "grpo_smollm2_arithmetic.yaml"),
                           [f"optimizer.lr={LR}", f"optimizer.clip_grad={CLIP}",

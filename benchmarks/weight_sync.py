@@ -43,7 +43,7 @@ SERVER_ARGS = {"vllm": ["--dtype", "float32", "--max-model-len", "256", "--enfor
 
 
 def _config(run_dir: str, bucket_mb: int, engine: str):
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
 
     overrides = {
         "model.name_or_path": "smollm2-135m-instruct", "algorithm.name": "grpo", "algorithm.group_size": 2,

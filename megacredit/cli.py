@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from megacredit.trainer.config_parsing import ConfigError, ConfigWarning
+from megacredit.config.parsing import ConfigError, ConfigWarning
 from megacredit.utils.errors import SetupError
 
 EXIT_CONFIG_ERROR = 2
@@ -105,7 +105,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     train = _lazy_attr("megacredit.trainer.loop", "train", "megacredit train")
@@ -114,7 +114,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    from megacredit.trainer.config import config_to_yaml, load_config
+    from megacredit.config import config_to_yaml, load_config
 
     cfg = load_config(args.config, args.overrides, check_paths=args.check_paths)
     if args.world_size is not None:
@@ -134,8 +134,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from megacredit.trainer.metrics import METRICS_FILE
-    from megacredit.trainer.visualize import plot_runs, render_run
+    from megacredit.reporting.metrics import METRICS_FILE
+    from megacredit.reporting.visualize import plot_runs, render_run
 
     for run_dir in map(Path, args.run_dirs):
         if run_dir.is_file():
@@ -151,8 +151,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_viz(args: argparse.Namespace) -> int:
-    from megacredit.trainer.token_heatmap import write_heatmap_page
-    from megacredit.trainer.visualize import TOKEN_CREDIT_HTML_FILE
+    from megacredit.reporting.token_heatmap import write_heatmap_page
+    from megacredit.reporting.visualize import TOKEN_CREDIT_HTML_FILE
 
     default = Path(args.run_dirs[0]) / TOKEN_CREDIT_HTML_FILE if len(args.run_dirs) == 1 else TOKEN_CREDIT_HTML_FILE
     try:

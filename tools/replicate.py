@@ -5,7 +5,7 @@ one-digit additions) for every method and seed, one run at a time, each in its o
 with its log in ``<runs-dir>/<method>_seed<seed>/train.log``; then writes ``docs/results.md``
 (final and best validation avg@k with bootstrap CIs, the paired differences between methods,
 leakage counts, seconds per step, what was and was not reproduced from the papers) and one PNG
-of the learning curves of all runs overlaid (megacredit.trainer.visualize.plot_runs).
+of the learning curves of all runs overlaid (megacredit.reporting.visualize.plot_runs).
 
 Resumable: a finished run leaves ``replicate.json`` (its exact command) in its directory and
 is skipped when the same command is asked again; an unfinished or failed run is started afresh.
@@ -28,12 +28,12 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megacredit.trainer.replication_report import (  # noqa: E402 (the repository root goes on the path first)
+from megacredit.reporting.replication import (  # noqa: E402 (the repository root goes on the path first)
     RunSummary,
     summarise_run,
     write_report,

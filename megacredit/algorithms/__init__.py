@@ -1,6 +1,7 @@
 """The methods of megacredit as pure, Megatron-free torch functions (issue 3).
 
-One module per method, each citing the papers' equations (../shared/papers/ALGORITHMS.md):
+One module per method, each citing the papers' equations (CREDIT, arXiv 2605.11613; RLSD,
+"Self-Distilled RLVR", Yang et al.):
 
 * :mod:`.grpo`        group advantages (RLSD eq. 1), clipped surrogate (RLSD eq. 2)
 * :mod:`.sdpo`        top-K self-distillation divergence and loss (CREDIT section 2, eq. 2)

@@ -19,7 +19,7 @@ So the reverse-KL step to q is the policy gradient with advantages R_t(v) over t
 with the s-weighted mean reward as baseline (the renormalisation on K induces it). When K is
 the whole vocabulary s = pi_theta and the baseline term is zero: -sum_v pi(v) R_t(v) grad log pi(v).
 
-CHOICE (ALGORITHMS.md) for JSD (alpha != 1) and for the tail bin: the tilted q is used as the
+CHOICE (the paper states eq. 8 for reverse KL on the renormalised top-K only) for JSD (alpha != 1) and for the tail bin: the tilted q is used as the
 teacher distribution of the same divergence SDPO uses. With ``tail=True`` the tilt is applied
 to the (K+1)-bin distributions: q_b ∝ exp(Tbin_b - lambda mean_k Gbin_{k,b}) over the K ids and
 the tail bin, where Tbin / Gbin_k are the teacher / contrastive top-K log-probs plus their own

@@ -1,6 +1,6 @@
 """CREDIT-RLSD hybrid (beyond both papers): RLSD's direction-anchored weight with CREDIT's evidence.
 
-RLSD (rlsd.md eq. 13-14) weights each sampled token by the privileged gain
+RLSD (RLSD paper eq. 13-14) weights each sampled token by the privileged gain
 Delta_t = log P_T(y_t) - log P_S(y_t), which also rewards input-GENERIC tokens that any problem
 with the same feedback would favour (CREDIT section 3.2). This hybrid replaces Delta_t by
 CREDIT's contrastive-debiased, input-specific evidence on the sampled token

@@ -1,4 +1,4 @@
-"""Privileged-information leakage diagnostic (rlsd.md section 3.1, Figure 2 and Figure 3(a)).
+"""Privileged-information leakage diagnostic (RLSD paper section 3.1, Figure 2 and Figure 3(a)).
 
 RLSD observes that OPSD-trained models "systematically reference privileged information that is
 unavailable at inference time", e.g. "Given that the **reference solution** uses 9 values ...
@@ -80,5 +80,5 @@ def leakage_report(responses: Iterable[str], phrases: Sequence[str] = DEFAULT_LE
 
 
 def count_privileged_leakage(responses: Iterable[str], phrases: Sequence[str] = DEFAULT_LEAKAGE_PHRASES) -> int:
-    """Number of responses that refer to privileged information (rlsd.md section 3.1)."""
+    """Number of responses that refer to privileged information (RLSD paper section 3.1)."""
     return leakage_report(responses, phrases).leaking_responses

@@ -1,6 +1,6 @@
-"""OPSD baseline: plain on-policy distribution matching to a privileged self-teacher (rlsd.md section 2).
+"""OPSD baseline: plain on-policy distribution matching to a privileged self-teacher (RLSD paper section 2).
 
-On-Policy Self-Distillation (rlsd.md refs [7, 8]) trains the student pi_theta(. | x) to match
+On-Policy Self-Distillation (RLSD paper refs [7, 8]) trains the student pi_theta(. | x) to match
 the SAME model conditioned on privileged information r (e.g. a verified reasoning trace),
 pi_theta(. | x, r), at every position of the student's own rollout:
 

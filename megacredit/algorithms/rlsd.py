@@ -1,4 +1,4 @@
-"""RLSD: the teacher's evidence ratio as token-level credit inside GRPO (rlsd.md section 4).
+"""RLSD: the teacher's evidence ratio as token-level credit inside GRPO (RLSD paper section 4).
 
     Delta_t = sg(log P_T(y_t) - log P_S(y_t))                                    (eq. 13)
     w_t     = exp(sign(A) * Delta_t) = (P_T(y_t) / P_S(y_t))^sign(A)               (eq. 14)

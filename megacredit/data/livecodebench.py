@@ -53,11 +53,6 @@ def decode_private_test_cases(value: str) -> Any:
     return json.loads(payload) if isinstance(payload, (str, bytes)) else payload
 
 
-def encode_private_test_cases(tests: list[dict[str, Any]]) -> str:
-    """The real release's compressed form (used to build fixtures and round-trip tests)."""
-    return base64.b64encode(zlib.compress(pickle.dumps(json.dumps(tests)))).decode("ascii")
-
-
 def _tests(value: Any, path: str, row_number: int, key: str) -> list[dict[str, str]]:
     if not isinstance(value, str):
         raise DatasetRowError(path, row_number, key, "expected a JSON string (list of test cases)")

@@ -7,7 +7,7 @@ For each sample i (prompt record x_i, response ids y_i, reward R_i, feedback z_i
   same response tokens under the enriched context). privileged_i = a successful sibling's
   solution from the same group (never sample i itself) + z_i + the re-solve instruction
   (appendix A.1, see megacredit.data.templates), or in ``rlsd`` mode only the ground-truth
-  answer (rlsd.md section 5: "RLSD requires only the final ground-truth answer").
+  answer (RLSD paper section 5: "RLSD requires only the final ground-truth answer").
 - contrastive k = 1..C (CREDIT section 3.3, eq. 8, appendix A Table 3): the teacher context
   with x_i replaced by x'_k in the user-turn prefix, x'_k drawn uniformly from the OTHER
   distinct prompts of the batch; solution, z_i and y_i unchanged.
@@ -89,20 +89,6 @@ class SampleSequences:
     def response_start(self, sequence: Sequence[int]) -> int:
         """Index where the response begins in ``sequence`` (any of this sample's sequences)."""
         return len(sequence) - self.response_length
-
-    @property
-    def student_response_span(self) -> tuple[int, int]:
-        """[start, end) of y_i in ``student_ids``."""
-        return (len(self.student_ids) - self.response_length, len(self.student_ids))
-
-    @property
-    def teacher_response_span(self) -> tuple[int, int]:
-        """[start, end) of y_i in ``teacher_ids``."""
-        return (len(self.teacher_ids) - self.response_length, len(self.teacher_ids))
-
-    def teacher_side_sequences(self) -> list[list[int]]:
-        """[teacher, contrastive_1..C]: the sequences to run together in one micro-batch."""
-        return [self.teacher_ids, *self.contrastive_ids]
 
 
 def split_think_trace(text: str) -> tuple[str, str]:

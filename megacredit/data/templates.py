@@ -34,7 +34,7 @@ re-solve instruction; the student's response y follows unchanged in the assistan
     Now solve this problem step by step.
     [Assistant] {y}
 
-RLSD's teacher sees only the ground-truth answer (rlsd.md section 5): CHOICE, written in the
+RLSD's teacher sees only the ground-truth answer (RLSD paper section 5): CHOICE, written in the
 same layout as SciKnowEval's z: ``{x}\\n\\nCorrect answer: {answer}\\n\\nNow solve this problem
 step by step.``
 """

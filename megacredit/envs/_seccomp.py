@@ -136,11 +136,6 @@ def _load_library() -> ctypes.CDLL:
     return library
 
 
-def syscall_number(name: str) -> int:
-    """This architecture's number of syscall ``name`` (negative when it has none), by libseccomp."""
-    return _load_library().seccomp_syscall_resolve_name(name.encode())
-
-
 def _add_rule(library: ctypes.CDLL, context: int, rule: Rule) -> None:
     number = library.seccomp_syscall_resolve_name(rule.syscall.encode())
     if number < 0:

@@ -23,15 +23,9 @@ from megacredit.megatron.optimizer import optimizer_step, zero_grads
 from megacredit.algorithms.topk_fused import TopKLogprobs
 from megacredit.megatron.rl_passes import VocabHead, run_packed_schedule
 from megacredit.megatron.teacher import TeacherWeights
-from megacredit.trainer.objective import (
-    MicroBatchInputs,
-    ObjectiveSettings,
-    loss_mask_denominator,
-    micro_batch_loss,
-    pad_per_sample,
-    response_mask,
-)
-from megacredit.trainer.packing import PackedMicroBatch, SequenceToPack, pack_sequences, split_per_sequence
+from megacredit.algorithms.methods import METHODS, loss_mask_denominator, micro_batch_loss
+from megacredit.algorithms.objective import MicroBatchInputs, ObjectiveSettings, pad_per_sample, response_mask
+from megacredit.data.packing import PackedMicroBatch, SequenceToPack, pack_sequences, split_per_sequence
 from megacredit.utils.progress import ProgressReporter
 
 
@@ -154,24 +148,25 @@ class MegatronActor:
         return self._forward_only(groups, collect)
 
     def teacher_pass(self, samples: dict[int, SampleSequences], student: dict[int, StudentResult] | None = None,
-                     defer_student_set: bool = False) -> dict[int, TeacherResult]:
+                     old_policy_from_training: bool = False) -> dict[int, TeacherResult]:
         """Teacher and its C contrastive sequences of each sample, in one micro-batch, with the
         teacher weights swapped into the policy's modules (restored bit-exactly afterwards).
 
         With topk_source="student" the distillation set is the student's top-K. Without the
-        old-policy pass (``defer_student_set``, see ``train_mini_batch(..., student_from_forward=
-        True)``) the teacher's hidden states are kept and the set's log-probs are computed in the
-        training forward, once the student's top-K is known there.
+        old-policy pass (``old_policy_from_training``, see :meth:`train_mini_batch`) the teacher's
+        hidden states are kept and the set's log-probs are computed in the training forward, once
+        the student's top-K is known there.
         """
         use_student_set = self.settings.topk_source == "student"
-        if use_student_set and student is None and not defer_student_set:
-            raise ValueError("topk_source='student' needs the old-policy pass results (or defer_student_set=True)")
+        if use_student_set and student is None and not old_policy_from_training:
+            raise ValueError("topk_source='student' needs the old-policy pass results "
+                             "(or old_policy_from_training=True)")
         groups = [
             [_sequence(("t", i), s.teacher_ids, s.response_length)]
             + [_sequence(("c", i, k), ids, s.response_length) for k, ids in enumerate(s.contrastive_ids)]
             for i, s in samples.items()
         ]
-        if use_student_set and defer_student_set:
+        if use_student_set and old_policy_from_training:
             collect = self._deferred_collector()
         else:
             def collect(hidden: torch.Tensor, micro_batch: PackedMicroBatch) -> dict:
@@ -266,16 +261,16 @@ class MegatronActor:
     def train_mini_batch(self, mini_batch: Sequence[int], samples: dict[int, SampleSequences],
                          student: dict[int, StudentResult], teacher: dict[int, TeacherResult],
                          advantages: dict[int, torch.Tensor] | None,
-                         token_weights: dict[int, torch.Tensor] | None = None, student_from_forward: bool = False,
+                         token_weights: dict[int, torch.Tensor] | None = None, old_policy_from_training: bool = False,
                          advantage_fn: AdvantageFn | None = None) -> dict[str, float]:
         """One optimizer step on one mini-batch (all DP ranks together); returns metrics.
 
         ``token_weights``: per-sample [R] rollout IS weights multiplying the token losses.
-        ``student_from_forward``: the old-policy pass was skipped because it would equal this
-        forward (one mini-batch, one epoch, on-policy; the trainer's ``old_policy_from_training``
-        decides). ``student`` is then filled here from this forward (detached, so
-        pi_old = sg(pi_theta) and the PPO ratio is exactly 1), a deferred student-top-K set is
-        scored (``teacher_pass(defer_student_set=True)``), and ``advantage_fn(indices,
+        ``old_policy_from_training``: the old-policy pass was skipped because it would equal this
+        forward (one mini-batch, one epoch, on-policy; the trainer's
+        ``can_take_old_policy_from_training`` decides). ``student`` is then filled here from this
+        forward (detached, so pi_old = sg(pi_theta) and the PPO ratio is exactly 1), a deferred
+        student-top-K set is scored (``teacher_pass(old_policy_from_training=True)``), and ``advantage_fn(indices,
         student)`` fills ``advantages`` before the loss.
         """
         objective = self.settings.objective
@@ -287,13 +282,13 @@ class MegatronActor:
 
         def loss_callback(hidden: torch.Tensor, micro_batch: PackedMicroBatch):
             indices = [key[1] for key in micro_batch.keys]
-            if student_from_forward:
+            if old_policy_from_training:
                 out = self._student_forward_head(hidden, micro_batch, student, teacher)
                 if advantage_fn is not None:
                     advantages.update(advantage_fn(indices, student)[0])
             else:
                 set_ids = (torch.cat([teacher[i].set_ids for i in indices]).to(hidden.device)
-                           if objective.uses_teacher_topk else None)
+                           if METHODS[objective.method].distills else None)
                 out = self.head(hidden, gather_ids=set_ids, sampled_ids=micro_batch.target_ids.to(hidden.device))
             inputs = self._micro_batch_inputs(indices, micro_batch, out, samples, student, teacher, advantages)
             if token_weights is not None:
@@ -320,7 +315,7 @@ class MegatronActor:
         """The training head when this forward also stands in for the old-policy pass: the
         student's top-K (diagnostics, and the set when topk_source="student") in the same call."""
         indices = [key[1] for key in micro_batch.keys]
-        distill = self.settings.objective.uses_teacher_topk
+        distill = METHODS[self.settings.objective.method].distills
         student_set = distill and self.settings.topk_source == "student"
         set_ids = (torch.cat([teacher[i].set_ids for i in indices]).to(hidden.device)
                    if distill and not student_set else None)
@@ -344,7 +339,7 @@ class MegatronActor:
         )
         if advantages is not None:
             inputs.token_advantages = pad_per_sample([advantages[i] for i in indices])
-        if objective.uses_teacher_topk:
+        if METHODS[objective.method].distills:
             inputs.student_topk_logp = pad_per_sample(torch.split(out.gathered_logprobs, lengths))
             inputs.teacher_topk_logp = pad_per_sample([teacher[i].topk_logp for i in indices])
             num_contrastive = teacher[indices[0]].contrastive_topk_logp.shape[0]

@@ -32,7 +32,7 @@ previous complete checkpoint as the latest, or the new one complete.
 
 Saves are synchronous. Megatron's asynchronous save starts a multiprocessing Manager which
 re-imports the launched script: it would need an ``if __name__ == "__main__":`` guard in every
-entry point (see ../shared/notes/facts-of-this-machine.md), and is not used here.
+entry point (without one, the save hangs), and is not used here.
 """
 
 from __future__ import annotations

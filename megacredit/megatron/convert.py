@@ -190,7 +190,7 @@ def _mcore_to_hf_worker(rank: int, world_size: int, job: ConversionJob) -> None:
 
 def _launch(worker, job: ConversionJob, prog: str) -> None:
     """Run ``worker`` on tp*pp local processes; a worker's ConversionError becomes ours."""
-    from megacredit.testing import run_distributed
+    from megacredit.utils.spawn import run_distributed
 
     world_size = job.tp * job.pp
     _log(prog, f"launching {world_size} process(es) (tp={job.tp}, pp={job.pp})")

@@ -2,7 +2,7 @@
 
 Megatron-Core assumes CUDA in a handful of places. This module switches on ONLY when CUDA is
 absent (``enable_cpu_compat()`` returns False and changes nothing on a GPU machine) and fixes,
-in one place, what ../shared/notes/facts-of-this-machine.md lists:
+in one place, what running Megatron-Core 0.16.1 on CPU with gloo showed to break:
 
 1. Hard-coded CUDA tensors (global memory buffer, pipeline schedules, p2p, clip_grads): a
    ``TorchFunctionMode`` rewrites ``device="cuda"``/``cuda:N``/``torch.device("cuda")`` to CPU in
@@ -13,7 +13,7 @@ in one place, what ../shared/notes/facts-of-this-machine.md lists:
    ``_get_cuda_rng_state``/``_set_cuda_rng_state`` act on the CPU generator, so
    ``model_parallel_cuda_manual_seed`` and ``get_cuda_rng_tracker().fork()`` work.
 3. Attention masks: the unfused softmax builds its default causal mask on "cuda"; (1) already
-   covers it, and callers in megacredit pass explicit masks anyway (``causal_attention_mask``).
+   covers it, and megacredit's passes use none (packed sequences, ``packed_attention``).
 4. Gradient clipping asserts ``torch.cuda.FloatTensor``: the optimizer's clip function is
    replaced by one that checks fp32 on any device (same arithmetic).
 5. ``dist_checkpointing`` needs ``psutil`` (a dependency) and a ``__main__`` guard in launched
@@ -167,19 +167,8 @@ def enable_cpu_compat() -> bool:
     return True
 
 
-def is_enabled() -> bool:
-    """True when :func:`enable_cpu_compat` has switched the layer on in this process."""
-    return bool(_STATE["enabled"])
-
-
 def device() -> torch.device:
     """The device megacredit places model tensors on: the current CUDA device, else CPU."""
     if cuda_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def causal_attention_mask(seq_length: int, device_: torch.device | str | None = None) -> torch.Tensor:
-    """Megatron-convention causal mask [1, 1, S, S]: True where attention is NOT allowed."""
-    ones = torch.ones(seq_length, seq_length, dtype=torch.bool, device=device_ or device())
-    return torch.triu(ones, diagonal=1)[None, None]

@@ -131,7 +131,7 @@ def initialize(
     backend = backend or ("gloo" if cpu else "nccl")
     if not torch.distributed.is_initialized():
         if launch.launcher == "single" and "MASTER_PORT" not in os.environ:
-            from megacredit.testing import find_free_port
+            from megacredit.utils.spawn import find_free_port
 
             launch = LaunchEnv(0, 1, 0, "127.0.0.1", find_free_port(), "single")
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)

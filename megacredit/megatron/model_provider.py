@@ -13,13 +13,14 @@ calculate_padded_vocab_size``; ``--make-vocab-size-divisible-by`` defaults to 12
 ``megatron/training/arguments.py``): the embedding/output rows are padded to a multiple of
 ``make_vocab_size_divisible_by * tp`` (default 128 * tp) so every TP rank holds an equal,
 aligned slice. The real vocabulary size is kept on the model as ``model.megacredit_vocab_size``;
-logits of the padding rows are meaningless and must be dropped (``gather_vocab_logits`` does).
+logits of the padding rows are meaningless and must be dropped (``rl_passes.VocabHead`` masks
+them: ids >= ``megacredit_vocab_size`` get -inf).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -277,71 +278,3 @@ def build_gpt_model(
     model.megacredit_hf_config = hf_config
     return model.to(ctx.device)
 
-
-def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
-    """Positions 0..S-1 for every row of ``input_ids`` [B, S]."""
-    batch, seq_length = input_ids.shape
-    return torch.arange(seq_length, device=input_ids.device).unsqueeze(0).expand(batch, seq_length)
-
-
-def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Run a full (PP=1) model with an explicit causal mask; returns TP-local logits [B, S, V/tp]
-    (padded vocab slice). The mask is passed because Megatron's default one is built on "cuda".
-    """
-    if not (model.pre_process and model.post_process):
-        raise ValueError("forward_logits needs a model holding every stage (PP=1); "
-                         "use pipeline_forward_logits for PP>1")
-    mask = cpu_compat.causal_attention_mask(input_ids.shape[1], input_ids.device)
-    positions = position_ids_for(input_ids) if position_ids is None else position_ids
-    return model(input_ids, positions, mask)
-
-
-def gather_vocab_logits(local_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """All-gather vocab-parallel logits [..., V/tp] over the TP group and drop the padding
-    columns: returns [..., vocab_size]. Differentiable (Megatron's gather region)."""
-    from megatron.core import tensor_parallel
-
-    full = tensor_parallel.gather_from_tensor_model_parallel_region(local_logits)
-    return full[..., :vocab_size]
-
-
-def pipeline_forward_logits(
-    model_chunks: Sequence[torch.nn.Module],
-    input_ids: torch.Tensor,
-    micro_batch_size: int | None = None,
-) -> torch.Tensor | None:
-    """Forward-only run through Megatron's pipeline schedule (any PP size, incl. 1).
-
-    Every rank passes the same ``input_ids`` [B, S]. Returns full-vocabulary logits [B, S, V]
-    (TP-gathered, padding removed) on the last pipeline stage and None on the others.
-    """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    chunks = list(model_chunks)
-    batch, seq_length = input_ids.shape
-    micro_batch_size = micro_batch_size or batch
-    if batch % micro_batch_size:
-        raise ValueError(f"micro_batch_size={micro_batch_size} must divide the batch size {batch}")
-    vocab_size = chunks[-1].megacredit_vocab_size
-    micro_batches = iter(input_ids.split(micro_batch_size))
-    mask = cpu_compat.causal_attention_mask(seq_length, input_ids.device)
-
-    def forward_step(data_iterator, model):
-        tokens = next(data_iterator)
-        output = model(tokens, position_ids_for(tokens), mask)
-        return output, lambda logits, non_loss_data=True: gather_vocab_logits(logits, vocab_size)
-
-    with torch.no_grad():
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=micro_batches,
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=batch // micro_batch_size,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=True,
-            collect_non_loss_data=True,
-        )
-    if not chunks[-1].post_process:
-        return None
-    return torch.cat(list(outputs), dim=0)

@@ -8,17 +8,18 @@ all-reduce across PP stages; ``no_sync_func``). ``build_optimizer`` calls Megatr
 CPU they need the compatibility layer (``megacredit.megatron.distributed.initialize`` turns it
 on), which also makes ``clip_grad > 0`` work.
 
-Gradient scaling convention (see ``megacredit.megatron.schedule``): Megatron DDP AVERAGES
+Gradient scaling convention (see ``megacredit.megatron.rl_passes``): Megatron DDP AVERAGES
 gradients over data-parallel ranks (``gradient_scaling_factor = 1/dp``) unless the model config
-has ``calculate_per_token_loss=True``. ``schedule.forward_backward`` compensates for it, so a loss
-function that returns additive shares of the global loss yields the full-batch gradient.
+has ``calculate_per_token_loss=True``. ``rl_passes.run_packed_schedule(..., dp_size=...)``
+compensates for it, so a callback that returns additive shares of the global loss yields the
+full-batch gradient.
 
 Typical step::
 
     chunks = wrap_with_ddp(build_gpt_model(...))
     optimizer = build_optimizer(chunks, OptimizerSettings(lr=1e-6, clip_grad=1.0))
     zero_grads(chunks, optimizer)
-    forward_backward(chunks, micro_batches, loss_fn, ctx)
+    run_packed_schedule(chunks, micro_batches, loss_callback, forward_only=False, dp_size=ctx.dp_size)
     result = optimizer_step(optimizer)
 """
 

@@ -8,11 +8,25 @@ tensor. ``run_packed_schedule`` drives ``get_forward_backward_func()`` over a li
 :class:`PackedMicroBatch` for forward-only passes (teacher, contrastive, old policy) and for the
 training pass (forward + backward), with one callback per micro-batch on the last stage.
 
-Loss scaling: Megatron divides a 2-tuple loss by the number of micro-batches and Megatron DDP
-averages gradients over data-parallel ranks. The callback returns this micro-batch's additive
-share of the global loss (numerator / global denominator); we multiply by
-``num_microbatches * dp_size`` so the accumulated, DP-reduced gradient is exactly the gradient
-of the global loss -- what a single process computes on the whole batch.
+Loss scaling
+------------
+The training callback returns this micro-batch's ADDITIVE SHARE of the global loss (numerator /
+global denominator, ``megacredit.algorithms.losses.aggregate(..., global_denominator=...)``),
+so that ``global_loss = sum over DP ranks and micro-batches of share``. Megatron 0.16 then
+divides twice (read in ``megatron/core/pipeline_parallel/schedules.py::forward_step_calc_loss``
+and ``megatron/core/distributed/distributed_data_parallel.py``): with the model config's
+``calculate_per_token_loss=False`` (the default) the schedule divides a ``(loss, metrics)``
+2-tuple's loss by ``num_microbatches`` (and multiplies it by the context-parallel size, 1
+here), and Megatron DDP pre-scales every gradient by ``1 / dp_size`` before its all-reduce (it
+AVERAGES over DP). So the loss handed to Megatron is ``share * num_microbatches * dp_size``:
+after the two divisions the accumulated, reduced gradient is ``d/dtheta sum_{dp, mb} share`` --
+the gradient of the global loss, what a single process computes on the whole batch (tested
+against TP=1 at TP=2, PP=2 and DP=2 in tests/distributed/test_parallel_equivalence.py). The
+caller passes ``dp_size``: the DP world size for DDP-wrapped chunks, 1 for a bare GPTModel
+(nothing is averaged; each rank keeps its local gradient). ``calculate_per_token_loss=True``
+(Megatron's 3-tuple convention, division by the all-reduced token count, no DP averaging) is
+refused: shares already carry the global denominator. The metrics the callback returns are
+collected as they are (unscaled).
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ from megacredit.algorithms.topk_fused import (
     rows_per_chunk,
 )
 from megacredit.megatron.packed_attention import packed_seq_params
-from megacredit.trainer.packing import PackedMicroBatch
+from megacredit.data.packing import PackedMicroBatch
 from megacredit.utils.progress import ProgressReporter
 
 
@@ -128,6 +142,9 @@ def run_packed_schedule(
 
     if not micro_batches:
         return []
+    if not forward_only and unwrap(model_chunks[0]).config.calculate_per_token_loss:
+        raise ValueError("run_packed_schedule needs the model config's calculate_per_token_loss=False: the "
+                         "callback returns loss shares that already carry the global denominator")
     num_microbatches = len(micro_batches)
     lengths = {mb.num_tokens for mb in micro_batches}
     if len(lengths) > 1 and len(model_chunks) * _pp_size() > 1:

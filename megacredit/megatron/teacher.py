@@ -4,7 +4,7 @@ There is no second model instance: the teacher is a list of tensors shaped like 
 parameter shards (same TP/PP sharding). ``swapped_in(model_chunks)`` copies them into the
 policy's parameters for a forward-only pass and restores the policy bit-exactly afterwards.
 
-Two kinds (ALGORITHMS.md):
+Two kinds (CREDIT Table 3: EMA rate 0.01; RLSD section 5: hard copy every 10 steps):
 - ``ema``: pi_ref <- (1 - r) pi_ref + r pi_theta after every optimizer step (CREDIT/SDPO, r=0.01).
 - ``hard_copy``: pi_ref <- pi_theta every ``sync_every`` steps, frozen between (RLSD, every 10).
 The EMA is accumulated in fp32 even when the parameters are bf16.

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
-from megacredit.trainer.config import MegacreditConfig, load_config, validate_config
+from megacredit.config import MegacreditConfig, load_config, validate_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import nemo_run as run

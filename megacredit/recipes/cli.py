@@ -16,8 +16,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
-from megacredit.trainer.config import check_world_size, config_to_yaml
-from megacredit.trainer.config_parsing import ConfigError
+from megacredit.config import check_world_size, config_to_yaml
+from megacredit.config.parsing import ConfigError
 
 CONFIG_BEGIN = "# --- resolved megacredit config ---"
 CONFIG_END = "# --- end of resolved megacredit config ---"

@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
-from megacredit.trainer.config import ConfigError, MegacreditConfig
-from megacredit.trainer.config_validation import hf_folder_problem
+from megacredit.algorithms.methods import METHODS
+from megacredit.algorithms.objective import ObjectiveSettings
+from megacredit.config import ConfigError, MegacreditConfig
+from megacredit.config.validation import hf_folder_problem
 from megacredit.utils.errors import one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -151,7 +153,7 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
     ))
     algorithm = cfg.algorithm
     teacher = None
-    if algorithm.name != "grpo":
+    if METHODS[algorithm.name].teacher_pass:
         teacher = TeacherWeights(chunks, algorithm.teacher.kind, algorithm.teacher.ema_rate, algorithm.teacher.sync_every)
     settings = ActorSettings(
         objective=objective_settings(cfg), top_k=algorithm.sdpo.top_k, topk_source=algorithm.sdpo.topk_source,
@@ -160,10 +162,8 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
     return MegatronActor(chunks, optimizer, teacher, ctx, settings, progress)
 
 
-def objective_settings(cfg: MegacreditConfig):
+def objective_settings(cfg: MegacreditConfig) -> ObjectiveSettings:
     """The loss hyperparameters of ``cfg.algorithm``."""
-    from megacredit.trainer.objective import ObjectiveSettings
-
     algorithm = cfg.algorithm
     return ObjectiveSettings(
         method=algorithm.name, clip_eps_low=algorithm.clip_eps_low, clip_eps_high=algorithm.clip_eps_high,

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from megacredit.trainer import builder, checkpointing
-from megacredit.trainer.config import MegacreditConfig, save_config, validate_against_model
-from megacredit.trainer.rl_step import RLRun, run_step
+from megacredit.config import MegacreditConfig, save_config, validate_against_model
+from megacredit.trainer.rl_step import run_step
+from megacredit.trainer.run import RLRun
 from megacredit.trainer.rollout import PromptStream, step_seed
 from megacredit.utils.malloc import PageFaultCheck
 
@@ -57,9 +58,9 @@ def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
 
 def train(cfg: MegacreditConfig) -> dict[str, Any]:
     """Run the configured job to ``training.steps``; returns the final logged metrics."""
-    from megacredit.trainer.metrics import MetricsLogger
-    from megacredit.trainer.rl_step import sync_weights
-    from megacredit.trainer.visualize import render_run
+    from megacredit.reporting.metrics import MetricsLogger
+    from megacredit.trainer.weight_sync import sync_weights
+    from megacredit.reporting.visualize import render_run
 
     run, train_records, val_records = setup(cfg)
     start_step, _ = checkpointing.resume(run.actor, run.ctx, cfg)

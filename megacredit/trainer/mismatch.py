@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from megacredit.algorithms.rollout_is import mismatch_sums, rollout_is_weights
-from megacredit.trainer.objective import pad_per_sample, response_mask
+from megacredit.algorithms.objective import pad_per_sample, response_mask
 
 MISMATCH_NAMES = {
     "logprob_abs_diff": "rollout/logprob_abs_diff",

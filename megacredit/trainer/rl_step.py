@@ -9,60 +9,34 @@ every rank; pass results live on the last pipeline stage and are reduced for log
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from megacredit.algorithms.grpo import group_advantages
+from megacredit.algorithms.methods import METHODS, Method, token_advantages
 from megacredit.algorithms.schedules import LambdaSchedule
-from megacredit.data.teacher_context import TeacherContextConfig, build_teacher_contexts
+from megacredit.config import MegacreditConfig
+from megacredit.data.teacher_context import SampleSequences, TeacherContextConfig, build_teacher_contexts
+from megacredit.megatron.actor import StudentResult, TeacherResult
 from megacredit.megatron.optimizer import set_learning_rate
 from megacredit.rollout.base import SamplingParams
 from megacredit.trainer import rollout as rollout_lib
 from megacredit.trainer import step_metrics
 from megacredit.trainer.mismatch import engine_mismatch_sums, rollout_is_token_weights
-from megacredit.trainer.objective import PPO_METHODS, token_advantages
-from megacredit.trainer.weight_sync import sync_weights  # noqa: F401 - the loop imports it from here
+from megacredit.trainer.rollout import RolloutBatch
+from megacredit.trainer.run import RLRun
+from megacredit.trainer.weight_sync import sync_weights
 from megacredit.utils.comm import all_gather_objects, broadcast_object
-from megacredit.utils.progress import ProgressReporter
 
 
-@dataclass
-class RLRun:
-    """Everything a step needs; ``engine`` is None except on global rank 0."""
-
-    cfg: Any
-    ctx: Any
-    actor: Any
-    engine: Any
-    env: Any
-    tokenizer: Any
-    hf_config: Any
-    timings: dict[str, float] = field(default_factory=dict)
-    progress: ProgressReporter = field(default_factory=ProgressReporter)
-    """Progress shown inside the long phases (shows nothing except on the logging rank)."""
-    sync_count: int = 0
-    """Weight syncs done so far (the sync at start-up is sync 0)."""
-
-    @property
-    def is_logger(self) -> bool:
-        return self.ctx.rank == 0
-
-    @contextmanager
-    def phase(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.timings[f"perf/time_{name}"] = self.timings.get(f"perf/time_{name}", 0.0) + time.perf_counter() - start
-
-
-def teacher_context_config(cfg) -> TeacherContextConfig:
+def teacher_context_config(cfg: MegacreditConfig) -> TeacherContextConfig:
     """How teacher contexts are built for ``cfg.algorithm.name``."""
-    name = cfg.algorithm.name
+    method = METHODS[cfg.algorithm.name]
     return TeacherContextConfig(
-        mode="rlsd" if name == "rlsd" else "sdpo",
-        num_contrastive=cfg.algorithm.credit.num_contrastive if name in ("credit", "credit_rlsd") else 0,
+        mode=method.teacher_context,
+        num_contrastive=cfg.algorithm.credit.num_contrastive if method.contrastive_pass else 0,
         solution_content="think_and_solution" if cfg.algorithm.teacher.include_think_trace else "solution",
     )
 
@@ -72,7 +46,7 @@ def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
     return lr if warmup_steps <= 0 else lr * min(1.0, (step + 1) / warmup_steps)
 
 
-def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> rollout_lib.RolloutBatch:
+def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> RolloutBatch:
     """Generate G responses per prompt and score them (rank 0), then share the batch.
 
     The engine (one, or an EnginePool splitting the prompts across several) returns its own
@@ -95,21 +69,21 @@ def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> rollout_lib
     return broadcast_object(batch)
 
 
-def mini_batches(cfg, num_samples: int) -> list[list[int]]:
+def mini_batches(cfg: MegacreditConfig, num_samples: int) -> list[list[int]]:
     """Sample indices of each PPO mini-batch (``ppo_mini_batch_size`` prompts x G samples)."""
     size = cfg.training.ppo_mini_batch_size * cfg.algorithm.group_size
     return [list(range(start, min(start + size, num_samples))) for start in range(0, num_samples, size)]
 
 
-def sequence_advantages(cfg, batch) -> torch.Tensor:
+def sequence_advantages(cfg: MegacreditConfig, batch: RolloutBatch) -> torch.Tensor:
     """[N] GRPO group advantages A_i of the batch's samples (RLSD eq. 1)."""
     return group_advantages(torch.tensor(batch.rewards, dtype=torch.float32), cfg.algorithm.group_size,
                             eps=cfg.algorithm.adv_eps)
 
 
-def old_policy_from_training(cfg, num_mini_batches: int) -> bool:
+def can_take_old_policy_from_training(cfg: MegacreditConfig, num_mini_batches: int) -> bool:
     """True when the old-policy forward is provably redundant, so it is skipped and its results
-    are taken from the training forward: one mini-batch and one PPO epoch (the only optimizer
+    are taken from the training forward (``old_policy_from_training`` in the actor): one mini-batch and one PPO epoch (the only optimizer
     step of the step comes after the training forward, so pi_old = pi_theta there, and the
     model has no dropout), and no rollout importance correction (which would need pi_old
     before training). The loss and gradients equal those with the pass
@@ -118,7 +92,7 @@ def old_policy_from_training(cfg, num_mini_batches: int) -> bool:
             and getattr(cfg.algorithm, "rollout_is", "none") == "none")
 
 
-def advantage_function(run: RLRun, step: int, batch, teacher: dict):
+def advantage_function(run: RLRun, step: int, batch: RolloutBatch, teacher: dict[int, TeacherResult]):
     """``(indices, student) -> (token advantages {index: [R]}, metric sums)`` for the PPO family;
     per-sample arithmetic, so any subset of the batch gives the same values as the whole."""
     cfg = run.cfg
@@ -132,28 +106,27 @@ def advantage_function(run: RLRun, step: int, batch, teacher: dict):
         adv, metrics = token_advantages(settings, seq_adv[indices], mask, old_logp, teacher_logp, contrastive, lam)
         device = student[indices[0]].sampled_logp.device
         advantages = {i: adv[row, :length].to(device) for row, (i, length) in enumerate(zip(indices, lengths))}
-        return advantages, _advantage_sums(cfg.algorithm.name, adv, mask, metrics, lam)
+        return advantages, _advantage_sums(run.method, adv, mask, metrics, lam)
 
     return compute
 
 
-def compute_advantages(run: RLRun, step: int, batch, student: dict, teacher: dict) -> tuple[dict, dict]:
-    """Token advantages [R] of the samples whose pass results live on this rank."""
-    method = run.cfg.algorithm.name
-    if method not in PPO_METHODS or not student:
-        return ({} if method in PPO_METHODS else None), {}
+def compute_advantages(run: RLRun, step: int, batch: RolloutBatch, student: dict[int, StudentResult],
+                       teacher: dict[int, TeacherResult]) -> tuple[dict | None, dict]:
+    """Token advantages [R] of the samples whose pass results live on this rank (None: distillation)."""
+    if not run.method.is_ppo or not student:
+        return ({} if run.method.is_ppo else None), {}
     return advantage_function(run, step, batch, teacher)(sorted(student), student)
 
 
-def _advantage_sums(method: str, adv, mask, metrics: dict, lam: float) -> dict:
+def _advantage_sums(method: Method, adv, mask, metrics: dict, lam: float) -> dict:
     """Advantage diagnostics as (sum, count) pairs."""
-    evidence = "teacher/rlsd_delta" if method == "rlsd" else "teacher/s_t_hybrid"
-    names = {"clip_fraction": "train/rlsd_clip_frac", "evidence_mean": evidence}
+    names = {"clip_fraction": "train/rlsd_clip_frac", "evidence_mean": method.evidence_metric}
     sums = {names.get(k, f"train/rlsd_{k}"): (float(v), 1.0) for k, v in metrics.items()}
     valid = adv[mask]
     sums["train/advantage_mean"] = (float(valid.sum()), float(valid.numel()))
     sums["train/advantage_std"] = (float(valid.std(correction=0)) * valid.numel(), float(valid.numel()))
-    if method in ("rlsd", "credit_rlsd"):
+    if method.schedules_lambda:
         sums["train/rlsd_lam"] = (lam, 1.0)
     return sums
 
@@ -162,11 +135,11 @@ def _advantage_sums(method: str, adv, mask, metrics: dict, lam: float) -> dict:
 class StepPasses:
     """What the passes and the update of one step produced (on the ranks that hold it)."""
 
-    student: dict
+    student: dict[int, StudentResult]
     """Old-policy results per owned sample (last pipeline stage)."""
-    teacher: dict
+    teacher: dict[int, TeacherResult]
     """Teacher / contrastive results per owned sample ({} for GRPO)."""
-    advantages: dict | None
+    advantages: dict[int, torch.Tensor] | None
     """PPO-family token advantages per owned sample (None for distillation methods)."""
     advantage_sums: dict
     """Advantage diagnostics as (sum, count)."""
@@ -174,34 +147,39 @@ class StepPasses:
     """Metrics of every mini-batch update."""
 
 
-def passes_and_update(run: RLRun, step: int, batch, samples, skip_old_policy: bool | None = None) -> StepPasses:
+def passes_and_update(run: RLRun, step: int, batch: RolloutBatch, samples: list[SampleSequences],
+                      old_policy_from_training: bool | None = None) -> StepPasses:
     """Old-policy, teacher and contrastive passes, advantages, and the PPO mini-batch updates.
 
-    ``skip_old_policy``: None decides with :func:`old_policy_from_training`; True/False force
-    one path (the equality test runs both).
+    ``old_policy_from_training``: skip the old-policy forward and take its results from the
+    training forward; None decides with :func:`can_take_old_policy_from_training`, True/False
+    force one path (the equality test runs both).
     """
     cfg, actor = run.cfg, run.actor
     batches = mini_batches(cfg, len(batch))
     owned = {i: samples[i] for mb in batches for i in actor.owned(mb)}
-    fused = old_policy_from_training(cfg, len(batches)) if skip_old_policy is None else skip_old_policy
+    if old_policy_from_training is None:
+        old_policy_from_training = can_take_old_policy_from_training(cfg, len(batches))
     with run.phase("teacher"):
-        student = {} if fused else actor.old_policy_pass(owned)
-        teacher = actor.teacher_pass(owned, student, defer_student_set=fused) if cfg.algorithm.name != "grpo" else {}
+        student = {} if old_policy_from_training else actor.old_policy_pass(owned)
+        teacher = (actor.teacher_pass(owned, student, old_policy_from_training=old_policy_from_training)
+                   if run.method.teacher_pass else {})
     advantage_fn = None
-    if fused:  # advantages are computed in the training forward, from its own log-probs
-        advantages = {} if cfg.algorithm.name in PPO_METHODS else None
+    if old_policy_from_training:  # advantages are computed in the training forward, from its own log-probs
+        advantages = {} if run.method.is_ppo else None
         advantage_fn = advantage_function(run, step, batch, teacher) if advantages is not None else None
     else:
         advantages, advantage_sums = compute_advantages(run, step, batch, student, teacher)
-    # Truncated IS for the engine/trainer mismatch needs pi_old before training, so never fused.
+    # Truncated IS for the engine/trainer mismatch needs pi_old before training (never from training).
     is_weights, is_sums = rollout_is_token_weights(cfg.algorithm.rollout_is, cfg.algorithm.rollout_is_cap,
                                                    sorted(student), student, batch.engine_logprobs)
     with run.phase("train"):
         train_parts = [actor.train_mini_batch(mb, samples, student, teacher, advantages, token_weights=is_weights,
-                                              student_from_forward=fused, advantage_fn=advantage_fn)
+                                              old_policy_from_training=old_policy_from_training,
+                                              advantage_fn=advantage_fn)
                        for _ in range(cfg.training.ppo_epochs) for mb in batches]
         actor.after_training_step(step + 1)
-    if fused:  # the diagnostics of the advantages the loss used (same per-sample arithmetic)
+    if old_policy_from_training:  # the diagnostics of the advantages the loss used (same arithmetic)
         advantage_sums = compute_advantages(run, step, batch, student, teacher)[1]
     return StepPasses(student, teacher, advantages, {**advantage_sums, **is_sums}, train_parts)
 

@@ -12,10 +12,10 @@ from typing import Any, Sequence
 import torch
 
 from megacredit.algorithms.credit import credit_diagnostics, credit_token_rewards
-from megacredit.algorithms.credit_rlsd import input_specific_evidence
 from megacredit.algorithms.diagnostics import count_privileged_leakage
+from megacredit.algorithms.methods import METHODS
 from megacredit.algorithms.rlsd import evidence_weights
-from megacredit.trainer.objective import ObjectiveSettings, pad_per_sample, response_mask
+from megacredit.algorithms.objective import ObjectiveSettings, pad_per_sample, response_mask
 from megacredit.trainer.rollout import RolloutBatch
 
 
@@ -67,13 +67,15 @@ def credit_series(settings: ObjectiveSettings | None, seq_adv: torch.Tensor | No
     (RLSD eq. 14 and Algorithm 1 line 17; the hybrid uses S_t as the evidence), the factor that
     multiplies A (through lambda) in A_hat_t; masked positions hold 1.
     """
-    method = getattr(settings, "method", None)
     series: dict[str, torch.Tensor] = {}
-    if method == "credit" and contrastive is not None:
+    if settings is None:
+        return series
+    method = METHODS[settings.method]
+    if method.distills and method.contrastive_pass and contrastive is not None:
         rewards = credit_token_rewards(teacher_logp, contrastive, student_logp, settings.credit_lam)
         series["r_t"] = torch.where(signal_mask, rewards, torch.zeros_like(rewards))
-    if method in ("rlsd", "credit_rlsd") and seq_adv is not None:
-        evidence = teacher_logp - student_logp if method == "rlsd" else input_specific_evidence(teacher_logp, contrastive)
+    if method.evidence is not None and seq_adv is not None:
+        evidence = method.evidence(teacher_logp, student_logp, contrastive)
         series["rlsd_weight"] = evidence_weights(seq_adv, evidence, mask, settings.eps_w)[1]
     return series
 

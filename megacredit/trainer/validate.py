@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from megacredit.envs.base import Environment
 from megacredit.rollout.base import RolloutEngine, SamplingParams
 from megacredit.trainer import rollout as rollout_lib
-from megacredit.trainer.validation_stats import avg_at_k, mean_pass_at_k
+from megacredit.reporting.validation_stats import avg_at_k, mean_pass_at_k
 from megacredit.utils.progress import ProgressReporter
 
 

@@ -26,6 +26,7 @@ from megacredit.rollout.sync_check import (
     probe_token_ids,
     sync_check_error,
 )
+from megacredit.trainer.run import RLRun
 from megacredit.utils.comm import all_gather_objects, broadcast_object
 
 MIB = 2**20
@@ -50,7 +51,7 @@ def _first_available(local: Any) -> Any:
     return next((part for part in all_gather_objects(local) if part is not None), None)
 
 
-def sync_weights(run) -> dict[str, float]:
+def sync_weights(run: RLRun) -> dict[str, float]:
     """Stream the policy's weights into the engine(s); returns the sync/ metrics of this sync."""
     from megacredit.megatron.bridge import iter_hf_weight_buckets
     from megacredit.megatron.bridge_export import hf_export_manifest

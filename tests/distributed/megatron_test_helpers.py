@@ -1,8 +1,10 @@
 """Shared pieces of the Megatron multi-process tests (run inside spawned ranks).
 
-A tiny random Llama-like config, a fixed token batch, a DDP + Adam training step through
-``megacredit.megatron.schedule.forward_backward`` and layout-independent probes (full-vocab
-logits gathered over TP, broadcast from the last pipeline stage).
+A tiny random Llama-like config, a fixed token batch packed as prompt + response sequences, a
+DDP + Adam training step through the production ``megacredit.megatron.rl_passes.
+run_packed_schedule`` (loss: token-mean negative log-likelihood of the response tokens through
+the production ``VocabHead``) and layout-independent probes (full-vocab logits gathered over TP,
+broadcast from the last pipeline stage).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import torch
 VOCAB_SIZE = 101
 SEQ_LENGTH = 12
 NUM_SEQUENCES = 4
+RESPONSE_STARTS = (1, 4)
+"""Where the response starts in even / odd rows: 12 and 9 response tokens of the 13, so packed
+micro-batches hold different numbers of loss tokens and a per-micro-batch (or per-replica) mean
+would be wrong (the global denominator matters)."""
 
 
 def tiny_llama_config(num_layers: int = 2):
@@ -22,70 +28,99 @@ def tiny_llama_config(num_layers: int = 2):
 
 
 def fixed_tokens(seed: int = 0, num_sequences: int = NUM_SEQUENCES) -> torch.Tensor:
-    """[num_sequences, SEQ_LENGTH + 1] token ids (inputs plus the shifted label column)."""
+    """[num_sequences, SEQ_LENGTH + 1] token ids: each row one sequence (prompt then response)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB_SIZE, (num_sequences, SEQ_LENGTH + 1), generator=generator)
 
 
-def micro_batches(tokens: torch.Tensor, micro_batch_size: int, ignore_last: bool = True) -> list[dict]:
-    """Split ``tokens`` into micro-batches of ``input_ids``/``labels``.
-
-    With ``ignore_last`` the last label of every odd row is -100, so micro-batches hold
-    different token counts and a per-micro-batch mean would be wrong (the global denominator
-    matters).
-    """
-    input_ids, labels = tokens[:, :-1].clone(), tokens[:, 1:].clone()
-    if ignore_last:
-        labels[1::2, -3:] = -100
-    return [
-        {"input_ids": ids, "labels": lab}
-        for ids, lab in zip(input_ids.split(micro_batch_size), labels.split(micro_batch_size))
-    ]
+def response_start(row: int) -> int:
+    return RESPONSE_STARTS[row % 2]
 
 
-def count_labels(batches: list[dict]) -> int:
-    return int(sum(int((b["labels"] != -100).sum()) for b in batches))
+def packed_rows(tokens: torch.Tensor, rows_per_micro_batch: int):
+    """``tokens`` packed ``rows_per_micro_batch`` rows per micro-batch (``pack_sequences``); row
+    ``i`` is one sequence whose response starts at :func:`response_start`."""
+    from megacredit.data.packing import SequenceToPack, pack_sequences
+
+    groups = [[SequenceToPack(("row", index), tuple(row.tolist()), response_start(index))]
+              for index, row in enumerate(tokens)]
+    return pack_sequences(groups, token_budget=rows_per_micro_batch * tokens.shape[1])
 
 
-def dp_shard(batches: list[dict], dp_rank: int, dp_size: int) -> list[dict]:
+def dp_shard(batches: list, dp_rank: int, dp_size: int) -> list:
     """Micro-batches of one data-parallel replica (round robin)."""
     return batches[dp_rank::dp_size]
 
 
 def build_model(ctx, num_layers: int = 2):
+    """This rank's tiny Llama stage, taking packed sequences (as the trainer builds it)."""
     from megacredit.megatron.model_provider import build_gpt_model
+    from megacredit.megatron.packed_attention import enable_packed_attention
 
-    return [build_gpt_model(tiny_llama_config(num_layers), ctx)]
+    model = build_gpt_model(tiny_llama_config(num_layers), ctx)
+    enable_packed_attention(model)
+    return [model]
 
 
-def train_step(chunks, optimizer, ctx, tokens: torch.Tensor, micro_batch_size: int = 1) -> float:
+def response_nll(chunks, num_loss_tokens: int):
+    """``run_packed_schedule`` callback: this micro-batch's share ``-sum(log p(response token)) /
+    num_loss_tokens`` of the global token-mean NLL, and ``{"loss": share}``."""
+    from megacredit.megatron.rl_passes import VocabHead
+
+    head = VocabHead(chunks)
+
+    def callback(hidden: torch.Tensor, micro_batch):
+        logprobs = head(hidden, sampled_ids=micro_batch.target_ids.to(hidden.device)).sampled_logprobs
+        share = -logprobs.sum() / num_loss_tokens
+        return share, {"loss": share.detach()}
+
+    return callback
+
+
+def schedule_loss(chunks, ctx, tokens: torch.Tensor, rows_per_micro_batch: int = 1,
+                  forward_only: bool = False) -> float:
+    """Run ``tokens`` (micro-batches split over DP) through ``run_packed_schedule`` with
+    :func:`response_nll`; returns the global loss on every rank. Gradients accumulate into the
+    DDP buffers unless ``forward_only``."""
+    from megacredit.megatron.rl_passes import run_packed_schedule
+
+    batches = packed_rows(tokens, rows_per_micro_batch)
+    callback = response_nll(chunks, sum(len(batch.target_ids) for batch in batches))
+    mine = dp_shard(batches, ctx.dp_rank, ctx.dp_size)
+    results = run_packed_schedule(chunks, mine, callback, forward_only=forward_only, dp_size=ctx.dp_size)
+    metrics = [metrics for _, metrics in results] if forward_only else results
+    return global_loss([float(m["loss"]) for m in metrics])
+
+
+def train_step(chunks, optimizer, ctx, tokens: torch.Tensor, rows_per_micro_batch: int = 1) -> float:
     """One full-batch step (micro-batches split over DP); returns the global loss."""
     from megacredit.megatron.optimizer import optimizer_step, zero_grads
-    from megacredit.megatron.schedule import forward_backward, next_token_cross_entropy
 
-    batches = micro_batches(tokens, micro_batch_size)
-    loss_fn = next_token_cross_entropy(VOCAB_SIZE, count_labels(batches))
     zero_grads(chunks, optimizer)
-    results = forward_backward(chunks, dp_shard(batches, ctx.dp_rank, ctx.dp_size), loss_fn)
+    loss = schedule_loss(chunks, ctx, tokens, rows_per_micro_batch)
     result = optimizer_step(optimizer)
     assert result.success, result
-    return global_loss(results)
+    return loss
 
 
-def global_loss(results: list[dict]) -> float:
-    """Sum of the loss shares of this replica's micro-batches, summed over DP."""
+def global_loss(shares: list[float]) -> float:
+    """Sum of this replica's loss shares (held by the last pipeline stage), summed over DP,
+    on every rank."""
     from megatron.core import parallel_state
 
-    local = torch.tensor(sum(float(r["loss"]) for r in results), dtype=torch.float64)
-    torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
-    return float(local)
+    total = torch.tensor(sum(shares), dtype=torch.float64)
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+    return float(total)
 
 
 def probe_logits(chunks, tokens: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits [B, S, VOCAB_SIZE] of ``tokens`` inputs, on every rank."""
     from megatron.core import parallel_state
 
-    from megacredit.megatron.model_provider import pipeline_forward_logits
+    from megatron_probes import pipeline_forward_logits
 
     bare = [getattr(chunk, "module", chunk) for chunk in chunks]  # DDP -> GPTModel
     logits = pipeline_forward_logits(bare, tokens[:, :-1])

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 VOCAB, TOP_K, LAM = 64, 5, 0.3
@@ -25,7 +25,7 @@ def _hf_logp(model, ids, response_length):
 
 def _expected(policy, teacher, samples):
     from megacredit.algorithms.credit import credit_loss
-    from megacredit.trainer.objective import pad_per_sample, response_mask
+    from megacredit.algorithms.objective import pad_per_sample, response_mask
 
     rows = {"student": [], "teacher": [], "contrastive": [], "ids": [], "sampled": []}
     for sample in samples.values():
@@ -55,7 +55,7 @@ def _golden(rank, world_size):
     from megacredit.megatron.model_provider import build_gpt_model
     from megacredit.models.tiny import tiny_config
     from megacredit.trainer.builder import ModelSource, build_actor
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
 
     ctx = initialize(1, 1, seed=0)
     hf_config = tiny_config("qwen2", vocab_size=VOCAB)

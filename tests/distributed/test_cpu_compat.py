@@ -1,13 +1,13 @@
 """The CPU compatibility layer: each fix it claims, checked in a fresh process.
 
 The layer pushes a global torch function mode, so every check runs in a spawned process
-(megacredit.testing.run_distributed) and never leaks into the pytest process.
+(megacredit.utils.spawn.run_distributed) and never leaks into the pytest process.
 """
 
 import pytest
 import torch
 
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -83,12 +83,3 @@ def test_gradient_clipping_matches_the_formula():
     for got, ref in zip(clipped, reference):
         torch.testing.assert_close(got, ref * scale, rtol=1e-6, atol=1e-7)
     assert torch.linalg.vector_norm(torch.cat(clipped)).item() == pytest.approx(1.0, rel=1e-5)
-
-
-def test_causal_mask_convention():
-    from megacredit.megatron.cpu_compat import causal_attention_mask
-
-    mask = causal_attention_mask(4, "cpu")
-    assert mask.shape == (1, 1, 4, 4)
-    # True = masked out: position i may not see j > i.
-    assert torch.equal(mask[0, 0], torch.ones(4, 4, dtype=torch.bool).triu(1))

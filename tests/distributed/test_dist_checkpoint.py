@@ -28,7 +28,7 @@ from megacredit.megatron.checkpoint import (
     prune_checkpoints,
     resolve_checkpoint,
 )
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 from megatron_test_helpers import build_model, fixed_tokens, probe_logits, train_step
 
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 from megatron_test_helpers import each_loaded_model, perturbed_hf_model
 
 pytestmark = pytest.mark.distributed
@@ -57,7 +57,7 @@ def _random_hf_model(model_key: str):
 
 def _run_all_layouts(rank, world_size, hf_dirs, save_root):
     from megacredit.megatron.bridge import iter_hf_weight_buckets, save_hf_pretrained
-    from megacredit.megatron.model_provider import pipeline_forward_logits
+    from megatron_probes import pipeline_forward_logits
 
     results = {}
     for layout, model_key, ctx, hf_config, model in each_loaded_model(LAYOUTS, hf_dirs):

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 VOCAB, TOP_K = 64, 5
@@ -24,11 +24,12 @@ CASES = {
 }
 
 
-def _run_case(name, overrides, skip_old_policy, policy_state, teacher_tensors):
+def _run_case(name, overrides, old_policy_from_training, policy_state, teacher_tensors):
     from megacredit.megatron.distributed import current_context
     from megacredit.trainer.builder import ModelSource, build_actor
-    from megacredit.trainer.config import load_config
-    from megacredit.trainer.rl_step import RLRun, passes_and_update
+    from megacredit.config import load_config
+    from megacredit.trainer.rl_step import passes_and_update
+    from megacredit.trainer.run import RLRun
     from megacredit.trainer.rollout import RolloutBatch
     from megacredit.models.tiny import tiny_config
     from megatron_test_helpers import random_sample_sequences
@@ -49,7 +50,7 @@ def _run_case(name, overrides, skip_old_policy, policy_state, teacher_tensors):
                          feedbacks=[""] * 4)
     run = RLRun(cfg, current_context(), actor, None, None, None, hf_config)
     samples = random_sample_sequences(torch.Generator().manual_seed(5), VOCAB, without_signal=(3,))
-    passes = passes_and_update(run, 0, batch, samples, skip_old_policy)
+    passes = passes_and_update(run, 0, batch, samples, old_policy_from_training)
     params = [p.detach().clone() for chunk in actor.model_chunks for p in chunk.parameters()]
     grads = [p.main_grad.detach().clone() for chunk in actor.model_chunks for p in chunk.parameters()]
     return {"passes": passes, "params": params, "grads": grads}
@@ -106,14 +107,14 @@ def test_skipping_the_old_policy_pass_changes_nothing():
 
 
 def test_predicate_skips_only_when_provably_redundant():
-    from megacredit.trainer.rl_step import old_policy_from_training
+    from megacredit.trainer.rl_step import can_take_old_policy_from_training
 
     def cfg(epochs=1, rollout_is=None):
         algorithm = types.SimpleNamespace() if rollout_is is None else types.SimpleNamespace(rollout_is=rollout_is)
         return types.SimpleNamespace(training=types.SimpleNamespace(ppo_epochs=epochs), algorithm=algorithm)
 
-    assert old_policy_from_training(cfg(), 1)
-    assert old_policy_from_training(cfg(rollout_is="none"), 1)
-    assert not old_policy_from_training(cfg(), 2)  # later mini-batches see updated weights
-    assert not old_policy_from_training(cfg(epochs=2), 1)
-    assert not old_policy_from_training(cfg(rollout_is="token"), 1)  # needs pi_old before training
+    assert can_take_old_policy_from_training(cfg(), 1)
+    assert can_take_old_policy_from_training(cfg(rollout_is="none"), 1)
+    assert not can_take_old_policy_from_training(cfg(), 2)  # later mini-batches see updated weights
+    assert not can_take_old_policy_from_training(cfg(epochs=2), 1)
+    assert not can_take_old_policy_from_training(cfg(rollout_is="token"), 1)  # needs pi_old before training

@@ -4,17 +4,18 @@ same outputs and gradients as running each sequence alone through the real Megat
 import pytest
 import torch
 
-from megacredit.testing import run_distributed
-from megacredit.trainer.packing import SequenceToPack, pack_sequences, split_per_sequence
+from megacredit.utils.spawn import run_distributed
+from megacredit.data.packing import SequenceToPack, pack_sequences, split_per_sequence
 
 pytestmark = pytest.mark.distributed
 
 
 def _packed_vs_separate(rank, world_size):
-    from megacredit.megatron import cpu_compat, distributed
+    from megacredit.megatron import distributed
     from megacredit.megatron.model_provider import build_gpt_model
     from megacredit.megatron.packed_attention import enable_packed_attention, packed_seq_params
     from megacredit.models.tiny import tiny_config
+    from megatron_probes import causal_attention_mask
 
     ctx = distributed.initialize(1, 1, seed=3)
     model = build_gpt_model(tiny_config("qwen3", vocab_size=97), ctx)
@@ -30,7 +31,7 @@ def _packed_vs_separate(rank, world_size):
     separate, separate_scores = [], []
     for tokens in sequences:
         ids = torch.tensor(tokens)[None]
-        out = model(ids, torch.arange(len(tokens))[None], cpu_compat.causal_attention_mask(len(tokens)))[0]
+        out = model(ids, torch.arange(len(tokens))[None], causal_attention_mask(len(tokens), ids.device))[0]
         separate.append(out)
         separate_scores.append(out[1:-1].gather(1, ids[0, 2:, None]))
     separate_grads = torch.autograd.grad(torch.cat(separate_scores).sum(), list(model.parameters()))

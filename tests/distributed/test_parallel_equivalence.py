@@ -1,13 +1,16 @@
 """TP=2, PP=2 and DP=2 (2 gloo processes each) equal TP=1 on the same batch: loss, gradients and
-the parameters after one Adam step (Megatron DDP + Megatron optimizer, clip_grad active).
+the parameters after one Adam step (Megatron DDP + Megatron optimizer, clip_grad active), all
+through the production driver ``megacredit.megatron.rl_passes.run_packed_schedule`` and its
+``VocabHead`` (loss: token-mean NLL of the response tokens, megatron_test_helpers.response_nll).
 
-Independent reference: one process (TP=1, PP=1, DP=1) running the WHOLE batch as a single
-micro-batch. The parallel runs split it into 4 micro-batches of one sequence (2 per replica at
-DP=2) whose label counts differ, so a per-micro-batch or per-replica mean would be caught.
-Everything is compared as full Hugging Face-named tensors (the bridge's export, applied to the
-DDP fp32 gradient buffers for gradients), so the comparison does not depend on the layout.
-Weights come from one tiny random HF Llama saved once by the test (vocab 101, padded per TP).
-Tolerance 1e-5 (fp32; only the summation order differs between layouts).
+Independent reference: one process (TP=1, PP=1, DP=1) running the WHOLE batch packed as a single
+micro-batch. The parallel runs pack it into 4 micro-batches of one sequence (2 per replica at
+DP=2) whose response lengths differ (12 and 9 tokens), so a per-micro-batch or per-replica mean,
+or a wrong ``num_microbatches * dp_size`` loss scaling, would be caught. Everything is compared as
+full Hugging Face-named tensors (the bridge's export, applied to the DDP fp32 gradient buffers for
+gradients), so the comparison does not depend on the layout. Weights come from one tiny random HF
+Llama saved once by the test (vocab 101, padded per TP). Tolerance 1e-5 (fp32; only the
+summation order differs between layouts).
 """
 
 from __future__ import annotations
@@ -17,16 +20,8 @@ import contextlib
 import pytest
 import torch
 
-from megacredit.testing import run_distributed
-from megatron_test_helpers import (
-    NUM_SEQUENCES,
-    VOCAB_SIZE,
-    count_labels,
-    dp_shard,
-    fixed_tokens,
-    micro_batches,
-    tiny_llama_config,
-)
+from megacredit.utils.spawn import run_distributed
+from megatron_test_helpers import NUM_SEQUENCES, fixed_tokens, response_start, tiny_llama_config
 
 pytestmark = pytest.mark.distributed
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -55,30 +50,26 @@ def _export(chunks, hf_config, ctx) -> dict[str, torch.Tensor]:
     return {name: tensor.clone() for name, tensor in export_hf_weights(chunks, hf_config, ctx)}
 
 
-def _one_step(hf_dir, tp, pp, micro_batch_size):
+def _one_step(hf_dir, tp, pp, rows_per_micro_batch):
     """Load the HF weights, forward/backward the fixed batch, export grads, Adam step, export."""
     from megacredit.megatron import distributed
     from megacredit.megatron.bridge import load_hf_weights
-    from megacredit.megatron.model_provider import build_gpt_model
     from megacredit.megatron.optimizer import (
         OptimizerSettings, build_optimizer, optimizer_step, wrap_with_ddp, zero_grads,
     )
-    from megacredit.megatron.schedule import forward_backward, next_token_cross_entropy
-    from megatron_test_helpers import global_loss
+    from megatron_test_helpers import build_model, schedule_loss
 
     ctx = distributed.initialize(tp, pp, seed=1234)
     hf_config = tiny_llama_config(num_layers=2)
-    chunks = [build_gpt_model(hf_config, ctx)]
+    chunks = build_model(ctx)
     load_hf_weights(chunks, hf_dir, hf_config, ctx)
     chunks = wrap_with_ddp(chunks)
     settings = OptimizerSettings(lr=1e-3, adam_eps=1e-4, weight_decay=0.1, clip_grad=CLIP_GRAD)
     optimizer = build_optimizer(chunks, settings)
-    batches = micro_batches(fixed_tokens(0), micro_batch_size)
-    loss_fn = next_token_cross_entropy(VOCAB_SIZE, count_labels(batches))
-    mine = dp_shard(batches, ctx.dp_rank, ctx.dp_size)
-    forward_only_loss = global_loss(forward_backward(chunks, mine, loss_fn, forward_only=True))
+    tokens = fixed_tokens(0)
+    forward_only_loss = schedule_loss(chunks, ctx, tokens, rows_per_micro_batch, forward_only=True)
     zero_grads(chunks, optimizer)
-    loss = global_loss(forward_backward(chunks, mine, loss_fn))
+    loss = schedule_loss(chunks, ctx, tokens, rows_per_micro_batch)
     with grads_as_params(chunks):
         grads = _export(chunks, hf_config, ctx)
     step = optimizer_step(optimizer)
@@ -88,11 +79,11 @@ def _one_step(hf_dir, tp, pp, micro_batch_size):
 
 
 def _reference(rank, world_size, hf_dir):
-    return _one_step(hf_dir, tp=1, pp=1, micro_batch_size=NUM_SEQUENCES)
+    return _one_step(hf_dir, tp=1, pp=1, rows_per_micro_batch=NUM_SEQUENCES)
 
 
 def _parallel_layouts(rank, world_size, hf_dir):
-    results = {name: _one_step(hf_dir, micro_batch_size=1, **layout) for name, layout in LAYOUTS.items()}
+    results = {name: _one_step(hf_dir, rows_per_micro_batch=1, **layout) for name, layout in LAYOUTS.items()}
     return results if rank == 0 else None
 
 
@@ -170,14 +161,19 @@ def test_tp1_step_follows_the_clipped_adamw_formula(results, hf_dir):
 
 
 def test_reference_loss_equals_transformers_cross_entropy(results, hf_dir):
-    """Independent of Megatron: transformers' own Llama on the same batch, token-mean CE over the
-    valid labels. Also proves the padded vocabulary columns (101 -> 128) are masked out."""
+    """Independent of Megatron and of the packing: transformers' own Llama on the batch (one
+    unpacked row per sequence), token-mean CE over the response tokens. Also proves the padded
+    vocabulary columns (101 -> 128) are masked out."""
     from transformers import LlamaForCausalLM
 
     reference, _ = results
     model = LlamaForCausalLM.from_pretrained(hf_dir).eval()
-    (batch,) = micro_batches(fixed_tokens(0), NUM_SEQUENCES)
+    tokens = fixed_tokens(0)
+    labels = tokens[:, 1:].clone()
+    for row in range(len(tokens)):
+        labels[row, : response_start(row) - 1] = -100  # position p predicts token p + 1
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"]).logits.double()
-    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+        logits = model(input_ids=tokens[:, :-1]).logits.double()
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert (labels != -100).sum() == 12 + 9 + 12 + 9
     assert reference["loss"] == pytest.approx(expected.item(), abs=1e-5)

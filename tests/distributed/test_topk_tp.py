@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megacredit.algorithms.sampled_logprob import sampled_token_logprobs
 from megacredit.algorithms.topk import (
     log_tail_mass,
     vocab_parallel_logprobs_at,
@@ -20,7 +19,7 @@ from megacredit.algorithms.topk_fused import (
     chunked_topk_logprobs_from_hidden,
     chunked_topk_logprobs_from_logits,
 )
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -65,9 +64,7 @@ def _primitives(logits_shard, problem, group, vocab_start):
         "primitive_topk": topk_logprobs,
         "logsumexp": vocab_parallel_logsumexp(logits_shard, **layout),
         "gathered_logprobs": vocab_parallel_logprobs_at(logits_shard, problem["gather_ids"], **layout),
-        "sampled_logprobs": sampled_token_logprobs(
-            logits_shard, problem["sampled_ids"], use_te_fused_cross_entropy=True, **layout
-        ),
+        "sampled_logprobs": vocab_parallel_logprobs_at(logits_shard, problem["sampled_ids"][:, None], **layout)[:, 0],
         "tail": log_tail_mass(topk_logprobs),
     }
     grad = torch.autograd.grad(weighted_loss(outputs, problem["loss_weights"]), logits_shard)[0]

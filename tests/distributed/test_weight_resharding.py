@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 from megatron_test_helpers import each_loaded_model, perturbed_hf_model
 
 pytestmark = pytest.mark.distributed

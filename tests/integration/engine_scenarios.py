@@ -15,7 +15,7 @@ def smollm2_engine_config(run_dir: str, method: str = "grpo", **engine_overrides
     placement, urls...). GRPO's step moves the weights only when a group's rewards differ, which
     seeded engines (vLLM) make reproducible; engines that cannot honour the seeds on CPU (SGLang)
     use SDPO, whose distillation loss moves them whatever the rewards."""
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
 
     overrides = {
         "model.name_or_path": "smollm2-135m-instruct", "algorithm.name": method, "algorithm.group_size": 2,

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from megacredit.testing import find_free_port
+from megacredit.utils.spawn import find_free_port
 
 APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "slurmdbd", "mariadb-server")
 """Debian packages that provide the cluster."""

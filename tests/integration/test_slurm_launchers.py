@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from megacredit.testing import find_free_port
+from megacredit.utils.spawn import find_free_port
 from slurm_cluster import LocalSlurmCluster, unavailable_reason
 from trainer_helpers import read_losses
 

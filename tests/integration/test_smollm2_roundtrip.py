@@ -30,7 +30,8 @@ def _megatron_roundtrip(rank, world_size, hf_dir, out_dir, input_ids):
 
     from megacredit.megatron.bridge import load_hf_weights, save_hf_pretrained
     from megacredit.megatron.distributed import initialize
-    from megacredit.megatron.model_provider import build_gpt_model, forward_logits, gather_vocab_logits
+    from megacredit.megatron.model_provider import build_gpt_model
+    from megatron_probes import forward_logits, gather_vocab_logits
 
     ctx = initialize(1, 1)
     hf_config = AutoConfig.from_pretrained(hf_dir)
@@ -47,7 +48,7 @@ def roundtrip(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megacredit.models.smollm2 import smollm2_hf_dir
-    from megacredit.testing import run_distributed
+    from megacredit.utils.spawn import run_distributed
 
     hf_dir = smollm2_hf_dir()  # converted once from the GGUF (~20 s), then cached
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)

@@ -7,11 +7,10 @@ same per-step loss and gradient norm as the single-process run (tolerance 1e-4),
 rewards (the rollouts are regenerated from the synced weights with the same seeds).
 """
 
-from pathlib import Path
 
 import pytest
 
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 from trainer_helpers import METHODS, tiny_overrides, train_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.distributed]

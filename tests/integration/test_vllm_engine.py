@@ -23,7 +23,7 @@ from engine_scenarios import (
     sync_step_and_refused_updates,
     training_steps_with_sync_and_mismatch,
 )
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 from trainer_helpers import tiny_overrides, train_and_read_records
 from vllm_helpers import TINY_VLLM, needs_vllm
 

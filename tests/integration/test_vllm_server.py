@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from engine_scenarios import training_steps_with_sync_and_mismatch
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 from trainer_helpers import tiny_overrides, train_and_read_records
 from vllm_helpers import needs_vllm, write_tiny_model
 

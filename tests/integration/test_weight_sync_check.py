@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megacredit.testing import run_distributed
+from megacredit.utils.spawn import run_distributed
 from trainer_helpers import tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -20,7 +20,7 @@ def _scenario(rank, world_size, run_dir):
     from megacredit.models.tiny import tiny_config
     from megacredit.rollout.base import WeightSyncError
     from megacredit.rollout.embedded import EmbeddedRolloutEngine
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
     from megacredit.trainer.loop import setup
     from megacredit.trainer.weight_sync import sync_weights
 

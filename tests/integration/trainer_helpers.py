@@ -76,7 +76,7 @@ def read_losses(run_dir: Path) -> dict[int, dict[str, float]]:
 def train_runs(rank, world_size, runs: list[tuple[str, list[str]]]) -> dict[str, dict]:
     """Train each (name, overrides) config in turn in this process group; rank 0 returns the
     logged metrics of each run."""
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
     from megacredit.trainer.loop import train
 
     results = {}
@@ -91,7 +91,7 @@ def train_runs(rank, world_size, runs: list[tuple[str, list[str]]]) -> dict[str,
 def train_and_read_records(rank, world_size, overrides: list[str]) -> list[dict]:
     """Train one config (``overrides`` on the defaults) in this process group; returns every
     record of its metrics.jsonl (training steps, validation, ...)."""
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
     from megacredit.trainer.loop import train
 
     cfg = load_config(None, overrides)

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from megacredit.cli import EXIT_CONFIG_ERROR, main
-from megacredit.trainer.config import MegacreditConfig, load_config
-from megacredit.trainer.metrics import MetricsLogger, save_token_credit
+from megacredit.config import MegacreditConfig, load_config
+from megacredit.reporting.metrics import MetricsLogger, save_token_credit
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "credit_smollm2_arithmetic.yaml"

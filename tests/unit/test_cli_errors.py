@@ -83,7 +83,7 @@ def test_model_path_that_is_not_a_model_folder(tmp_path, empty_config, kind, nee
 
 
 def test_tp_times_pp_not_dividing_the_processes_started_by_torchrun(tmp_path, empty_config):
-    from megacredit.testing import find_free_port
+    from megacredit.utils.spawn import find_free_port
 
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(find_free_port()))

@@ -17,6 +17,7 @@ from megacredit.envs.code import CodeEnv, extract_program, strip_think
 from megacredit.envs.sandbox import sandbox_backend
 from megacredit.envs.code_tests import (normalise_code_record, select_test_indices, stdout_matches,
                                         functional_matches)
+from livecodebench_payload import encode_private_test_cases
 
 ADD_RECORD = {"id": "add", "tests": [{"input": "1 2\n", "output": "3\n", "testtype": "stdin"},
                                      {"input": "5 7\n", "output": "12", "testtype": "stdin"}]}
@@ -183,15 +184,11 @@ def test_output_comparison_rules():
     assert functional_matches("[1, 2]", "[1,2]") and not functional_matches("[2, 1]", "[1,2]")
 
 
-def _lcb_compress(tests: list[dict]) -> str:
-    return base64.b64encode(zlib.compress(pickle.dumps(json.dumps(tests)))).decode("ascii")
-
-
 def test_livecodebench_native_layout_is_normalised(env):
     private = [{"input": "[3,2,4]\n6", "output": "[1,2]", "testtype": "functional"}]
     row = {"question_id": "lc-1", "question_content": "Two sum", "starter_code": "class Solution:\n    pass",
            "public_test_cases": json.dumps(TWO_SUM_RECORD["tests"][:1]),
-           "private_test_cases": _lcb_compress(private), "metadata": json.dumps({"func_name": "twoSum"})}
+           "private_test_cases": encode_private_test_cases(private), "metadata": json.dumps({"func_name": "twoSum"})}
     record = normalise_code_record(row)
     assert record["func_name"] == "twoSum" and record["id"] == "lc-1"
     assert [t.input for t in record["tests"]] == ["[3,2,4]\n6"]

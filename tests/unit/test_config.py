@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megacredit.trainer.config import (
-    METHOD_PRESETS,
+from megacredit.algorithms.methods import METHODS as METHOD_TABLE
+from megacredit.config import (
     ConfigError,
     MegacreditConfig,
     check_world_size,
@@ -21,7 +21,7 @@ from megacredit.trainer.config import (
 )
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-METHODS = sorted(METHOD_PRESETS)
+METHODS = sorted(METHOD_TABLE)
 
 
 def write_yaml(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> Path:
@@ -205,7 +205,7 @@ def test_bad_files_give_clear_errors(tmp_path):
 def test_every_field_of_every_config_dataclass_has_a_docstring():
     import inspect
 
-    import megacredit.trainer.config as config_module
+    import megacredit.config.schema as config_module
 
     source = inspect.getsource(config_module)
     pending, seen = [MegacreditConfig], set()
@@ -229,7 +229,7 @@ def test_every_example_config_loads_and_validates(path, tmp_path):
     cfg = load_config(path, check_paths=not paper_scale)
     assert load_config(save_config(cfg, tmp_path / path.name), check_paths=False) == cfg
     if path.name.startswith("qwen3_8b"):
-        from megacredit.trainer.config_validation import validate_against_model as check
+        from megacredit.config.validation import validate_against_model as check
 
         # Qwen3-8B: 32 attention heads, 8 KV heads, 36 layers.
         check(cfg, {"num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 36})
@@ -268,3 +268,12 @@ def test_epochs_resolve_to_steps():
     training = load_config(None, ["training.epochs=3"]).training
     assert training.resolved_steps(num_train_prompts=100, prompts_per_step=32) == 10  # ceil(9.375)
     assert load_config(None).training.resolved_steps(100, 32) == 100  # steps when epochs is null
+
+
+def test_the_config_literal_names_every_method_of_the_table():
+    """``algorithm.name``'s Literal (config/schema.py) and algorithms/methods.py list the same methods."""
+    import typing
+
+    from megacredit.config.schema import AlgorithmName
+
+    assert sorted(typing.get_args(AlgorithmName)) == METHODS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megacredit.trainer.config import ConfigError, load_config
+from megacredit.config import ConfigError, load_config
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -132,7 +132,7 @@ def _expected_policy_gradient(student_logits, ids, rewards):
 
 @pytest.mark.parametrize("top_k", [K, VOCAB])
 def test_reverse_kl_gradient_equals_policy_gradient_with_credit_rewards(top_k):
-    """The ALGORITHMS.md identity: grad KL(s || q) = -sum_v s(v) (R_t(v) - Rbar_t) grad log pi(v)."""
+    """The identity behind CREDIT eq. 8: grad KL(s || q) = -sum_v s(v) (R_t(v) - Rbar_t) grad log pi(v)."""
     student, teacher, contrastive = _passes(seed=5, contrastive_count=2)
     ids = topk_ids(teacher, top_k)
     s, f = log_probs_at(student, ids), log_probs_at(teacher, ids)

@@ -6,11 +6,12 @@ import os
 import pytest
 
 from megacredit.data import DatasetRowError, load_benchmark
-from megacredit.data.livecodebench import decode_private_test_cases, encode_private_test_cases
+from megacredit.data.livecodebench import decode_private_test_cases
 from megacredit.data.sciknoweval import split_sciknoweval
 from megacredit.data.templates import CODE_PROMPT, SCIKNOWEVAL_SYSTEM_PROMPT
 from megacredit.data.toolalpaca import load_toolalpaca, split_toolalpaca
 from megacredit.envs import make_env
+from livecodebench_payload import encode_private_test_cases
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
 

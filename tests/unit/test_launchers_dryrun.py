@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megacredit.trainer.config import load_config
+from megacredit.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "slurm"

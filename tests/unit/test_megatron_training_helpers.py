@@ -1,11 +1,15 @@
-"""Input validation of megacredit.megatron.optimizer and .schedule (no processes spawned; the
-numerical behaviour is tested at TP/PP/DP in tests/distributed/test_parallel_equivalence.py)."""
+"""Input validation of megacredit.megatron.optimizer and rl_passes.run_packed_schedule (no
+processes spawned; the numerical behaviour is tested at TP/PP/DP in
+tests/distributed/test_parallel_equivalence.py)."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from megacredit.megatron import rl_passes
 from megacredit.megatron.optimizer import OptimizerSettings, build_optimizer
-from megacredit.megatron.schedule import _micro_batch_shape, model_inputs
+from megacredit.data.packing import SequenceToPack, pack_sequences
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -30,26 +34,32 @@ def test_distributed_optimizer_is_refused_on_cpu():
         build_optimizer([], OptimizerSettings(use_distributed_optimizer=True))
 
 
-def test_micro_batches_need_input_ids_of_one_shape_under_pp():
-    ids = torch.zeros(2, 5, dtype=torch.long)
-    assert _micro_batch_shape([{"input_ids": ids}, {"input_ids": ids}], pipelined=True) == (2, 5)
-    with pytest.raises(ValueError, match="empty"):
-        _micro_batch_shape([], pipelined=False)
-    with pytest.raises(KeyError, match=r"micro_batches\[1\] has no 'input_ids'"):
-        _micro_batch_shape([{"input_ids": ids}, {"tokens": ids}], pipelined=False)
-    with pytest.raises(ValueError, match=r"must be \[batch, seq\]"):
-        _micro_batch_shape([{"input_ids": ids[0]}], pipelined=False)
-    mixed = [{"input_ids": ids}, {"input_ids": torch.zeros(2, 7, dtype=torch.long)}]
-    assert _micro_batch_shape(mixed, pipelined=False) == (2, 5)
-    with pytest.raises(ValueError, match="same \\[batch, seq\\] shape"):
-        _micro_batch_shape(mixed, pipelined=True)
+def _stage(calculate_per_token_loss: bool = False) -> torch.nn.Module:
+    """A stand-in model chunk: run_packed_schedule validates before it runs anything."""
+    stage = torch.nn.Linear(2, 2)
+    stage.config = SimpleNamespace(calculate_per_token_loss=calculate_per_token_loss, sequence_parallel=False)
+    return stage
 
 
-def test_model_inputs_default_to_positions_and_a_causal_mask():
-    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
-    inputs = model_inputs({"input_ids": ids}, torch.device("cpu"))
-    assert torch.equal(inputs["position_ids"], torch.tensor([[0, 1, 2], [0, 1, 2]]))
-    # Megatron convention: True = masked; position i must not see j > i
-    assert torch.equal(inputs["attention_mask"][0, 0], torch.ones(3, 3, dtype=torch.bool).triu(1))
-    own = model_inputs({"input_ids": ids, "position_ids": ids * 0}, torch.device("cpu"))
-    assert torch.equal(own["position_ids"], torch.zeros_like(ids))
+def _packed(*lengths: int):
+    groups = [[SequenceToPack((index,), tuple(range(length)), 1)] for index, length in enumerate(lengths)]
+    return pack_sequences(groups, token_budget=max(lengths))
+
+
+def _never_called(hidden, micro_batch):
+    raise AssertionError("the callback must not run")
+
+
+def test_pipeline_stages_need_equal_packed_lengths(monkeypatch):
+    monkeypatch.setattr(rl_passes, "_pp_size", lambda: 2)
+    with pytest.raises(ValueError, match=r"pipeline parallelism needs equal packed lengths, got \[3, 5\]"):
+        rl_passes.run_packed_schedule([_stage()], _packed(5, 3), _never_called, forward_only=True)
+
+
+def test_training_refuses_megatron_per_token_loss():
+    with pytest.raises(ValueError, match="calculate_per_token_loss=False"):
+        rl_passes.run_packed_schedule([_stage(True)], _packed(4, 4), _never_called, forward_only=False)
+
+
+def test_no_micro_batches_run_nothing():
+    assert rl_passes.run_packed_schedule([_stage()], [], _never_called, forward_only=False) == []

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from megacredit.trainer.metrics import (
+from megacredit.reporting.metrics import (
     DOCUMENTED_METRICS,
     METRIC_NAMESPACES,
     METRICS_FILE,
@@ -176,7 +176,7 @@ def test_docs_list_every_documented_metric():
 
 
 def test_from_config_uses_the_logging_section(tmp_path):
-    from megacredit.trainer.config import load_config
+    from megacredit.config import load_config
 
     cfg = load_config(None, [f"logging.run_dir={tmp_path / 'run'}", "logging.tensorboard=false",
                              "logging.console=false"])

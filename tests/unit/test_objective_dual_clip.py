@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from megacredit.trainer.builder import objective_settings
-from megacredit.trainer.config import ConfigError, load_config
-from megacredit.trainer.objective import MicroBatchInputs, micro_batch_loss
+from megacredit.config import ConfigError, load_config
+from megacredit.algorithms.methods import micro_batch_loss
+from megacredit.algorithms.objective import MicroBatchInputs
 
 TOL = dict(atol=1e-12, rtol=1e-12)
 # rho per token: 5 (A<0: dual clip binds for c=3), 5 (A>0: upper clip), 2 (A<0: below c), 0.5

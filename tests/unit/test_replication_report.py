@@ -7,9 +7,9 @@ import statistics
 import pytest
 import yaml
 
-from megacredit.trainer.metrics import MetricsLogger
-from megacredit.trainer.replication_report import summarise_run, write_report
-from megacredit.trainer.validation_stats import bootstrap_mean_ci
+from megacredit.reporting.metrics import MetricsLogger
+from megacredit.reporting.replication import summarise_run, write_report
+from megacredit.reporting.validation_stats import bootstrap_mean_ci
 from page_parsing import markdown_table
 
 SEEDS = (1, 2, 3)

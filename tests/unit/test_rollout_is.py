@@ -73,7 +73,8 @@ def test_mismatch_sums_equal_the_direct_formulas():
 
 def test_the_weights_multiply_each_tokens_loss_before_aggregation():
     from megacredit.algorithms import grpo
-    from megacredit.trainer.objective import MicroBatchInputs, ObjectiveSettings, micro_batch_loss
+    from megacredit.algorithms.methods import micro_batch_loss
+    from megacredit.algorithms.objective import MicroBatchInputs, ObjectiveSettings
 
     old, engine, mask = _batch(3)
     logp = (old + 0.05).float().requires_grad_(True)

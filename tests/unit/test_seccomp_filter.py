@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from megacredit.envs._seccomp import DENIED, NO_EXEC, compile_filter, syscall_number
+from megacredit.envs._seccomp import DENIED, NO_EXEC, _load_library, compile_filter
 
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(platform.machine())
 RET_ALLOW = 0x7FFF0000
@@ -26,6 +26,11 @@ pytestmark = [
     pytest.mark.skipif(compile_filter().bpf is None, reason=f"no seccomp filter: {compile_filter().reason}"),
     pytest.mark.skipif(AUDIT_ARCH is None, reason=f"no audit arch constant for {platform.machine()}"),
 ]
+
+
+def syscall_number(name: str) -> int:
+    """This architecture's number of syscall ``name`` (negative when it has none), by libseccomp."""
+    return _load_library().seccomp_syscall_resolve_name(name.encode())
 
 
 def run_bpf(program: bytes, nr: int, args: tuple[int, ...] = (), arch: int | None = None) -> int:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megacredit.trainer.objective import ObjectiveSettings
+from megacredit.algorithms.objective import ObjectiveSettings
 from megacredit.trainer.step_metrics import teacher_metrics
 
 LENGTHS = (3, 5)

@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from megacredit.trainer.metrics import DOCUMENTED_METRICS
-from megacredit.trainer.validation_stats import (
+from megacredit.reporting.metrics import DOCUMENTED_METRICS
+from megacredit.reporting.validation_stats import (
     avg_at_k,
     bootstrap_mean_ci,
     mean_pass_at_k,

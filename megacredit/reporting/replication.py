@@ -3,7 +3,7 @@
 Numbers come only from each run's ``metrics.jsonl`` and ``config.yaml``:
 
 - validation avg@k at each validation step with the run's own prompt-bootstrap CI
-  (``val/avg_at_k_ci_low/high``, megacredit.trainer.validation_stats.avg_at_k); "final" is the
+  (``val/avg_at_k_ci_low/high``, megacredit.reporting.validation_stats.avg_at_k); "final" is the
   last step's, "best" the highest over the validation steps (selected on the validation set
   itself, so optimistic);
 - across seeds: the mean over seeds with a percentile bootstrap CI over seeds
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from megacredit.trainer.metrics import METRICS_FILE, read_metrics
-from megacredit.trainer.validation_stats import bootstrap_mean_ci
-from megacredit.trainer.visualize import merged_by_step, plot_runs, series
+from megacredit.reporting.metrics import METRICS_FILE, read_metrics
+from megacredit.reporting.validation_stats import bootstrap_mean_ci
+from megacredit.reporting.visualize import merged_by_step, plot_runs, series
 
 BOOTSTRAP_SAMPLES = 2000
 CONFIDENCE = 0.95

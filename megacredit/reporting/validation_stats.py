@@ -10,7 +10,7 @@ Trained on Code", eq. 1): pass@k = 1 - C(n - c, k) / C(n, k) for n samples of wh
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -43,10 +43,6 @@ class AvgAtKResult:
             f"{prefix}avg_at_k_ci_high": self.ci_high,
             f"{prefix}num_prompts": float(self.num_prompts),
         }
-
-    def as_dict(self) -> dict[str, float]:
-        """Plain dict of all fields."""
-        return asdict(self)
 
 
 def per_prompt_means(scores: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Console side of :class:`megacredit.trainer.metrics.MetricsLogger` (rich).
+"""Console side of :class:`megacredit.reporting.metrics.MetricsLogger` (rich).
 
 On a terminal: a progress bar over training steps with the key metrics beside it. Elsewhere
 (CI logs, files): one plain line per step. At the end: a summary table with validation

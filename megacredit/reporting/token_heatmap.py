@@ -1,7 +1,7 @@
 """Token heatmaps of the saved per-token credit: one self-contained HTML page for one or more runs.
 
 ``write_heatmap_page(run_dirs, out_html)`` reads each run's ``token_credit.jsonl`` (written by
-:func:`megacredit.trainer.metrics.save_token_credit`) and renders, for every saved (step, sample),
+:func:`megacredit.reporting.metrics.save_token_credit`) and renders, for every saved (step, sample),
 one row with a column per run; in each cell every per-token series of the sample is a line of
 the response's tokens coloured on a diverging scale (green above the series' centre, red below,
 white at it). Series and where they come from (megacredit/trainer/step_metrics.py):
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from megacredit.trainer.metrics import TOKEN_CREDIT_FILE, read_token_credit
+from megacredit.reporting.metrics import TOKEN_CREDIT_FILE, read_token_credit
 
 POSITIVE_RGB = (0, 150, 60)
 NEGATIVE_RGB = (210, 30, 30)

@@ -158,7 +158,7 @@ class MetricsLogger:
         )
         self._console = None
         if console:
-            from megacredit.trainer.metrics_console import ConsoleReporter
+            from megacredit.reporting.console import ConsoleReporter
 
             # One rich console for the step bar and the progress bars of the phases (they nest).
             self._console = ConsoleReporter(total_steps, start_step=resume_from_step or 0, console=rich_console)
@@ -169,7 +169,7 @@ class MetricsLogger:
                     resume_from_step: int | None = None, rich_console: Any = None) -> "MetricsLogger":
         """A logger set up from a ``MegacreditConfig``'s ``logging`` section; ``rich_console``:
         the console the progress reporter draws on, if any (shared with the step bar)."""
-        from megacredit.trainer.config import config_to_dict
+        from megacredit.config import config_to_dict
 
         log = cfg.logging
         return cls(log.run_dir, jsonl=log.jsonl, tensorboard=log.tensorboard, wandb=log.wandb,
@@ -250,7 +250,7 @@ class MetricsLogger:
 
     def summary_rows(self) -> list[tuple[str, str]]:
         """Rows of the end-of-run summary: validation before/after with CIs, phase times."""
-        from megacredit.trainer.metrics_console import summary_rows
+        from megacredit.reporting.console import summary_rows
 
         return summary_rows(self.history)
 

@@ -3,7 +3,7 @@
 ``plot_runs(run_dirs, out_png)`` overlays runs' ``metrics.jsonl`` in one figure: training reward,
 validation avg@k with its bootstrap CI as a band, response length, entropy, S_t, the PPO and RLSD
 clip fractions, the loss, Delta V_t and seconds per step. ``plot_learning_curve`` is the one-run
-case. The token-credit page is megacredit.trainer.token_heatmap; ``render_run`` writes both
+case. The token-credit page is megacredit.reporting.token_heatmap; ``render_run`` writes both
 into a run directory (the trainer calls it at the end of a run, ``megacredit plot`` on demand).
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from megacredit.trainer.metrics import METRICS_FILE, TOKEN_CREDIT_FILE, read_metrics
-from megacredit.trainer.token_heatmap import as_float, run_label, run_labels, write_heatmap_page
+from megacredit.reporting.metrics import METRICS_FILE, TOKEN_CREDIT_FILE, read_metrics
+from megacredit.reporting.token_heatmap import as_float, run_label, run_labels, write_heatmap_page
 
 FIGURE_SIZE_INCHES = (16.0, 12.0)
 FIGURE_DPI = 100
