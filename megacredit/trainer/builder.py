@@ -184,7 +184,7 @@ def build_engine(cfg: MegacreditConfig, source: ModelSource, ctx=None):
     (a tiny model's is written under the run directory); in this process when the job has one
     rank, in vLLM's own engine processes otherwise.
     vllm remote: rank 0 drives the servers at ``rollout.urls``, the prompts split across them.
-    sglang: the adapters of megacredit/rollout/sglang*.py (GPU only, unverified).
+    sglang: the same two placements with SGLang (``_build_sglang``; verified on CPU with SGLang 0.5.23).
     """
     rank = 0 if ctx is None else ctx.rank
     world = 1 if ctx is None else ctx.world_size
@@ -210,7 +210,7 @@ def build_engine(cfg: MegacreditConfig, source: ModelSource, ctx=None):
         )
     if ro.engine == "vllm":
         return _build_vllm(cfg, source, world, memory)
-    return _build_sglang(cfg, engine_model_dir(cfg, source))
+    return _build_sglang(cfg, source, engine_model_dir(cfg, source))
 
 
 def engine_model_dir(cfg: MegacreditConfig, source: ModelSource) -> Path:
@@ -263,15 +263,22 @@ def vllm_memory_fraction(cfg: MegacreditConfig, hf_config: Any, model_dir: Path,
     return colocated_fraction(ro.gpu_memory_utilization, *memory, need, reserve)
 
 
-def _build_sglang(cfg: MegacreditConfig, model_dir: Path):
-    """UNVERIFIED (SGLang needs a GPU): the SGLang adapters' own constructors."""
+def _build_sglang(cfg: MegacreditConfig, source: ModelSource, model_dir: Path):
+    """SGLang (verified on CPU with SGLang 0.5.23's CPU engine; the CUDA build is unverified).
+    remote: one engine over every server at ``rollout.urls`` (prompts split across them; weights
+    by broadcast: NCCL with CUDA, gloo without). colocated: an ``sglang.Engine`` started from
+    the policy's HF folder (CPU: SGLang's CPU engine, see megacredit/rollout/sglang.py)."""
     ro = cfg.rollout
+    cuda = torch.cuda.is_available()
     if ro.placement == "remote":
         from megacredit.rollout.sglang_server import SGLangServerEngine
 
-        return SGLangServerEngine(ro.urls, router_url=ro.router_url, model_path=model_dir)
+        return SGLangServerEngine(ro.urls, router_url=ro.router_url, model_path=model_dir,
+                                  sync_backend="nccl" if cuda else "gloo")
     from megacredit.rollout.sglang import SGLangRolloutEngine
 
-    return SGLangRolloutEngine(model_dir, tp_size=ro.engine_tensor_parallel_size, dtype=cfg.model.dtype,
-                               mem_fraction_static=ro.gpu_memory_utilization, enable_memory_saver=True,
-                               **ro.engine_kwargs)
+    args = {"dtype": cfg.model.dtype, "random_seed": cfg.training.seed,
+            "context_length": min(ro.max_seq_len, getattr(source.hf_config, "max_position_embeddings", ro.max_seq_len))}
+    if cuda:
+        args.update(mem_fraction_static=ro.gpu_memory_utilization, enable_memory_saver=True)
+    return SGLangRolloutEngine(model_dir, tp_size=ro.engine_tensor_parallel_size, **{**args, **ro.engine_kwargs})
