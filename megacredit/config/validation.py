@@ -172,6 +172,11 @@ def _check_parallel_and_model(cfg: MegacreditConfig) -> None:
     _require(not par.sequence_parallel or par.tensor_model_parallel_size > 1,
              "parallel.sequence_parallel", par.sequence_parallel,
              "sequence parallelism needs parallel.tensor_model_parallel_size > 1")
+    tp = par.tensor_model_parallel_size
+    _require(not (par.sequence_parallel and par.pipeline_model_parallel_size > 1) or par.micro_batch_tokens % tp == 0,
+             "parallel.micro_batch_tokens", par.micro_batch_tokens,
+             f"with sequence and pipeline parallelism every packed row is padded to this budget and split into "
+             f"TP={tp} equal sequence shards: use a multiple of {tp}")
     _require(par.micro_batch_tokens >= cfg.rollout.max_seq_len, "parallel.micro_batch_tokens",
              par.micro_batch_tokens,
              f"must be >= rollout.max_seq_len ({cfg.rollout.max_seq_len}) so a full-length "

@@ -21,7 +21,7 @@ from megacredit.data.teacher_context import SampleSequences
 from megacredit.megatron.distributed import ParallelContext
 from megacredit.megatron.optimizer import optimizer_step, zero_grads
 from megacredit.algorithms.topk_fused import TopKLogprobs
-from megacredit.megatron.rl_passes import VocabHead, run_packed_schedule
+from megacredit.megatron.rl_passes import VocabHead, row_length_multiple, run_packed_schedule
 from megacredit.megatron.teacher import TeacherWeights
 from megacredit.algorithms.methods import METHODS, loss_mask_denominator, micro_batch_loss
 from megacredit.algorithms.objective import MicroBatchInputs, ObjectiveSettings, pad_per_sample, response_mask
@@ -112,8 +112,8 @@ class MegatronActor:
 
     def _pack(self, groups: list[list[SequenceToPack]]) -> list[PackedMicroBatch]:
         budget = self.settings.token_budget
-        pad = budget if self.ctx.pp_size > 1 else 1  # stages exchange fixed-shape activations
-        return pack_sequences(groups, budget, pad_to_multiple=pad, pad_token_id=self.settings.pad_token_id)
+        return pack_sequences(groups, budget, pad_to_multiple=row_length_multiple(self.model_chunks, budget),
+                              pad_token_id=self.settings.pad_token_id)
 
     def _forward_only(self, groups: list[list[SequenceToPack]], callback, description: str = "pass") -> dict:
         for chunk in self.model_chunks:

@@ -103,8 +103,8 @@ class VocabHead:
             group=self.group, vocab_start=self.tp_rank * weight.shape[0],
             vocab_size=self.model.megacredit_vocab_size,
             # With sequence parallelism the hidden states were all-gathered (response_hidden), and
-            # that gather's backward already reduce-scatters their gradient over the TP group.
-            # UNVERIFIED here: gloo has no reduce-scatter, so SP runs only on GPUs.
+            # that gather's backward already reduce-scatters their gradient over the TP group
+            # (gloo does both: tests/distributed/test_sequence_parallel.py).
             all_reduce_grad_hidden=not self.sequence_parallel, keep_logits_max_bytes=self.keep_logits_max_bytes,
         )
 
@@ -116,6 +116,20 @@ def response_hidden(output: torch.Tensor, micro_batch: PackedMicroBatch, sequenc
 
         output = tensor_parallel.gather_from_sequence_parallel_region(output.transpose(0, 1)).transpose(0, 1)
     return output[0, micro_batch.prediction_index.to(output.device)]
+
+
+def row_length_multiple(model_chunks: Sequence[torch.nn.Module], token_budget: int) -> int:
+    """What every packed row's length must be a multiple of: the token budget with pipeline
+    parallelism (stages exchange fixed-shape activations), else the TP size with sequence
+    parallelism (each TP rank holds an equal shard of the row), else 1."""
+    config = unwrap(model_chunks[0]).config
+    shards = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    if len(model_chunks) * config.pipeline_model_parallel_size == 1:
+        return shards
+    if token_budget % shards:
+        raise ValueError(f"parallel.micro_batch_tokens={token_budget} must be a multiple of "
+                         f"parallel.tensor_model_parallel_size={shards} with sequence and pipeline parallelism")
+    return token_budget
 
 
 MicroBatchCallback = Callable[[torch.Tensor, PackedMicroBatch], Any]
@@ -150,7 +164,12 @@ def run_packed_schedule(
     if len(lengths) > 1 and len(model_chunks) * _pp_size() > 1:
         raise ValueError(f"pipeline parallelism needs equal packed lengths, got {sorted(lengths)}")
     device = next(model_chunks[0].parameters()).device
-    sequence_parallel = bool(unwrap(model_chunks[0]).config.sequence_parallel)
+    config = unwrap(model_chunks[0]).config
+    sequence_parallel = bool(config.sequence_parallel)
+    if sequence_parallel and any(length % config.tensor_model_parallel_size for length in lengths):
+        raise ValueError(f"sequence parallelism needs packed lengths that divide by TP="
+                         f"{config.tensor_model_parallel_size}, got {sorted(lengths)} (pack with "
+                         f"pad_to_multiple=row_length_multiple(...))")
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)

@@ -281,7 +281,8 @@ class RolloutEngine(ABC):
     Subclasses implement ``generate``, ``score_logprobs`` and ``load_weights``; they override
     ``weight_manifest`` when they can list their parameters (enables the check-before-copy),
     ``finish_weight_update`` when an update needs a final step (vLLM: process the reloaded
-    weights, reset the prefix cache), and ``sleep`` / ``wake`` / ``shutdown`` when they hold
+    weights, reset the prefix cache), ``abort_weight_update`` when a failed update must be
+    wound down (SGLang: close its update session), and ``sleep`` / ``wake`` / ``shutdown`` when they hold
     memory or processes.
     """
 
@@ -347,6 +348,12 @@ class RolloutEngine(ABC):
     def finish_weight_update(self) -> None:
         """Called once after the last bucket of an update (no-op by default)."""
 
+    def abort_weight_update(self) -> None:
+        """Called instead of (or after a failed) :meth:`finish_weight_update` when an update
+        fails after :meth:`begin_weight_update`: undo what begin set up (an engine-side update
+        session, paused generation) so the engine can serve and be updated again; must not
+        raise over the original error (no-op by default)."""
+
     def update_weights_from_buckets(
         self, buckets: Iterable[WeightBucket], manifest: Mapping[str, Sequence[int]] | None = None
     ) -> WeightLoadReport:
@@ -366,14 +373,18 @@ class RolloutEngine(ABC):
         self.check_weight_manifest(manifest)
         self.begin_weight_update()
         report, seen = WeightLoadReport(), set()
-        for bucket in buckets:
-            pairs = list(iterate_buckets([bucket]))
-            check_bucket(pairs, manifest, seen)
-            part = self.load_weights(pairs)
-            report.num_tensors += part.num_tensors
-            report.num_bytes += part.num_bytes
-            del bucket, pairs  # drop this bucket before the exporter builds the next (peak ~ one bucket)
-        self.finish_weight_update()
+        try:
+            for bucket in buckets:
+                pairs = list(iterate_buckets([bucket]))
+                check_bucket(pairs, manifest, seen)
+                part = self.load_weights(pairs)
+                report.num_tensors += part.num_tensors
+                report.num_bytes += part.num_bytes
+                del bucket, pairs  # drop this bucket before the exporter builds the next (peak ~ one bucket)
+            self.finish_weight_update()
+        except BaseException:
+            self.abort_weight_update()
+            raise
         report.missing_names = self.missing_weight_names(seen)
         return report
 

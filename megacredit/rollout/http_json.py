@@ -14,7 +14,12 @@ from megacredit.rollout.base import EngineUnavailableError
 
 
 class EngineHTTPError(RuntimeError):
-    """A server answered with an error status, or could not be reached."""
+    """A server answered with an error status (``status``), or could not be reached
+    (``status`` None)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class EngineUnreachableError(EngineHTTPError, EngineUnavailableError):
@@ -48,7 +53,7 @@ class JSONClient:
                 raw = response.read()
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace")[:2000]
-            raise EngineHTTPError(f"{method} {url}{path} -> HTTP {error.code}: {detail}") from error
+            raise EngineHTTPError(f"{method} {url}{path} -> HTTP {error.code}: {detail}", error.code) from error
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # refused, reset, timed out
             reason = getattr(error, "reason", None) or error or type(error).__name__
             raise EngineUnreachableError(f"{method} {url}{path} failed: {reason}; is the server up?") from error

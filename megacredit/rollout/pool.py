@@ -256,6 +256,14 @@ class EnginePool(RolloutEngine):
     def finish_weight_update(self) -> None:
         self._on_serving(lambda engine: engine.finish_weight_update(), "weight update")
 
+    def abort_weight_update(self) -> None:
+        """Every serving engine winds its update down; nothing raises over the update's error."""
+        for index in [i for i, serving in enumerate(self._serving) if serving]:
+            try:
+                self.members[index].abort_weight_update()
+            except Exception as error:  # noqa: BLE001 - the update's own error is the one raised
+                logger.warning("rollout %s: abort of the weight update failed (%s)", self._name(index), one_line(error))
+
     def missing_weight_names(self, received: set[str]) -> list[str] | None:
         return self.engines[0].missing_weight_names(received)
 

@@ -78,11 +78,9 @@ def import_vllm() -> Any:
 def vllm_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment a vLLM engine starts with: ``environ`` plus the CPU defaults above
     where CUDA is absent (settings already present win)."""
-    env = dict(os.environ if environ is None else environ)
-    if not torch.cuda.is_available():
-        for key, value in CPU_ENV_DEFAULTS.items():
-            env.setdefault(key, value)
-    return env
+    from megacredit.rollout.server_process import engine_environment  # noqa: PLC0415
+
+    return engine_environment(CPU_ENV_DEFAULTS, environ)
 
 
 # --------------------------------------------------------------------- inside the worker

