@@ -128,6 +128,9 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
     (["data.dataset=sciknoweval", "data.train_path=/no/such/file.jsonl"], r"'data\.train_path'.*file not found"),
     (["checkpoint.resume=/no/such/ckpt"], r"'checkpoint\.resume'"),
     (["validation.confidence=1.0"], r"validation\.confidence"),
+    (["parallel.collective_timeout_minutes=0"], r"'parallel\.collective_timeout_minutes' = 0.*must be > 0"),
+    (["rollout.request_timeout_s=-1"], r"'rollout\.request_timeout_s' = -1.*must be > 0"),
+    (["rollout.max_engine_faults=-1"], r"'rollout\.max_engine_faults' = -1.*0 = stop at the first fault"),
 ])
 def test_incompatible_or_out_of_range_values_are_rejected(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
