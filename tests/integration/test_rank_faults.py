@@ -40,6 +40,8 @@ COMPARED = ("train/loss", "train/grad_norm", "teacher/s_t", "rollout/reward_mean
 
 
 def _torchrun(run_dir: Path) -> subprocess.Popen:
+    """``megacredit train`` under torchrun in its own session; its output goes to ``run_dir``.log
+    (a file, not a pipe: a process that outlives the run cannot hold the test's reads)."""
     config = run_dir.parent / "empty.yaml"
     config.write_text("{}\n")
     overrides = tiny_overrides("credit", run_dir, steps=STEPS, **{
@@ -48,16 +50,24 @@ def _torchrun(run_dir: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(find_free_port()), "-m", "megacredit.cli", "train", str(config), *overrides]
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log = run_dir.parent / f"{run_dir.name}.{time.monotonic_ns()}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    process.log = log
+    return process
+
+
+def _output(process: subprocess.Popen) -> str:
+    return process.log.read_text(errors="replace")
 
 
 def _finish(process: subprocess.Popen, timeout: float = RUN_TIMEOUT_S) -> str:
     """The run's output; on timeout (or any failure here) every process of its session is killed by PID."""
     try:
-        return process.communicate(timeout=timeout)[0]
+        process.wait(timeout=timeout)
+        return _output(process)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"torchrun did not end within {timeout} s") from None
+        raise AssertionError(f"torchrun did not end within {timeout} s: {_output(process)[-3000:]}") from None
     finally:
         kill_pids(session_pids(process.pid))
         process.wait()
@@ -78,26 +88,39 @@ def _rank_pid(torchrun: subprocess.Popen, rank: int) -> int:
 def _wait_until(condition, process: subprocess.Popen, what: str, timeout: float = RUN_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert process.poll() is None, f"torchrun ended before {what}: {process.communicate()[0][-3000:]}"
+        assert process.poll() is None, f"torchrun ended before {what}: {_output(process)[-3000:]}"
         assert time.monotonic() < deadline, f"not {what} within {timeout} s"
         time.sleep(0.1)
+
+
+def _command_lines(pids: list[int]) -> list[str]:
+    lines = []
+    for pid in pids:
+        try:
+            lines.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes().replace(bytes(1), b' ').decode()[:200]}")
+        except OSError:
+            continue
+    return lines
 
 
 def _assert_all_gone_within(process: subprocess.Popen, since: float, bound: float) -> str:
     """torchrun and every process of its session gone within ``bound`` seconds of ``since``."""
     session = process.pid
     try:
-        output = process.communicate(timeout=max(1.0, since + bound - time.monotonic()))[0]
+        process.wait(timeout=max(1.0, since + bound - time.monotonic()))
     except subprocess.TimeoutExpired:
+        left = _command_lines(session_pids(session))
         _finish(process, timeout=1)
-        raise AssertionError(f"torchrun still running {bound} s after the fault") from None
+        raise AssertionError(f"torchrun still running {bound} s after the fault; its processes: {left}; "
+                             f"output: {_output(process)[-3000:]}") from None
     deadline = since + bound
     while session_pids(session) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = session_pids(session)
+    lines = _command_lines(left)
     kill_pids(left)
-    assert not left, f"processes {left} outlived the run by more than {bound} s"
-    return output
+    assert not left, f"processes outlived the run by more than {bound} s: {lines}"
+    return _output(process)
 
 
 @pytest.mark.timeout(3600)  # three two-process runs: minutes each on a loaded 2-core machine
