@@ -57,6 +57,7 @@
 #                      logging.run_dir=... to continue an earlier job's run in a new job
 #   MASTER_PORT        rendezvous port (default 20000 + job id mod 20000)
 #   MAX_REQUEUES       stop requeueing after this many restarts (default 20)
+#   STEP_GONE_WAIT     seconds to wait for a failed trainer step to be gone before a requeue (default 180)
 #   MEGACREDIT_ROOT    the repository (default: found from the submitted script's path)
 
 set -euo pipefail
@@ -277,6 +278,18 @@ mc_restartable_status() {
   (($1 == 3 || $1 >= 128))
 }
 
+# After a failed trainer step: wait (at most STEP_GONE_WAIT s, default 180) until Slurm lists no
+# numbered step of this job. srun may return ("Force Terminated") while slurmd is still ending
+# the step; a requeue at once restarts the job under the same step ids, and the late cancel of
+# the old step then hits the new one (seen on the one-node test cluster: one wasted requeue).
+mc_wait_steps_gone() {
+  local deadline=$((SECONDS + ${STEP_GONE_WAIT:-180}))
+  while squeue -h -s -j "$JOB_ID" -o %i 2>/dev/null | grep -Eq '^[0-9]+\.[0-9]+$'; do
+    if ((SECONDS >= deadline)); then mc_log "job steps still listed after ${STEP_GONE_WAIT:-180} s"; return; fi
+    sleep 2
+  done
+}
+
 mc_run() {
   PREEMPTED=0 TRAIN_PID="" SERVER_PIDS=()
   trap mc_on_preempt USR1
@@ -300,6 +313,7 @@ mc_run() {
   if [[ "$PREEMPTED" == 1 && "$rc" == 0 ]]; then mc_requeue || true; return 0; fi
   if [[ "$PREEMPTED" == 0 ]] && mc_restartable_status "$rc"; then
     mc_log "the trainer lost a rank or hit a fault (status $rc; the train log above names it)"
+    mc_wait_steps_gone
     if mc_requeue; then return 0; fi
   fi
   return "$rc"
