@@ -138,12 +138,16 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes_to_the_same_metrics
             assert resumed[step][name] == pytest.approx(reference[step][name], rel=1e-6, abs=1e-9), (step, name)
 
 
-def _trainer_pid(job_id: str, rank: int) -> int | None:
-    """PID of the job's trainer process of ``rank`` (found by its Slurm environment), or None."""
+def _trainer_pid(job_id: str, rank: int, run_dir: Path) -> int | None:
+    """PID of the job's trainer process of ``rank``, or None: found by its Slurm environment AND
+    this test's run directory on its command line (other Slurm test clusters on the machine
+    number their jobs from 1 too: a job id alone can name another cluster's process)."""
     wanted = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={rank}".encode()}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"train" in (entry / "cmdline").read_bytes() and \
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+            if cmdline[1:4] == [b"-m", b"megacredit.cli", b"train"] and \
+                    f"logging.run_dir={run_dir}".encode() in cmdline and \
                     wanted <= set((entry / "environ").read_bytes().split(b"\0")):
                 return int(entry.name)
         except OSError:
@@ -165,7 +169,7 @@ def test_a_rank_killed_mid_step_requeues_the_job_which_resumes_to_the_same_metri
     log_dir, run_dir = _job_dirs(tmp_path, job_id)
     checkpoints = run_dir / "checkpoints"
     _wait_until(lambda: find_latest_checkpoint(checkpoints, warn=False) is not None, 900, "the first checkpoint")
-    survivor, victim = _trainer_pid(job_id, 0), _trainer_pid(job_id, 1)
+    survivor, victim = _trainer_pid(job_id, 0, run_dir), _trainer_pid(job_id, 1, run_dir)
     assert survivor and victim, _job_output(tmp_path)
     os.kill(victim, signal.SIGKILL)
     _wait_until(lambda: not Path(f"/proc/{survivor}").exists(), 90, "rank 0 to stop after rank 1 was killed")
