@@ -99,7 +99,7 @@ def _plan(params: dict[str, torch.nn.Parameter], hf_config: Any, ctx: ParallelCo
             continue  # HF re-ties lm_head to the input embedding on load
         owner, local_shape, dtype = manifest[name]
         meta_shards = [torch.empty(local_shape, device="meta") for _ in range(ctx.tp_size)]
-        pieces = unshard(mapping_for(name, tied), meta_shards, hf_config.vocab_size, attention)
+        pieces = unshard(mapping_for(name, tied, hf_config.model_type), meta_shards, hf_config.vocab_size, attention)
         items.append(ExportItem(name, owner, local_shape, dtype, tuple((n, tuple(t.shape)) for n, t in pieces)))
     return items
 
@@ -152,7 +152,7 @@ def _gathered_stack(
 def _unshard_stack(item: ExportItem, stack: torch.Tensor, hf_config: Any, tracker: InFlightBytes | None) -> list:
     """The HF tensors of ``item`` from its gathered stack (the caller drops the stack)."""
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    pieces = unshard(mapping_for(item.name, tied), list(stack.unbind(0)), hf_config.vocab_size,
+    pieces = unshard(mapping_for(item.name, tied, hf_config.model_type), list(stack.unbind(0)), hf_config.vocab_size,
                      AttentionShape.from_hf(hf_config))
     return [(name, track(tracker, tensor)) for name, tensor in pieces]
 

@@ -2,7 +2,11 @@
 
 Supported families (``hf_config.model_type``): llama, mistral (without sliding window), qwen2
 (q/k/v biases) and qwen3 (QK-norm, explicit head_dim). All share GQA, RoPE (HF's rotate-half
-convention, i.e. Megatron's ``rotary_interleaved=False``), SwiGLU and RMSNorm.
+convention, i.e. Megatron's ``rotary_interleaved=False``), SwiGLU and RMSNorm. Families with a
+layer of their own add their TransformerConfig fields, checks and layer spec through one module
+each (``FAMILY_MODULES``): olmo3 (megacredit/megatron/olmo3.py: post-norms, whole-projection
+QK-norm, sliding-window layers, RoPE per layer type) and qwen3_moe (megacredit/megatron/moe.py:
+mixture of experts, expert parallelism).
 
 Layer spec: Transformer Engine's when ``transformer_engine.pytorch`` imports (GPU machines), the
 Megatron-Core local spec otherwise (CPU, the only path run here; the TE path is unverified on
@@ -29,7 +33,11 @@ from megacredit.megatron import cpu_compat
 from megacredit.megatron.distributed import ParallelContext, current_context
 from megacredit.utils.errors import SetupError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILY_MODULES = {"olmo3": "megacredit.megatron.olmo3", "qwen3_moe": "megacredit.megatron.moe"}
+"""model_type -> the module holding that family's ``config_fields``, ``check`` and ``layer_spec``."""
+PER_HEAD_QK_NORM = ("qwen3", "qwen3_moe")
+"""Families with an RMSNorm per query / key head (Megatron's ``qk_layernorm``)."""
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", *FAMILY_MODULES)
 DEFAULT_MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 
 
@@ -48,9 +56,13 @@ def rope_parameters(hf_config: Any) -> dict:
     """The RoPE settings of ``hf_config`` as one dict with at least ``rope_type``/``rope_theta``.
 
     transformers >= 5 keeps them in ``config.rope_parameters``; 4.x in ``rope_theta`` and
-    ``rope_scaling``. Both are read.
+    ``rope_scaling``. Both are read. Where they are given per layer type, these are the first
+    layer's (the model's rotary table; megacredit/megatron/olmo3.py handles the other type).
     """
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types and isinstance(params.get(layer_types[0]), dict):
+        params = dict(params[layer_types[0]])  # one entry per layer type (OLMo-3): the first layer's
     legacy_scaling = getattr(hf_config, "rope_scaling", None)
     if not params and isinstance(legacy_scaling, dict):
         params.update(legacy_scaling)
@@ -95,6 +107,17 @@ def _check_family_features(hf_config: Any) -> None:
         raise _unsupported(hf_config, f"rope_type={rope['rope_type']!r} (only default and llama3)")
     if rope["rope_type"] == "llama3":
         _llama3_rope_scaling_factor(hf_config, rope)
+    family = family_module(hf_config)
+    if family is not None:
+        family.check(hf_config, _unsupported)
+
+
+def family_module(hf_config: Any):
+    """The module of ``FAMILY_MODULES`` for this config's family, or None for the Llama-shaped ones."""
+    import importlib
+
+    name = FAMILY_MODULES.get(getattr(hf_config, "model_type", None))
+    return importlib.import_module(name) if name else None
 
 
 def head_dim_of(hf_config: Any) -> int:
@@ -173,7 +196,7 @@ def transformer_config_from_hf(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=hf_config.model_type == "qwen2",
-        qk_layernorm=hf_config.model_type == "qwen3",
+        qk_layernorm=hf_config.model_type in PER_HEAD_QK_NORM,
         rotary_interleaved=False,
         attention_dropout=0.0,
         hidden_dropout=0.0,
@@ -192,6 +215,9 @@ def transformer_config_from_hf(
         apply_rope_fusion=_rope_fusion_available(),
         gradient_accumulation_fusion=False,
     )
+    family = family_module(hf_config)
+    if family is not None:
+        fields.update(family.config_fields(hf_config))
     fields.update(overrides)
     try:
         return TransformerConfig(**fields)
@@ -221,11 +247,14 @@ def layer_spec_for(hf_config: Any, use_transformer_engine: bool | None = None):
     """The transformer layer spec: TE's if available (or forced), else the local RMSNorm one."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    qk_layernorm = hf_config.model_type == "qwen3"
+    qk_layernorm = hf_config.model_type in PER_HEAD_QK_NORM
     use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    family = family_module(hf_config)
+    return spec if family is None else family.layer_spec(hf_config, spec, use_te)
 
 
 def _rope_arguments(hf_config: Any) -> dict:

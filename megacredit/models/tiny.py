@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face causal-LM configs (Llama, Qwen2, Qwen3) for fast CPU tests.
+"""Tiny random Hugging Face causal-LM configs (Llama, Qwen2, Qwen3, OLMo-3, Qwen3-MoE) for fast
+CPU tests.
 
 Built locally, never downloaded. ``initializer_range`` defaults to 0.2 (not HF's 0.02) so a
 random model's next-token distributions are peaked enough (max prob ~0.2 at vocab 96) for
@@ -9,18 +10,45 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    LlamaConfig,
+    Olmo3Config,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
-TINY_FAMILIES = ("llama", "qwen2", "qwen3")
+TINY_FAMILIES = ("llama", "qwen2", "qwen3", "olmo3", "qwen3_moe")
+TINY_SLIDING_WINDOW = 4
+"""OLMo-3's window at tiny size: shorter than the test sequences, so that it masks something."""
+
+_FAMILY_CLASSES: dict[str, type[PretrainedConfig]] = {
+    "llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "olmo3": Olmo3Config,
+    "qwen3_moe": Qwen3MoeConfig,
+}
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "qwen2": dict(use_sliding_window=False),
+    "qwen3": dict(head_dim=16, use_sliding_window=False),
+    # OLMo-3's own layer pattern (3 sliding-window layers, then one full-attention layer).
+    "olmo3": dict(sliding_window=TINY_SLIDING_WINDOW),
+    "qwen3_moe": dict(head_dim=16, use_sliding_window=False, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, norm_topk_prob=True, router_aux_loss_coef=0.001),
+}
 
 
 def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     """A 2-layer, hidden-64, GQA (4 query / 2 KV heads) config of ``family``.
 
-    family: "llama" (no biases), "qwen2" (QKV biases), "qwen3" (QK-norm, explicit head_dim).
+    family: "llama" (no biases), "qwen2" (QKV biases), "qwen3" (QK-norm, explicit head_dim),
+    "olmo3" (post-norms, QK-norm over the whole projection, sliding window of
+    ``TINY_SLIDING_WINDOW`` on 3 of every 4 layers), "qwen3_moe" (4 experts, top-2).
     overrides: any config field, e.g. ``vocab_size=128, tie_word_embeddings=True``.
     """
-    common: dict[str, Any] = dict(
+    if family not in _FAMILY_CLASSES:
+        raise ValueError(f"tiny_config: family must be one of {TINY_FAMILIES}, got {family!r}")
+    fields: dict[str, Any] = dict(
         vocab_size=96,
         hidden_size=64,
         intermediate_size=128,
@@ -35,15 +63,12 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
         eos_token_id=2,
         pad_token_id=0,
     )
-    if family == "llama":
-        config_class: type[PretrainedConfig] = LlamaConfig
-    elif family == "qwen2":
-        config_class = Qwen2Config
-        common.update(use_sliding_window=False)
-    elif family == "qwen3":
-        config_class = Qwen3Config
-        common.update(head_dim=16, use_sliding_window=False)
-    else:
-        raise ValueError(f"tiny_config: family must be one of {TINY_FAMILIES}, got {family!r}")
-    common.update(overrides)
-    return config_class(**common)
+    fields.update(_FAMILY_DEFAULTS[family])
+    fields.update(overrides)
+    if family == "olmo3" and "rope_parameters" not in overrides:
+        # Olmo3Config takes rope_theta for its full-attention layers only (the sliding ones keep
+        # 500000 then): both layer types get the same plain RoPE here unless the caller says.
+        theta = fields.pop("rope_theta")
+        fields["rope_parameters"] = {kind: {"rope_type": "default", "rope_theta": theta}
+                                     for kind in ("sliding_attention", "full_attention")}
+    return _FAMILY_CLASSES[family](**fields)
