@@ -26,8 +26,9 @@ BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
 class TinyModelConfig:
     """Architecture of the random-initialised test model (``model.name_or_path: tiny``)."""
 
-    architecture: Literal["llama", "qwen2", "qwen3"] = "llama"
-    """Hugging Face family the tiny config imitates."""
+    architecture: Literal["llama", "qwen2", "qwen3", "olmo3", "qwen3_moe"] = "llama"
+    """Hugging Face family the tiny config imitates (olmo3: sliding window of 4 on 3 of every 4
+    layers; qwen3_moe: 4 experts, top-2; megacredit/models/tiny.py)."""
     hidden_size: int = 64
     """Model width."""
     num_hidden_layers: int = 2
