@@ -30,10 +30,10 @@ _FAMILY_CLASSES: dict[str, type[PretrainedConfig]] = {
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {},
     "qwen2": dict(use_sliding_window=False),
-    "qwen3": dict(head_dim=16, use_sliding_window=False),
+    "qwen3": dict(use_sliding_window=False),
     # OLMo-3's own layer pattern (3 sliding-window layers, then one full-attention layer).
     "olmo3": dict(sliding_window=TINY_SLIDING_WINDOW),
-    "qwen3_moe": dict(head_dim=16, use_sliding_window=False, num_experts=4, num_experts_per_tok=2,
+    "qwen3_moe": dict(use_sliding_window=False, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32, norm_topk_prob=True, router_aux_loss_coef=0.001),
 }
 
@@ -41,7 +41,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     """A 2-layer, hidden-64, GQA (4 query / 2 KV heads) config of ``family``.
 
-    family: "llama" (no biases), "qwen2" (QKV biases), "qwen3" (QK-norm, explicit head_dim),
+    family: "llama" (no biases), "qwen2" (QKV biases), "qwen3" (QK-norm, head_dim set explicitly),
     "olmo3" (post-norms, QK-norm over the whole projection, sliding window of
     ``TINY_SLIDING_WINDOW`` on 3 of every 4 layers), "qwen3_moe" (4 experts, top-2).
     overrides: any config field, e.g. ``vocab_size=128, tie_word_embeddings=True``.
@@ -65,6 +65,8 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     )
     fields.update(_FAMILY_DEFAULTS[family])
     fields.update(overrides)
+    if family in ("qwen3", "qwen3_moe"):  # their configs default to head_dim 128: keep hidden / heads
+        fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
     if family == "olmo3" and "rope_parameters" not in overrides:
         # Olmo3Config takes rope_theta for its full-attention layers only (the sliding ones keep
         # 500000 then): both layer types get the same plain RoPE here unless the caller says.

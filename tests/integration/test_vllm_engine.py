@@ -7,6 +7,9 @@
    generates with its previous weights; a corrupted engine tensor is named by the sync check.
 2. A short training run (tiny model, the whole loop) with the sync check on every sync and
    rollout IS on: its metrics hold the sync/ and mismatch figures.
+3. The same with CREDIT on a tiny OLMo-3 (vLLM 0.32 runs it through its transformers backend,
+   sliding-window layers included) and a tiny Qwen3-MoE (vLLM's own qwen3_moe model): the
+   exported weights give vLLM the trainer's log-probs after every sync.
 
 Each scenario starts one engine, in a spawned process (vLLM and Megatron share it).
 """
@@ -150,3 +153,25 @@ def test_a_short_colocated_training_run_logs_sync_and_mismatch(tmp_path):
         assert record["rollout/logprob_abs_diff"] < TOLERANCE
         assert record["train/rollout_is_weight_mean"] == pytest.approx(1.0, abs=1e-2)
     assert any("val/avg_at_k" in r for r in records)  # validation generated with vLLM too
+
+
+def _train_family(rank, world_size, run_dir, architecture):
+    from megacredit.config import load_config
+    from megacredit.trainer.loop import train
+
+    overrides = tiny_overrides("credit", Path(run_dir), steps=2, **TINY_VLLM, **{
+        "model.tiny.architecture": architecture, "model.tiny.num_hidden_layers": 4,
+        "rollout.engine": "vllm", "rollout.check_weight_sync_every": 1})
+    train(load_config(None, overrides))
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("architecture", ["olmo3"])
+def test_exported_weights_give_vllm_the_trainers_log_probs(architecture, tmp_path):
+    records = run_distributed(_train_family, world_size=1, timeout=900, run_dir=str(tmp_path),
+                              architecture=architecture)[0]
+    steps = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:
+        assert record["sync/probe_logprob_diff"] < TOLERANCE
+        assert record["rollout/logprob_abs_diff"] < TOLERANCE
