@@ -21,6 +21,8 @@ from megacredit.config import (
 )
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+PAPER_SCALE_PREFIXES = ("qwen3_8b", "_qwen3_8b", "olmo3_7b", "qwen3_30b_a3b")
+"""GPU-scale examples: hub ids and placeholder data paths, validated as configs only."""
 METHODS = sorted(METHOD_TABLE)
 
 
@@ -225,7 +227,7 @@ def test_every_field_of_every_config_dataclass_has_a_docstring():
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_config_loads_and_validates(path, tmp_path):
-    paper_scale = path.name.startswith(("qwen3_8b", "_qwen3_8b"))
+    paper_scale = path.name.startswith(PAPER_SCALE_PREFIXES)
     cfg = load_config(path, check_paths=not paper_scale)
     assert load_config(save_config(cfg, tmp_path / path.name), check_paths=False) == cfg
     if path.name.startswith("qwen3_8b"):
@@ -240,6 +242,20 @@ def test_every_example_config_loads_and_validates(path, tmp_path):
         if cfg.algorithm.name in ("sdpo", "credit"):
             assert cfg.algorithm.sdpo.top_k == (20 if path.stem.endswith("code") else 100)
             assert cfg.algorithm.teacher.ema_rate == 0.01
+    if path.name.startswith("olmo3_7b"):
+        from megacredit.config.validation import validate_against_model as check
+
+        # OLMo-3-7B-Instruct: 32 attention heads, 32 KV heads, 32 layers; the paper's Table 3
+        # (one column for both base models on science and tools).
+        check(cfg, {"num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32})
+        check_world_size(cfg.parallel, 8)
+        assert cfg.model.name_or_path == "allenai/Olmo-3-7B-Instruct" and cfg.rollout.engine == "vllm"
+        assert cfg.optimizer.lr == 1e-6 and cfg.optimizer.warmup_steps == 10 and cfg.training.epochs == 3
+        assert cfg.data.prompts_per_step == 32 and cfg.algorithm.group_size == 8
+        assert cfg.training.ppo_mini_batch_size == 32 and cfg.rollout.max_seq_len == 18944
+        assert cfg.algorithm.sdpo.top_k == 100 and cfg.algorithm.sdpo.alpha == 0.5
+        assert cfg.algorithm.credit.lam == 0.1 and cfg.algorithm.credit.num_contrastive == 1
+        assert cfg.validation.k == 16 and cfg.validation.temperature == 0.6
 
 
 def test_demo_config_is_credit_on_smollm2():
