@@ -102,14 +102,14 @@ def _check_family_features(hf_config: Any) -> None:
         model_type == "mistral" and getattr(hf_config, "sliding_window", None) is not None
     ):
         raise _unsupported(hf_config, "sliding-window attention (set sliding_window=None to disable)")
+    family = family_module(hf_config)
+    if family is not None:
+        family.check(hf_config, _unsupported)
     rope = rope_parameters(hf_config)
     if rope["rope_type"] not in ("default", "llama3"):
         raise _unsupported(hf_config, f"rope_type={rope['rope_type']!r} (only default and llama3)")
     if rope["rope_type"] == "llama3":
         _llama3_rope_scaling_factor(hf_config, rope)
-    family = family_module(hf_config)
-    if family is not None:
-        family.check(hf_config, _unsupported)
 
 
 def family_module(hf_config: Any):
