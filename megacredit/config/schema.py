@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from megacredit.config.parsing import ConfigError
-from megacredit.utils.errors import parallel_layout_problem
+from megacredit.utils.errors import expert_layout_problem, parallel_layout_problem
 
 AlgorithmName = Literal["grpo", "sdpo", "credit", "rlsd", "credit_rlsd", "opsd"]
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
@@ -80,6 +80,10 @@ class ModelConfig:
     """Where builtin models are converted to and cached."""
     transformer_engine: Literal["auto", "on", "off"] = "auto"
     """Use Transformer Engine layers and fused kernels: auto = when importable (GPU)."""
+    moe_aux_loss_coeff: Optional[float] = None
+    """Mixture-of-experts models: coefficient of Megatron's load-balancing loss, added to the
+    gradients (not to the logged loss); null = the checkpoint's router_aux_loss_coef (Qwen3-MoE:
+    0.001), 0 = none."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture used when name_or_path is 'tiny'."""
 
@@ -95,13 +99,18 @@ class ParallelConfig:
     """PP: must divide the number of layers."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs TP > 1)."""
+    expert_model_parallel_size: int = 1
+    """EP: ranks that split the experts of a mixture-of-experts model (must divide its
+    num_experts; EP x PP must divide the world size: EP is folded over the TP x DP ranks of a
+    stage, experts are not split over TP)."""
     micro_batch_tokens: int = 32768
     """Token budget of one packed micro-batch (sequences are packed up to this many tokens)."""
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` processes (raises ConfigError if TP*PP does not divide)."""
         problem = parallel_layout_problem(world_size, self.tensor_model_parallel_size,
-                                          self.pipeline_model_parallel_size)
+                                          self.pipeline_model_parallel_size) or expert_layout_problem(
+            world_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size)
         if problem is not None:
             raise ConfigError(f"{problem}; or change parallel.*")
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)

@@ -26,6 +26,7 @@ from megacredit.megatron.hf_mapping import (
     mapping_for,
     shard_for_rank,
 )
+from megacredit.rollout.expert_names import per_expert_views
 from megacredit.utils.errors import SetupError, one_line
 
 
@@ -78,8 +79,8 @@ class HFTensorSource:
         self._file_of: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         self._stack = contextlib.ExitStack()
-        if isinstance(hf_dir_or_state_dict, Mapping):
-            self._state_dict = hf_dir_or_state_dict
+        if isinstance(hf_dir_or_state_dict, Mapping):  # a transformers model's: experts under checkpoint names
+            self._state_dict = per_expert_views(hf_dir_or_state_dict)
             return
         folder = Path(hf_dir_or_state_dict)
         if not folder.is_dir():

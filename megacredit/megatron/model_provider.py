@@ -131,7 +131,7 @@ def num_kv_heads_of(hf_config: Any) -> int:
     return int(getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads)
 
 
-def _check_parallel_sizes(hf_config: Any, tp: int, pp: int, overrides: dict) -> None:
+def _check_parallel_sizes(hf_config: Any, tp: int, pp: int, overrides: dict, ep: int = 1) -> None:
     heads, kv_heads = hf_config.num_attention_heads, num_kv_heads_of(hf_config)
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be >= 1, got tp={tp}, pp={pp}")
@@ -144,6 +144,11 @@ def _check_parallel_sizes(hf_config: Any, tp: int, pp: int, overrides: dict) -> 
         )
     if hf_config.intermediate_size % tp:
         raise ValueError(f"tp={tp} must divide intermediate_size={hf_config.intermediate_size}")
+    experts = int(getattr(hf_config, "num_experts", 0) or 0)
+    if ep > 1 and (not experts or experts % ep):
+        raise ValueError(f"expert parallel size ep={ep} must divide the experts of the model "
+                         f"(num_experts={experts or 'none: not a mixture-of-experts model'}); set "
+                         f"parallel.expert_model_parallel_size to a divisor of num_experts, or 1")
     uneven = {"num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
               "pipeline_model_parallel_layout"} & set(overrides)
     if hf_config.num_hidden_layers % pp and not uneven:
@@ -170,9 +175,11 @@ def transformer_config_from_hf(
     pp: int = 1,
     dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
+    ep: int = 1,
     **overrides: Any,
 ):
-    """Megatron ``TransformerConfig`` equivalent to ``hf_config`` at the given TP/PP sizes.
+    """Megatron ``TransformerConfig`` equivalent to ``hf_config`` at the given TP/PP (and, for
+    mixture-of-experts models, EP) sizes.
 
     dtype: parameter (and pipeline communication) dtype; bf16/fp16 set Megatron's flags.
     overrides: any further ``TransformerConfig`` field (e.g. recompute settings).
@@ -180,7 +187,7 @@ def transformer_config_from_hf(
     sizes that do not divide the model.
     """
     _check_family_features(hf_config)
-    _check_parallel_sizes(hf_config, tp, pp, overrides)
+    _check_parallel_sizes(hf_config, tp, pp, overrides, ep)
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     fields: dict[str, Any] = dict(
@@ -218,6 +225,8 @@ def transformer_config_from_hf(
     family = family_module(hf_config)
     if family is not None:
         fields.update(family.config_fields(hf_config))
+    if fields.get("num_moe_experts"):
+        fields["expert_model_parallel_size"] = ep
     fields.update(overrides)
     try:
         return TransformerConfig(**fields)
@@ -290,7 +299,7 @@ def build_gpt_model(
     ctx = ctx or current_context()
     config = transformer_config_from_hf(
         hf_config, tp=ctx.tp_size, pp=ctx.pp_size, dtype=dtype,
-        sequence_parallel=sequence_parallel, **config_overrides,
+        sequence_parallel=sequence_parallel, ep=ctx.ep_size, **config_overrides,
     )
     model = GPTModel(
         config=config,

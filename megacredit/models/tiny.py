@@ -8,26 +8,16 @@ sampling and greedy tests to be meaningful rather than near-uniform.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import (
-    LlamaConfig,
-    Olmo3Config,
-    PretrainedConfig,
-    Qwen2Config,
-    Qwen3Config,
-    Qwen3MoeConfig,
-)
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 TINY_FAMILIES = ("llama", "qwen2", "qwen3", "olmo3", "qwen3_moe")
 TINY_SLIDING_WINDOW = 4
 """OLMo-3's window at tiny size: shorter than the test sequences, so that it masks something."""
 
-_FAMILY_CLASSES: dict[str, type[PretrainedConfig]] = {
-    "llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "olmo3": Olmo3Config,
-    "qwen3_moe": Qwen3MoeConfig,
-}
-_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {},
     "qwen2": dict(use_sliding_window=False),
     "qwen3": dict(use_sliding_window=False),
@@ -36,6 +26,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(use_sliding_window=False, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32, norm_topk_prob=True, router_aux_loss_coef=0.001),
 }
+"""What each tiny family sets beyond the shared sizes (importable without transformers)."""
 
 
 def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
@@ -46,7 +37,9 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     ``TINY_SLIDING_WINDOW`` on 3 of every 4 layers), "qwen3_moe" (4 experts, top-2).
     overrides: any config field, e.g. ``vocab_size=128, tie_word_embeddings=True``.
     """
-    if family not in _FAMILY_CLASSES:
+    from transformers import AutoConfig
+
+    if family not in FAMILY_DEFAULTS:
         raise ValueError(f"tiny_config: family must be one of {TINY_FAMILIES}, got {family!r}")
     fields: dict[str, Any] = dict(
         vocab_size=96,
@@ -63,7 +56,7 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
         eos_token_id=2,
         pad_token_id=0,
     )
-    fields.update(_FAMILY_DEFAULTS[family])
+    fields.update(FAMILY_DEFAULTS[family])
     fields.update(overrides)
     if family in ("qwen3", "qwen3_moe"):  # their configs default to head_dim 128: keep hidden / heads
         fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
@@ -73,4 +66,4 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
         theta = fields.pop("rope_theta")
         fields["rope_parameters"] = {kind: {"rope_type": "default", "rope_theta": theta}
                                      for kind in ("sliding_attention", "full_attention")}
-    return _FAMILY_CLASSES[family](**fields)
+    return AutoConfig.for_model(family, **fields)

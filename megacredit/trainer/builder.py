@@ -138,8 +138,9 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
 
     dtype = DTYPES[cfg.model.dtype]
     use_te = {"auto": None, "on": True, "off": False}[cfg.model.transformer_engine]
+    moe = {} if cfg.model.moe_aux_loss_coeff is None else {"moe_aux_loss_coeff": cfg.model.moe_aux_loss_coeff}
     model = build_gpt_model(source.hf_config, ctx, dtype=dtype, use_transformer_engine=use_te,
-                            sequence_parallel=cfg.parallel.sequence_parallel)
+                            sequence_parallel=cfg.parallel.sequence_parallel, **moe)
     # Keep Megatron's random init although the HF weights overwrite it: with CPU initialisation,
     # perform_initialization=False also skips tagging the weights tensor-parallel, and the
     # gradient norm (and clipping) then miscounts TP shards (caught by the TP=2 e2e test).

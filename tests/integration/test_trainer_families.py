@@ -11,6 +11,14 @@ both sides, transformers' kernels vs Megatron's).
 
 OLMo-3: 4 layers (3 in a sliding window of 4 tokens, one full); the prompts are longer than the
 window. Layout: TP=2.
+
+Qwen3-MoE: 4 experts, top-2, split over EP=2 (TP=1, DP=2: each rank holds 2 experts of every
+layer, tokens travel by Megatron's all-to-all dispatcher over gloo). The load-balancing loss is
+off here (``model.moe_aux_loss_coeff=0``): Megatron computes it per micro-batch, and DP=2 trains
+on other micro-batches than one process, so with it the gradients would differ by design
+(tests/distributed/test_moe.py checks the loss itself). The router statistics are logged.
+TP=2 x EP=2 training needs sequence parallelism on CPU (not in this branch: config validation
+refuses it); its forward is compared in tests/distributed/test_moe.py.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ TOLERANCE = 1e-4
 FAMILIES = {
     "olmo3": ({"model.tiny.architecture": "olmo3", "model.tiny.num_hidden_layers": 4},
               {"parallel.tensor_model_parallel_size": 2}),
+    "qwen3_moe": ({"model.tiny.architecture": "qwen3_moe", "model.moe_aux_loss_coeff": 0.0},
+                  {"parallel.expert_model_parallel_size": 2}),
 }
 
 
@@ -63,3 +73,16 @@ def test_the_embedded_engine_gets_the_trainers_log_probs(family_runs):
     for run in family_runs:
         for step, record in run.items():
             assert record["sync/probe_logprob_diff"] < 1e-4, f"step {step}: {record['sync/probe_logprob_diff']}"
+
+
+def test_moe_runs_log_the_router_statistics(family_runs, request):
+    if request.node.callspec.params["family_runs"] != "qwen3_moe":
+        pytest.skip("a dense model")
+    for run in family_runs:
+        for record in run.values():
+            assert 1.0 <= record["moe/expert_load_max"] <= 2.0  # at most all tokens on 2 of 4 experts
+            assert 0.0 <= record["moe/expert_load_min"] <= 1.0
+            assert "moe/load_balancing_loss" not in record  # coefficient 0: not computed
+    single, parallel = family_runs
+    for step in single:  # the same tokens routed the same way, counted on one rank or two
+        assert parallel[step]["moe/expert_load_max"] == pytest.approx(single[step]["moe/expert_load_max"], rel=1e-9)
