@@ -49,6 +49,7 @@ def _smollm2_scenario(rank, world_size, run_dir):
     overrides = {
         "model.name_or_path": "smollm2-135m-instruct", "algorithm.name": "grpo", "algorithm.group_size": 2,
         "rollout.engine": "vllm", "rollout.max_new_tokens": 6, "rollout.max_seq_len": 256,
+        "rollout.temperature": 0.7,  # engine and trainer both score the tempered distribution
         "rollout.check_weight_sync_every": 1, "data.prompts_per_step": 2, "data.num_generated_train": 8,
         "data.num_generated_val": 2, "training.ppo_mini_batch_size": 2, "optimizer.lr": 3e-4,
         "parallel.micro_batch_tokens": 512, "logging.run_dir": run_dir, "logging.tensorboard": False,
@@ -67,6 +68,11 @@ def _smollm2_scenario(rank, world_size, run_dir):
     out["step"] = {k: v for k, v in run_step(run, 0, PromptStream(train_records, 2, 7).batch(0)).items()
                    if not k.startswith("_")}
     out["after"] = both()
+    tempered = SamplingParams(temperature=0.7, max_new_tokens=8, seed=1, stop_token_ids=())
+    sample = engine.generate([sequence[:12]], tempered)[0]
+    trainer = [actor.score_sequences([sequence[:12] + sample.token_ids], temperature=t)[0][-len(sample.token_ids):]
+               for t in (0.7, 1.0)]
+    out["tempered"] = (sample.logprobs, trainer[0].tolist(), trainer[1].tolist())
     greedy = SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=())
     reference = engine.generate([sequence[:12]], greedy)[0].token_ids
     norm = dict(engine.read_weights())["model.norm.weight"]
@@ -115,6 +121,15 @@ def test_the_step_logs_sync_and_mismatch_figures(smollm2):
     assert step["sync/gb_per_s"] > 0 and step["sync/probe_logprob_diff"] < TOLERANCE
     assert 0 <= step["rollout/logprob_abs_diff"] < TOLERANCE and abs(step["rollout/engine_kl"]) < TOLERANCE
     assert smollm2["first_sync"]["sync/probe_logprob_diff"] < TOLERANCE
+
+
+def test_sampled_logprobs_at_temperature_equal_the_trainers(smollm2):
+    """Sampled at T = 0.7, vLLM reports log_softmax(logits / T) of its tokens (logprobs_mode
+    processed_logprobs), which the trainer's Megatron forward at T gives too, not the T = 1 ones."""
+    engine, trainer, untempered = smollm2["tempered"]
+    assert len(engine) == 8
+    assert _max_diff((engine, trainer)) < TOLERANCE, _max_diff((engine, trainer))
+    assert _max_diff((engine, untempered)) > 20 * TOLERANCE
 
 
 def test_a_bad_sync_raises_and_vllm_keeps_its_weights(smollm2):
