@@ -180,6 +180,18 @@ class TeacherConfig:
     """Steps between hard copies (RLSD paper: 10)."""
     include_think_trace: bool = False
     """Keep the sibling solution's <think> trace in the teacher context (context ablation)."""
+    feedback_only_without_solution: bool = True
+    """Put the environment feedback z in the teacher context only when no sibling solution is
+    there (SDPO's default: lasgroup/SDPO verl/trainer/config/actor/actor.yaml,
+    ``environment_feedback_only_without_solution: True``). false = both, as CREDIT's appendix A.1
+    shows them. A sample with neither a sibling solution nor feedback (e.g. a correct answer whose
+    environment gives no feedback on success, and no other correct sibling) is left out of the
+    distillation loss, and its teacher and contrastive forwards are skipped."""
+    template: Literal["credit", "sdpo"] = "credit"
+    """Wording of the teacher context (sdpo, credit, opsd, credit_rlsd): 'credit' = CREDIT's
+    appendix A.1 ("Correct solution:", z, a re-solve instruction); 'sdpo' = the public SDPO
+    code's (lasgroup/SDPO actor.yaml ``reprompt_template`` / ``solution_template`` /
+    ``feedback_template``). data/templates.py has both."""
 
 
 @dataclass
@@ -230,7 +242,14 @@ class RolloutConfig:
     (verified on CPU with SGLang 0.5.23's CPU engine). CUDA builds: unverified. See
     docs/engines.md."""
     temperature: float = 1.0
-    """Sampling temperature (Table 3: 1.0)."""
+    """Sampling temperature (Table 3: 1.0). Every trainer pass (old policy, training, teacher,
+    contrastive) scores softmax(logits / temperature), the distribution that was sampled, as verl
+    and the public SDPO code do (verl dp_actor.py ``_forward_micro_batch``: logits.div_(temperature)),
+    and every engine returns its sampled-token log-probs at it. Validation sampling has its own."""
+    score_at_temperature: bool = True
+    """false = the trainer scores at temperature 1 whatever the sampling temperature (megacredit's
+    behaviour before issue 19; kept for the ablation in docs/results.md). The engines' returned
+    log-probs stay tempered, so rollout/ mismatch figures then show the difference."""
     top_p: float = 1.0
     """Nucleus sampling (Table 3: 1.0 = off)."""
     top_k: int = -1
@@ -403,6 +422,10 @@ class LoggingConfig:
     Slurm logs); 'rich' / 'plain' force one; 'off' = none."""
     progress_interval_s: float = 30.0
     """Plain progress lines: at most one per running task every this many seconds (0 = every update)."""
+    teacher_diagnostic_samples: int = 8
+    """Samples per step whose teacher's and student's probability of the correct answer is
+    measured (megacredit/trainer/teacher_diagnostic.py: two short extra forwards; only where the
+    environment can locate the answer); 0 = off."""
     token_credit_samples: int = 4
     """Samples per step whose per-token credit goes to <run_dir>/token_credit.jsonl; 0 = off."""
 

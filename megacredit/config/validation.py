@@ -370,6 +370,8 @@ def _check_validation_logging_checkpoint(cfg: MegacreditConfig) -> None:
     _require(0.0 < val.confidence < 1.0, "validation.confidence", val.confidence,
              "must lie in (0, 1), e.g. 0.95")
     _require(bool(log.run_dir.strip()), "logging.run_dir", log.run_dir, "must not be empty")
+    _require(log.teacher_diagnostic_samples >= 0, "logging.teacher_diagnostic_samples",
+             log.teacher_diagnostic_samples, "must be >= 0 (0 = off)")
     _require(log.token_credit_samples >= 0, "logging.token_credit_samples",
              log.token_credit_samples, "must be >= 0 (0 = off)")
     _require(log.progress_interval_s >= 0, "logging.progress_interval_s", log.progress_interval_s,

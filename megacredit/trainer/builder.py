@@ -160,6 +160,7 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
     settings = ActorSettings(
         objective=objective_settings(cfg), top_k=algorithm.sdpo.top_k, topk_source=algorithm.sdpo.topk_source,
         token_budget=cfg.parallel.micro_batch_tokens, pad_token_id=source.tokenizer.pad_token_id or 0,
+        temperature=cfg.rollout.temperature if cfg.rollout.score_at_temperature else 1.0,
     )
     return MegatronActor(chunks, optimizer, teacher, ctx, settings, progress)
 
