@@ -17,8 +17,9 @@ layer, tokens travel by Megatron's all-to-all dispatcher over gloo). The load-ba
 off here (``model.moe_aux_loss_coeff=0``): Megatron computes it per micro-batch, and DP=2 trains
 on other micro-batches than one process, so with it the gradients would differ by design
 (tests/distributed/test_moe.py checks the loss itself). The router statistics are logged.
-TP=2 x EP=2 training needs sequence parallelism on CPU (not in this branch: config validation
-refuses it); its forward is compared in tests/distributed/test_moe.py.
+Second layout: TP=2 x EP=2 with sequence parallelism (Megatron's MoE layer trains at TP > 1 only
+with it), on the same 2 ranks (DP=1). Its packed rows are padded to a multiple of TP, and the
+padding tokens are routed too, so its expert loads are not compared with one process's.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.distributed]
 TOLERANCE = 1e-4
 FAMILIES = {
     "olmo3": ({"model.tiny.architecture": "olmo3", "model.tiny.num_hidden_layers": 4},
-              {"parallel.tensor_model_parallel_size": 2}),
+              {"tp2": {"parallel.tensor_model_parallel_size": 2}}),
     "qwen3_moe": ({"model.tiny.architecture": "qwen3_moe", "model.moe_aux_loss_coeff": 0.0},
-                  {"parallel.expert_model_parallel_size": 2}),
+                  {"ep2": {"parallel.expert_model_parallel_size": 2},
+                   "tp2_ep2_sp": {"parallel.tensor_model_parallel_size": 2, "parallel.expert_model_parallel_size": 2,
+                                  "parallel.sequence_parallel": True}}),
 }
+"""family -> (its tiny model, {layout name: the 2-process layout})."""
 
 
 def _overrides(root, family: str, layout: dict) -> list[str]:
@@ -52,37 +56,41 @@ def family_runs(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(family)
     (single,) = run_distributed(train_runs, world_size=1, runs=[("single", _overrides(root / "single", family, {}))])
+    layouts = FAMILIES[family][1]
     parallel = run_distributed(train_runs, world_size=2,
-                               runs=[("parallel", _overrides(root / "parallel", family, FAMILIES[family][1]))])[0]
-    return single["single"], parallel["parallel"]
+                               runs=[(name, _overrides(root / name, family, layout)) for name, layout in layouts.items()])[0]
+    return single["single"], parallel
 
 
 def test_credit_steps_equal_the_single_process(family_runs):
     single, parallel = family_runs
-    assert sorted(single) == sorted(parallel) == [1, 2]
-    for step, reference in single.items():
-        got = parallel[step]
-        assert got["rollout/reward_mean"] == reference["rollout/reward_mean"], f"step {step}: different rollouts"
-        assert math.isfinite(reference["train/loss"]) and reference["train/grad_norm"] > 0
-        assert "teacher/s_t" in reference  # CREDIT's contrastive pass ran
-        for name in ("train/loss", "train/grad_norm"):
-            assert got[name] == pytest.approx(reference[name], abs=TOLERANCE, rel=TOLERANCE), f"step {step} {name}"
+    for layout, run in parallel.items():
+        assert sorted(single) == sorted(run) == [1, 2], layout
+        for step, reference in single.items():
+            got = run[step]
+            assert got["rollout/reward_mean"] == reference["rollout/reward_mean"], f"{layout} step {step}: rollouts"
+            assert math.isfinite(reference["train/loss"]) and reference["train/grad_norm"] > 0
+            assert "teacher/s_t" in reference  # CREDIT's contrastive pass ran
+            for name in ("train/loss", "train/grad_norm"):
+                assert got[name] == pytest.approx(reference[name], abs=TOLERANCE, rel=TOLERANCE), \
+                    f"{layout} step {step} {name}"
 
 
 def test_the_embedded_engine_gets_the_trainers_log_probs(family_runs):
-    for run in family_runs:
+    single, parallel = family_runs
+    for layout, run in {"single": single, **parallel}.items():
         for step, record in run.items():
-            assert record["sync/probe_logprob_diff"] < 1e-4, f"step {step}: {record['sync/probe_logprob_diff']}"
+            assert record["sync/probe_logprob_diff"] < 1e-4, f"{layout} step {step}: {record['sync/probe_logprob_diff']}"
 
 
 def test_moe_runs_log_the_router_statistics(family_runs, request):
     if request.node.callspec.params["family_runs"] != "qwen3_moe":
         pytest.skip("a dense model")
-    for run in family_runs:
+    single, parallel = family_runs
+    for run in (single, *parallel.values()):
         for record in run.values():
             assert 1.0 <= record["moe/expert_load_max"] <= 2.0  # at most all tokens on 2 of 4 experts
             assert 0.0 <= record["moe/expert_load_min"] <= 1.0
             assert "moe/load_balancing_loss" not in record  # coefficient 0: not computed
-    single, parallel = family_runs
-    for step in single:  # the same tokens routed the same way, counted on one rank or two
-        assert parallel[step]["moe/expert_load_max"] == pytest.approx(single[step]["moe/expert_load_max"], rel=1e-9)
+    for step in single:  # the same tokens routed the same way, counted on one rank or two (no padding at EP=2)
+        assert parallel["ep2"][step]["moe/expert_load_max"] == pytest.approx(single[step]["moe/expert_load_max"], rel=1e-9)

@@ -101,21 +101,12 @@ def test_a_short_colocated_training_run_logs_sync_and_mismatch(tmp_path):
     assert any("val/avg_at_k" in r for r in records)  # validation generated with vLLM too
 
 
-def _train_family(rank, world_size, run_dir, architecture):
-    from megacredit.config import load_config
-    from megacredit.trainer.loop import train
-
-    overrides = tiny_overrides("credit", Path(run_dir), steps=2, **TINY_VLLM, **{
+@pytest.mark.parametrize("architecture", ["olmo3", "qwen3_moe"])
+def test_exported_weights_give_vllm_the_trainers_log_probs(architecture, tmp_path):
+    overrides = tiny_overrides("credit", tmp_path, steps=2, **TINY_VLLM, **{
         "model.tiny.architecture": architecture, "model.tiny.num_hidden_layers": 4,
         "rollout.engine": "vllm", "rollout.check_weight_sync_every": 1})
-    train(load_config(None, overrides))
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.mark.parametrize("architecture", ["olmo3"])
-def test_exported_weights_give_vllm_the_trainers_log_probs(architecture, tmp_path):
-    records = run_distributed(_train_family, world_size=1, timeout=900, run_dir=str(tmp_path),
-                              architecture=architecture)[0]
+    records = run_distributed(train_and_read_records, world_size=1, timeout=900, overrides=overrides)[0]
     steps = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for record in steps:
