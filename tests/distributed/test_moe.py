@@ -12,8 +12,9 @@ Layouts on 2 gloo processes: TP=1 (DP=2, every expert on both ranks), EP=2 (expe
 (attention split over TP, experts over EP on the same two ranks). Checks:
 - logits (full vocabulary) equal HF's within 1e-4 (fp32; the expert outputs are summed in
   another order);
-- export(load(hf)) == the HF checkpoint's tensors (per-expert names) bitwise, on rank 0 and with
-  ``receivers="all"`` on both ranks: the export gathers the experts held by other EP ranks;
+- export(load(hf)) == the HF checkpoint's tensors (per-expert names) bitwise, on rank 0 (the
+  default and ``receivers="stage"``) and with ``receivers="all"`` on both ranks: the export
+  gathers the experts held by other EP ranks;
 - in a training forward (TP=1 and EP=2; Megatron refuses MoE training at TP>1 without sequence
   parallelism), Megatron's load-balancing loss and the router's expert loads, as
   megacredit/megatron/moe.py logs them, equal an independent computation from transformers'
@@ -79,6 +80,7 @@ def _run_layouts(rank, world_size, hf_dir):
             logits=pipeline_forward_logits([model], _input_ids()),
             buckets=list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES)),
             everywhere=list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES, receivers="all")),
+            stage=list(iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES, receivers="stage")),
             local_experts=local_experts, ep=(ctx.ep_size, ctx.ep_rank),
             router=_router_metrics(model, ctx) if layout in TRAINING_LAYOUTS else None,
         )
@@ -142,6 +144,9 @@ def test_export_of_load_is_bitwise_identical(moe_run, layout):
     for name, tensor in exported:
         assert torch.equal(tensor, expected[name]), name
     assert per_rank[1][layout]["buckets"] == []
+    # "stage" (remote engines: each stage's first TP / DP rank sends): rank 0 holds everything.
+    assert [n for b in per_rank[0][layout]["stage"] for n, _ in b] == names and per_rank[1][layout]["stage"] == []
+    assert all(torch.equal(t, expected[n]) for b in per_rank[0][layout]["stage"] for n, t in b)
     for rank in (0, 1):
         again = [pair for bucket in per_rank[rank][layout]["everywhere"] for pair in bucket]
         assert [n for n, _ in again] == names

@@ -155,6 +155,17 @@ def test_olmo3_round_trip_through_a_tp2_checkpoint(tmp_path):
 
 
 @pytest.mark.distributed
+def test_qwen3_moe_round_trip_through_a_tp2_checkpoint(tmp_path):
+    """A Qwen3-MoE's router and experts (per-expert checkpoint names; every expert whole on each
+    rank: the tool lays out TP x PP with EP 1) survive a TP=2 checkpoint read back at PP=2."""
+    from megacredit.models.tiny import tiny_config
+
+    root = _convert_to_tp2(tmp_path, tiny_config("qwen3_moe", vocab_size=101, num_hidden_layers=2))
+    assert json.loads((root / "mcore" / "megacredit_convert.json").read_text())["model_type"] == "qwen3_moe"
+    _assert_round_trip(root, "--pp", "2")
+
+
+@pytest.mark.distributed
 def test_checkpoint_config_mismatch_is_one_line(converted, capsys):
     other = converted / "other_config"
     _tiny_llama_config(intermediate_size=96).save_pretrained(other)
