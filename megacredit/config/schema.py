@@ -96,6 +96,22 @@ class ParallelConfig:
     """Megatron sequence parallelism (needs TP > 1)."""
     micro_batch_tokens: int = 32768
     """Token budget of one packed micro-batch (sequences are packed up to this many tokens)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute in training passes (Megatron-Core's ``recompute_granularity``):
+    none = keep every activation for the backward; selective = rerun the submodules of
+    ``recompute_modules`` in the backward; full = keep only the input of each unit of
+    ``recompute_num_layers`` layers and rerun the unit's forward in the backward. Forward-only
+    passes (old-policy, teacher, contrastive) keep no activations either way."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """full only (Megatron's ``recompute_method``): uniform = every layer of a pipeline stage,
+    in units of ``recompute_num_layers``; block = the first ``recompute_num_layers`` layers of
+    each stage, the others keep their activations."""
+    recompute_num_layers: int = 1
+    """full only: layers per recomputed unit (uniform: must divide the layers of a pipeline
+    stage) or recomputed layers per stage (block)."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """selective only (Megatron's ``recompute_modules``): core_attn (the attention itself)
+    and/or mlp (the dense SwiGLU MLP)."""
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` processes (raises ConfigError if TP*PP does not divide)."""
@@ -304,7 +320,7 @@ class DataConfig:
 # ------------------------------------------------------------------- optimisation
 @dataclass
 class OptimizerConfig:
-    """Adam(W) on the Megatron distributed optimizer."""
+    """Adam(W) through Megatron-Core's optimizer (optionally its distributed one)."""
 
     lr: float = 1e-6
     """Learning rate (Table 3: 1e-6)."""
@@ -318,6 +334,11 @@ class OptimizerConfig:
     """Global gradient-norm clip; 0 disables."""
     warmup_steps: int = 0
     """Linear LR warmup steps (Table 3: 0 code, 10 science/tool)."""
+    use_distributed_optimizer: bool = False
+    """Shard Adam's fp32 main weights and moments (12 bytes per parameter) over the
+    data-parallel ranks: Megatron-Core's distributed optimizer (ZeRO-1). Gradients are
+    reduce-scattered and the updated weights all-gathered after every step; checkpoints save
+    and resume it (reshardable)."""
 
 
 @dataclass
