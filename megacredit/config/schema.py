@@ -193,6 +193,10 @@ class TeacherConfig:
     """Steps between hard copies (RLSD paper: 10)."""
     include_think_trace: bool = False
     """Keep the sibling solution's <think> trace in the teacher context (context ablation)."""
+    offload_to_host: bool = False
+    """Keep the teacher's fp32 copy in host memory (pinned) instead of on the GPU: the teacher
+    passes copy it into the policy's modules from there and each EMA update moves it through
+    the GPU (benchmarks/README.md gives the cost). On a CPU host and device are one memory."""
 
 
 @dataclass

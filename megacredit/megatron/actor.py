@@ -183,7 +183,7 @@ class MegatronActor:
         instead of scoring a set that is not known yet; only sampled-token log-probs are final."""
         weight = self.head.weight().detach()
         if self.teacher is not None:
-            weight = self.teacher.tensor_of(self.model_chunks, self.head.weight()).to(weight.dtype)
+            weight = self.teacher.tensor_of(self.model_chunks, self.head.weight()).to(weight.device, weight.dtype)
 
         def collect(hidden: torch.Tensor, micro_batch: PackedMicroBatch) -> dict:
             sampled = split_per_sequence(

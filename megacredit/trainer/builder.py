@@ -158,7 +158,8 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
     algorithm = cfg.algorithm
     teacher = None
     if METHODS[algorithm.name].teacher_pass:
-        teacher = TeacherWeights(chunks, algorithm.teacher.kind, algorithm.teacher.ema_rate, algorithm.teacher.sync_every)
+        teacher = TeacherWeights(chunks, algorithm.teacher.kind, algorithm.teacher.ema_rate, algorithm.teacher.sync_every,
+                                 on_host=algorithm.teacher.offload_to_host)
     settings = ActorSettings(
         objective=objective_settings(cfg), top_k=algorithm.sdpo.top_k, topk_source=algorithm.sdpo.topk_source,
         token_budget=cfg.parallel.micro_batch_tokens, pad_token_id=source.tokenizer.pad_token_id or 0,
