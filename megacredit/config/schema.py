@@ -273,6 +273,13 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     """Colocated vllm/sglang engines: fraction of device memory the engine may take (the
     rest is the trainer's)."""
+    offload_trainer_during_rollout: bool = False
+    """Release the trainer's device memory while a colocated engine generates (rollouts and
+    validation): parameters, optimizer state and the EMA teacher are copied off the device
+    (pinned host memory on a GPU, a temporary file on a CPU) and their storage freed, gradient
+    buffers are freed (they are zeroed before every accumulation anyway); all come back
+    before the next pass. The gradients, optimizer state and teacher are already released for
+    the weight sync, which reads only the parameters. docs/launching.md counts what it frees."""
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the engine constructor (vllm.LLM / sglang.Engine), e.g.
     ``{max_model_len: 4096, enforce_eager: true}``."""

@@ -363,6 +363,9 @@ def _check_engine_placement(cfg: MegacreditConfig) -> None:
              ro.engine_tensor_parallel_size, "must be >= 1")
     _require(0.0 < ro.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization",
              ro.gpu_memory_utilization, "must lie in (0, 1]")
+    _require(not (remote and ro.offload_trainer_during_rollout), "rollout.offload_trainer_during_rollout",
+             ro.offload_trainer_during_rollout,
+             "frees the trainer's memory for a colocated engine; remote engines have their own devices: set it false")
     _require(ro.sync_bucket_mb >= 1, "rollout.sync_bucket_mb", ro.sync_bucket_mb, "must be >= 1")
     _require(ro.check_weight_sync_every >= 0, "rollout.check_weight_sync_every",
              ro.check_weight_sync_every, "must be >= 0 (0 = never check)")

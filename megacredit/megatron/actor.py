@@ -23,6 +23,7 @@ from megacredit.megatron.optimizer import optimizer_step, zero_grads
 from megacredit.algorithms.topk_fused import TopKLogprobs
 from megacredit.megatron.rl_passes import VocabHead, run_packed_schedule
 from megacredit.megatron.teacher import TeacherWeights
+from megacredit.megatron.trainer_memory import TrainerMemory
 from megacredit.algorithms.methods import METHODS, loss_mask_denominator, micro_batch_loss
 from megacredit.algorithms.objective import MicroBatchInputs, ObjectiveSettings, pad_per_sample, response_mask
 from megacredit.data.packing import PackedMicroBatch, SequenceToPack, pack_sequences, split_per_sequence
@@ -104,6 +105,7 @@ class MegatronActor:
         self.ctx, self.settings = ctx, settings
         self.progress = progress or ProgressReporter()  # shows each pass's micro-batches
         self.head = VocabHead(model_chunks, settings.chunk_size)
+        self.memory = TrainerMemory(model_chunks, optimizer, teacher)  # released while an engine generates
 
     # ----------------------------------------------------------------------------- helpers
     def owned(self, indices: Sequence[int]) -> list[int]:

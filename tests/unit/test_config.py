@@ -131,6 +131,8 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
      r"at most the 30 layers"),
     (["parallel.recompute=selective", "parallel.recompute_modules=[core_atn]"], r"Did you mean 'core_attn'"),
     (["parallel.recompute=selective", "parallel.recompute_modules=[layernorm]"], r"recompute_modules.*'layernorm'"),
+    (["rollout.engine=vllm", "rollout.placement=remote", "rollout.urls=[http://h:8000]",
+      "rollout.offload_trainer_during_rollout=true"], r"'rollout\.offload_trainer_during_rollout'.*colocated"),
 ])
 def test_incompatible_or_out_of_range_values_are_rejected(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
