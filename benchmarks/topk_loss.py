@@ -46,19 +46,6 @@ TOLERANCE = {"logprobs": 1e-4, "grad": 1e-4}
 """Max abs difference of log-probs; of gradients relative to the naive gradient's max abs."""
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    """Reset VmHWM to the current RSS; return the current RSS in bytes."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_bytes("VmRSS")
-
-
 def _inputs(tokens: int, top_k: int, tp: int, rank: int):
     import torch
 
@@ -106,14 +93,14 @@ def _run_path(path_fn, inputs, top_k, group, vocab_start, measure_memory: bool) 
 
     hidden, weight, gather_ids, sampled_ids, coefficients = inputs
     hidden, weight = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    before = _reset_peak() if measure_memory else 0
+    before = _common.reset_peak_rss() if measure_memory else 0
     start = time.perf_counter()
     ids, topk_logp, gathered, sampled = path_fn(hidden, weight, gather_ids, sampled_ids, top_k, group, vocab_start)
     forward_seconds = time.perf_counter() - start
-    forward_extra = _status_bytes("VmHWM") - before if measure_memory else 0
+    forward_extra = _common.status_bytes("VmHWM") - before if measure_memory else 0
     loss = ((coefficients[0] * topk_logp).sum() + (coefficients[1] * gathered).sum()
             + (coefficients[2, :, 0] * sampled).sum())
-    before = _reset_peak() if measure_memory else 0
+    before = _common.reset_peak_rss() if measure_memory else 0
     start = time.perf_counter()
     loss.backward()
     if path_fn is _naive and group is not None:
@@ -121,7 +108,7 @@ def _run_path(path_fn, inputs, top_k, group, vocab_start, measure_memory: bool) 
         # unchunked code gets that from Megatron's copy_to_tensor_model_parallel_region.
         torch.distributed.all_reduce(hidden.grad, group=group)
     backward_seconds = time.perf_counter() - start
-    backward_extra = _status_bytes("VmHWM") - before if measure_memory else 0
+    backward_extra = _common.status_bytes("VmHWM") - before if measure_memory else 0
     return {"outputs": [t.detach() for t in (ids, topk_logp, gathered, sampled)],
             "grads": [hidden.grad, weight.grad], "seconds": forward_seconds + backward_seconds,
             "forward_seconds": forward_seconds, "backward_seconds": backward_seconds,
