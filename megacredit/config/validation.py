@@ -172,6 +172,11 @@ def _check_parallel_and_model(cfg: MegacreditConfig) -> None:
     _require(not par.sequence_parallel or par.tensor_model_parallel_size > 1,
              "parallel.sequence_parallel", par.sequence_parallel,
              "sequence parallelism needs parallel.tensor_model_parallel_size > 1")
+    tp = par.tensor_model_parallel_size
+    _require(not (par.sequence_parallel and par.pipeline_model_parallel_size > 1) or par.micro_batch_tokens % tp == 0,
+             "parallel.micro_batch_tokens", par.micro_batch_tokens,
+             f"with sequence and pipeline parallelism every packed row is padded to this budget and split into "
+             f"TP={tp} equal sequence shards: use a multiple of {tp}")
     _require(par.micro_batch_tokens >= cfg.rollout.max_seq_len, "parallel.micro_batch_tokens",
              par.micro_batch_tokens,
              f"must be >= rollout.max_seq_len ({cfg.rollout.max_seq_len}) so a full-length "
@@ -407,6 +412,8 @@ def _check_validation_logging_checkpoint(cfg: MegacreditConfig) -> None:
     _require(0.0 < val.confidence < 1.0, "validation.confidence", val.confidence,
              "must lie in (0, 1), e.g. 0.95")
     _require(bool(log.run_dir.strip()), "logging.run_dir", log.run_dir, "must not be empty")
+    _require(log.teacher_diagnostic_samples >= 0, "logging.teacher_diagnostic_samples",
+             log.teacher_diagnostic_samples, "must be >= 0 (0 = off)")
     _require(log.token_credit_samples >= 0, "logging.token_credit_samples",
              log.token_credit_samples, "must be >= 0 (0 = off)")
     _require(log.progress_interval_s >= 0, "logging.progress_interval_s", log.progress_interval_s,

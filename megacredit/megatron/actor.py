@@ -21,7 +21,7 @@ from megacredit.data.teacher_context import SampleSequences
 from megacredit.megatron.distributed import ParallelContext
 from megacredit.megatron.optimizer import optimizer_step, zero_grads
 from megacredit.algorithms.topk_fused import TopKLogprobs
-from megacredit.megatron.rl_passes import VocabHead, run_packed_schedule
+from megacredit.megatron.rl_passes import VocabHead, row_length_multiple, run_packed_schedule
 from megacredit.megatron.teacher import TeacherWeights
 from megacredit.megatron.trainer_memory import TrainerMemory
 from megacredit.algorithms.methods import METHODS, loss_mask_denominator, micro_batch_loss
@@ -46,6 +46,9 @@ class ActorSettings:
     """Response positions per chunk of the vocab-parallel top-K computation."""
     pad_token_id: int = 0
     """Token used for the packed row's tail padding."""
+    temperature: float = 1.0
+    """Every pass scores softmax(logits / temperature): the rollout temperature, so the policy
+    optimised is the one sampled (verl's dp_actor.py ``_forward_micro_batch``)."""
 
 
 @dataclass
@@ -104,7 +107,7 @@ class MegatronActor:
         self.model_chunks, self.optimizer, self.teacher = model_chunks, optimizer, teacher
         self.ctx, self.settings = ctx, settings
         self.progress = progress or ProgressReporter()  # shows each pass's micro-batches
-        self.head = VocabHead(model_chunks, settings.chunk_size)
+        self.head = VocabHead(model_chunks, settings.chunk_size, temperature=settings.temperature)
         self.memory = TrainerMemory(model_chunks, optimizer, teacher)  # released while an engine generates
 
     # ----------------------------------------------------------------------------- helpers
@@ -114,8 +117,8 @@ class MegatronActor:
 
     def _pack(self, groups: list[list[SequenceToPack]]) -> list[PackedMicroBatch]:
         budget = self.settings.token_budget
-        pad = budget if self.ctx.pp_size > 1 else 1  # stages exchange fixed-shape activations
-        return pack_sequences(groups, budget, pad_to_multiple=pad, pad_token_id=self.settings.pad_token_id)
+        return pack_sequences(groups, budget, pad_to_multiple=row_length_multiple(self.model_chunks, budget),
+                              pad_token_id=self.settings.pad_token_id)
 
     def _forward_only(self, groups: list[list[SequenceToPack]], callback, description: str = "pass") -> dict:
         for chunk in self.model_chunks:
@@ -137,22 +140,32 @@ class MegatronActor:
 
         return self._forward_only(groups, collect, "old-policy pass")
 
-    def score_sequences(self, sequences: Sequence[Sequence[int]]) -> dict[int, torch.Tensor]:
-        """log pi(s[t] | s[:t]), t >= 1, of each sequence with the current weights: the trainer's
-        side of the weight-sync probe. Results on the last pipeline stage ({} elsewhere)."""
+    def score_sequences(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0,
+                        teacher: bool = False) -> dict[int, torch.Tensor]:
+        """log pi(s[t] | s[:t]), t >= 1, of each sequence at ``temperature`` with the current
+        weights (``teacher``: the self-teacher's, swapped in): the trainer's side of the weight-sync
+        probe (temperature 1), and the teacher diagnostic. Results on the last pipeline stage."""
         groups = [[_sequence(("p", i), ids, len(ids) - 1)] for i, ids in enumerate(sequences)]
 
         def collect(hidden: torch.Tensor, micro_batch: PackedMicroBatch) -> dict:
-            out = self.head(hidden, sampled_ids=micro_batch.target_ids.to(hidden.device))
+            out = self.head(hidden, sampled_ids=micro_batch.target_ids.to(hidden.device), temperature=temperature)
             sampled = split_per_sequence(out.sampled_logprobs, micro_batch)
             return {key[1]: sampled[key] for key in micro_batch.keys}
 
-        return self._forward_only(groups, collect)
+        if not teacher or self.teacher is None:
+            return self._forward_only(groups, collect)
+        with self.teacher.swapped_in(self.model_chunks):
+            return self._forward_only(groups, collect)
 
     def teacher_pass(self, samples: dict[int, SampleSequences], student: dict[int, StudentResult] | None = None,
-                     old_policy_from_training: bool = False) -> dict[int, TeacherResult]:
+                     old_policy_from_training: bool = False,
+                     skip_without_signal: bool = False) -> dict[int, TeacherResult]:
         """Teacher and its C contrastive sequences of each sample, in one micro-batch, with the
         teacher weights swapped into the policy's modules (restored bit-exactly afterwards).
+
+        ``skip_without_signal``: samples whose context has no teacher signal (the methods that
+        leave them out of the loss) are not run; they get zero placeholders of the right shapes,
+        which the loss masks (sdpo.validity_mask) and the diagnostics ignore.
 
         With topk_source="student" the distillation set is the student's top-K. Without the
         old-policy pass (``old_policy_from_training``, see :meth:`train_mini_batch`) the teacher's
@@ -163,10 +176,11 @@ class MegatronActor:
         if use_student_set and student is None and not old_policy_from_training:
             raise ValueError("topk_source='student' needs the old-policy pass results "
                              "(or old_policy_from_training=True)")
+        skipped = {i: s for i, s in samples.items() if skip_without_signal and not s.has_teacher_signal}
         groups = [
             [_sequence(("t", i), s.teacher_ids, s.response_length)]
             + [_sequence(("c", i, k), ids, s.response_length) for k, ids in enumerate(s.contrastive_ids)]
-            for i, s in samples.items()
+            for i, s in samples.items() if i not in skipped
         ]
         if use_student_set and old_policy_from_training:
             collect = self._deferred_collector()
@@ -176,9 +190,23 @@ class MegatronActor:
 
         description = "teacher+contrastive pass" if any(len(g) > 1 for g in groups) else "teacher pass"
         if self.teacher is None:
-            return self._forward_only(groups, collect, description)
-        with self.teacher.swapped_in(self.model_chunks):
-            return self._forward_only(groups, collect, description)
+            results = self._forward_only(groups, collect, description)
+        else:
+            with self.teacher.swapped_in(self.model_chunks):
+                results = self._forward_only(groups, collect, description)
+        if self.ctx.is_last_stage:  # where pass results live
+            results.update({i: self._placeholder_teacher_result(s) for i, s in skipped.items()})
+        return results
+
+    def _placeholder_teacher_result(self, sample: SampleSequences) -> TeacherResult:
+        """Zeros shaped like a sample's teacher results, for a sample whose passes were skipped."""
+        device = next(self.model_chunks[-1].parameters()).device
+        length, k, count = sample.response_length, self.settings.top_k, len(sample.contrastive_ids)
+        return TeacherResult(
+            set_ids=torch.zeros(length, k, dtype=torch.long, device=device),
+            topk_logp=torch.zeros(length, k, device=device), sampled_logp=torch.zeros(length, device=device),
+            contrastive_topk_logp=torch.zeros(count, length, k, device=device),
+            contrastive_sampled_logp=torch.zeros(count, length, device=device))
 
     def _deferred_collector(self):
         """Teacher-pass callback that keeps hidden states (and the teacher's output-layer shard)
@@ -207,8 +235,13 @@ class MegatronActor:
     def _score_deferred_sets(self, indices: Sequence[int], teacher: dict[int, TeacherResult],
                              set_ids: torch.Tensor) -> None:
         """Fill the deferred teacher results of ``indices`` with their log-probs on ``set_ids``
-        [N, K] (the student's top-K of the training forward, rows in the order of ``indices``)."""
-        per_sample = torch.split(set_ids, [len(teacher[i].sampled_logp) for i in indices])
+        [N, K] (the student's top-K of the training forward, rows in the order of ``indices``);
+        placeholders of skipped samples (no hidden states kept) are left as they are."""
+        all_sets = torch.split(set_ids, [len(teacher[i].sampled_logp) for i in indices])
+        deferred = [(i, ids) for i, ids in zip(indices, all_sets) if teacher[i].hidden is not None]
+        if not deferred:
+            return
+        indices, per_sample = [i for i, _ in deferred], [ids for _, ids in deferred]
         rows = [teacher[i].hidden for i in indices] + [c for i in indices for c in teacher[i].contrastive_hidden]
         ids = list(per_sample) + [per_sample[j] for j, i in enumerate(indices)
                                   for _ in range(teacher[i].contrastive_hidden.shape[0])]

@@ -4,9 +4,10 @@ Supported families (``hf_config.model_type``): llama, mistral (without sliding w
 (q/k/v biases) and qwen3 (QK-norm, explicit head_dim). All share GQA, RoPE (HF's rotate-half
 convention, i.e. Megatron's ``rotary_interleaved=False``), SwiGLU and RMSNorm.
 
-Layer spec: Transformer Engine's when ``transformer_engine.pytorch`` imports (GPU machines), the
-Megatron-Core local spec otherwise (CPU, the only path run here; the TE path is unverified on
-this machine).
+Layer spec (``model.transformer_engine``): auto = Transformer Engine's when
+``transformer_engine.pytorch`` imports (GPU machines), the Megatron-Core local spec otherwise (CPU,
+the only path run here; the TE path is unverified on this machine); on = TE's or a one-line error;
+off = the local spec. :func:`choose_layer_spec` says which and why (shown at start-up).
 
 Vocabulary padding follows Megatron-LM (``megatron/training/vocab_utils.py::
 calculate_padded_vocab_size``; ``--make-vocab-size-divisible-by`` defaults to 128 in
@@ -19,16 +20,18 @@ them: ids >= ``megacredit_vocab_size`` get -inf).
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from megacredit.megatron import cpu_compat
 from megacredit.megatron.distributed import ParallelContext, current_context
-from megacredit.utils.errors import SetupError
+from megacredit.utils.errors import SetupError, one_line
 
+logger = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 
@@ -223,22 +226,54 @@ def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: in
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def transformer_engine_available() -> bool:
-    """True when Transformer Engine's PyTorch extension imports (never on a CPU machine)."""
+def transformer_engine_problem() -> str | None:
+    """Why Transformer Engine's PyTorch extension does not import (one line), None when it does."""
     try:
         import transformer_engine.pytorch  # noqa: F401, PLC0415
-    except Exception:  # noqa: BLE001 - TE raises RuntimeError/ImportError/OSError without CUDA
-        return False
-    return True
+    except Exception as error:  # noqa: BLE001 - TE raises RuntimeError/ImportError/OSError without CUDA
+        return one_line(error)
+    return None
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine's PyTorch extension imports (never on a CPU machine)."""
+    return transformer_engine_problem() is None
+
+
+class LayerSpecChoice(NamedTuple):
+    """Which layer spec ``model.transformer_engine`` gives on this machine, and why."""
+
+    transformer_engine: bool
+    reason: str
+
+    def __str__(self) -> str:
+        spec = "Transformer Engine" if self.transformer_engine else "Megatron-Core local"
+        return f"{spec} layer spec: {self.reason}"
+
+
+def choose_layer_spec(use_transformer_engine: bool | None) -> LayerSpecChoice:
+    """``model.transformer_engine`` auto (None) / on (True) / off (False) -> the spec; "on"
+    without a loadable Transformer Engine raises one line instead of falling back."""
+    if use_transformer_engine is False:
+        return LayerSpecChoice(False, "model.transformer_engine=off")
+    setting = "on" if use_transformer_engine else "auto"
+    problem = transformer_engine_problem()
+    if problem is None:
+        return LayerSpecChoice(True, f"model.transformer_engine={setting}, transformer_engine.pytorch imports")
+    if use_transformer_engine:
+        raise SetupError(f"model.transformer_engine=on but Transformer Engine cannot load ({problem}); install it "
+                         f"(an NGC PyTorch container has it) or set model.transformer_engine=auto or off")
+    return LayerSpecChoice(False, f"model.transformer_engine=auto, Transformer Engine cannot load ({problem})")
 
 
 def layer_spec_for(hf_config: Any, use_transformer_engine: bool | None = None):
-    """The transformer layer spec: TE's if available (or forced), else the local RMSNorm one."""
+    """The transformer layer spec of :func:`choose_layer_spec` (logged with its reason)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     qk_layernorm = hf_config.model_type == "qwen3"
-    use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
-    if use_te:
+    choice = choose_layer_spec(use_transformer_engine)
+    logger.info("%s", choice)
+    if choice.transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
 
@@ -278,9 +313,14 @@ def build_gpt_model(
         hf_config, tp=ctx.tp_size, pp=ctx.pp_size, dtype=dtype,
         sequence_parallel=sequence_parallel, **config_overrides,
     )
+    layer_spec = layer_spec_for(hf_config, use_transformer_engine)
+    if config.sequence_parallel:  # the local spec's torch norms refuse it as they are
+        from megacredit.megatron.sequence_parallel import with_sequence_parallel_norms
+
+        layer_spec = with_sequence_parallel_norms(layer_spec, config)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec_for(hf_config, use_transformer_engine),
+        transformer_layer_spec=layer_spec,
         vocab_size=padded_vocab_size(hf_config.vocab_size, ctx.tp_size, make_vocab_size_divisible_by),
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=ctx.is_first_stage if pre_process is None else pre_process,

@@ -4,7 +4,9 @@ On GPU, Transformer Engine's attention takes ``PackedSeqParams(qkv_format="thd")
 Megatron's local ``DotProductAttention`` refuses them, so on CPU this subclass accepts them and
 attends within each ``cu_seqlens`` block (block-diagonal causal attention). Megatron's attention
 module has already applied RoPE per sequence (positions restart at every ``cu_seqlens``
-boundary) and squeezed the batch dimension away.
+boundary) and squeezed the batch dimension away. With sequence parallelism too the whole row
+arrives here: the QKV projection all-gathers the sequence shards before its matmul
+(megacredit/megatron/sequence_parallel.py).
 
 How: the blocks are laid out as a padded batch [n_blocks, longest, heads, dim] with one
 ``index_select`` per tensor, attended with ``torch.nn.functional.scaled_dot_product_attention``

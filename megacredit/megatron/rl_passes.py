@@ -75,11 +75,14 @@ class VocabHead:
     """The output projection of the last stage, applied through the chunked top-K toolkit."""
 
     def __init__(self, model_chunks: Sequence[torch.nn.Module], chunk_size: int = 1024,
-                 keep_logits_max_bytes: int = 512 * 2**20) -> None:
+                 keep_logits_max_bytes: int = 512 * 2**20, temperature: float = 1.0) -> None:
         from megatron.core import parallel_state
 
         self.model = unwrap(model_chunks[-1])
         self.chunk_size = chunk_size
+        # Every result is of softmax(logits / temperature): the distribution the rollout sampled
+        # from (as verl's actor does, dp_actor.py _forward_micro_batch: logits.div_(temperature)).
+        self.temperature = temperature
         # Logits of a training call up to this size are kept for its backward, not recomputed.
         self.keep_logits_max_bytes = keep_logits_max_bytes
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -93,18 +96,23 @@ class VocabHead:
         return self.model.output_layer.weight
 
     def __call__(self, hidden: torch.Tensor, *, k: int | None = None, gather_ids: torch.Tensor | None = None,
-                 sampled_ids: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> TopKLogprobs:
-        """Top-K / log-probs of the output layer at ``hidden``; ``weight`` replaces this rank's
-        output-layer shard (e.g. the teacher's copy of it)."""
+                 sampled_ids: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                 temperature: float | None = None) -> TopKLogprobs:
+        """Top-K / log-probs of softmax(logits / temperature) at ``hidden`` (default: the head's
+        temperature); ``weight`` replaces this rank's output-layer shard (e.g. the teacher's)."""
         weight = self.weight() if weight is None else weight
+        temperature = self.temperature if temperature is None else temperature
+        hidden = hidden.to(weight.dtype)
+        if temperature != 1.0:  # (h W^T) / T = (h / T) W^T: the chunked head never holds [N, V]
+            hidden = hidden / temperature
         return chunked_topk_logprobs_from_hidden(
-            hidden.to(weight.dtype), weight, k=k, gather_ids=gather_ids, sampled_ids=sampled_ids,
+            hidden, weight, k=k, gather_ids=gather_ids, sampled_ids=sampled_ids,
             chunk_size=rows_per_chunk(weight.shape[0], weight.dtype, max_rows=self.chunk_size),
             group=self.group, vocab_start=self.tp_rank * weight.shape[0],
             vocab_size=self.model.megacredit_vocab_size,
             # With sequence parallelism the hidden states were all-gathered (response_hidden), and
-            # that gather's backward already reduce-scatters their gradient over the TP group.
-            # UNVERIFIED here: gloo has no reduce-scatter, so SP runs only on GPUs.
+            # that gather's backward already reduce-scatters their gradient over the TP group
+            # (gloo does both: tests/distributed/test_sequence_parallel.py).
             all_reduce_grad_hidden=not self.sequence_parallel, keep_logits_max_bytes=self.keep_logits_max_bytes,
         )
 
@@ -116,6 +124,20 @@ def response_hidden(output: torch.Tensor, micro_batch: PackedMicroBatch, sequenc
 
         output = tensor_parallel.gather_from_sequence_parallel_region(output.transpose(0, 1)).transpose(0, 1)
     return output[0, micro_batch.prediction_index.to(output.device)]
+
+
+def row_length_multiple(model_chunks: Sequence[torch.nn.Module], token_budget: int) -> int:
+    """What every packed row's length must be a multiple of: the token budget with pipeline
+    parallelism (stages exchange fixed-shape activations), else the TP size with sequence
+    parallelism (each TP rank holds an equal shard of the row), else 1."""
+    config = unwrap(model_chunks[0]).config
+    shards = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    if len(model_chunks) * config.pipeline_model_parallel_size == 1:
+        return shards
+    if token_budget % shards:
+        raise ValueError(f"parallel.micro_batch_tokens={token_budget} must be a multiple of "
+                         f"parallel.tensor_model_parallel_size={shards} with sequence and pipeline parallelism")
+    return token_budget
 
 
 MicroBatchCallback = Callable[[torch.Tensor, PackedMicroBatch], Any]
@@ -150,7 +172,12 @@ def run_packed_schedule(
     if len(lengths) > 1 and len(model_chunks) * _pp_size() > 1:
         raise ValueError(f"pipeline parallelism needs equal packed lengths, got {sorted(lengths)}")
     device = next(model_chunks[0].parameters()).device
-    sequence_parallel = bool(unwrap(model_chunks[0]).config.sequence_parallel)
+    config = unwrap(model_chunks[0]).config
+    sequence_parallel = bool(config.sequence_parallel)
+    if sequence_parallel and any(length % config.tensor_model_parallel_size for length in lengths):
+        raise ValueError(f"sequence parallelism needs packed lengths that divide by TP="
+                         f"{config.tensor_model_parallel_size}, got {sorted(lengths)} (pack with "
+                         f"pad_to_multiple=row_length_multiple(...))")
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)

@@ -18,7 +18,9 @@ and shared by all layers and by queries and keys (a one-entry cache keyed on the
 those tensors, which Megatron's GPTModel computes once per forward). The sign of
 ``rotate_half`` is folded into a cached ``sin`` (``(-x) * s == x * (-s)`` exactly in IEEE
 arithmetic). Only the non-interleaved layout (HF's rotate-half, what megacredit's model
-provider builds) and context parallel size 1 are supported; anything else raises.
+provider builds) and context parallel size 1 are supported; anything else raises. Sequence
+parallelism needs nothing here: queries and keys are rotated after the QKV projection has
+gathered the whole packed row, so ``cu_seqlens`` positions are those of the row.
 """
 
 from __future__ import annotations

@@ -60,6 +60,12 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "teacher/s_t_hybrid": "CREDIT-RLSD: the evidence S_t inside the RLSD weight, token mean",
     "teacher/topk_kl": "divergence of student and teacher on the top-K set, token mean",
     "teacher/signal_frac": "fraction of samples with a teacher signal (solution or feedback)",
+    "teacher/delta_v_correct": "teacher minus student log-prob of the sampled token on correct responses, token mean",
+    "teacher/delta_v_incorrect": "teacher minus student log-prob of the sampled token on incorrect responses, token mean",
+    "teacher/answer_prob_teacher": "the teacher's probability of the correct answer at the response's answer position "
+                                   "(logging.teacher_diagnostic_samples; environments that locate the answer)",
+    "teacher/answer_prob_student": "the student's probability of the correct answer at the same position",
+    "teacher/answer_prob_gain": "teacher/answer_prob_teacher - teacher/answer_prob_student: > 0 when the teacher knows more",
     # perf/: throughput and time per phase (seconds)
     "perf/tokens_per_s": "trained tokens (prompt + response) per second of the step",
     "perf/time_step": "wall time of the whole step",
@@ -68,6 +74,7 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "perf/time_teacher": "teacher, contrastive and old-policy forward passes",
     "perf/time_train": "forward/backward and optimizer steps",
     "perf/time_sync": "weight sync to the rollout engine and teacher update",
+    "perf/time_diagnostic": "the teacher diagnostic's probes (teacher/answer_prob_*)",
     "perf/time_val": "validation time (steps that validate)",
     "perf/peak_memory_gb": "peak resident memory of the process",
     "perf/page_faults": "minor page faults of the logging process during the step (megacredit/utils/malloc.py: "

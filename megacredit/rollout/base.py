@@ -134,10 +134,10 @@ class RolloutOutput:
     prompt_ids: list[int]
     # Generated token ids; when finish_reason == "stop" the last one is the stop token.
     token_ids: list[int]
-    # log pi(token | prefix) of each generated token under the model's raw logits at
-    # temperature 1, over the full vocabulary (not the tempered / truncated sampling
-    # distribution). Same length as token_ids. A diagnostic: the trainer recomputes old
-    # log-probs with its own forward.
+    # log pi_T(token | prefix) of each generated token: log_softmax(logits / T) over the full
+    # vocabulary, T = the sampling temperature (1 when greedy), before top-k / top-p truncation:
+    # the tempered distribution that was sampled, as the trainer scores it. Same length as
+    # token_ids. A diagnostic and the rollout-IS input: the trainer recomputes old log-probs.
     logprobs: list[float]
     # "stop" when a stop token was generated, "length" when max_new_tokens was reached.
     finish_reason: FinishReason
@@ -272,7 +272,8 @@ class RolloutEngine(ABC):
     Subclasses implement ``generate``, ``score_logprobs`` and ``load_weights``; they override
     ``weight_manifest`` when they can list their parameters (enables the check-before-copy),
     ``finish_weight_update`` when an update needs a final step (vLLM: process the reloaded
-    weights, reset the prefix cache), and ``sleep`` / ``wake`` / ``shutdown`` when they hold
+    weights, reset the prefix cache), ``abort_weight_update`` when a failed update must be
+    wound down (SGLang: close its update session), and ``sleep`` / ``wake`` / ``shutdown`` when they hold
     memory or processes.
     """
 
@@ -287,8 +288,8 @@ class RolloutEngine(ABC):
         ``[i * n, (i + 1) * n)`` answer prompt ``i``. ``progress(count)``, if given, is called
         as ``count`` more samples finish (engines that cannot tell call it once at the end).
         Every output carries the engine's
-        log-probs of its sampled tokens (``RolloutOutput.logprobs``: raw logits, temperature
-        1, full vocabulary), which the trainer compares with its own (rollout/ metrics and
+        log-probs of its sampled tokens (``RolloutOutput.logprobs``: logits / temperature, full
+        vocabulary), which the trainer compares with its own (rollout/ metrics and
         ``algorithm.rollout_is``).
         """
 
@@ -298,8 +299,8 @@ class RolloutEngine(ABC):
 
         For each sequence ``s`` (at least 2 tokens) returns ``len(s) - 1`` floats:
         ``log pi(s[t] | s[:t])`` for ``t = 1 .. len(s) - 1``, from the model's raw logits at
-        temperature 1 over the full vocabulary -- the same quantity as
-        ``RolloutOutput.logprobs`` and as the trainer's log-probs of those tokens.
+        temperature 1 over the full vocabulary -- the quantity the trainer's weight-sync probe
+        computes (megacredit.megatron.actor.MegatronActor.score_sequences).
         """
 
     @abstractmethod
@@ -338,6 +339,12 @@ class RolloutEngine(ABC):
     def finish_weight_update(self) -> None:
         """Called once after the last bucket of an update (no-op by default)."""
 
+    def abort_weight_update(self) -> None:
+        """Called instead of (or after a failed) :meth:`finish_weight_update` when an update
+        fails after :meth:`begin_weight_update`: undo what begin set up (an engine-side update
+        session, paused generation) so the engine can serve and be updated again; must not
+        raise over the original error (no-op by default)."""
+
     def update_weights_from_buckets(
         self, buckets: Iterable[WeightBucket], manifest: Mapping[str, Sequence[int]] | None = None
     ) -> WeightLoadReport:
@@ -357,14 +364,18 @@ class RolloutEngine(ABC):
         self.check_weight_manifest(manifest)
         self.begin_weight_update()
         report, seen = WeightLoadReport(), set()
-        for bucket in buckets:
-            pairs = list(iterate_buckets([bucket]))
-            check_bucket(pairs, manifest, seen)
-            part = self.load_weights(pairs)
-            report.num_tensors += part.num_tensors
-            report.num_bytes += part.num_bytes
-            del bucket, pairs  # drop this bucket before the exporter builds the next (peak ~ one bucket)
-        self.finish_weight_update()
+        try:
+            for bucket in buckets:
+                pairs = list(iterate_buckets([bucket]))
+                check_bucket(pairs, manifest, seen)
+                part = self.load_weights(pairs)
+                report.num_tensors += part.num_tensors
+                report.num_bytes += part.num_bytes
+                del bucket, pairs  # drop this bucket before the exporter builds the next (peak ~ one bucket)
+            self.finish_weight_update()
+        except BaseException:
+            self.abort_weight_update()
+            raise
         report.missing_names = self.missing_weight_names(seen)
         return report
 

@@ -11,7 +11,12 @@ from urllib.parse import urlsplit
 
 
 class EngineHTTPError(RuntimeError):
-    """A server answered with an error status, or could not be reached."""
+    """A server answered with an error status (``status``), or could not be reached
+    (``status`` None)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def normalize_url(url: str, field: str = "rollout.urls") -> str:
@@ -40,7 +45,7 @@ class JSONClient:
                 raw = response.read()
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace")[:2000]
-            raise EngineHTTPError(f"{method} {url}{path} -> HTTP {error.code}: {detail}") from error
+            raise EngineHTTPError(f"{method} {url}{path} -> HTTP {error.code}: {detail}", error.code) from error
         except (urllib.error.URLError, OSError) as error:
             raise EngineHTTPError(f"{method} {url}{path} failed: {error}; is the server up?") from error
         if not raw:

@@ -101,6 +101,9 @@ class EnginePool(RolloutEngine):
     def finish_weight_update(self) -> None:
         self._on_all(lambda engine: engine.finish_weight_update())
 
+    def abort_weight_update(self) -> None:
+        self._on_all(lambda engine: engine.abort_weight_update())
+
     def missing_weight_names(self, received: set[str]) -> list[str] | None:
         return self.engines[0].missing_weight_names(received)
 

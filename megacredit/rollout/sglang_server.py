@@ -1,37 +1,55 @@
-"""Remote SGLang servers (``python -m sglang.launch_server``) behind the RolloutEngine interface.
+"""Remote SGLang servers (``python -m sglang.launch_server``) behind the RolloutEngine interface,
+and a launcher that starts such a server as a subprocess and stops it by its PID.
 
-UNVERIFIED against a real SGLang (no GPU here): the HTTP protocol below is written from
-SGLang's source and tested against a local HTTP server that records requests and receives
-the weights the way SGLang's ``ModelRunner`` does (tests/unit/test_sglang_server.py).
+VERIFIED ON CPU with SGLang 0.5.23 servers (``--device cpu``; tests/sglang_cpu/): generation
+split across servers, probe scoring, weight updates by ``update_weights_from_distributed`` over
+a **gloo** group inside SGLang's update session, refused updates, the sync check, whole
+training runs. UNVERIFIED (GPU only, no GPU here): the same broadcast over NCCL, CUDA servers,
+``release_memory_occupation``. The 0.5.20 protocol (no update session) is tested against the
+recording stand-in server (tests/unit/sglang_fake_server.py).
 
 One :class:`SGLangServerEngine` stands for a fleet of SGLang workers: generation goes to a
 router (``router_url``, e.g. SGLang Model Gateway, which balances) or is split by prompt,
 contiguously and deterministically, across the worker URLs; control calls and weight updates
-go to every worker. Endpoints used (sgl-project/sglang
-``python/sglang/srt/entrypoints/http_server.py``): ``POST /generate``, ``GET /get_server_info``
-(``tp_size``), ``POST /pause_generation`` (body ``{"mode": ...}`` on versions with
-``PauseGenerationReqInput``, ignored by older ones), ``POST /continue_generation``,
-``POST /flush_cache`` (400 while requests are in flight), ``POST /release_memory_occupation`` /
-``/resume_memory_occupation``, ``POST /init_weights_update_group``,
-``POST /update_weights_from_distributed``, ``POST /destroy_weights_update_group``; routers:
-``GET /workers`` (``docs/advanced_features/sgl_model_gateway.md``).
+go to every worker. Endpoints used, as found in SGLang 0.5.23's
+``python/sglang/srt/entrypoints/http_server.py``: ``POST /generate``; ``GET /server_info``
+(``tp_size``, ``dp_size``, ``pp_size``; ``/get_server_info`` on servers without it);
+``POST /pause_generation`` (``PauseGenerationReqInput``: ``{"mode": ...}``) and
+``/continue_generation``; ``POST /flush_cache`` (400 while requests are in flight);
+``POST /begin_weight_update`` / ``/end_weight_update`` (0.5.21+; 404 on 0.5.20, whose servers
+take updates without a session); ``POST /release_memory_occupation`` /
+``/resume_memory_occupation``; ``POST /init_weights_update_group``,
+``/update_weights_from_distributed``, ``/destroy_weights_update_group`` (each answers
+``{"success", "message"}``, HTTP 400 on failure); routers: ``GET /workers``
+(``docs/advanced_features/sgl_model_gateway.md``).
 
-Weight update by NCCL broadcast (``ModelRunner.init_weights_update_group`` /
-``update_weights_from_distributed`` in ``python/sglang/srt/model_executor/model_runner.py``):
-the sending trainer rank is rank 0 of a group of ``1 + sum(tp_size)`` ranks; worker k joins
-at ``rank_offset = 1 + sum(tp_size of workers before k)`` (+ its TP rank). For each bucket the
-trainer POSTs ``{names, dtypes, shapes, group_name, flush_cache, load_format}`` to every worker
-(each blocks until it has received), then broadcasts from rank 0: one flat tensor per
-same-dtype bucket with ``load_format="flattened_bucket"`` (the engine allocates the bucket
-with ``FlattenedTensorBucket`` and broadcasts into it), or each tensor in order otherwise. With
-pipeline parallelism every stage's first TP rank owns a group of its own
-(``group_name=f"megacredit_pp{stage}"``) and sends its own stage's tensors.
+Weight update by broadcast (``model_executor/model_runner_components/weight_updater.py``:
+``WeightUpdater.init_weights_update_group``, ``receive_weights_from_distributed``,
+``load_weights_from_distributed``; ``managers/scheduler_components/weight_updater.py``:
+``SchedulerWeightUpdaterManager.update_weights_from_distributed``, which refuses a call
+outside a session BEFORE receiving): the sending trainer rank is rank 0 of a group of
+``1 + sum(tp_size)`` ranks; worker k joins at ``rank_offset = 1 + sum(tp_size of workers
+before k)`` (+ its TP rank). For each bucket the trainer POSTs ``{names, dtypes, shapes,
+group_name, flush_cache, load_format}`` to every worker (each receives, then loads), then
+broadcasts from rank 0: one flat tensor per same-dtype bucket with
+``load_format="flattened_bucket"`` (the engine allocates it with ``FlattenedTensorBucket``), or
+each tensor in order otherwise. The broadcast runs asynchronously while the workers' answers are
+watched: a worker that answers before receiving (refused, no group, gone) fails the update at
+once instead of leaving this rank in a broadcast nobody receives, and the whole bucket is
+bounded by ``update_timeout``. With pipeline parallelism every stage's first TP rank owns a
+group of its own (``group_name=f"megacredit_pp{stage}"``) and sends its own stage's tensors,
+while one coordinator opens and closes the update (:meth:`SGLangServerEngine.open_update` /
+:meth:`~SGLangServerEngine.close_update`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import socket
+import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -45,25 +63,31 @@ from megacredit.rollout.base import (
     RolloutEngine,
     RolloutOutput,
     SamplingParams,
-    WeightBucket,
     WeightLoadReport,
     WeightManifest,
+    WeightSyncError,
     bucket_bytes,
 )
 from megacredit.rollout.checkpoint_manifest import checkpoint_manifest
 from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype
 from megacredit.rollout.http_json import EngineHTTPError, JSONClient, normalize_url
 from megacredit.rollout.pool import contiguous_chunks
+from megacredit.rollout.server_process import ServerProcess
 from megacredit.rollout.sglang import (
     FLATTENED,
+    answer_outcome,
     check_answer,
     generate_request,
     parse_generate_results,
     parse_score_results,
     score_request,
+    server_args_with_defaults,
+    sglang_environment,
 )
 
 PAUSE_MODES = ("abort", "retract", "in_place")
+POLL_SECONDS = 0.01
+logger = logging.getLogger(__name__)
 
 
 def router_worker_urls(router_url: str, client: JSONClient) -> list[str]:
@@ -98,23 +122,43 @@ def _check_future(future: Future, what: str, copied: int) -> None:
     check_answer(answer, what, copied)
 
 
+def wait_watching(done: Callable[[], bool], watched: Mapping[str, Future], what: str, timeout: float,
+                  copied: int = 0) -> None:
+    """Wait until ``done()`` while watching the servers' answers to the calls that make them
+    take part (``watched``: url -> future): a failed answer raises ``WeightSyncError`` at once
+    (the server will not join), as does ``timeout`` seconds without ``done()``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        for url, future in watched.items():
+            if future.done():
+                _check_future(future, f"{what} on {url}", copied)
+        if time.monotonic() > deadline:
+            waiting = [url for url, future in watched.items() if not future.done()]
+            raise WeightSyncError(f"SGLang {what}: not done after {timeout:.0f} s (no answer yet from "
+                                  f"{waiting}); {copied} tensors of this update were already loaded")
+        time.sleep(POLL_SECONDS)
+
+
 class SGLangServerEngine(RolloutEngine):
-    """SGLang servers already running elsewhere, reached over HTTP. UNVERIFIED (no GPU here)."""
+    """SGLang servers already running elsewhere, reached over HTTP (see the module docstring)."""
 
     def __init__(self, urls: Sequence[str] = (), *, router_url: str | None = None,
                  model_path: str | Path | None = None, timeout: float = 600.0,
                  pause_around_updates: bool = True, pause_mode: str = "abort",
                  flatten: bool = True, sync_address: str | None = None, sync_backend: str = "nccl",
-                 client: JSONClient | None = None) -> None:
+                 update_timeout: float | None = None, client: JSONClient | None = None) -> None:
         """urls: the workers (each 'host:port'); router_url: a router in front of them
         (generation goes through it; workers default to the router's list); model_path: the HF
         folder the servers were started from (its manifest checks updates before any copy;
-        None = no check); pause_around_updates: pause generation before and flush + continue
-        after ``update_weights_from_buckets`` (turn off on pipeline stages other than the one
-        that coordinates, see docs/engines.md); flatten: one broadcast per same-dtype bucket;
-        sync_address / sync_backend: where the servers reach this process for the broadcast
-        group when the first update connects it by itself (default: this host's address on
-        the route to the first worker; NCCL)."""
+        None = only SGLang's own loader checks, after the transfer); pause_around_updates:
+        ``update_weights_from_buckets`` opens and closes the update itself (:meth:`open_update`
+        before the first bucket, :meth:`close_update` after the last; turn off on pipeline
+        stages other than the coordinating one, see docs/engines.md); flatten: one broadcast
+        per same-dtype bucket; sync_address / sync_backend: where the servers reach this
+        process for the broadcast group when the first update connects it by itself (default:
+        this host's address on the route to the first worker; NCCL, gloo on CPU);
+        update_timeout: longest wait for one bucket's broadcast and answers, or for the group
+        to form (default: ``timeout``)."""
         if pause_mode not in PAUSE_MODES:
             raise ValueError(f"pause_mode must be one of {PAUSE_MODES}, got {pause_mode!r}")
         self.client = client or JSONClient(timeout)
@@ -127,18 +171,28 @@ class SGLangServerEngine(RolloutEngine):
         self.workers = workers
         self.model_path = Path(model_path) if model_path is not None else None
         self.pause_around_updates, self.pause_mode, self.flatten = pause_around_updates, pause_mode, flatten
+        self.update_timeout = float(timeout if update_timeout is None else update_timeout)
         self._pool = ThreadPoolExecutor(max_workers=max(4, len(workers)), thread_name_prefix="sglang-http")
         self._manifest: WeightManifest | None = None
         self._group: Any = None
         self._group_name: str | None = None
+        self._abandoned_groups = 0
         self._device = torch.device("cpu")
         self._paused = False
+        self._memory_saver: bool | None = None
+        self._asleep = False
+        self._sessions: list[str] = []  # workers with an open update session
+        self._loaded = 0  # tensors of the current update loaded so far
         self.sync_address, self.sync_backend = sync_address, sync_backend
 
     # ------------------------------------------------------------------------- helpers
+    def _submit_to_all(self, method: str, path: str, body: Any | None = None,
+                       urls: Sequence[str] | None = None) -> dict[str, Future]:
+        return {url: self._pool.submit(self.client.request, method, url, path, body)
+                for url in (self.workers if urls is None else urls)}
+
     def _on_all_workers(self, method: str, path: str, body: Any | None = None) -> list[Any]:
-        futures = [self._pool.submit(self.client.request, method, url, path, body) for url in self.workers]
-        return [future.result() for future in futures]
+        return [future.result() for future in self._submit_to_all(method, path, body).values()]
 
     def _batched(self, prompts: Sequence[Sequence[int]], call) -> list:
         """``call(url, start, end)`` on contiguous prompt chunks, one per target, concatenated."""
@@ -152,7 +206,7 @@ class SGLangServerEngine(RolloutEngine):
                  *, progress: Callable[[int], None] | None = None) -> list[RolloutOutput]:
         """Prompts split contiguously across the workers (or all to the router); each request
         carries its own seed from its index in the whole batch, so the split does not change
-        what is sampled (as far as SGLang honours ``sampling_seed``)."""
+        what is sampled where SGLang honours ``sampling_seed`` (docs/engines.md)."""
         def call(url: str, start: int, end: int) -> list[RolloutOutput]:
             chunk = prompt_token_ids[start:end]
             shifted = dataclasses.replace(params, seed_offset=params.seed_offset + start)
@@ -191,15 +245,32 @@ class SGLangServerEngine(RolloutEngine):
                     self.client.post(url, "/flush_cache", {})
                     break
                 except EngineHTTPError as error:
-                    if "HTTP 400" not in str(error) or time.monotonic() > deadline:
+                    if error.status != 400 or time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)
 
+    def memory_saver(self) -> bool:
+        """Whether every worker runs with ``--enable-memory-saver``, which release / resume
+        need (asked once, ``/server_info``). Without it SGLang 0.5.23's
+        ``resume_memory_occupation`` fails inside the scheduler (nothing was released) and
+        the server dies (seen on CPU), so sleep / wake are no-ops then."""
+        if self._memory_saver is None:
+            self._memory_saver = all(bool(self._server_info(url).get("enable_memory_saver"))
+                                     for url in self.workers)
+        return self._memory_saver
+
     def sleep(self) -> None:
-        self._on_all_workers("POST", "/release_memory_occupation", {})
+        if not self._asleep and self.memory_saver():
+            self._on_all_workers("POST", "/release_memory_occupation", {})
+            self._asleep = True
 
     def wake(self) -> None:
-        self._on_all_workers("POST", "/resume_memory_occupation", {})
+        """Resume only what :meth:`sleep` released: SGLang 0.5.23's resume of memory that was
+        not released fails inside the scheduler (``offload_tags.remove``) and the server dies,
+        and the trainer's first sync wakes the engine before it ever slept."""
+        if self._asleep:
+            self._on_all_workers("POST", "/resume_memory_occupation", {})
+            self._asleep = False
 
     def weight_manifest(self) -> WeightManifest | None:
         if self.model_path is None:
@@ -208,14 +279,92 @@ class SGLangServerEngine(RolloutEngine):
             self._manifest = checkpoint_manifest(self.model_path)
         return self._manifest
 
+    # ----------------------------------------------------------------- update session
+    def _open_sessions(self) -> None:
+        """``/begin_weight_update`` on every worker; a 404 is a server without sessions
+        (SGLang 0.5.20), which takes updates as they come. Any refusal closes the sessions
+        opened so far and raises."""
+        failures = []
+        # entrypoints/http_server.py begin_weight_update -> SchedulerWeightUpdaterManager.begin_weight_update
+        for url, future in self._submit_to_all("POST", "/begin_weight_update", {}).items():
+            try:
+                success, message = answer_outcome(future.result())
+            except EngineHTTPError as error:
+                if error.status == 404:
+                    continue
+                success, message = False, str(error)
+            if success:
+                self._sessions.append(url)
+            else:
+                failures.append(f"{url}: {message}")
+        if failures:
+            self._close_sessions(quiet=True)
+            check_answer((False, "; ".join(failures)), "begin_weight_update", 0)
+
+    def _close_sessions(self, quiet: bool = False) -> None:
+        """``/end_weight_update`` on every worker with an open session (SGLang re-processes
+        the loaded weights); the first failure raises after all answered, unless ``quiet``."""
+        urls, self._sessions = self._sessions, []
+        errors = []
+        # entrypoints/http_server.py end_weight_update -> SchedulerWeightUpdaterManager.end_weight_update
+        for url, future in self._submit_to_all("POST", "/end_weight_update", {}, urls).items():
+            try:
+                _check_future(future, f"end_weight_update on {url}", self._loaded)
+            except WeightSyncError as error:
+                errors.append(error)
+        for error in errors[1:] if not quiet else errors:
+            logger.warning("%s", error)
+        if errors and not quiet:
+            raise errors[0]
+
+    def open_update(self) -> None:
+        """Prepare every worker for an update: pause generation (``pause_mode``), then open
+        SGLang's update session where the server has one. The coordinating rank calls it once
+        before the senders' first bucket (``update_weights_from_buckets`` does it itself with
+        ``pause_around_updates``); a refusal continues generation and raises."""
+        self.pause_generation()
+        self._paused = True
+        try:
+            self._open_sessions()
+        except BaseException:
+            self._continue_quietly()
+            raise
+
+    def close_update(self) -> None:
+        """End an update on every worker: close the session, flush the prefix cache (its
+        entries came from the old weights), continue generation."""
+        self._close_sessions()
+        self.flush_cache()
+        self.continue_generation()
+        self._paused = False
+
+    def _continue_quietly(self) -> None:
+        if self._paused:
+            self._paused = False
+            try:
+                self.continue_generation()
+            except EngineHTTPError as error:
+                logger.warning("SGLang continue_generation after a failed update: %s", error)
+
     # ---------------------------------------------------------------- weight transport
+    def _server_info(self, url: str) -> dict[str, Any]:
+        """A worker's ``ServerArgs`` and state: ``/server_info``, or ``/get_server_info`` on
+        servers without it."""
+        try:
+            return self.client.get(url, "/server_info")
+        except EngineHTTPError as error:
+            if error.status != 404:
+                raise
+            return self.client.get(url, "/get_server_info")
+
     def tp_sizes(self) -> list[int]:
-        """Each worker's tensor-parallel size (``/get_server_info``); one engine per server."""
+        """Each worker's tensor-parallel size; one engine per server."""
         sizes = []
-        for url, info in zip(self.workers, self._on_all_workers("GET", "/get_server_info")):
+        for url in self.workers:
+            info = self._server_info(url)
             for field in ("dp_size", "pp_size"):
                 if int(info.get(field, 1) or 1) != 1:
-                    raise ValueError(f"SGLang server {url} runs {field}={info[field]}; the NCCL weight "
+                    raise ValueError(f"SGLang server {url} runs {field}={info[field]}; the broadcast weight "
                                      f"update needs one engine per server (launch one server per replica)")
             sizes.append(int(info["tp_size"]))
         return sizes
@@ -225,21 +374,35 @@ class SGLangServerEngine(RolloutEngine):
         """Create the broadcast group: every worker joins (``/init_weights_update_group``)
         while this process joins as rank 0. Call on the sending rank (a pipeline stage's
         first TP rank), once, before the first update; ``master_address`` must be reachable
-        from the servers."""
+        from the servers. A worker that refuses fails the call at once (this rank does not
+        wait in the rendezvous for it), within ``update_timeout`` in any case."""
         from megacredit.rollout.weight_group import join_weight_update_group  # noqa: PLC0415
 
         sizes = self.tp_sizes()
         world_size, offsets = 1 + sum(sizes), [1 + sum(sizes[:k]) for k in range(len(sizes))]
-        futures = [
-            self._pool.submit(self.client.post, url, "/init_weights_update_group", {
-                "master_address": master_address, "master_port": int(master_port), "rank_offset": offset,
-                "world_size": world_size, "group_name": group_name, "backend": backend})
-            for url, offset in zip(self.workers, offsets)
-        ]
-        self._group = join_weight_update_group(master_address, master_port, world_size, 0, group_name, backend)
-        self._group_name = group_name
+        futures = {url: self._pool.submit(self.client.post, url, "/init_weights_update_group", {
+            "master_address": master_address, "master_port": int(master_port), "rank_offset": offset,
+            "world_size": world_size, "group_name": group_name, "backend": backend})
+            for url, offset in zip(self.workers, offsets)}
+        joined: dict[str, Any] = {}
+
+        def join() -> None:
+            try:
+                joined["group"] = join_weight_update_group(master_address, master_port, world_size, 0,
+                                                           group_name, backend)
+            except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+                joined["error"] = error
+
+        thread = threading.Thread(target=join, name="sglang-weight-group", daemon=True)
+        thread.start()  # a daemon: a rendezvous a refusing server never joins cannot hold this process
+        wait_watching(lambda: not thread.is_alive(), futures, "init_weights_update_group", self.update_timeout)
+        if "error" in joined:
+            raise joined["error"]
+        self._group, self._group_name = joined["group"], group_name
         self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        for url, future in zip(self.workers, futures):
+        wait_watching(lambda: all(f.done() for f in futures.values()), futures, "init_weights_update_group",
+                      self.update_timeout)
+        for url, future in futures.items():
             _check_future(future, f"init_weights_update_group on {url}", 0)
 
     def disconnect_weight_sync(self) -> None:
@@ -248,6 +411,13 @@ class SGLangServerEngine(RolloutEngine):
         self._on_all_workers("POST", "/destroy_weights_update_group", {"group_name": self._group_name})
         torch.distributed.destroy_process_group(self._group)
         self._group, self._group_name = None, None
+
+    def _abandon_group(self) -> None:
+        """After a broadcast that did not complete the group's state is unknown (this rank's
+        send stays pending until the group's timeout; a worker may wait in a receive until its
+        own): forget it; the next update connects a new group under a new name."""
+        self._group, self._group_name = None, None
+        self._abandoned_groups += 1
 
     def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:
         """Broadcast one bucket to every worker (call :meth:`connect_weight_sync` first). With
@@ -258,10 +428,13 @@ class SGLangServerEngine(RolloutEngine):
                                "update_weights_from_buckets (it connects one) or call connect_weight_sync")
         pairs = list(named_tensors)
         for group in split_by_dtype(pairs):
-            self._broadcast_bucket(group, copied=len(pairs))
+            self._broadcast_bucket(group)
+            self._loaded += len(group)
         return WeightLoadReport(num_tensors=len(pairs), num_bytes=bucket_bytes(pairs))
 
-    def _broadcast_bucket(self, pairs: list[NamedTensor], copied: int) -> None:
+    def _broadcast_bucket(self, pairs: list[NamedTensor]) -> None:
+        """POST the bucket's description to every worker, broadcast it asynchronously while
+        watching their answers, then wait for every answer (each after its load)."""
         body = {
             "names": [name for name, _ in pairs],
             "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in pairs],
@@ -271,48 +444,53 @@ class SGLangServerEngine(RolloutEngine):
         }
         if self.flatten:
             body["load_format"] = FLATTENED
-        futures: list[Future] = [self._pool.submit(self.client.post, url, "/update_weights_from_distributed", body)
-                                 for url in self.workers]
+        # entrypoints/http_server.py update_weights_from_distributed -> SchedulerWeightUpdaterManager.
+        # update_weights_from_distributed -> WeightUpdater.receive_weights_from_distributed + load_weights
+        futures = self._submit_to_all("POST", "/update_weights_from_distributed", body)
+        # NCCL needs the tensors on this rank's GPU (a no-op when they already are there)
         if self.flatten:
-            flat, _ = flatten_tensors(pairs)
-            torch.distributed.broadcast(flat.to(self._device), src=0, group=self._group)
-            del flat
-        else:  # NCCL needs the tensors on this rank's GPU (a no-op when they already are)
-            handles = [torch.distributed.broadcast(t.to(self._device).contiguous(), src=0, group=self._group,
-                                                   async_op=True) for _, t in pairs]
-            for handle in handles:
-                handle.wait()
-        for url, future in zip(self.workers, futures):
-            _check_future(future, f"update_weights_from_distributed on {url}", copied)
+            tensors = [flatten_tensors(pairs)[0].to(self._device)]
+        else:
+            tensors = [t.to(self._device).contiguous() for _, t in pairs]
+        works = [torch.distributed.broadcast(t, src=0, group=self._group, async_op=True) for t in tensors]
+        what = "update_weights_from_distributed"
+        try:  # a worker that answers now refused without receiving: the broadcast would never end
+            wait_watching(lambda: all(w.is_completed() for w in works), futures, what, self.update_timeout,
+                          self._loaded)
+        except WeightSyncError:
+            self._abandon_group()
+            raise
+        del tensors
+        wait_watching(lambda: all(f.done() for f in futures.values()), futures, what, self.update_timeout,
+                      self._loaded)
+        for url, future in futures.items():
+            _check_future(future, f"{what} on {url}", self._loaded)
 
+    # ------------------------------------------------------------------ update hooks
     def begin_weight_update(self) -> None:
-        """Connect the broadcast group if nobody did (group ``megacredit_pp0``), then pause."""
+        """Connect the broadcast group if nobody did (group ``megacredit_pp0``), then, with
+        ``pause_around_updates``, :meth:`open_update`."""
+        self._loaded = 0
         if self._group is None:
             from megacredit.rollout.weight_group import free_port  # noqa: PLC0415
 
             address = self.sync_address or route_address(self.workers[0])
-            self.connect_weight_sync(address, free_port(), backend=self.sync_backend)
+            suffix = f"_{self._abandoned_groups}" if self._abandoned_groups else ""
+            self.connect_weight_sync(address, free_port(), group_name=f"megacredit_pp0{suffix}",
+                                     backend=self.sync_backend)
         if self.pause_around_updates:
-            self.pause_generation()
-            self._paused = True
+            self.open_update()
 
     def finish_weight_update(self) -> None:
-        if self._paused:
-            self.flush_cache()
-            self.continue_generation()
-            self._paused = False
+        if self.pause_around_updates:
+            self.close_update()
 
-    def update_weights_from_buckets(self, buckets: Iterable[WeightBucket],
-                                    manifest: Mapping[str, Sequence[int]] | None = None) -> WeightLoadReport:
-        """The interface's checked update; with ``pause_around_updates`` the workers pause
-        before the first bucket and flush + continue after the last, and continue also when
-        the update fails half-way (the trainer then stops with the error)."""
-        try:
-            return super().update_weights_from_buckets(buckets, manifest)
-        finally:
-            if self._paused:
-                self._paused = False
-                self.continue_generation()
+    def abort_weight_update(self) -> None:
+        """A failed update still closes the workers' sessions and continues their generation
+        (the trainer then stops with the update's error)."""
+        if self._sessions:
+            self._close_sessions(quiet=True)
+        self._continue_quietly()
 
     def shutdown(self) -> None:
         """Leave the broadcast group and stop the HTTP threads (the servers keep running:
@@ -321,3 +499,41 @@ class SGLangServerEngine(RolloutEngine):
             self.disconnect_weight_sync()
         finally:
             self._pool.shutdown(wait=False)
+
+
+# ----------------------------------------------------------------------------- launcher
+def cli_flags(server_args: Mapping[str, Any]) -> list[str]:
+    """``ServerArgs`` keywords -> ``launch_server`` flags: ``{"max_total_tokens": 4096,
+    "disable_cuda_graph": True}`` -> ``--max-total-tokens 4096 --disable-cuda-graph`` (False
+    and None are left out)."""
+    flags: list[str] = []
+    for key, value in server_args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not False and value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+class SGLangServer(ServerProcess):
+    """``python -m sglang.launch_server`` as a subprocess on a free 127.0.0.1 port, in its own
+    process group (stopped by its PID, scheduler and detokenizer included); started, without
+    CUDA, with SGLang's CPU engine
+    (``megacredit.rollout.sglang.CPU_SERVER_ARGS``). Use as a context manager."""
+
+    name = "sglang"
+
+    def __init__(self, model_path: str | Path, *, server_args: Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        """server_args: ``ServerArgs`` keywords (e.g. ``{"dtype": "float32"}``), given as flags."""
+        super().__init__(model_path, **kwargs)
+        self.server_args = dict(server_args or {})
+
+    def command(self) -> list[str]:
+        args = server_args_with_defaults(self.server_args)
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
+                "--host", "127.0.0.1", "--port", str(self.port), *cli_flags(args), *self.extra_args]
+
+    def environment(self) -> dict[str, str]:
+        return sglang_environment({**os.environ, **self.env})

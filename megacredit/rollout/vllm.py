@@ -14,9 +14,11 @@ How it talks to vLLM (vllm-project/vllm, version 0.32):
   live on the engine's device: no copy between processes).
 * Generation: one request per prompt, ``vllm.SamplingParams(n, temperature, top_p, top_k,
   max_tokens, stop_token_ids | ignore_eos, seed, logprobs=0)`` with the seed of that prompt
-  (``request_seed``); ``logprobs=0`` returns the sampled token's log-prob, which with vLLM
-  V1's default ``logprobs_mode="raw_logprobs"`` is log-softmax of the raw logits (temperature
-  1, before top-k / top-p): the quantity ``RolloutOutput.logprobs`` promises.
+  (``request_seed``); ``logprobs=0`` returns the sampled token's log-prob. megacredit starts
+  vLLM with ``logprobs_mode="processed_logprobs"`` (vllm/config/model.py ``ModelConfig``; applied
+  in vllm/v1/sample/sampler.py ``Sampler.sample``): log-softmax after temperature, the quantity
+  ``RolloutOutput.logprobs`` promises (vLLM also applies top-k / top-p before it, so the two
+  differ only when those are set; megacredit's training defaults leave them off).
 * Probe scoring: ``prompt_logprobs=0`` (each prompt token's own log-prob).
 * Weight update, in the worker (:class:`MegacreditWorkerExtension`): vLLM's in-place layerwise
   reload API (``vllm/model_executor/model_loader/reload/``):
@@ -78,11 +80,9 @@ def import_vllm() -> Any:
 def vllm_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment a vLLM engine starts with: ``environ`` plus the CPU defaults above
     where CUDA is absent (settings already present win)."""
-    env = dict(os.environ if environ is None else environ)
-    if not torch.cuda.is_available():
-        for key, value in CPU_ENV_DEFAULTS.items():
-            env.setdefault(key, value)
-    return env
+    from megacredit.rollout.server_process import engine_environment  # noqa: PLC0415
+
+    return engine_environment(CPU_ENV_DEFAULTS, environ)
 
 
 # --------------------------------------------------------------------- inside the worker
@@ -199,6 +199,12 @@ def unpack_weights(weights: Mapping[str, torch.Tensor], packing: Mapping[str, li
     return out
 
 
+LOGPROBS_MODE = "processed_logprobs"
+"""vLLM's ``logprobs_mode`` for megacredit's engines and servers: sampled-token log-probs after
+temperature (what the trainer scores); prompt log-probs (the sync probe) stay raw in every mode
+(vllm/v1/worker/gpu_model_runner.py, ``_get_prompt_logprobs_dict``)."""
+
+
 # ---------------------------------------------------------------------- translation
 def to_vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     """SamplingParams -> keyword arguments of ``vllm.SamplingParams`` (seed: the call's)."""
@@ -267,6 +273,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.model_path = Path(model_path)
         self.sleep_mode = bool(engine_args.get("enable_sleep_mode", False))
         engine_args.setdefault("worker_extension_cls", WORKER_EXTENSION)
+        engine_args.setdefault("logprobs_mode", LOGPROBS_MODE)
         self._manifest = manifest if manifest is not None else folder_manifest(self.model_path)
         self.llm = vllm.LLM(model=str(model_path), **engine_args)
 

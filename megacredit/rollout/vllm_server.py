@@ -26,8 +26,6 @@ Endpoints used (``vllm/entrypoints/openai/completion/protocol.py``, ``vllm/entry
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,7 +41,9 @@ from megacredit.rollout.base import (
     bucket_bytes,
 )
 from megacredit.rollout.http_json import EngineHTTPError, JSONClient, normalize_url
+from megacredit.rollout.server_process import ServerProcess
 from megacredit.rollout.vllm import (
+    LOGPROBS_MODE,
     WORKER_EXTENSION,
     folder_manifest,
     check_finish_reason,
@@ -148,69 +148,18 @@ class VLLMServerEngine(RolloutEngine):
 
 
 # ----------------------------------------------------------------------------- launcher
-class VLLMServer:
+class VLLMServer(ServerProcess):
     """A vLLM OpenAI-compatible server started as a subprocess (its own process group, so
     :meth:`stop` ends it and the engine process it spawns by PID); use as a context manager."""
 
-    def __init__(self, model_path: str | Path, *, port: int | None = None, log_path: str | Path | None = None,
-                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 startup_timeout: float = 600.0) -> None:
-        from megacredit.utils.spawn import find_free_port  # noqa: PLC0415
-
-        self.model_path, self.port = str(model_path), port or find_free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path) if log_path else Path(f"/tmp/megacredit-vllm-{self.port}.log")
-        self.extra_args, self.env, self.startup_timeout = list(extra_args), env or {}, startup_timeout
-        self.process: subprocess.Popen | None = None
+    name = "vllm"
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
                 "--host", "127.0.0.1", "--port", str(self.port),
-                "--worker-extension-cls", WORKER_EXTENSION, *self.extra_args]
+                "--worker-extension-cls", WORKER_EXTENSION, "--logprobs-mode", LOGPROBS_MODE, *self.extra_args]
 
-    def start(self) -> "VLLMServer":
+    def environment(self) -> dict[str, str]:
         env = vllm_environment({**os.environ, **self.env})
         env["VLLM_SERVER_DEV_MODE"] = "1"
-        log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the server's lifetime
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
-        log.close()
-        try:
-            JSONClient().wait_healthy(self.url, timeout=self.startup_timeout,
-                                      alive=lambda: self.process.poll() is None)
-        except EngineHTTPError as error:
-            self.stop()
-            raise EngineHTTPError(f"{error}\n--- last lines of {self.log_path} ---\n{self.log_tail()}") from None
-        return self
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the server's process group (its PID), SIGKILL if it has not exited."""
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                process.wait(timeout=timeout)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # anything the server spawned that outlived it (same process group)
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def __enter__(self) -> "VLLMServer":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        return env

@@ -9,9 +9,9 @@ and ``torch.distributed.distributed_c10d._new_process_group_helper``; its
 ``ModelRunner.init_weights_update_group`` joins as ``rank_offset + tp_rank``. The trainer
 must join the same store the same way, which :func:`join_weight_update_group` does (the
 trainer keeps its own default group; this one is separate). It relies on torch's private
-``_new_process_group_helper``, as SGLang, slime and OpenRLHF do; checked here on gloo between
-processes (tests/unit/test_sglang_server.py), never against a real SGLang (no GPU here).
-"""
+``_new_process_group_helper``, as SGLang, slime and OpenRLHF do. Verified on gloo against real
+SGLang 0.5.23 servers on the CPU (tests/sglang_cpu/test_sglang_server_cpu.py) and against the
+recording stand-in (tests/unit/test_sglang_server.py); over NCCL it is unverified (no GPU here)."""
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ from megacredit.config.validation import hf_folder_problem
 from megacredit.utils.errors import one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRANSFORMER_ENGINE = {"auto": None, "on": True, "off": False}
+"""``model.transformer_engine`` -> ``use_transformer_engine`` of the model provider."""
 BUILTIN_SMOLLM2 = "smollm2-135m-instruct"
 
 
@@ -137,7 +139,7 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
     from megacredit.megatron.teacher import TeacherWeights
 
     dtype = DTYPES[cfg.model.dtype]
-    use_te = {"auto": None, "on": True, "off": False}[cfg.model.transformer_engine]
+    use_te = TRANSFORMER_ENGINE[cfg.model.transformer_engine]
     par = cfg.parallel
     model = build_gpt_model(source.hf_config, ctx, dtype=dtype, use_transformer_engine=use_te,
                             sequence_parallel=par.sequence_parallel,
@@ -163,6 +165,7 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
     settings = ActorSettings(
         objective=objective_settings(cfg), top_k=algorithm.sdpo.top_k, topk_source=algorithm.sdpo.topk_source,
         token_budget=cfg.parallel.micro_batch_tokens, pad_token_id=source.tokenizer.pad_token_id or 0,
+        temperature=cfg.rollout.temperature if cfg.rollout.score_at_temperature else 1.0,
     )
     return MegatronActor(chunks, optimizer, teacher, ctx, settings, progress)
 
@@ -187,7 +190,7 @@ def build_engine(cfg: MegacreditConfig, source: ModelSource, ctx=None):
     (a tiny model's is written under the run directory); in this process when the job has one
     rank, in vLLM's own engine processes otherwise.
     vllm remote: rank 0 drives the servers at ``rollout.urls``, the prompts split across them.
-    sglang: the adapters of megacredit/rollout/sglang*.py (GPU only, unverified).
+    sglang: the same two placements with SGLang (``_build_sglang``; verified on CPU with SGLang 0.5.23).
     """
     rank = 0 if ctx is None else ctx.rank
     world = 1 if ctx is None else ctx.world_size
@@ -197,6 +200,11 @@ def build_engine(cfg: MegacreditConfig, source: ModelSource, ctx=None):
             f"rollout.placement=colocated with {world} ranks needs one engine over all of them "
             f"(rollout.engine_tensor_parallel_size={world}); one engine per smaller group of ranks is not "
             f"implemented yet: start the engines as servers and use rollout.placement=remote (docs/engines.md)")
+    memory = None
+    if ro.engine == "vllm" and ro.placement == "colocated" and torch.cuda.is_available():
+        from megacredit.rollout.engine_memory import least_free_device_memory
+
+        memory = least_free_device_memory()  # on every rank: what the actor left on the engine's GPUs
     if rank != 0:
         return None
     if ro.engine == "embedded":
@@ -207,8 +215,8 @@ def build_engine(cfg: MegacreditConfig, source: ModelSource, ctx=None):
             eos_token_ids=[source.tokenizer.eos_token_id], pad_token_id=source.tokenizer.pad_token_id,
         )
     if ro.engine == "vllm":
-        return _build_vllm(cfg, source, world)
-    return _build_sglang(cfg, engine_model_dir(cfg, source))
+        return _build_vllm(cfg, source, world, memory)
+    return _build_sglang(cfg, source, engine_model_dir(cfg, source))
 
 
 def engine_model_dir(cfg: MegacreditConfig, source: ModelSource) -> Path:
@@ -226,7 +234,8 @@ def engine_model_dir(cfg: MegacreditConfig, source: ModelSource) -> Path:
     return out
 
 
-def _build_vllm(cfg: MegacreditConfig, source: ModelSource, world: int):
+def _build_vllm(cfg: MegacreditConfig, source: ModelSource, world: int, memory: tuple[int, int] | None):
+    """``memory``: (free, total) bytes of the engine's GPUs after the actor was built (None on CPU)."""
     ro = cfg.rollout
     if ro.placement == "remote":
         from megacredit.rollout.pool import EnginePool
@@ -236,23 +245,46 @@ def _build_vllm(cfg: MegacreditConfig, source: ModelSource, world: int):
         return engines[0] if len(engines) == 1 else EnginePool(engines)
     from megacredit.rollout.vllm import VLLMRolloutEngine
 
+    model_dir = engine_model_dir(cfg, source)
     args = {"dtype": cfg.model.dtype, "tensor_parallel_size": ro.engine_tensor_parallel_size,
             "max_model_len": min(ro.max_seq_len, getattr(source.hf_config, "max_position_embeddings", ro.max_seq_len)),
             "seed": cfg.training.seed, "enforce_eager": not torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        args.update(gpu_memory_utilization=ro.gpu_memory_utilization, enable_sleep_mode=True)
-    return VLLMRolloutEngine(engine_model_dir(cfg, source), in_process=world == 1, **{**args, **ro.engine_kwargs})
+    if memory is not None:
+        args.update(enable_sleep_mode=True, gpu_memory_utilization=vllm_memory_fraction(
+            cfg, source.hf_config, model_dir, args["max_model_len"], memory))
+    return VLLMRolloutEngine(model_dir, in_process=world == 1, **{**args, **ro.engine_kwargs})
 
 
-def _build_sglang(cfg: MegacreditConfig, model_dir: Path):
-    """UNVERIFIED (SGLang needs a GPU): the SGLang adapters' own constructors."""
+def vllm_memory_fraction(cfg: MegacreditConfig, hf_config: Any, model_dir: Path, max_model_len: int,
+                         memory: tuple[int, int]) -> float:
+    """``rollout.gpu_memory_utilization``, lowered to what the actor left free (vLLM refuses to
+    start otherwise; megacredit/rollout/engine_memory.py), keeping two sync buckets free."""
+    from megacredit.rollout.checkpoint_manifest import checkpoint_manifest
+    from megacredit.rollout.engine_memory import CONTEXT_RESERVE_BYTES, colocated_fraction, engine_need
+
     ro = cfg.rollout
+    need = engine_need(checkpoint_manifest(model_dir), hf_config, max_model_len, DTYPES[cfg.model.dtype],
+                       ro.engine_tensor_parallel_size)
+    reserve = 2 * ro.sync_bucket_mb * (1 << 20) + CONTEXT_RESERVE_BYTES
+    return colocated_fraction(ro.gpu_memory_utilization, *memory, need, reserve)
+
+
+def _build_sglang(cfg: MegacreditConfig, source: ModelSource, model_dir: Path):
+    """SGLang (verified on CPU with SGLang 0.5.23's CPU engine; the CUDA build is unverified).
+    remote: one engine over every server at ``rollout.urls`` (prompts split across them; weights
+    by broadcast: NCCL with CUDA, gloo without). colocated: an ``sglang.Engine`` started from
+    the policy's HF folder (CPU: SGLang's CPU engine, see megacredit/rollout/sglang.py)."""
+    ro = cfg.rollout
+    cuda = torch.cuda.is_available()
     if ro.placement == "remote":
         from megacredit.rollout.sglang_server import SGLangServerEngine
 
-        return SGLangServerEngine(ro.urls, router_url=ro.router_url, model_path=model_dir)
+        return SGLangServerEngine(ro.urls, router_url=ro.router_url, model_path=model_dir,
+                                  sync_backend="nccl" if cuda else "gloo")
     from megacredit.rollout.sglang import SGLangRolloutEngine
 
-    return SGLangRolloutEngine(model_dir, tp_size=ro.engine_tensor_parallel_size, dtype=cfg.model.dtype,
-                               mem_fraction_static=ro.gpu_memory_utilization, enable_memory_saver=True,
-                               **ro.engine_kwargs)
+    args = {"dtype": cfg.model.dtype, "random_seed": cfg.training.seed,
+            "context_length": min(ro.max_seq_len, getattr(source.hf_config, "max_position_embeddings", ro.max_seq_len))}
+    if cuda:
+        args.update(mem_fraction_static=ro.gpu_memory_utilization, enable_memory_saver=True)
+    return SGLangRolloutEngine(model_dir, tp_size=ro.engine_tensor_parallel_size, **{**args, **ro.engine_kwargs})

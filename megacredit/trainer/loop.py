@@ -38,10 +38,12 @@ def validate(run: RLRun, val_records: list[dict], step: int, logger) -> None:
 def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
     """Start the parallel state and build every component of the run (each shown as a stage)."""
     from megacredit.megatron.distributed import initialize
+    from megacredit.megatron.model_provider import choose_layer_spec
     from megacredit.utils.progress import make_progress_reporter
 
     train_records, val_records = builder.build_data(cfg)  # the cheap parts first: bad inputs fail in seconds
     env = builder.build_env(cfg)
+    layer_spec = choose_layer_spec(builder.TRANSFORMER_ENGINE[cfg.model.transformer_engine])  # 'on' without TE fails
     ctx = initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                      seed=cfg.training.seed)
     progress = make_progress_reporter(cfg.logging.progress, enabled=ctx.rank == 0,
@@ -50,7 +52,7 @@ def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
     with progress.stage(f"loading the model {cfg.model.name_or_path}{converted}"):
         source = builder.resolve_model(cfg)
     validate_against_model(cfg, source.hf_config)
-    with progress.stage("building the Megatron model, loading its weights, building the optimizer"):
+    with progress.stage(f"building the Megatron model ({layer_spec}), loading its weights, building the optimizer"):
         actor = builder.build_actor(cfg, ctx, source, progress)
     with progress.stage(f"building the {cfg.rollout.engine} rollout engine"):
         engine = builder.build_engine(cfg, source, ctx)  # None on ranks without one

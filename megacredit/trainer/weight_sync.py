@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from megacredit.rollout.base import RolloutEngine, WeightSyncError
 from megacredit.rollout.sync_check import (
     compare_probe,
@@ -60,6 +62,8 @@ def sync_weights(run: RLRun) -> dict[str, float]:
     cfg, ctx, engine = run.cfg, run.ctx, run.engine
     manifest = hf_export_manifest(run.actor.model_chunks, run.hf_config, ctx)
     error = None
+    if torch.cuda.is_available():  # training's cached blocks back to the GPU: a colocated engine re-takes
+        torch.cuda.empty_cache()    # its memory on wake (vLLM's sleep mode, SGLang's memory saver)
     if engine is not None:
         engine.wake()
         try:

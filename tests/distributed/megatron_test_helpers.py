@@ -9,6 +9,8 @@ broadcast from the last pipeline stage).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 VOCAB_SIZE = 101
@@ -117,6 +119,28 @@ def global_loss(shares: list[float]) -> float:
     return float(total)
 
 
+@contextlib.contextmanager
+def grads_as_params(chunks):
+    """Temporarily point every parameter's data at its DDP fp32 gradient (``main_grad``), so the
+    bridge's export yields full HF-named gradients."""
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    saved = [p.data for p in params]
+    for param in params:
+        param.data = param.main_grad
+    try:
+        yield
+    finally:
+        for param, data in zip(params, saved):
+            param.data = data
+
+
+def export_full(chunks, hf_config, ctx) -> dict[str, torch.Tensor]:
+    """The model's full HF-named tensors (on global rank 0; every rank must call)."""
+    from megacredit.megatron.bridge import export_hf_weights
+
+    return {name: tensor.clone() for name, tensor in export_hf_weights(chunks, hf_config, ctx)}
+
+
 def probe_logits(chunks, tokens: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits [B, S, VOCAB_SIZE] of ``tokens`` inputs, on every rank."""
     from megatron.core import parallel_state
@@ -166,14 +190,16 @@ def each_loaded_model(layouts: dict, hf_dirs: dict):
             model = build_gpt_model(hf_config, ctx)
             load_hf_weights([model], hf_dir, hf_config, ctx)
             yield layout, model_key, ctx, hf_config, model
-def random_sample_sequences(generator: torch.Generator, vocab: int, without_signal: tuple[int, ...] = ()) -> dict:
-    """Four rollout samples of random ids: prompt (4), privileged context (3), one contrastive
-    prompt (5), responses of 3..6 tokens; ``without_signal`` lists samples with no teacher signal."""
+def random_sample_sequences(generator: torch.Generator, vocab: int, without_signal: tuple[int, ...] = (),
+                            response_lengths: tuple[int, ...] = (3, 4, 5, 6)) -> dict:
+    """Rollout samples of random ids, one per response length: prompt (4), privileged context
+    (3), one contrastive prompt (5), the response; ``without_signal`` lists samples with no
+    teacher signal."""
     from megacredit.data.teacher_context import SampleSequences
 
     samples = {}
-    for index in range(4):
-        response = torch.randint(3, vocab, (3 + index,), generator=generator).tolist()
+    for index, length in enumerate(response_lengths):
+        response = torch.randint(3, vocab, (length,), generator=generator).tolist()
         prompt = torch.randint(3, vocab, (4,), generator=generator).tolist()
         privileged = torch.randint(3, vocab, (3,), generator=generator).tolist()
         other_prompt = torch.randint(3, vocab, (5,), generator=generator).tolist()
@@ -183,3 +209,24 @@ def random_sample_sequences(generator: torch.Generator, vocab: int, without_sign
             has_teacher_signal=index not in without_signal, sibling_index=None, teacher_x_span=(0, 4),
             teacher_privileged_span=(4, 7))
     return samples
+
+
+def four_sample_batch():
+    """A ``RolloutBatch`` for :func:`random_sample_sequences`' four samples: two groups of two,
+    rewards 1, 0, 0, 1 (the passes read the samples; the batch gives groups and rewards)."""
+    from megacredit.trainer.rollout import RolloutBatch
+
+    return RolloutBatch(records=[{}] * 4, group_ids=[0, 0, 1, 1], prompt_ids=[[]] * 4, response_ids=[[]] * 4,
+                        response_texts=[""] * 4, finish_reasons=["stop"] * 4, rewards=[1.0, 0.0, 0.0, 1.0],
+                        feedbacks=[""] * 4)
+
+
+def model_shards(hf_config, state: dict, ctx, **build_options) -> list[torch.Tensor]:
+    """This rank's parameter shards of the HF ``state``, in the order of a model built like the
+    actor's (e.g. the tensors of a teacher that differs from the policy)."""
+    from megacredit.megatron.bridge import load_hf_weights
+    from megacredit.megatron.model_provider import build_gpt_model
+
+    model = build_gpt_model(hf_config, ctx, **build_options)
+    load_hf_weights([model], state, hf_config, ctx)
+    return [param.detach() for param in model.parameters()]

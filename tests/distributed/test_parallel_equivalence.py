@@ -15,39 +15,18 @@ summation order differs between layouts).
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from megacredit.utils.spawn import run_distributed
-from megatron_test_helpers import NUM_SEQUENCES, fixed_tokens, response_start, tiny_llama_config
+from megatron_test_helpers import (
+    NUM_SEQUENCES, export_full, fixed_tokens, grads_as_params, response_start, tiny_llama_config,
+)
 
 pytestmark = pytest.mark.distributed
 TOL = dict(rtol=1e-5, atol=1e-5)
 CLIP_GRAD = 0.5
 LAYOUTS = {"tp2": dict(tp=2, pp=1), "pp2": dict(tp=1, pp=2), "dp2": dict(tp=1, pp=1)}
-
-
-@contextlib.contextmanager
-def grads_as_params(chunks):
-    """Temporarily point every parameter's data at its DDP fp32 gradient (``main_grad``), so the
-    bridge's export yields full HF-named gradients."""
-    params = [p for chunk in chunks for p in chunk.parameters()]
-    saved = [p.data for p in params]
-    for param in params:
-        param.data = param.main_grad
-    try:
-        yield
-    finally:
-        for param, data in zip(params, saved):
-            param.data = data
-
-
-def _export(chunks, hf_config, ctx) -> dict[str, torch.Tensor]:
-    from megacredit.megatron.bridge import export_hf_weights
-
-    return {name: tensor.clone() for name, tensor in export_hf_weights(chunks, hf_config, ctx)}
 
 
 def _one_step(hf_dir, tp, pp, rows_per_micro_batch):
@@ -71,9 +50,9 @@ def _one_step(hf_dir, tp, pp, rows_per_micro_batch):
     zero_grads(chunks, optimizer)
     loss = schedule_loss(chunks, ctx, tokens, rows_per_micro_batch)
     with grads_as_params(chunks):
-        grads = _export(chunks, hf_config, ctx)
+        grads = export_full(chunks, hf_config, ctx)
     step = optimizer_step(optimizer)
-    params_after = _export(chunks, hf_config, ctx)
+    params_after = export_full(chunks, hf_config, ctx)
     return dict(loss=loss, forward_only_loss=forward_only_loss, grads=grads,
                 params_after=params_after, grad_norm=step.grad_norm, success=step.success)
 

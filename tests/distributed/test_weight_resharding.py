@@ -12,8 +12,9 @@ exports it with every ``receivers`` mode. Checks:
 - the manifests (``hf_export_manifest``, whole and per stage) list exactly what is yielded;
 - the remote-engine path: each stage's first TP rank opens its own broadcast group to a
   recording stand-in of an SGLang server (tests/unit/sglang_fake_server.py, which receives as
-  SGLang's ModelRunner does) and sends its stage's buckets, rank 0 pausing before and
-  flushing + resuming after; the server ends with exactly the HF state dict;
+  SGLang's ModelRunner does) and sends its stage's buckets, rank 0 opening the update before
+  (pause, SGLang's update session) and closing it after (end the session, flush, resume); the
+  server ends with exactly the HF state dict;
 - buckets respect their byte bound, and the extra memory of a streamed sync (tracked bytes of
   every tensor the export allocated, while alive) stays under one bucket plus twice the
   largest gathered parameter, while collecting all buckets reaches the whole model's size (so
@@ -90,7 +91,7 @@ def _remote_stage_sync(model, hf_config, ctx, url) -> None:
     manifest = hf_export_manifest([model], hf_config, ctx, stage_only=True)  # collective
     coordinator = SGLangServerEngine([url], pause_around_updates=False) if ctx.rank == 0 else None
     if coordinator is not None:
-        coordinator.pause_generation()
+        coordinator.open_update()
     torch.distributed.barrier()
     buckets = iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES, receivers="stage")
     if ctx.tp_rank == 0 and ctx.dp_rank == 0:
@@ -104,8 +105,7 @@ def _remote_stage_sync(model, hf_config, ctx, url) -> None:
             pass
     torch.distributed.barrier()
     if coordinator is not None:
-        coordinator.flush_cache()
-        coordinator.continue_generation()
+        coordinator.close_update()
         coordinator.shutdown()
 
 
@@ -262,7 +262,8 @@ def test_remote_engine_receives_every_stage_from_its_own_sender(reshard_run, lay
     stages = 2 if layout == "pp2" else 1
     assert sorted(b["group_name"] for b in inits) == [f"megacredit_pp{s}" for s in range(stages)]
     assert all(b["world_size"] == 2 and b["rank_offset"] == 1 for b in inits)
-    assert paths[0] == "/pause_generation" and paths[-2:] == ["/flush_cache", "/continue_generation"]
+    assert paths[:2] == ["/pause_generation", "/begin_weight_update"]
+    assert paths[-3:] == ["/end_weight_update", "/flush_cache", "/continue_generation"]
     updates = [b for _, path, b in state["requests"] if path == "/update_weights_from_distributed"]
     assert all(b["load_format"] == "flattened_bucket" and not b["flush_cache"] for b in updates)
     if layout == "pp2":  # each group carried only its own stage's layers

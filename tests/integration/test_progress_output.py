@@ -72,6 +72,9 @@ def test_plain_progress_lines_in_a_log_from_the_logging_rank_only(tmp_path):
     assert "\x1b[" not in "\n".join(lines), "plain mode must not write terminal control sequences"
     for stage in ("loading the model tiny", "building the Megatron model", "building the embedded rollout engine"):
         assert sum(line.startswith(f"megacredit: {stage}") and " done in " in line for line in lines) == 1, stage
+    # which layer spec, and why (no Transformer Engine on this machine)
+    assert any(line.startswith("megacredit: building the Megatron model (Megatron-Core local layer spec: "
+                               "model.transformer_engine=auto, Transformer Engine cannot load (") for line in lines)
     closing = [line for line in lines if "(100 %)" in line]
     # 4 prompts x G=2 samples; validation 4 prompts x k=2; 2 PPO mini-batches -> 2 train passes.
     assert sum(line.startswith("megacredit: rollout: 8/8 samples") for line in closing) == 1, closing

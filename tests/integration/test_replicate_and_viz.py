@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from make_deps import needs
 from page_parsing import markdown_table, token_spans
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -162,7 +163,7 @@ def grid_columns(image: np.ndarray) -> tuple[int, int, list[tuple[int, int]]]:
     return top, bottom, list(zip(edges, edges[1:]))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make system-deps installs it as root)")
+@needs("chromium", CHROMIUM is not None)
 def test_chromium_screenshot_shows_coloured_tokens_for_both_runs(page, tmp_path):
     from PIL import Image
 

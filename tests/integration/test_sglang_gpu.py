@@ -1,25 +1,20 @@
-"""SGLang on a GPU, for real: the check that turns the SGLang adapter from UNVERIFIED into
-verified. Skipped (with the reason) without CUDA or without the ``sglang`` package, i.e. always
-on the CPU machines megacredit is developed on; run it on a GPU node:
+"""SGLang on a GPU: what the CPU tests (tests/sglang_cpu/, real SGLang 0.5.23 on the CPU) cannot
+show. GPU ONLY, UNVERIFIED: never ran (no GPU here). Skipped, with the reason, without CUDA or
+without the ``sglang`` package, i.e. always in the CPU environments; on a GPU node:
 
-    pip install 'megacredit[sglang]'
+    pip install 'megacredit[sglang]'       # in an environment whose torch SGLang accepts (docs/engines.md)
     pytest -q tests/integration/test_sglang_gpu.py
 
-On SmolLM2-135M-Instruct (bf16 engine, fp32 transformers reference), it checks that the
-colocated ``sglang.Engine`` scores a probe like transformers; after a checked weight update from
-perturbed weights (flattened buckets over CUDA IPC) it scores like transformers with those
-weights; a wrong name leaves the previous weights; release / resume keep the weights; and, with
-two GPUs, a remote ``sglang.launch_server`` receives the same update by NCCL broadcast.
+What it adds to the CPU tests: the colocated engine's update through CUDA-IPC handles (a CPU bucket
+goes through shared memory instead), ``release_memory_occupation`` / ``resume_memory_occupation``
+around training (need ``torch_memory_saver`` and CUDA), a bf16 engine against an fp32 reference,
+and, with two GPUs, a remote ``sglang.launch_server`` receiving the update by NCCL broadcast.
 Tolerance: bf16 engine vs fp32 reference, max |delta log p| <= 0.25 and mean <= 0.05 nats.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -111,39 +106,19 @@ def test_colocated_engine_scores_updates_and_refuses_bad_names(smollm2):
         engine.shutdown()
 
 
-def _wait_healthy(url, process, seconds=600):
-    from megacredit.rollout.http_json import JSONClient
-
-    JSONClient(5).wait_healthy(url, "/health", timeout=seconds, alive=lambda: process.poll() is None)
-
-
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="the NCCL path needs 2 GPUs (trainer + server)")
 def test_remote_server_receives_an_nccl_broadcast_update(smollm2):
     from megacredit.rollout.base import manifest_of, rebucket
-    from megacredit.rollout.sglang_server import SGLangServerEngine
+    from megacredit.rollout.sglang_server import SGLangServer, SGLangServerEngine
     from megacredit.rollout.weight_group import free_port
 
     folder, reference = smollm2  # the reference (and this process, rank 0 of the group) is on GPU 0
-    port = free_port()
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "1", "SGLANG_RETURN_ORIGINAL_LOGPROB": "1"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "sglang.launch_server", "--model-path", str(folder), "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "bfloat16", "--mem-fraction-static", "0.3"],
-        env=env, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, server)
-        engine = SGLangServerEngine([url], model_path=folder)
+    server_args = {"dtype": "bfloat16", "mem_fraction_static": 0.3}
+    with SGLangServer(folder, server_args=server_args, env={"CUDA_VISIBLE_DEVICES": "1"}) as server:
+        engine = SGLangServerEngine([server.url], model_path=folder)
         engine.connect_weight_sync("127.0.0.1", free_port(), group_name="megacredit_pp0", backend="nccl")
         pairs = [(n, t.cuda().to(torch.bfloat16)) for n, t in _perturbed_pairs(reference, seed=1)]
         engine.update_weights_from_buckets(rebucket(pairs, 32 * 2**20), manifest_of(pairs))
         reference.load_state_dict({n: t.float() for n, t in pairs}, strict=False)
         _assert_close(engine.score_logprobs(PROBE), _reference_logprobs(reference, PROBE))
         engine.shutdown()
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server's own process group: only what we started
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)

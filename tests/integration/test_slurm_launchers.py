@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from make_deps import missing, needs
 from megacredit.utils.spawn import find_free_port
 from slurm_cluster import LocalSlurmCluster, unavailable_reason
 from trainer_helpers import read_losses
@@ -53,7 +54,7 @@ def _run(command: list[str], env: dict[str, str], cwd: Path, timeout: float) -> 
 def cluster(tmp_path_factory):
     reason = unavailable_reason()
     if reason is not None:
-        pytest.skip(reason)
+        missing("slurm", reason)
     with LocalSlurmCluster(tmp_path_factory.mktemp("slurm")) as local_cluster:
         yield local_cluster
 
@@ -136,8 +137,7 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes_to_the_same_metrics
             assert resumed[step][name] == pytest.approx(reference[step][name], rel=1e-6, abs=1e-9), (step, name)
 
 
-nemo = pytest.mark.skipif(importlib.util.find_spec("nemo_run") is None,
-                          reason="NeMo-Run is the [nemo] extra (make env installs it)")
+nemo = needs("nemo_run", importlib.util.find_spec("nemo_run") is not None)
 
 
 def _recipe(executor: str, tmp: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:

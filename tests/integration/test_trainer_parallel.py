@@ -4,7 +4,8 @@ Three steps of each method (GRPO, SDPO, CREDIT, RLSD, CREDIT-RLSD, OPSD) run thr
 loop (rollout on the embedded engine, teacher/contrastive passes in Megatron's schedules, PPO
 mini-batches, weight sync). The TP=2, PP=2 and DP=2 runs (2 gloo processes each) must log the
 same per-step loss and gradient norm as the single-process run (tolerance 1e-4), and the same
-rewards (the rollouts are regenerated from the synced weights with the same seeds).
+rewards (the rollouts are regenerated from the synced weights with the same seeds); so must a
+CREDIT run at TP=2 with sequence parallelism.
 """
 
 
@@ -78,6 +79,16 @@ def test_credit_with_lambda_zero_is_sdpo(single_process):
 
 def test_packing_does_not_change_the_loss(single_process):
     _assert_same_run(single_process["credit"], single_process["credit_small_micro_batches"], "micro-batch packing")
+
+
+def test_sequence_parallel_credit_run_matches_single_process(single_process, tmp_path):
+    """The whole loop with sequence parallelism at TP=2: rollouts, the start-up weight-sync probe,
+    CREDIT's teacher and contrastive passes and the updates on rows padded to even lengths.
+    tests/distributed/test_sequence_parallel.py compares one step tensor by tensor."""
+    overrides = tiny_overrides("credit", tmp_path / "credit", **{
+        "parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": True})
+    results = run_distributed(train_runs, world_size=2, runs=[("credit", overrides)])[0]
+    _assert_same_run(single_process["credit"], results["credit"], "tp2 with sequence parallelism/credit")
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -13,18 +13,23 @@ Each scenario starts one engine, in a spawned process (vLLM and Megatron share i
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
+from engine_scenarios import (
+    assert_refused_updates_changed_nothing,
+    assert_step_logged_sync_and_mismatch,
+    assert_tempered_logprobs_equal_the_trainers,
+    assert_synced_and_moved,
+    smollm2_engine_config,
+    sync_step_and_refused_updates,
+    training_steps_with_sync_and_mismatch,
+)
 from megacredit.utils.spawn import run_distributed
-from trainer_helpers import tiny_overrides
+from trainer_helpers import tiny_overrides, train_and_read_records
 from vllm_helpers import TINY_VLLM, needs_vllm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_vllm]
 TOLERANCE = 1e-3
-SEQUENCE_TEXT = "Question: what is 7 + 5? Answer: 12. The weights were synced into vLLM."
 
 
 def _perturb_norm(worker, name="model.layers.4.input_layernorm.weight"):
@@ -37,53 +42,18 @@ def _perturb_norm(worker, name="model.layers.4.input_layernorm.weight"):
 
 
 def _smollm2_scenario(rank, world_size, run_dir):
-    import torch
-
-    from megacredit.rollout.base import SamplingParams, WeightSyncError
-    from megacredit.config import load_config
+    from megacredit.rollout.base import WeightSyncError
     from megacredit.trainer.loop import setup
-    from megacredit.trainer.rl_step import run_step
-    from megacredit.trainer.rollout import PromptStream
-    from megacredit.trainer.weight_sync import check_weight_sync, sync_weights
+    from megacredit.trainer.weight_sync import check_weight_sync
 
-    overrides = {
-        "model.name_or_path": "smollm2-135m-instruct", "algorithm.name": "grpo", "algorithm.group_size": 2,
-        "rollout.engine": "vllm", "rollout.max_new_tokens": 6, "rollout.max_seq_len": 256,
-        "rollout.check_weight_sync_every": 1, "data.prompts_per_step": 2, "data.num_generated_train": 8,
-        "data.num_generated_val": 2, "training.ppo_mini_batch_size": 2, "optimizer.lr": 3e-4,
-        "parallel.micro_batch_tokens": 512, "logging.run_dir": run_dir, "logging.tensorboard": False,
-        "logging.console": False, "validation.before_training": False, "checkpoint.resume": "none",
-    }
-    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
-    run, train_records, _ = setup(cfg)
-    engine, actor = run.engine, run.actor
-    sequence = run.tokenizer(SEQUENCE_TEXT)["input_ids"]
-
-    def both():
-        return engine.score_logprobs([sequence])[0], actor.score_sequences([sequence])[0].tolist()
-
-    out = {"engine_type": type(engine).__name__, "first_sync": sync_weights(run)}
-    out["before"] = both()
-    out["step"] = {k: v for k, v in run_step(run, 0, PromptStream(train_records, 2, 7).batch(0)).items()
-                   if not k.startswith("_")}
-    out["after"] = both()
-    greedy = SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=())
-    reference = engine.generate([sequence[:12]], greedy)[0].token_ids
-    norm = dict(engine.read_weights())["model.norm.weight"]
-    for label, bucket in [("wrong_shape", [("model.norm.weight", torch.zeros(norm.shape[0] + 1))]),
-                          ("unknown_name", [("model.layers.0.mlp.gate_projj.weight", torch.zeros(1536, 576))])]:
-        try:
-            engine.update_weights_from_buckets([bucket])
-        except (KeyError, ValueError) as error:
-            out[label] = str(error)
-    out["still_generates"] = engine.generate([sequence[:12]], greedy)[0].token_ids == reference
-    out["unchanged_scores"] = engine.score_logprobs([sequence])[0] == out["after"][0]
-    engine.llm.collective_rpc(_perturb_norm)
+    run, train_records, _ = setup(smollm2_engine_config(run_dir, **{"rollout.engine": "vllm"}))
+    out = sync_step_and_refused_updates(run, train_records)
+    run.engine.llm.collective_rpc(_perturb_norm)
     try:
         check_weight_sync(run, 7)
     except WeightSyncError as error:
         out["check_error"] = str(error)
-    engine.shutdown()
+    run.engine.shutdown()
     return out
 
 
@@ -93,35 +63,23 @@ def smollm2(tmp_path_factory):
     return run_distributed(_smollm2_scenario, world_size=1, timeout=1500, run_dir=run_dir)[0]
 
 
-def _max_diff(pair):
-    return max(abs(a - b) for a, b in zip(*pair))
-
-
 def test_vllm_logprobs_equal_megacredits_before_and_after_a_training_step(smollm2):
     assert smollm2["engine_type"] == "VLLMRolloutEngine"
-    before, after = smollm2["before"], smollm2["after"]
-    assert len(before[0]) == len(before[1]) > 10
-    print(f"max |vLLM - megacredit| per token: before {_max_diff(before):.2e}, after {_max_diff(after):.2e}")
-    assert _max_diff(before) < TOLERANCE, _max_diff(before)
-    assert _max_diff(after) < TOLERANCE, _max_diff(after)
-    # The step changed the weights, and the sync carried the change into vLLM.
-    assert _max_diff((before[1], after[1])) > 20 * TOLERANCE
-    assert _max_diff((before[0], after[0])) > 20 * TOLERANCE
+    assert_synced_and_moved(smollm2, TOLERANCE)
 
 
 def test_the_step_logs_sync_and_mismatch_figures(smollm2):
-    step = smollm2["step"]
-    assert step["sync/bytes"] > 5e8  # SmolLM2 in float32 is ~0.54 GB
-    assert step["sync/gb_per_s"] > 0 and step["sync/probe_logprob_diff"] < TOLERANCE
-    assert 0 <= step["rollout/logprob_abs_diff"] < TOLERANCE and abs(step["rollout/engine_kl"]) < TOLERANCE
-    assert smollm2["first_sync"]["sync/probe_logprob_diff"] < TOLERANCE
+    assert_step_logged_sync_and_mismatch(smollm2, TOLERANCE)
+
+
+def test_sampled_logprobs_at_temperature_equal_the_trainers(smollm2):
+    """Sampled at T = 0.7, vLLM reports log_softmax(logits / T) of its tokens (logprobs_mode
+    processed_logprobs), which the trainer's Megatron forward at T gives too, not the T = 1 ones."""
+    assert_tempered_logprobs_equal_the_trainers(smollm2, TOLERANCE)
 
 
 def test_a_bad_sync_raises_and_vllm_keeps_its_weights(smollm2):
-    assert "'model.norm.weight' has shape (577,)" in smollm2["wrong_shape"]
-    assert "unknown tensor name 'model.layers.0.mlp.gate_projj.weight'" in smollm2["unknown_name"]
-    assert "did you mean 'model.layers.0.mlp.gate_proj.weight'" in smollm2["unknown_name"]
-    assert smollm2["still_generates"] and smollm2["unchanged_scores"]
+    assert_refused_updates_changed_nothing(smollm2)
 
 
 def test_the_sync_check_names_the_corrupted_tensor(smollm2):
@@ -130,23 +88,11 @@ def test_the_sync_check_names_the_corrupted_tensor(smollm2):
     assert "'model.layers.4.input_layernorm.weight' (layer 4)" in error
 
 
-def _train_tiny(rank, world_size, run_dir):
-    from megacredit.config import load_config
-    from megacredit.trainer.loop import train
-
-    overrides = tiny_overrides("grpo", Path(run_dir), steps=2, **TINY_VLLM, **{
+def test_a_short_colocated_training_run_logs_sync_and_mismatch(tmp_path):
+    overrides = tiny_overrides("grpo", tmp_path, steps=2, **TINY_VLLM, **{
         "rollout.engine": "vllm", "rollout.check_weight_sync_every": 1, "algorithm.rollout_is": "token",
         "validation.after_training": True, "validation.num_prompts": 2, "validation.k": 2})
-    train(load_config(None, overrides))
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_a_short_colocated_training_run_logs_sync_and_mismatch(tmp_path):
-    records = run_distributed(_train_tiny, world_size=1, timeout=900, run_dir=str(tmp_path))[0]
-    steps = [r for r in records if "train/loss" in r]
-    assert [r["step"] for r in steps] == [1, 2]
-    for record in steps:
-        assert record["sync/bytes"] > 0 and record["sync/probe_logprob_diff"] < TOLERANCE
-        assert record["rollout/logprob_abs_diff"] < TOLERANCE
+    records = run_distributed(train_and_read_records, world_size=1, timeout=900, overrides=overrides)[0]
+    for record in training_steps_with_sync_and_mismatch(records, TOLERANCE):
         assert record["train/rollout_is_weight_mean"] == pytest.approx(1.0, abs=1e-2)
     assert any("val/avg_at_k" in r for r in records)  # validation generated with vLLM too

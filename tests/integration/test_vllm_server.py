@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
+from engine_scenarios import training_steps_with_sync_and_mismatch
 from megacredit.utils.spawn import run_distributed
-from trainer_helpers import tiny_overrides
+from trainer_helpers import tiny_overrides, train_and_read_records
 from vllm_helpers import needs_vllm, write_tiny_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_vllm]
@@ -116,24 +116,11 @@ def test_http_weight_update_matches_the_embedded_engine_and_bad_updates_change_n
     assert engine.score_logprobs(sequences) == served
 
 
-def _train_remote(rank, world_size, run_dir, model_dir, urls):
-    from megacredit.config import load_config
-    from megacredit.trainer.loop import train
-
-    overrides = tiny_overrides("grpo", Path(run_dir), steps=2, **{
-        "model.name_or_path": model_dir, "rollout.engine": "vllm", "rollout.placement": "remote",
-        "rollout.urls": json.dumps(urls), "rollout.check_weight_sync_every": 1, "algorithm.rollout_is": "sequence"})
-    train(load_config(None, overrides))
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_a_short_remote_training_run_over_two_servers(servers, model_dir, tmp_path):
-    urls = [s.url for s in servers]
-    records = run_distributed(_train_remote, world_size=1, timeout=900, run_dir=str(tmp_path),
-                              model_dir=str(model_dir), urls=urls)[0]
-    steps = [r for r in records if "train/loss" in r]
-    assert [r["step"] for r in steps] == [1, 2]
-    for record in steps:
-        assert record["sync/bytes"] > 0 and record["sync/probe_logprob_diff"] < 1e-3
-        assert record["rollout/logprob_abs_diff"] < 1e-3 and "rollout/engine_kl" in record
+    overrides = tiny_overrides("grpo", tmp_path, steps=2, **{
+        "model.name_or_path": model_dir, "rollout.engine": "vllm", "rollout.placement": "remote",
+        "rollout.urls": json.dumps([s.url for s in servers]), "rollout.check_weight_sync_every": 1,
+        "algorithm.rollout_is": "sequence"})
+    records = run_distributed(train_and_read_records, world_size=1, timeout=900, overrides=overrides)[0]
+    for record in training_steps_with_sync_and_mismatch(records, 1e-3):
         assert "train/rollout_is_clip_frac" in record

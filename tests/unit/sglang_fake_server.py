@@ -1,8 +1,14 @@
-"""A stand-in for one SGLang HTTP server, for tests that cannot run SGLang (no GPU).
+"""A stand-in for one SGLang HTTP server, for the protocol tests of the main environment (which
+has no SGLang; the real SGLang 0.5.23 runs in tests/sglang_cpu/ in its own environment) and for
+what the real one cannot be made to do on purpose: SGLang 0.5.20's protocol (no update session:
+``sessions=False`` answers 404 to ``/begin_weight_update`` / ``/end_weight_update`` and takes
+updates without one), a worker that refuses an update before receiving (``refuse_updates``).
 
 A real ``http.server`` on a free 127.0.0.1 port, in its own (spawned) process, that records
-every request and answers like SGLang's ``http_server.py``. Its weight receiving mirrors
-SGLang's ``ModelRunner`` (sgl-project/sglang ``python/sglang/srt/model_executor/model_runner.py``):
+every request and answers like SGLang 0.5.23's ``http_server.py``: by default every update must
+sit in a session (``/begin_weight_update`` ... ``/end_weight_update``), and an update outside one
+is refused with SGLang's message before anything is received. Its weight receiving mirrors
+SGLang's ``ModelRunner`` (``model_executor/model_runner_components/weight_updater.py``):
 ``/init_weights_update_group`` joins the trainer's group at ``rank_offset`` (TP size 1 here);
 ``/update_weights_from_distributed`` allocates every named tensor from ``names/dtypes/shapes``
 and receives a broadcast from rank 0: one flat buffer of all of them with
@@ -51,8 +57,31 @@ class _State:
         self.requests = []
         self.received = {}
         self.flush_busy = int(config.get("flush_busy", 0))
+        self.session_open = False
+        self.released = False
+
+    def session(self, path):
+        """0.5.23's ``SchedulerWeightUpdaterManager.begin_weight_update`` / ``end_weight_update``."""
+        if not self.config.get("sessions", True):
+            return 404, {"detail": "Not Found"}
+        if path == "/begin_weight_update":
+            if self.session_open:
+                return 400, {"success": False, "message": "a weight-update session is already open; "
+                                                          "call end_weight_update() first"}
+            self.session_open = True
+        else:
+            if not self.session_open:
+                return 400, {"success": False, "message": "no weight-update session is open; "
+                                                          "call begin_weight_update() first"}
+            self.session_open = False
+        return 200, {"success": True, "message": "Success"}
 
     def receive(self, body):
+        if self.config.get("refuse_updates"):  # answers at once: joins no broadcast
+            return 400, {"success": False, "message": self.config["refuse_updates"]}
+        if self.config.get("sessions", True) and not self.session_open:
+            return 400, {"success": False, "message": "update_weights_from_distributed must run between "
+                                                      "begin_weight_update() and end_weight_update()"}
         group = self.groups[body["group_name"]]
         tensors = [torch.empty(shape, dtype=getattr(torch, dtype))
                    for dtype, shape in zip(body["dtypes"], body["shapes"])]
@@ -77,8 +106,11 @@ class _State:
 
 
 def _answer(state, method, path, body):
-    if path == "/get_server_info":
-        return 200, {"tp_size": 1, "dp_size": 1, "pp_size": 1}
+    if path in ("/server_info", "/get_server_info"):
+        return 200, {"tp_size": 1, "dp_size": 1, "pp_size": 1,
+                     "enable_memory_saver": state.config.get("memory_saver", True)}
+    if path in ("/begin_weight_update", "/end_weight_update"):
+        return state.session(path)
     if path == "/workers":
         return 200, {"workers": [{"url": u} for u in state.config.get("workers", [])], "total": 1}
     if path == "/generate":
@@ -105,7 +137,13 @@ def _answer(state, method, path, body):
         return 200, "Cache flushed."
     if path in ("/pause_generation", "/continue_generation"):
         return 200, {"message": "ok", "status": "ok"}
-    if path in ("/release_memory_occupation", "/resume_memory_occupation"):
+    if path == "/release_memory_occupation":
+        state.released = True
+        return 200, None
+    if path == "/resume_memory_occupation":  # 0.5.23: offload_tags.remove(tag) raises, the scheduler dies
+        if not state.released:
+            return 500, "KeyError: 'weights' (resume_memory_occupation without a release)"
+        state.released = False
         return 200, None
     return 404, {"error": f"no route {method} {path}"}
 

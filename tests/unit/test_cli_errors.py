@@ -66,6 +66,15 @@ def test_malformed_data_row_prints_the_dataset_row_error_alone(tmp_path, empty_c
     assert line.startswith(f"megacredit: error: {MALFORMED_SCIKNOWEVAL}")  # the message alone, no prefix
 
 
+def test_transformer_engine_on_without_it_fails_before_megatron_starts(tmp_path, empty_config):
+    """No Transformer Engine on this machine: 'on' must not fall back to the local spec."""
+    result = _megacredit("train", str(empty_config), *TINY, "model.transformer_engine=on",
+                         f"logging.run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    _assert_one_line_error(result, "model.transformer_engine=on but Transformer Engine cannot load (",
+                           "set model.transformer_engine=auto or off")
+    assert "building the Megatron model" not in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("kind, needle", [
     ("missing", "no such file or folder"),
     ("file", "is a file, not a model folder"),

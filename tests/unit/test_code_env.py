@@ -18,6 +18,7 @@ from megacredit.envs.sandbox import sandbox_backend
 from megacredit.envs.code_tests import (normalise_code_record, select_test_indices, stdout_matches,
                                         functional_matches)
 from livecodebench_payload import encode_private_test_cases
+from make_deps import needs
 
 ADD_RECORD = {"id": "add", "tests": [{"input": "1 2\n", "output": "3\n", "testtype": "stdin"},
                                      {"input": "5 7\n", "output": "12", "testtype": "stdin"}]}
@@ -120,7 +121,7 @@ def test_a_crash_in_one_test_does_not_hide_the_others(env):
                                "Killed by signal SIGSEGV (stack overflow, e.g. from deep recursion)")
 
 
-@pytest.mark.skipif(sandbox_backend().mode != "bwrap", reason="bubblewrap unavailable")
+@needs("bwrap", sandbox_backend().mode == "bwrap", "absent, or it failed its probe")
 def test_killing_the_runner_fails_all_tests_without_crashing(env):
     program = "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
     result = env.evaluate(ADD_RECORD, fenced(program), "val")

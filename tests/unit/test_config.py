@@ -120,6 +120,9 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
     (["parallel.tensor_model_parallel_size=2"], r"does not divide the 9 attention heads"),
     (["parallel.pipeline_model_parallel_size=4"], r"does not divide the 30 layers"),
     (["parallel.sequence_parallel=true"], r"needs parallel\.tensor_model_parallel_size > 1"),
+    (["model.name_or_path=tiny", "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+      "parallel.sequence_parallel=true", "parallel.micro_batch_tokens=32769"],
+     r"'parallel\.micro_batch_tokens' = 32769 .*sequence and pipeline parallelism.*multiple of 2"),
     (["model.name_or_path=tiny", "parallel.tensor_model_parallel_size=3"], r"4 attention heads"),
     (["rollout.max_new_tokens=20000"], r"smaller than rollout\.max_seq_len"),
     (["data.dataset=sciknoweval", "data.train_path=/no/such/file.jsonl"], r"'data\.train_path'.*file not found"),
@@ -137,6 +140,14 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
 def test_incompatible_or_out_of_range_values_are_rejected(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, overrides)
+
+
+def test_sequence_parallel_budgets_that_can_run_are_accepted():
+    """Without PP the actor pads each packed row to a multiple of TP, so any budget runs; with PP
+    rows are padded to the budget itself, which must then split into TP shards."""
+    tiny_tp2 = ["model.name_or_path=tiny", "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+    assert load_config(None, [*tiny_tp2, "parallel.micro_batch_tokens=32769"]).parallel.sequence_parallel
+    assert load_config(None, [*tiny_tp2, "parallel.pipeline_model_parallel_size=2"]).parallel.sequence_parallel
 
 
 def test_group_size_one_is_allowed_without_group_normalisation():
@@ -285,3 +296,17 @@ def test_the_config_literal_names_every_method_of_the_table():
     from megacredit.config.schema import AlgorithmName
 
     assert sorted(typing.get_args(AlgorithmName)) == METHODS
+
+
+@pytest.mark.parametrize("text, expected", [("on", "on"), ("off", "off"), ('"on"', "on"), ("auto", "auto")])
+def test_a_bare_on_or_off_is_the_word_not_a_yaml_boolean(tmp_path, text, expected):
+    """YAML 1.1 (PyYAML) reads an unquoted on/off as True/False; on/off fields take it as the word."""
+    path = tmp_path / "te.yaml"
+    path.write_text(f"model:\n  transformer_engine: {text}\n")
+    assert load_config(path).model.transformer_engine == expected
+    assert load_config(None, [f"model.transformer_engine={text}"]).model.transformer_engine == expected
+    with pytest.raises(ConfigError, match="must be one of 'auto', 'on', 'off', got 'yes'"):
+        load_config(None, ["model.transformer_engine='yes'"])
+    assert load_config(None, ["logging.progress=off"]).logging.progress == "off"  # 'off' without an 'on'
+    with pytest.raises(ConfigError, match="'logging.progress' must be one of 'auto', 'rich', 'plain', 'off', got True"):
+        load_config(None, ["logging.progress=on"])

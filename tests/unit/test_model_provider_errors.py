@@ -1,4 +1,8 @@
-"""Model provider: clear errors for what it cannot build, and the HF -> Megatron config mapping."""
+"""Model provider: clear errors for what it cannot build, the HF -> Megatron config mapping, and
+the layer spec ``model.transformer_engine`` chooses (with its reason)."""
+
+import logging
+import sys
 
 import pytest
 import torch
@@ -7,10 +11,13 @@ from transformers import GPT2Config, LlamaConfig
 from megacredit.megatron.model_provider import (
     SUPPORTED_MODEL_TYPES,
     UnsupportedArchitectureError,
+    choose_layer_spec,
+    layer_spec_for,
     padded_vocab_size,
     transformer_config_from_hf,
 )
 from megacredit.models.tiny import tiny_config
+from megacredit.utils.errors import SetupError
 
 
 def _smollm2_shaped_config() -> LlamaConfig:
@@ -96,3 +103,59 @@ def test_config_fields_follow_the_hf_config():
 @pytest.mark.parametrize("vocab, tp, expected", [(101, 1, 128), (101, 2, 256), (49152, 1, 49152), (151936, 4, 152064)])
 def test_vocab_padding_follows_megatron_lm(vocab, tp, expected):
     assert padded_vocab_size(vocab, tp) == expected
+
+
+# -- model.transformer_engine: which layer spec, and why ------------------------------------
+BROKEN_TE = "raise ImportError('libcudart.so.12: cannot open shared object file')\n"  # a TE built for another CUDA
+
+
+@pytest.fixture
+def fake_transformer_engine(tmp_path, monkeypatch):
+    """Puts a ``transformer_engine`` package first on sys.path whose ``pytorch`` module runs the
+    given source (a TE installed but broken on this machine, or one that imports)."""
+    def install(pytorch_source: str) -> None:
+        package = tmp_path / "transformer_engine"
+        (package / "pytorch").mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "pytorch" / "__init__.py").write_text(pytorch_source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        for name in [m for m in sys.modules if m.split(".")[0] == "transformer_engine"]:
+            monkeypatch.delitem(sys.modules, name)
+    yield install
+    for name in [m for m in sys.modules if m.split(".")[0] == "transformer_engine"]:
+        del sys.modules[name]  # the fake must not outlive its test
+
+
+def test_auto_falls_back_to_the_local_spec_and_says_why(fake_transformer_engine, caplog):
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    fake_transformer_engine(BROKEN_TE)
+    choice = choose_layer_spec(None)
+    assert not choice.transformer_engine
+    assert str(choice) == ("Megatron-Core local layer spec: model.transformer_engine=auto, Transformer Engine "
+                           "cannot load (ImportError: libcudart.so.12: cannot open shared object file)")
+    with caplog.at_level(logging.INFO, logger="megacredit.megatron.model_provider"):
+        spec = layer_spec_for(tiny_config("qwen3"))
+    assert str(choice) in caplog.text
+    assert spec.submodules.input_layernorm is WrappedTorchNorm  # the local spec's RMSNorm
+
+
+def test_on_without_a_loadable_transformer_engine_fails_in_one_line(fake_transformer_engine):
+    fake_transformer_engine(BROKEN_TE)
+    for call in (lambda: choose_layer_spec(True), lambda: layer_spec_for(tiny_config("qwen3"), True)):
+        with pytest.raises(SetupError) as info:
+            call()
+        message = str(info.value)
+        assert "\n" not in message and message.startswith("model.transformer_engine=on but Transformer Engine cannot load")
+        assert "ImportError: libcudart.so.12" in message and "model.transformer_engine=auto or off" in message
+
+
+def test_auto_and_on_choose_transformer_engine_when_it_imports(fake_transformer_engine):
+    fake_transformer_engine("")
+    assert choose_layer_spec(None) == (True, "model.transformer_engine=auto, transformer_engine.pytorch imports")
+    assert choose_layer_spec(True).transformer_engine
+
+
+def test_off_never_tries_transformer_engine(fake_transformer_engine):
+    fake_transformer_engine("raise AssertionError('off must not import Transformer Engine')\n")
+    assert choose_layer_spec(False) == (False, "model.transformer_engine=off")

@@ -14,6 +14,7 @@ import struct
 
 import pytest
 
+from make_deps import needs
 from megacredit.envs._seccomp import DENIED, NO_EXEC, _load_library, compile_filter
 
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(platform.machine())
@@ -23,7 +24,7 @@ RET_ACTION_MASK = 0xFFFF0000
 RET_KILL_ACTIONS = {0x00000000, 0x80000000}  # SECCOMP_RET_KILL_THREAD, SECCOMP_RET_KILL_PROCESS
 
 pytestmark = [
-    pytest.mark.skipif(compile_filter().bpf is None, reason=f"no seccomp filter: {compile_filter().reason}"),
+    needs("libseccomp", compile_filter().bpf is not None, compile_filter().reason),
     pytest.mark.skipif(AUDIT_ARCH is None, reason=f"no audit arch constant for {platform.machine()}"),
 ]
 

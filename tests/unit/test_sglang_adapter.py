@@ -1,7 +1,8 @@
-"""The SGLang adapter without SGLang (it needs a GPU): request bodies, result parsing, flattened
-buckets and their exact inverse, the checkpoint manifest (names the engine accepts), and the
-colocated engine's call sequence against a fake ``sglang`` module that unpacks the payloads the
-way SGLang's ModelRunner does. The real engine is UNVERIFIED here (see test_sglang_gpu.py)."""
+"""The SGLang adapter without SGLang (the main environment has none): request bodies, result
+parsing, flattened buckets and their exact inverse, the checkpoint manifest (names the engine
+accepts), and the colocated engine's call sequence against a fake ``sglang`` module that unpacks
+the payloads the way SGLang's ModelRunner does, as SGLang 0.5.23 (update session) and 0.5.20
+(none). The real SGLang 0.5.23 runs in tests/sglang_cpu/ (its own environment)."""
 
 from __future__ import annotations
 
@@ -145,6 +146,14 @@ class _FakeEngine:
         self.calls.append(("flush",))
         return types.SimpleNamespace(success=True)
 
+    def begin_weight_update(self):
+        self.calls.append(("begin",))
+        return True, "Success"
+
+    def end_weight_update(self):
+        self.calls.append(("end",))
+        return True, "Success"
+
     def generate(self, **body):
         self.calls.append(("generate", body))
         if body["sampling_params"] and isinstance(body["sampling_params"], dict):
@@ -163,12 +172,19 @@ class _FakeEngine:
         self.calls.append(("shutdown",))
 
 
-@pytest.fixture
-def fake_sglang(monkeypatch):
+class _FakeEngine0520(_FakeEngine):
+    """SGLang 0.5.20: no update session."""
+
+    begin_weight_update = end_weight_update = None
+
+
+@pytest.fixture(params=["0.5.23", "0.5.20"])
+def fake_sglang(monkeypatch, request):
     modules = {name: types.ModuleType(name) for name in
                ("sglang", "sglang.srt", "sglang.srt.utils", "sglang.srt.weight_sync",
                 "sglang.srt.weight_sync.tensor_bucket")}
-    modules["sglang"].Engine = _FakeEngine
+    modules["sglang"].Engine = _FakeEngine if request.param == "0.5.23" else _FakeEngine0520
+    modules["sglang"].fake_version = request.param
     modules["sglang.srt.utils"].MultiprocessingSerializer = _FakeSerializer
     modules["sglang.srt.weight_sync.tensor_bucket"].FlattenedTensorMetadata = _FakeMetadata
     for name, module in modules.items():
@@ -190,15 +206,20 @@ def test_colocated_update_sequence_and_exact_weights(fake_sglang, tmp_path, flat
     import os
 
     pairs = _pairs()
-    engine = sglang_adapter.SGLangRolloutEngine(_checkpoint(tmp_path, pairs), tp_size=2, flatten=flatten)
+    engine = sglang_adapter.SGLangRolloutEngine(_checkpoint(tmp_path, pairs), tp_size=2, flatten=flatten,
+                                                memory_saver=True)
     assert engine.engine.kwargs["tp_size"] == 2 and engine.engine.kwargs["enable_memory_saver"] is True
-    assert os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] == "1"
+    assert "SGLANG_RETURN_ORIGINAL_LOGPROB" not in os.environ
     report = engine.update_weights_from_buckets([pairs[:2], pairs[2:]], manifest_of(pairs))
     assert report.num_tensors == 5
     expected_format = "flattened_bucket" if flatten else None
     payloads = 2 if flatten else None  # one serialized payload per TP rank
-    calls = engine.engine.calls
+    calls = [c for c in engine.engine.calls if c[0] not in ("begin", "end")]
     assert [c[0] for c in calls] == ["update", "update", "update", "flush"]  # bucket 1 is fp32 + bf16
+    session = [c[0] for c in engine.engine.calls if c[0] in ("begin", "end")]
+    assert session == (["begin", "end"] if fake_sglang["sglang"].fake_version == "0.5.23" else [])
+    if session:  # the updates sit inside the session, the flush after it
+        assert engine.engine.calls[0] == ("begin",) and engine.engine.calls[-2:] == [("end",), ("flush",)]
     assert all(c[2] == expected_format and c[3] is False for c in calls[:3])
     if flatten:
         assert all(c[1] == payloads for c in calls[:3])
@@ -216,11 +237,24 @@ def test_colocated_refuses_a_wrong_shape_before_any_call(fake_sglang, tmp_path):
     assert engine.engine.calls == []
 
 
+def test_a_refused_colocated_update_closes_the_session_and_names_sglangs_message(fake_sglang, tmp_path):
+    from megacredit.rollout.base import WeightSyncError
+
+    pairs = _pairs()
+    engine = sglang_adapter.SGLangRolloutEngine(_checkpoint(tmp_path, pairs))
+    engine.engine.update_weights_from_tensor = lambda *a, **k: (False, "must run between begin and end")
+    with pytest.raises(WeightSyncError, match="must run between begin and end; nothing of this update"):
+        engine.update_weights_from_buckets([pairs], manifest_of(pairs))
+    expected = ["begin", "end"] if fake_sglang["sglang"].fake_version == "0.5.23" else []
+    assert [c[0] for c in engine.engine.calls] == expected  # closed, and no flush
+
+
 def test_colocated_generate_score_sleep_wake_shutdown(fake_sglang, tmp_path):
-    engine = sglang_adapter.SGLangRolloutEngine(_checkpoint(tmp_path, _pairs()))
+    engine = sglang_adapter.SGLangRolloutEngine(_checkpoint(tmp_path, _pairs()), memory_saver=True)
     out = engine.generate([[1, 2]], SamplingParams(max_new_tokens=1, n=3))
     assert len(out) == 3 and out[0].token_ids == [9] and out[0].logprobs == [-0.3]
     assert engine.score_logprobs([[4, 5, 6]]) == [[-1.0, -1.0]]
+    engine.wake()  # never slept: nothing to resume (SGLang's resume would fail)
     engine.sleep()
     engine.wake()
     engine.shutdown()
@@ -235,5 +269,15 @@ def test_a_failed_update_answer_raises_a_sync_error():
     sglang_adapter.check_answer({"success": True}, "x", 0)
     with pytest.raises(WeightSyncError, match="mix of old and new"):
         sglang_adapter.check_answer((False, "Failed to update parameter online"), "update", 3)
+    with pytest.raises(WeightSyncError, match="keeps its previous weights"):
+        sglang_adapter.check_answer({"success": False, "message": "no session"}, "update", 0)
     with pytest.raises(WeightSyncError, match="boom"):
         sglang_adapter.check_answer(types.SimpleNamespace(success=False, message="boom"), "flush", 0)
+
+
+def test_an_environment_asking_for_temperature_one_logprobs_is_refused():
+    """SGLANG_RETURN_ORIGINAL_LOGPROB=1 would make SGLang return log-probs before temperature,
+    not of the distribution it samples; the engine's environment refuses it in one line."""
+    with pytest.raises(ValueError, match="SGLANG_RETURN_ORIGINAL_LOGPROB is set.*unset it"):
+        sglang_adapter.sglang_environment({"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"})
+    assert "SGLANG_RETURN_ORIGINAL_LOGPROB" not in sglang_adapter.sglang_environment({})

@@ -1,7 +1,8 @@
 """Remote SGLang engine over HTTP, against real local HTTP servers that record the requests and
-receive weights over a real torch.distributed group (gloo here; NCCL on GPUs) the way SGLang's
-ModelRunner does (tests/unit/sglang_fake_server.py). SGLang itself cannot run here (no GPU):
-these tests check megacredit's side of the protocol, not SGLang."""
+receive weights over a real torch.distributed group (gloo) the way SGLang's ModelRunner does
+(tests/unit/sglang_fake_server.py): megacredit's side of the protocol, exact request sequences,
+SGLang 0.5.20's protocol (no update session) and workers that refuse mid-update. The real SGLang
+0.5.23 runs the same engine in tests/sglang_cpu/test_sglang_server_cpu.py."""
 
 from __future__ import annotations
 
@@ -67,11 +68,18 @@ def test_router_gets_the_generation_and_lists_the_workers(servers):
     engine = SGLangServerEngine(router_url=router)
     assert engine.workers == [worker]
     engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=2))
+    engine.wake()  # the trainer's first sync wakes an engine that never slept: nothing to resume
+    engine.sleep()
     engine.sleep()
     engine.wake()
     assert [r[1] for r in server_state(router)["requests"]] == ["/workers", "/generate"]
-    assert [r[1] for r in server_state(worker)["requests"]] == ["/release_memory_occupation",
+    assert [r[1] for r in server_state(worker)["requests"]] == ["/server_info", "/release_memory_occupation",
                                                                 "/resume_memory_occupation"]
+    reset_server(worker, memory_saver=False)  # started without --enable-memory-saver: nothing to release
+    engine = SGLangServerEngine([worker])
+    engine.sleep()
+    engine.wake()
+    assert [r[1] for r in server_state(worker)["requests"]] == ["/server_info"]
     with pytest.raises(ValueError, match="lists no workers"):
         SGLangServerEngine(router_url=empty_router)
 
@@ -116,9 +124,10 @@ def test_distributed_update_request_sequence_and_exact_tensors(servers, flatten)
     assert report.num_tensors == 4
     for offset, state in enumerate(states, start=1):
         paths = [path for _, path, _ in state["requests"]]
-        assert paths == ["/get_server_info", "/init_weights_update_group", "/pause_generation",
+        assert paths == ["/server_info", "/init_weights_update_group", "/pause_generation",
+                         "/begin_weight_update", "/update_weights_from_distributed",
                          "/update_weights_from_distributed", "/update_weights_from_distributed",
-                         "/update_weights_from_distributed", "/flush_cache", "/continue_generation",
+                         "/end_weight_update", "/flush_cache", "/continue_generation",
                          "/destroy_weights_update_group"]
         init = state["requests"][1][2]
         assert (init["rank_offset"], init["world_size"], init["group_name"]) == (offset, 3, "megacredit_pp0")
@@ -150,9 +159,9 @@ def test_a_bad_name_is_refused_before_any_weight_moves(servers, tmp_path):
     state = server_state(url)
     # the refused updates sent nothing at all (not even a pause); the good one went through
     assert [path for _, path, _ in state["requests"]] == [
-        "/get_server_info", "/init_weights_update_group", "/pause_generation",
-        "/update_weights_from_distributed", "/update_weights_from_distributed", "/flush_cache",
-        "/continue_generation", "/destroy_weights_update_group"]
+        "/server_info", "/init_weights_update_group", "/pause_generation", "/begin_weight_update",
+        "/update_weights_from_distributed", "/update_weights_from_distributed", "/end_weight_update",
+        "/flush_cache", "/continue_generation", "/destroy_weights_update_group"]
     updates = [body for _, path, body in state["requests"] if path == "/update_weights_from_distributed"]
     assert [u["names"] for u in updates] == [[n for n, _ in pairs if n != "model.norm.weight"],
                                               ["model.norm.weight"]]
@@ -167,7 +176,8 @@ def test_an_engine_side_failure_raises_a_sync_error_and_resumes_generation(serve
         engine.update_weights_from_buckets([pairs], manifest_of(pairs))
     engine.shutdown()
     paths = [path for _, path, _ in server_state(url)["requests"]]
-    assert paths[-2:] == ["/continue_generation", "/destroy_weights_update_group"]
+    # the session is closed and generation continues, the group (intact: the worker received) is kept
+    assert paths[-3:] == ["/end_weight_update", "/continue_generation", "/destroy_weights_update_group"]
     assert "/flush_cache" not in paths
 
 
@@ -194,3 +204,62 @@ def test_the_first_update_connects_the_group_by_itself(servers):
     assert len(inits) == 1 and inits[0]["master_address"] == "127.0.0.1"  # the route to 127.0.0.1
     assert inits[0]["group_name"] == "megacredit_pp0" and inits[0]["backend"] == "gloo"
     _assert_received(server_state(url)["received"], pairs)
+
+
+def test_sglang_0520_servers_take_updates_without_a_session(servers):
+    """SGLang 0.5.20 has no /begin_weight_update (404): the update goes through without one."""
+    pairs = _weights()
+    url = reset_server(servers[0], sessions=False)
+    engine = SGLangServerEngine([url], sync_backend="gloo")
+    engine.update_weights_from_buckets([pairs], manifest_of(pairs))
+    engine.shutdown()
+    paths = [path for _, path, _ in server_state(url)["requests"]]
+    assert paths[2:] == ["/pause_generation", "/begin_weight_update", "/update_weights_from_distributed",
+                         "/update_weights_from_distributed", "/flush_cache", "/continue_generation",
+                         "/destroy_weights_update_group"]
+    _assert_received(server_state(url)["received"], pairs)
+
+
+def test_a_refused_session_raises_before_anything_moves(servers):
+    pairs = _weights()
+    url = servers[0]
+    engine = SGLangServerEngine([url], sync_backend="gloo")
+    engine.client.post(url, "/begin_weight_update", {})  # someone else holds the session
+    with pytest.raises(WeightSyncError, match="session is already open.*keeps its previous weights"):
+        engine.update_weights_from_buckets([pairs], manifest_of(pairs))
+    engine.shutdown()
+    paths = [path for _, path, _ in server_state(url)["requests"]]
+    assert "/update_weights_from_distributed" not in paths and paths[-2:] == [
+        "/continue_generation", "/destroy_weights_update_group"]
+
+
+def test_a_worker_refusing_before_receiving_does_not_block_the_broadcast(servers):
+    """Worker b refuses at once (joins no broadcast): the update fails within seconds, not at
+    the group's 10-minute timeout; worker a, left waiting in its receive, is not this rank's
+    problem; the next update connects a new group."""
+    import time
+
+    pairs = _weights()
+    a, b, _ = servers
+    reset_server(b, refuse_updates="Failed to receive weights: Group megacredit_pp0 not in []")
+    engine = SGLangServerEngine([b], sync_backend="gloo", update_timeout=60)
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match="Group megacredit_pp0 not in"):
+        engine.update_weights_from_buckets([pairs], manifest_of(pairs))
+    assert time.monotonic() - start < 30
+    assert engine._group is None  # abandoned: its send may still be pending
+    reset_server(b)
+    engine.update_weights_from_buckets([pairs], manifest_of(pairs))  # a fresh group
+    inits = [body for _, path, body in server_state(b)["requests"] if path == "/init_weights_update_group"]
+    assert [i["group_name"] for i in inits] == ["megacredit_pp0_1"]
+    _assert_received(server_state(b)["received"], pairs)
+    engine.shutdown()
+
+
+def test_a_silent_worker_is_bounded_by_the_update_timeout(servers):
+    """A worker that never answers the group's rendezvous: connect gives up after update_timeout."""
+    engine = SGLangServerEngine([servers[0]], sync_backend="gloo", update_timeout=3)
+    engine.tp_sizes = lambda: [2]  # the group expects a rank that never comes
+    with pytest.raises(WeightSyncError, match="not done after 3 s"):
+        engine.connect_weight_sync("127.0.0.1", free_port(), group_name="never_complete", backend="gloo")
+    engine.shutdown()
