@@ -60,10 +60,10 @@ def model_shape(cfg: MegacreditConfig) -> ModelShape:
         if tiny.vocab_size is None and tiny.tokenizer != "smollm2-135m-instruct":
             raise ConfigError("model.tiny.vocab_size: the planner needs it when the tokenizer is not the builtin "
                               "SmolLM2 one; set model.tiny.vocab_size")
-        d = tiny.to_hf_config_dict(SMOLLM2_VOCAB)
-        if tiny.architecture == "qwen3":
-            d["head_dim"] = tiny.hidden_size // tiny.num_attention_heads
-        return shape_from_hf_dict(d)
+        from megacredit.models.tiny import tiny_config  # as trainer/builder.py builds it (Qwen3: head_dim 16)
+
+        fields = tiny.to_hf_config_dict(SMOLLM2_VOCAB)
+        return shape_from_hf_dict(tiny_config(fields.pop("model_type"), **fields).to_dict())
     if name in KNOWN_SHAPES:
         return KNOWN_SHAPES[name]
     config_json = Path(name).expanduser() / "config.json"

@@ -10,6 +10,8 @@
    puts it on the last); the activations per layer differ by exactly the two terms named there
    (dropout masks, which these models do not have; SwiGLU's gate, which its GeLU count lacks).
 2. The 8B recipe's numbers in docs/launching.md, and the verdict and the knobs of the CLI.
+3. The parameter count of the tiny models (Llama, Qwen2 with QKV bias, Qwen3 with QK-norm; tied
+   or not) equals the Hugging Face model's.
 The measured CPU peaks are in tests/distributed/test_plan_measured.py.
 """
 
@@ -101,3 +103,20 @@ def test_the_cli_says_whether_it_fits_and_which_knob_to_turn(capsys):
 def test_an_unknown_model_names_the_field():
     with pytest.raises(ConfigError, match="model.name_or_path"):
         make_plan(_cfg("model.name_or_path=/nonexistent/folder"))
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_parameter_count_equals_the_hugging_face_models(architecture, tied):
+    from transformers import AutoModelForCausalLM
+
+    from megacredit.models.tiny import tiny_config
+    from megacredit.planning.memory import stage_parameters
+    from megacredit.planning.shapes import model_shape
+
+    cfg = load_config(None, ["model.name_or_path=tiny", f"model.tiny.architecture={architecture}",
+                             "model.tiny.vocab_size=1024", f"model.tiny.tie_word_embeddings={tied}"],  # 1024: no padding
+                      check_paths=False)
+    fields = cfg.model.tiny.to_hf_config_dict(1024)
+    model = AutoModelForCausalLM.from_config(tiny_config(fields.pop("model_type"), **fields))
+    assert stage_parameters(model_shape(cfg), 1, 1, 0) == sum(p.numel() for p in model.parameters())
