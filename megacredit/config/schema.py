@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from megacredit.config.parsing import ConfigError
-from megacredit.utils.errors import parallel_layout_problem
+from megacredit.utils.errors import expert_layout_problem, parallel_layout_problem
 
 AlgorithmName = Literal["grpo", "sdpo", "credit", "rlsd", "credit_rlsd", "opsd"]
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
@@ -26,8 +26,9 @@ BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
 class TinyModelConfig:
     """Architecture of the random-initialised test model (``model.name_or_path: tiny``)."""
 
-    architecture: Literal["llama", "qwen2", "qwen3"] = "llama"
-    """Hugging Face family the tiny config imitates."""
+    architecture: Literal["llama", "qwen2", "qwen3", "olmo3", "qwen3_moe"] = "llama"
+    """Hugging Face family the tiny config imitates (olmo3: sliding window of 4 on 3 of every 4
+    layers; qwen3_moe: 4 experts, top-2; megacredit/models/tiny.py)."""
     hidden_size: int = 64
     """Model width."""
     num_hidden_layers: int = 2
@@ -82,6 +83,10 @@ class ModelConfig:
     megacredit's own chunked torch code either way): auto = when ``transformer_engine.pytorch``
     imports, else Megatron-Core's local spec; on = TE's or a one-line error; off = the local
     spec. Start-up shows which spec was chosen and why."""
+    moe_aux_loss_coeff: Optional[float] = None
+    """Mixture-of-experts models: coefficient of Megatron's load-balancing loss, added to the
+    gradients (not to the logged loss); null = the checkpoint's router_aux_loss_coef (Qwen3-MoE:
+    0.001), 0 = none."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture used when name_or_path is 'tiny'."""
 
@@ -97,6 +102,10 @@ class ParallelConfig:
     """PP: must divide the number of layers."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs TP > 1)."""
+    expert_model_parallel_size: int = 1
+    """EP: ranks that split the experts of a mixture-of-experts model (must divide its
+    num_experts; EP x PP must divide the world size: EP is folded over the TP x DP ranks of a
+    stage, experts are not split over TP)."""
     micro_batch_tokens: int = 32768
     """Token budget of one packed micro-batch (sequences are packed up to this many tokens)."""
     recompute: Literal["none", "selective", "full"] = "none"
@@ -119,7 +128,8 @@ class ParallelConfig:
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` processes (raises ConfigError if TP*PP does not divide)."""
         problem = parallel_layout_problem(world_size, self.tensor_model_parallel_size,
-                                          self.pipeline_model_parallel_size)
+                                          self.pipeline_model_parallel_size) or expert_layout_problem(
+            world_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size)
         if problem is not None:
             raise ConfigError(f"{problem}; or change parallel.*")
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)

@@ -19,6 +19,7 @@ import torch
 
 from megacredit.data.teacher_context import SampleSequences
 from megacredit.megatron.distributed import ParallelContext
+from megacredit.megatron.moe import RouterLoad, is_moe
 from megacredit.megatron.optimizer import optimizer_step, zero_grads
 from megacredit.algorithms.topk_fused import TopKLogprobs
 from megacredit.megatron.rl_passes import VocabHead, row_length_multiple, run_packed_schedule
@@ -109,6 +110,7 @@ class MegatronActor:
         self.progress = progress or ProgressReporter()  # shows each pass's micro-batches
         self.head = VocabHead(model_chunks, settings.chunk_size, temperature=settings.temperature)
         self.memory = TrainerMemory(model_chunks, optimizer, teacher)  # released while an engine generates
+        self.router_load = RouterLoad(model_chunks) if is_moe(model_chunks) else None  # MoE diagnostics
 
     # ----------------------------------------------------------------------------- helpers
     def owned(self, indices: Sequence[int]) -> list[int]:
@@ -343,6 +345,8 @@ class MegatronActor:
             self.teacher.after_optimizer_step(self.model_chunks)
         metrics = _mean_metrics(outputs)
         metrics.update({"train/grad_norm": step.grad_norm or 0.0})
+        if self.router_load is not None:  # collective: every rank trains every mini-batch
+            metrics.update(self.router_load.step_metrics())
         return metrics
 
     def _student_forward_head(self, hidden: torch.Tensor, micro_batch: PackedMicroBatch,

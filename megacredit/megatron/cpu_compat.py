@@ -35,6 +35,14 @@ in one place, what running Megatron-Core 0.16.1 on CPU with gloo showed to break
    copies every state key from the checkpoint's per-parameter tensors, which hold no step
    (``_set_main_param_and_optimizer_states``: ``KeyError: 'step'``): each parameter gets its
    own copy of the restored step, handed over as itself.
+8. Mixture of experts. Without Transformer Engine, ``megatron/core/transformer/moe/moe_utils.py``
+   imports ``te_general_gemm`` from TE inside a ``try`` and never defines the name when that
+   fails, so the router's ``RouterGatingLinearFunction`` raises ``NameError``: it is set to None,
+   which selects the function's own ``torch.mm`` branch. The all-to-all token dispatcher turns its
+   split sizes into numpy arrays with ``maybe_move_tensor_to_cpu(..., as_numpy=True)``, which
+   converts only CUDA tensors, and gloo's ``all_to_all_single`` refuses tensors as split sizes:
+   the dispatcher gets a twin that converts host tensors too. Its stream event (``record_event``)
+   is the no-op stand-in of (1).
 
 The mode is pushed on the thread that calls ``enable_cpu_compat`` (torch function modes are
 per-thread); call it in each process (megacredit.megatron.distributed.initialize does).
@@ -121,6 +129,10 @@ class _NoOpStream:
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
 
+    def record_event(self, *args: Any, **kwargs: Any) -> "_NoOpStream":
+        """An event stand-in (Megatron's all-to-all MoE dispatcher synchronizes on it)."""
+        return _NoOpStream()
+
     def __enter__(self):
         return self
 
@@ -180,6 +192,12 @@ def _keep_restored_step(set_states):
     return set_states_keeping_step
 
 
+def _host_tensor(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """CPU twin of Megatron's ``moe_utils.maybe_move_tensor_to_cpu``: the tensor is already on
+    the host; with ``as_numpy`` it becomes a numpy array, as a device tensor would."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
     cuda.current_device = lambda: "cpu"
@@ -225,6 +243,12 @@ def _patch_megatron() -> None:
     optimizer_class.state_dict = _initialised_adam_state(optimizer_class.state_dict)
     optimizer_class._set_main_param_and_optimizer_states = _keep_restored_step(
         optimizer_class._set_main_param_and_optimizer_states)
+
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_tensor
 
 
 def enable_cpu_compat() -> bool:

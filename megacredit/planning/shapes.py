@@ -14,6 +14,9 @@ from pathlib import Path
 from megacredit.config.parsing import ConfigError
 from megacredit.config.schema import MegacreditConfig
 
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""Families whose layer the planner counts (OLMo-3's post-norms and whole-projection QK-norm,
+Qwen3-MoE's experts: not yet)."""
 SMOLLM2_VOCAB = 49152
 """The SmolLM2 tokenizer's vocabulary (the tiny model's default tokenizer)."""
 
@@ -45,6 +48,9 @@ def shape_from_hf_dict(d: dict) -> ModelShape:
     """A shape from a Hugging Face ``config.json`` (Llama, Qwen2, Qwen3 families)."""
     heads = int(d["num_attention_heads"])
     kind = d.get("model_type", "")
+    if kind not in DENSE_FAMILIES or d.get("num_experts"):
+        raise ConfigError(f"model.name_or_path: the planner counts the dense families {DENSE_FAMILIES} only, "
+                          f"not {kind!r}{' with experts' if d.get('num_experts') else ''}; plan a dense model")
     return ModelShape(hidden=int(d["hidden_size"]), layers=int(d["num_hidden_layers"]), heads=heads,
                       kv_heads=int(d.get("num_key_value_heads") or heads),
                       head_dim=int(d.get("head_dim") or d["hidden_size"] // heads), ffn=int(d["intermediate_size"]),

@@ -1,7 +1,7 @@
 """Metrics logging: JSONL, TensorBoard, Weights & Biases (optional) and the console.
 
 Every metric name carries a namespace (``rollout/``, ``train/``, ``teacher/``, ``perf/``,
-``val/``, ``sync/``); the names the training loop emits are listed in :data:`DOCUMENTED_METRICS` and
+``val/``, ``sync/``, ``moe/``); the names the training loop emits are listed in :data:`DOCUMENTED_METRICS` and
 explained in docs/metrics.md. Per-token credit of a few samples per step goes to
 ``<run_dir>/token_credit.jsonl`` through :func:`save_token_credit`.
 """
@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-METRIC_NAMESPACES = ("rollout", "train", "teacher", "perf", "val", "sync")
+METRIC_NAMESPACES = ("rollout", "train", "teacher", "perf", "val", "sync", "moe")
 """Allowed first components of a metric name."""
 METRICS_FILE = "metrics.jsonl"
 TOKEN_CREDIT_FILE = "token_credit.jsonl"
@@ -85,6 +85,11 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "sync/gb_per_s": "sync/bytes / sync/seconds in GB/s (1e9 bytes)",
     "sync/peak_extra_gb": "peak extra memory the export's own buffers held (GB)",
     "sync/probe_logprob_diff": "steps whose sync was checked: mean |engine - trainer| log-prob of the probe (worst engine)",
+    # moe/: mixture-of-experts models, from the step's training forwards (mean over its mini-batches)
+    "moe/load_balancing_loss": "Megatron's switch load-balancing loss (without its coefficient), mean over MoE "
+                               "layers and training micro-batches; 1 = balanced (model.moe_aux_loss_coeff > 0)",
+    "moe/expert_load_max": "tokens of the busiest expert / the mean per expert, mean over MoE layers (1 = balanced)",
+    "moe/expert_load_min": "tokens of the idlest expert / the mean per expert, mean over MoE layers (0 = an unused expert)",
     # val/: periodic evaluation (avg@k with a bootstrap CI over prompts)
     "val/avg_at_k": "mean over prompts of the mean reward of k samples",
     "val/avg_at_k_ci_low": "lower bound of the bootstrap CI of avg@k",

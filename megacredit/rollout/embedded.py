@@ -26,7 +26,7 @@ loaded from a local folder) in eval / no-grad mode and runs its own batched samp
   log-probs with its own forward.
 
 Because it only uses the generic ``AutoModelForCausalLM`` forward, every decoder-only family
-transformers supports works (tested: Llama, Qwen2, Qwen3).
+transformers supports works (tested: Llama, Qwen2, Qwen3, OLMo-3, Qwen3-MoE).
 
 Weights arrive through ``load_weights`` as ``(hf_name, full_tensor)`` pairs, exactly what the
 Megatron -> HF bridge exports, and are copied in place into the existing parameters.
@@ -51,6 +51,7 @@ from megacredit.rollout.base import (
     WeightManifest,
     request_seed,
 )
+from megacredit.rollout.expert_names import per_expert_views
 from megacredit.rollout.sampling import (
     choose_next_tokens,
     left_pad,
@@ -333,8 +334,9 @@ class EmbeddedRolloutEngine(RolloutEngine):
         return sorted(name for name, t in targets.items() if t.data_ptr() not in loaded)
 
     def _named_targets(self) -> dict[str, torch.Tensor]:
-        """Every loadable tensor by HF name; tied weights appear under each of their names."""
-        return dict(self.model.state_dict(keep_vars=True))
+        """Every loadable tensor by HF checkpoint name; tied weights appear under each of their
+        names, fused MoE experts as one view per expert (megacredit/rollout/expert_names.py)."""
+        return per_expert_views(self.model.state_dict(keep_vars=True))
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:

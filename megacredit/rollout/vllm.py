@@ -26,7 +26,9 @@ How it talks to vLLM (vllm-project/vllm, version 0.32):
   per bucket (vLLM's own HF-name loader: it fuses q/k/v and gate/up itself; a layer is
   re-processed into kernel format as soon as all its tensors arrived), then
   ``finalize_layerwise_reload(model, model_config)``; afterwards ``LLM.reset_prefix_cache()``
-  (cached KV blocks were computed with the old weights). Calling ``load_weights`` directly
+  (cached KV blocks were computed with the old weights); on CPU, the tied LM head and the
+  experts of an MoE model are re-processed after the reload (:func:`reprocess_tied_head`,
+  :func:`repack_cpu_experts`). Calling ``load_weights`` directly
   after start-up fails on CPU (the processed parameters lost their ``weight_loader``).
 * ``LLM.sleep(level=1)`` / ``LLM.wake_up()`` around training when the engine was started with
   ``enable_sleep_mode=True`` (GPU); vLLM's CPU worker has no sleep mode, so there they are
@@ -126,6 +128,7 @@ class MegacreditWorkerExtension:
         model = self._megacredit_model()
         finalize_layerwise_reload(model, self.vllm_config.model_config)  # type: ignore[attr-defined]
         reprocess_tied_head(model)
+        repack_cpu_experts(model)
         return True
 
     def megacredit_weight_manifest(self) -> dict[str, list[int]]:
@@ -176,6 +179,32 @@ def reprocess_tied_head(model: torch.nn.Module) -> bool:
     if tied:
         method.process_weights_after_loading(head)
     return tied
+
+
+def repack_cpu_experts(model: torch.nn.Module) -> int:
+    """Re-pack mixture-of-experts weights for vLLM's CPU expert kernel after a reload.
+
+    vLLM 0.32's ``UnquantizedFusedMoEMethod._setup_kernel``
+    (vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py) sets the kernel up on
+    the first load only: on a weight update it copies the reloaded, unpacked expert weights into
+    the parameters, but the CPU kernel (``CPUUnquantizedExperts`` in
+    vllm/model_executor/layers/fused_moe/experts/cpu_moe.py) reads them in the layout its own
+    ``process_weights_after_loading`` packs them into at start-up, so the experts would compute
+    garbage (caught by the sync check: reloading the unchanged weights moved a tiny Qwen3-MoE's
+    log-probs by up to 5.9 nats). Re-running that packing restores them exactly. GPU expert
+    kernels are left alone. Returns the number of MoE layers re-packed."""
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts  # noqa: PLC0415
+    except ImportError:  # a vLLM without the CPU experts
+        return 0
+    repacked = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts) and hasattr(module, "w13_weight"):
+            experts.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
 
 
 def unpack_weights(weights: Mapping[str, torch.Tensor], packing: Mapping[str, list[str]],

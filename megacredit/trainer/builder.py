@@ -140,9 +140,10 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
 
     dtype = DTYPES[cfg.model.dtype]
     use_te = TRANSFORMER_ENGINE[cfg.model.transformer_engine]
+    moe = {} if cfg.model.moe_aux_loss_coeff is None else {"moe_aux_loss_coeff": cfg.model.moe_aux_loss_coeff}
     par = cfg.parallel
     model = build_gpt_model(source.hf_config, ctx, dtype=dtype, use_transformer_engine=use_te,
-                            sequence_parallel=par.sequence_parallel,
+                            sequence_parallel=par.sequence_parallel, **moe,
                             **recompute_overrides(par.recompute, par.recompute_method, par.recompute_num_layers,
                                                   par.recompute_modules))
     # Keep Megatron's random init although the HF weights overwrite it: with CPU initialisation,

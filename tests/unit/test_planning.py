@@ -120,3 +120,10 @@ def test_the_parameter_count_equals_the_hugging_face_models(architecture, tied):
     fields = cfg.model.tiny.to_hf_config_dict(1024)
     model = AutoModelForCausalLM.from_config(tiny_config(fields.pop("model_type"), **fields))
     assert stage_parameters(model_shape(cfg), 1, 1, 0) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("architecture", ["olmo3", "qwen3_moe"])
+def test_a_family_the_planner_does_not_count_is_refused_naming_the_field(architecture):
+    cfg = load_config(None, ["model.name_or_path=tiny", f"model.tiny.architecture={architecture}"], check_paths=False)
+    with pytest.raises(ConfigError, match="model.name_or_path.*dense"):
+        make_plan(cfg, gpus_per_node=1)
