@@ -133,6 +133,14 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
     (["parallel.collective_timeout_minutes=0"], r"'parallel\.collective_timeout_minutes' = 0.*must be > 0"),
     (["rollout.request_timeout_s=-1"], r"'rollout\.request_timeout_s' = -1.*must be > 0"),
     (["rollout.max_engine_faults=-1"], r"'rollout\.max_engine_faults' = -1.*0 = stop at the first fault"),
+    (["parallel.recompute=full", "parallel.recompute_num_layers=4"],
+     r"'parallel\.recompute_num_layers' = 4 .*divide the 30 layers of a pipeline stage"),
+    (["parallel.recompute=full", "parallel.recompute_method=block", "parallel.recompute_num_layers=31"],
+     r"at most the 30 layers"),
+    (["parallel.recompute=selective", "parallel.recompute_modules=[core_atn]"], r"Did you mean 'core_attn'"),
+    (["parallel.recompute=selective", "parallel.recompute_modules=[layernorm]"], r"recompute_modules.*'layernorm'"),
+    (["rollout.engine=vllm", "rollout.placement=remote", "rollout.urls=[http://h:8000]",
+      "rollout.offload_trainer_during_rollout=true"], r"'rollout\.offload_trainer_during_rollout'.*colocated"),
 ])
 def test_incompatible_or_out_of_range_values_are_rejected(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
