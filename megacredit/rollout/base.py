@@ -408,6 +408,11 @@ class RolloutEngine(ABC):
         "engine K (url) failed during ... (cause)"); a single engine survives none."""
         return []
 
+    def fault_metrics(self) -> dict[str, float]:
+        """rollout/engine_faults and rollout/engines_serving of an EnginePool (docs/metrics.md);
+        a single engine has none."""
+        return {}
+
     def restart(self) -> bool:
         """Restart the engine's server after it died or hung, when megacredit started it (blocks
         until it is healthy); False when it cannot (a server somebody else runs). A restarted

@@ -109,6 +109,11 @@ class EnginePool(RolloutEngine):
         """The engines serving now (one that failed is left out until it rejoins)."""
         return [engine for engine, serving in zip(self.members, self._serving) if serving]
 
+    def fault_metrics(self) -> dict[str, float]:
+        """Faults survived since the last call (this step's rollout and sync, a validation before
+        it) and the engines serving now."""
+        return {"rollout/engine_faults": float(len(self.take_faults())), "rollout/engines_serving": float(len(self.engines))}
+
     def take_faults(self) -> list[EngineFault]:
         with self._lock:
             faults, self._faults = self._faults, []

@@ -244,8 +244,7 @@ def _build_vllm(cfg: MegacreditConfig, source: ModelSource, world: int, memory: 
         from megacredit.rollout.pool import EnginePool
         from megacredit.rollout.vllm_server import VLLMServerEngine
 
-        # Each checks updates against its own checkpoint; the pool survives servers that die or
-        # hang (docs/reliability.md), also with one URL (no engine left: one line, exit 3).
+        # each checks updates against its own checkpoint; the pool survives faults (docs/reliability.md)
         try:
             engines = [VLLMServerEngine(url, timeout=ro.request_timeout_s) for url in ro.urls]
         except EngineHTTPError as error:

@@ -62,12 +62,8 @@ def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
 
 
 def train(cfg: MegacreditConfig) -> dict[str, Any]:
-    """Run the configured job to ``training.steps``; returns the final logged metrics.
-
-    A collective that fails because another rank died or hangs (after at most
-    ``parallel.collective_timeout_minutes``) stops this rank with one line (RunFault, exit 3:
-    docs/reliability.md); the rollout engine is shut down whatever ends the run.
-    """
+    """Run the configured job to ``training.steps``; returns the final logged metrics. A collective
+    failed by a lost rank stops this one with one line (RunFault, exit 3: docs/reliability.md)."""
     from megacredit.megatron.distributed import lost_peer_fault
     from megacredit.reporting.metrics import MetricsLogger
     from megacredit.reporting.visualize import render_run
@@ -103,8 +99,7 @@ def train(cfg: MegacreditConfig) -> dict[str, Any]:
 
 def run_steps(run: RLRun, train_records: list[dict], val_records: list[dict], start_step: int, total: int,
               logger) -> None:
-    """Steps ``start_step`` .. ``total`` - 1 with validation and checkpoints; SIGTERM / SIGUSR1
-    save at the end of the current step and stop."""
+    """Steps ``start_step`` .. ``total`` - 1, validation, checkpoints (SIGTERM/SIGUSR1: save, stop)."""
     cfg = run.cfg
     prompts = PromptStream(train_records, cfg.data.prompts_per_step, cfg.training.seed, cfg.data.shuffle)
     preemption = checkpointing.PreemptionFlag().install()

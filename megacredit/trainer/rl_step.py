@@ -32,6 +32,7 @@ from megacredit.trainer.run import RLRun
 from megacredit.trainer.teacher_diagnostic import answer_probability_sums
 from megacredit.trainer.weight_sync import sync_weights
 from megacredit.utils.comm import all_gather_objects, broadcast_object
+from megacredit.utils.errors import picklable
 
 
 def teacher_context_config(cfg: MegacreditConfig) -> TeacherContextConfig:
@@ -100,7 +101,7 @@ def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> RolloutBatc
                     rollout_lib.score(run.env, batch)
             except Exception as exc:  # noqa: BLE001 - e.g. no engine left: every rank stops, none waits below
                 error = exc
-        batch, shared_error = broadcast_object((batch, rollout_lib.picklable(error)))
+        batch, shared_error = broadcast_object((batch, picklable(error)))
     if error is not None:
         raise error  # rank 0: the original, with its traceback
     if shared_error is not None:
@@ -248,7 +249,7 @@ def run_step(run: RLRun, step: int, prompts: list[dict]) -> dict[str, Any]:
                               time.perf_counter() - step_start)
     if not metrics:
         return metrics
-    return {**metrics, **sync_metrics, **rollout_lib.engine_fault_metrics(run.engine), "train/lr": lr}
+    return {**metrics, **sync_metrics, **(run.engine.fault_metrics() if run.engine else {}), "train/lr": lr}
 
 
 def peak_memory_gb() -> float:

@@ -7,7 +7,6 @@ seeded from (training seed, step), so a resumed run regenerates exactly the same
 
 from __future__ import annotations
 
-import pickle
 import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -15,7 +14,6 @@ from typing import Any, Sequence
 from megacredit.data.templates import encode_student_prompt
 from megacredit.envs.base import EnvResult, Environment
 from megacredit.rollout.base import RolloutEngine, SamplingParams
-from megacredit.rollout.pool import EnginePool
 from megacredit.utils.progress import ProgressReporter
 
 
@@ -115,21 +113,3 @@ def score(env: Environment, batch: RolloutBatch, split: str = "train", max_worke
     batch.feedbacks = [r.feedback for r in results]
     return results
 
-
-def engine_fault_metrics(engine: RolloutEngine | None) -> dict[str, float]:
-    """rollout/engine_faults (faults survived since the last step's metrics: this step's rollout
-    and sync, a validation before it) and rollout/engines_serving, for a pool of remote engines."""
-    if not isinstance(engine, EnginePool):
-        return {}
-    return {"rollout/engine_faults": float(len(engine.take_faults())), "rollout/engines_serving": float(len(engine.engines))}
-
-
-def picklable(error: BaseException | None) -> BaseException | None:
-    """``error``, or a RuntimeError with its text when it cannot be sent to the other ranks."""
-    if error is None:
-        return None
-    try:
-        pickle.dumps(error)
-        return error
-    except Exception:  # noqa: BLE001 - any pickling failure
-        return RuntimeError(f"rank 0: {type(error).__name__}: {error}")

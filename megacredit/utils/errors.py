@@ -8,6 +8,8 @@ traceback instead); docs/reliability.md lists the faults.
 
 from __future__ import annotations
 
+import pickle
+
 import re
 
 
@@ -69,3 +71,14 @@ def one_line(error: BaseException) -> str:
         kind, _, message = named[-1].partition(": ")
         return f"{kind.rsplit('.', 1)[-1]}: {message}"
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def picklable(error: BaseException | None) -> BaseException | None:
+    """``error``, or a RuntimeError with its text when it cannot be sent to the other ranks."""
+    if error is None:
+        return None
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"rank 0: {type(error).__name__}: {error}")
