@@ -235,7 +235,9 @@ def _build_vllm(cfg: MegacreditConfig, source: ModelSource, world: int, memory: 
         from megacredit.rollout.pool import EnginePool
         from megacredit.rollout.vllm_server import VLLMServerEngine
 
-        engines = [VLLMServerEngine(url) for url in ro.urls]  # each checks against its own checkpoint
+        # each checks against its own checkpoint; buckets by broadcast (NCCL with CUDA, gloo without)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        engines = [VLLMServerEngine(url, sync_backend=backend) for url in ro.urls]
         return engines[0] if len(engines) == 1 else EnginePool(engines)
     from megacredit.rollout.vllm import VLLMRolloutEngine
 
