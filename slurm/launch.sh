@@ -221,11 +221,11 @@ mc_start_rollout_servers() {
       cmd=$ROLLOUT_SERVER_CMD
     elif [[ "$ROLLOUT_ENGINE" == sglang ]]; then
       # Sampled-token log-probs before temperature (docs/engines.md, SGLang section).
-      cmd="SGLANG_RETURN_ORIGINAL_LOGPROB=1 python -m sglang.launch_server --model-path $model --tp-size $tp --host 0.0.0.0 --port $ROLLOUT_PORT ${ROLLOUT_SERVER_ARGS:-}"
+      cmd="python -m sglang.launch_server --model-path $model --tp-size $tp --host 0.0.0.0 --port $ROLLOUT_PORT ${ROLLOUT_SERVER_ARGS:-}"
     else
       # The weight sync calls megacredit's worker extension through /collective_rpc, which vLLM
       # serves only in dev mode (the same command as megacredit.rollout.vllm_server.VLLMServer).
-      cmd="VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model $model --tensor-parallel-size $tp --worker-extension-cls megacredit.rollout.vllm.MegacreditWorkerExtension --host 0.0.0.0 --port $ROLLOUT_PORT ${ROLLOUT_SERVER_ARGS:-}"
+      cmd="VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model $model --tensor-parallel-size $tp --worker-extension-cls megacredit.rollout.vllm.MegacreditWorkerExtension --logprobs-mode processed_logprobs --host 0.0.0.0 --port $ROLLOUT_PORT ${ROLLOUT_SERVER_ARGS:-}"
     fi
     mc_log "rollout server on $host: $cmd"
     [[ "$DRYRUN" == 1 ]] && continue

@@ -40,7 +40,20 @@ from megacredit.reporting.replication import (  # noqa: E402 (the repository roo
 )
 
 METHODS = ("grpo", "sdpo", "credit", "rlsd", "credit_rlsd")
-BUDGET = {"seeds": (1, 2, 3), "steps": 10, "val_every": 5}
+BUDGET = {"seeds": (1, 2, 3), "steps": 20, "val_every": 10}
+LEVELS = {"easy": "1d+1d", "hard": "2d+2d"}
+"""The testbed's arithmetic levels, chosen by SmolLM2-135M-Instruct's measured base accuracy
+(tools/arithmetic_levels.py, benchmarks/results/arithmetic_levels.json): one near 40 %, one at or
+below 15 % where groups are often all-wrong and GRPO has no signal (docs/results.md)."""
+ABLATIONS = {
+    "no_temperature_scaling": ["rollout.score_at_temperature=false"],
+    "feedback_on_correct": ["env.kwargs.feedback_on_correct=true"],
+    "sdpo_template": ["algorithm.teacher.template=sdpo"],
+    "sdpo_divergence": ["algorithm.sdpo.alpha=0.5", "algorithm.sdpo.top_k=100", "algorithm.sdpo.topk_source=student"],
+}
+"""Single-factor ablations (issue 19): each changes one thing of the defaults; 'sdpo_divergence' is the
+public SDPO code's default divergence and top-K source (lasgroup/SDPO actor.yaml: alpha 0.5,
+distillation_topk 100; top-K of the student)."""
 """The documented budget: 5 methods x 3 seeds x 10 steps, validation (64 prompts x 4 samples)
 at steps 0, 5 and 10; chosen to fit one developer session's background time (about 1.3 h on an
 idle 2-core machine)."""
@@ -65,12 +78,22 @@ def run_command(method: str, seed: int, args: argparse.Namespace) -> list[str]:
     """The ``megacredit train`` command of one run."""
     overrides = [f"training.seed={seed}", f"training.steps={args.steps}",
                  f"validation.every_steps={args.val_every}", "checkpoint.resume=none",
-                 f"logging.run_dir={run_dir(method, seed, args)}", *args.set]
+                 f"logging.run_dir={run_dir(method, seed, args)}", *experiment_overrides(args), *args.set]
     return [sys.executable, "-m", "megacredit.cli", "train", str(config_path(method)), *overrides]
 
 
+def experiment_overrides(args: argparse.Namespace) -> list[str]:
+    """The level's and the ablation's config overrides."""
+    level = [f"data.generator_kwargs.difficulty={LEVELS[args.level]}"] if args.level else []
+    return level + list(ABLATIONS.get(args.ablation or "", []))
+
+
+def experiment_name(args: argparse.Namespace) -> str:
+    return "_".join(part for part in (args.level, args.ablation) if part) or "default"
+
+
 def run_dir(method: str, seed: int, args: argparse.Namespace) -> Path:
-    return Path(args.runs_dir).resolve() / f"{method}_seed{seed}"
+    return Path(args.runs_dir).resolve() / experiment_name(args) / f"{method}_seed{seed}"
 
 
 def is_finished(directory: Path, command: Sequence[str]) -> bool:
@@ -190,10 +213,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=BUDGET["steps"], help="training steps per run")
     parser.add_argument("--val-every", type=int, default=BUDGET["val_every"],
                         help="validate every N steps (and before and after training)")
+    parser.add_argument("--level", choices=sorted(LEVELS), default=None,
+                        help="the testbed level (arithmetic difficulty, see LEVELS); default: the configs' own")
+    parser.add_argument("--ablation", choices=sorted(ABLATIONS), default=None,
+                        help="one single-factor ablation (see ABLATIONS)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra config overrides applied to every run (e.g. validation.num_prompts=32)")
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "replicate"))
-    parser.add_argument("--results", default=str(REPO / "docs" / "results.md"), help="the Markdown report")
+    parser.add_argument("--results", default=None,
+                        help="the Markdown report (default: docs/results/<level>[_<ablation>].md)")
     parser.add_argument("--plot", default=None, help="the learning-curve PNG (default: beside --results)")
     parser.add_argument("--force", action="store_true", help="retrain runs that are already finished")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
@@ -201,6 +229,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.val_every < 0:
         parser.error("--steps must be >= 1 and --val-every >= 0")
+    args.results = args.results or str(REPO / "docs" / "results" / f"{experiment_name(args)}.md")
     args.plot = args.plot or str(Path(args.results).with_name(Path(args.results).stem + "_curves.png"))
     return args
 
@@ -226,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python tools/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     write_report(summaries, Path(args.results), Path(args.plot), dict(
         command=command, methods=args.methods, seeds=args.seeds, steps=args.steps, val_every=args.val_every,
-        overrides=args.set, machine=machine_description(), commit=git_commit(),
+        overrides=experiment_overrides(args) + args.set, machine=machine_description(), commit=git_commit(),
         wall_s=time.monotonic() - started, failures=failures,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
     print(f"replicate: wrote {args.results} and {args.plot}")

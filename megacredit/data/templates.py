@@ -128,6 +128,21 @@ def teacher_privileged_text(task: str, solution: str | None, feedback: str | Non
     return "\n\n" + "\n\n".join(parts)
 
 
+SDPO_SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{solution}\n"
+SDPO_FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback}\n"
+SDPO_RESOLVE_INSTRUCTION = "\n\nCorrectly solve the original question."
+"""The public SDPO code's teacher wording (lasgroup/SDPO verl/trainer/config/actor/actor.yaml:
+``solution_template``, ``feedback_template`` and ``reprompt_template`` =
+"{prompt}{solution}{feedback}\n\nCorrectly solve the original question.")."""
+
+
+def sdpo_privileged_text(solution: str | None, feedback: str | None) -> str:
+    """What follows x in the teacher's user turn with the public SDPO code's wording."""
+    solution_part = SDPO_SOLUTION_TEMPLATE.format(solution=solution) if solution else ""
+    feedback_part = SDPO_FEEDBACK_TEMPLATE.format(feedback=feedback) if feedback else ""
+    return solution_part + feedback_part + SDPO_RESOLVE_INSTRUCTION
+
+
 def rlsd_privileged_text(reference_answer: str, task: str = "") -> str:
     """RLSD's privileged block: only the ground-truth answer, then the re-solve instruction."""
     return f"\n\n{REFERENCE_ANSWER_HEADER}{reference_answer.strip()}\n\n{resolve_instruction(task)}"

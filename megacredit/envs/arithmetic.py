@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from megacredit.envs.base import EnvResult, Environment, Split
+from megacredit.envs.base import AnswerLocation, EnvResult, Environment, Split
 
 ARITHMETIC_INSTRUCTION = "Answer with just the number."
 """Default format instruction appended to every question. Measured with SmolLM2-135M-Instruct
@@ -169,8 +169,11 @@ class ArithmeticEnv(Environment):
 
     name = "arithmetic"
 
-    def __init__(self, feedback_on_correct: bool = True, require_answer_tags: bool = False) -> None:
-        # feedback_on_correct: also give the ground truth when the response was right.
+    def __init__(self, feedback_on_correct: bool = False, require_answer_tags: bool = False) -> None:
+        # feedback_on_correct: also give the ground truth when the response was right. Off by
+        # default, as the public SDPO code's math environment (lasgroup/SDPO
+        # verl/utils/reward_score/feedback/math.py: feedback only for a wrong format, a truncated
+        # or, with correctness_feedback, a wrong answer).
         self.feedback_on_correct = feedback_on_correct
         # require_answer_tags: only accept <answer>N</answer> (no last-integer fallback).
         self.require_answer_tags = require_answer_tags
@@ -190,3 +193,16 @@ class ArithmeticEnv(Environment):
             feedback=feedback,
             details={"predicted": predicted, "answer": record["answer"], "format_ok": bool(_TAGGED.search(response))},
         )
+
+    def answer_location(self, record: dict[str, Any], response: str) -> AnswerLocation | None:
+        """Where the response states its answer (the parsed integer), and the correct one."""
+        response = response or ""
+        tagged = list(_TAGGED.finditer(response))
+        integers = [] if self.require_answer_tags else list(_INTEGER.finditer(response))
+        if tagged:
+            start = tagged[-1].start(1)
+        elif integers:
+            start = integers[-1].start()
+        else:
+            return None
+        return AnswerLocation(start=start, correct_answer=str(record["answer"]))

@@ -30,6 +30,17 @@ class EnvResult:
             raise ValueError(f"EnvResult.reward must lie in [0, 1], got {self.reward}")
 
 
+@dataclass(frozen=True)
+class AnswerLocation:
+    """Where a response states its final answer, for the teacher diagnostic
+    (megacredit/trainer/teacher_diagnostic.py): the probability of the correct answer there."""
+
+    start: int
+    """Character offset in the response where the stated answer begins."""
+    correct_answer: str
+    """The correct answer's text, as it would be written at ``start``."""
+
+
 class Environment:
     """Base class. Subclasses implement :meth:`evaluate`; batches run on a bounded pool."""
 
@@ -38,6 +49,11 @@ class Environment:
     def evaluate(self, record: dict[str, Any], response: str, split: Split = "train") -> EnvResult:
         """Score ``response`` to the prompt ``record``. ``split='val'`` uses all private tests."""
         raise NotImplementedError
+
+    def answer_location(self, record: dict[str, Any], response: str) -> AnswerLocation | None:
+        """Where ``response`` states its answer and what the correct one is; None when this
+        environment cannot say (free-form tasks) or the response states none."""
+        return None
 
     def evaluate_batch(
         self,

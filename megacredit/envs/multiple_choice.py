@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-from megacredit.envs.base import EnvResult, Environment, Split
+from megacredit.envs.base import AnswerLocation, EnvResult, Environment, Split
 
 DEFAULT_CHOICE_LABELS: tuple[str, ...] = ("A", "B", "C", "D")
 
@@ -76,3 +76,12 @@ class MultipleChoiceEnv(Environment):
             feedback=feedback,
             details={"predicted": predicted, "answer": answer, "format_ok": predicted is not None},
         )
+
+    def answer_location(self, record: dict[str, Any], response: str) -> AnswerLocation | None:
+        """Where the response states its letter (the match :func:`parse_choice` reads), and the correct one."""
+        labels = {label.upper() for label in (record.get("choice_labels") or DEFAULT_CHOICE_LABELS)}
+        for pattern in (_TAGGED, _LENIENT):
+            matches = [m for m in pattern.finditer(response or "") if m.group(1).upper() in labels]
+            if matches:
+                return AnswerLocation(start=matches[-1].start(1), correct_answer=str(record["answer"]).strip().upper())
+        return None

@@ -19,6 +19,7 @@ import torch
 
 from megacredit.data.teacher_context import SampleSequences
 from megacredit.megatron.distributed import ParallelContext
+from megacredit.megatron.moe import RouterLoad, is_moe
 from megacredit.megatron.optimizer import optimizer_step, zero_grads
 from megacredit.algorithms.topk_fused import TopKLogprobs
 from megacredit.megatron.rl_passes import VocabHead, row_length_multiple, run_packed_schedule
@@ -45,6 +46,9 @@ class ActorSettings:
     """Response positions per chunk of the vocab-parallel top-K computation."""
     pad_token_id: int = 0
     """Token used for the packed row's tail padding."""
+    temperature: float = 1.0
+    """Every pass scores softmax(logits / temperature): the rollout temperature, so the policy
+    optimised is the one sampled (verl's dp_actor.py ``_forward_micro_batch``)."""
 
 
 @dataclass
@@ -103,7 +107,8 @@ class MegatronActor:
         self.model_chunks, self.optimizer, self.teacher = model_chunks, optimizer, teacher
         self.ctx, self.settings = ctx, settings
         self.progress = progress or ProgressReporter()  # shows each pass's micro-batches
-        self.head = VocabHead(model_chunks, settings.chunk_size)
+        self.head = VocabHead(model_chunks, settings.chunk_size, temperature=settings.temperature)
+        self.router_load = RouterLoad(model_chunks) if is_moe(model_chunks) else None  # MoE diagnostics
 
     # ----------------------------------------------------------------------------- helpers
     def owned(self, indices: Sequence[int]) -> list[int]:
@@ -135,22 +140,32 @@ class MegatronActor:
 
         return self._forward_only(groups, collect, "old-policy pass")
 
-    def score_sequences(self, sequences: Sequence[Sequence[int]]) -> dict[int, torch.Tensor]:
-        """log pi(s[t] | s[:t]), t >= 1, of each sequence with the current weights: the trainer's
-        side of the weight-sync probe. Results on the last pipeline stage ({} elsewhere)."""
+    def score_sequences(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0,
+                        teacher: bool = False) -> dict[int, torch.Tensor]:
+        """log pi(s[t] | s[:t]), t >= 1, of each sequence at ``temperature`` with the current
+        weights (``teacher``: the self-teacher's, swapped in): the trainer's side of the weight-sync
+        probe (temperature 1), and the teacher diagnostic. Results on the last pipeline stage."""
         groups = [[_sequence(("p", i), ids, len(ids) - 1)] for i, ids in enumerate(sequences)]
 
         def collect(hidden: torch.Tensor, micro_batch: PackedMicroBatch) -> dict:
-            out = self.head(hidden, sampled_ids=micro_batch.target_ids.to(hidden.device))
+            out = self.head(hidden, sampled_ids=micro_batch.target_ids.to(hidden.device), temperature=temperature)
             sampled = split_per_sequence(out.sampled_logprobs, micro_batch)
             return {key[1]: sampled[key] for key in micro_batch.keys}
 
-        return self._forward_only(groups, collect)
+        if not teacher or self.teacher is None:
+            return self._forward_only(groups, collect)
+        with self.teacher.swapped_in(self.model_chunks):
+            return self._forward_only(groups, collect)
 
     def teacher_pass(self, samples: dict[int, SampleSequences], student: dict[int, StudentResult] | None = None,
-                     old_policy_from_training: bool = False) -> dict[int, TeacherResult]:
+                     old_policy_from_training: bool = False,
+                     skip_without_signal: bool = False) -> dict[int, TeacherResult]:
         """Teacher and its C contrastive sequences of each sample, in one micro-batch, with the
         teacher weights swapped into the policy's modules (restored bit-exactly afterwards).
+
+        ``skip_without_signal``: samples whose context has no teacher signal (the methods that
+        leave them out of the loss) are not run; they get zero placeholders of the right shapes,
+        which the loss masks (sdpo.validity_mask) and the diagnostics ignore.
 
         With topk_source="student" the distillation set is the student's top-K. Without the
         old-policy pass (``old_policy_from_training``, see :meth:`train_mini_batch`) the teacher's
@@ -161,10 +176,11 @@ class MegatronActor:
         if use_student_set and student is None and not old_policy_from_training:
             raise ValueError("topk_source='student' needs the old-policy pass results "
                              "(or old_policy_from_training=True)")
+        skipped = {i: s for i, s in samples.items() if skip_without_signal and not s.has_teacher_signal}
         groups = [
             [_sequence(("t", i), s.teacher_ids, s.response_length)]
             + [_sequence(("c", i, k), ids, s.response_length) for k, ids in enumerate(s.contrastive_ids)]
-            for i, s in samples.items()
+            for i, s in samples.items() if i not in skipped
         ]
         if use_student_set and old_policy_from_training:
             collect = self._deferred_collector()
@@ -174,9 +190,23 @@ class MegatronActor:
 
         description = "teacher+contrastive pass" if any(len(g) > 1 for g in groups) else "teacher pass"
         if self.teacher is None:
-            return self._forward_only(groups, collect, description)
-        with self.teacher.swapped_in(self.model_chunks):
-            return self._forward_only(groups, collect, description)
+            results = self._forward_only(groups, collect, description)
+        else:
+            with self.teacher.swapped_in(self.model_chunks):
+                results = self._forward_only(groups, collect, description)
+        if self.ctx.is_last_stage:  # where pass results live
+            results.update({i: self._placeholder_teacher_result(s) for i, s in skipped.items()})
+        return results
+
+    def _placeholder_teacher_result(self, sample: SampleSequences) -> TeacherResult:
+        """Zeros shaped like a sample's teacher results, for a sample whose passes were skipped."""
+        device = next(self.model_chunks[-1].parameters()).device
+        length, k, count = sample.response_length, self.settings.top_k, len(sample.contrastive_ids)
+        return TeacherResult(
+            set_ids=torch.zeros(length, k, dtype=torch.long, device=device),
+            topk_logp=torch.zeros(length, k, device=device), sampled_logp=torch.zeros(length, device=device),
+            contrastive_topk_logp=torch.zeros(count, length, k, device=device),
+            contrastive_sampled_logp=torch.zeros(count, length, device=device))
 
     def _deferred_collector(self):
         """Teacher-pass callback that keeps hidden states (and the teacher's output-layer shard)
@@ -205,8 +235,13 @@ class MegatronActor:
     def _score_deferred_sets(self, indices: Sequence[int], teacher: dict[int, TeacherResult],
                              set_ids: torch.Tensor) -> None:
         """Fill the deferred teacher results of ``indices`` with their log-probs on ``set_ids``
-        [N, K] (the student's top-K of the training forward, rows in the order of ``indices``)."""
-        per_sample = torch.split(set_ids, [len(teacher[i].sampled_logp) for i in indices])
+        [N, K] (the student's top-K of the training forward, rows in the order of ``indices``);
+        placeholders of skipped samples (no hidden states kept) are left as they are."""
+        all_sets = torch.split(set_ids, [len(teacher[i].sampled_logp) for i in indices])
+        deferred = [(i, ids) for i, ids in zip(indices, all_sets) if teacher[i].hidden is not None]
+        if not deferred:
+            return
+        indices, per_sample = [i for i, _ in deferred], [ids for _, ids in deferred]
         rows = [teacher[i].hidden for i in indices] + [c for i in indices for c in teacher[i].contrastive_hidden]
         ids = list(per_sample) + [per_sample[j] for j, i in enumerate(indices)
                                   for _ in range(teacher[i].contrastive_hidden.shape[0])]
@@ -308,6 +343,8 @@ class MegatronActor:
             self.teacher.after_optimizer_step(self.model_chunks)
         metrics = _mean_metrics(outputs)
         metrics.update({"train/grad_norm": step.grad_norm or 0.0})
+        if self.router_load is not None:  # collective: every rank trains every mini-batch
+            metrics.update(self.router_load.step_metrics())
         return metrics
 
     def _student_forward_head(self, hidden: torch.Tensor, micro_batch: PackedMicroBatch,

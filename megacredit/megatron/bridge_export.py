@@ -2,7 +2,8 @@
 
 ``export_hf_weights`` walks the parameters in HF checkpoint order. For each one, the TP ranks
 of the owning pipeline stage all-gather their shards and that stage's first TP rank
-re-assembles the full HF tensor(s) (unfusing q/k/v and gate/up, dropping vocab padding). The
+re-assembles the full HF tensor(s) (unfusing q/k/v and gate/up, dropping vocab padding); an MoE
+expert, held whole by one expert-parallel rank, is broadcast over the stage's EP groups instead. The
 tensors then go where the caller says (``receivers``): to global rank 0 (sent point to point by
 each stage, never relayed through other stages), stay on each stage's first TP rank (one NCCL
 broadcast source per stage for remote engines), or to every rank. This is the stream the
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 from megacredit.megatron.bridge_load import canonical_order, global_named_parameters
 from megacredit.megatron.distributed import ParallelContext
-from megacredit.megatron.hf_mapping import OUTPUT_LAYER, AttentionShape, mapping_for, unshard
+from megacredit.megatron.hf_mapping import EXPERT_PREFIX, OUTPUT_LAYER, AttentionShape, mapping_for, unshard
 from megacredit.rollout.base import rebucket
 from megacredit.utils.sync_stats import InFlightBytes, track
 from megacredit.utils.comm import all_gather_objects
@@ -59,24 +60,42 @@ class ExportItem:
     """The parameter's dtype (the export may cast)."""
     hf: tuple[tuple[str, tuple[int, ...]], ...]
     """``(hf_name, full_shape)`` of each HF tensor, in the order they are yielded."""
+    expert_owner: int | None = None
+    """For an MoE expert's parameter: the expert-parallel rank (in its stage's EP group) that
+    holds it whole (experts are not split over TP); None for the others."""
 
 
-def _pipeline_manifest(
-    params: dict[str, torch.nn.Parameter], ctx: ParallelContext
-) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
-    """Global name -> (owning pipeline rank, local shard shape, dtype), known on every rank."""
+def _stage_manifest(params: dict[str, torch.nn.Parameter], ctx: ParallelContext) -> dict[str, tuple]:
+    """This stage's parameters: global name -> (local shard shape, dtype, expert owner or None),
+    the experts of the stage's other expert-parallel ranks included (collective over EP)."""
     from megatron.core import parallel_state
 
-    local = {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
+    local = {name: (tuple(p.shape), p.dtype, ctx.ep_rank if EXPERT_PREFIX in name else None)
+             for name, p in params.items()}
+    if ctx.ep_size > 1:
+        experts = [None] * ctx.ep_size
+        dist.all_gather_object(experts, {n: v for n, v in local.items() if v[2] is not None},
+                               group=parallel_state.get_expert_model_parallel_group())
+        for part in experts:
+            local.update(part)
+    return local
+
+
+def _pipeline_manifest(params: dict[str, torch.nn.Parameter], ctx: ParallelContext) -> dict[str, tuple]:
+    """Global name -> (owning pipeline rank, local shard shape, dtype, expert owner), known on
+    every rank."""
+    from megatron.core import parallel_state
+
+    local = _stage_manifest(params, ctx)
     if ctx.pp_size == 1:
         per_stage = [local]
     else:
         per_stage = [None] * ctx.pp_size
         dist.all_gather_object(per_stage, local, group=parallel_state.get_pipeline_model_parallel_group())
-    manifest: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+    manifest: dict[str, tuple] = {}
     for pp_rank, stage in enumerate(per_stage):
-        for name, (shape, dtype) in stage.items():
-            manifest.setdefault(name, (pp_rank, shape, dtype))  # tied output copy: first owner wins
+        for name, (shape, dtype, expert_owner) in stage.items():
+            manifest.setdefault(name, (pp_rank, shape, dtype, expert_owner))  # tied output copy: first owner wins
     return manifest
 
 
@@ -97,10 +116,12 @@ def _plan(params: dict[str, torch.nn.Parameter], hf_config: Any, ctx: ParallelCo
     for name in sorted(manifest, key=canonical_order):
         if tied and name == OUTPUT_LAYER:
             continue  # HF re-ties lm_head to the input embedding on load
-        owner, local_shape, dtype = manifest[name]
-        meta_shards = [torch.empty(local_shape, device="meta") for _ in range(ctx.tp_size)]
-        pieces = unshard(mapping_for(name, tied), meta_shards, hf_config.vocab_size, attention)
-        items.append(ExportItem(name, owner, local_shape, dtype, tuple((n, tuple(t.shape)) for n, t in pieces)))
+        owner, local_shape, dtype, expert_owner = manifest[name]
+        shards = 1 if expert_owner is not None else ctx.tp_size
+        meta_shards = [torch.empty(local_shape, device="meta") for _ in range(shards)]
+        pieces = unshard(mapping_for(name, tied, hf_config.model_type), meta_shards, hf_config.vocab_size, attention)
+        items.append(ExportItem(name, owner, local_shape, dtype, tuple((n, tuple(t.shape)) for n, t in pieces),
+                                expert_owner))
     return items
 
 
@@ -128,12 +149,16 @@ def _gathered_stack(
     tracker: InFlightBytes | None,
 ) -> torch.Tensor | None:
     """[tp, *local_shape]: every TP shard of ``item`` (cast to ``dtype`` before it moves) on
-    the owning stage, and on every stage too when ``broadcast_over_pp``."""
+    the owning stage, and on every stage too when ``broadcast_over_pp``. An expert's parameter is
+    [1, *shape], broadcast over each expert-parallel group of the stage from the rank holding it."""
     from megatron.core import parallel_state
 
     dtype = dtype or item.dtype
+    rows = 1 if item.expert_owner is not None else ctx.tp_size
     stack = None
-    if ctx.pp_rank == item.owner:
+    if ctx.pp_rank == item.owner and item.expert_owner is not None:
+        stack = _expert_stack(item, params, ctx, dtype)
+    elif ctx.pp_rank == item.owner:
         local = params[item.name].detach().to(dtype).contiguous()  # a copy only when it casts
         stack = torch.empty((ctx.tp_size, *item.local_shape), dtype=dtype, device=local.device)
         if ctx.tp_size > 1:  # gather straight into the stack's rows: no second copy
@@ -144,15 +169,30 @@ def _gathered_stack(
     if broadcast_over_pp and ctx.pp_size > 1:
         group = parallel_state.get_pipeline_model_parallel_group()
         if stack is None:
-            stack = torch.empty((ctx.tp_size, *item.local_shape), dtype=dtype, device=ctx.device)
+            stack = torch.empty((rows, *item.local_shape), dtype=dtype, device=ctx.device)
         dist.broadcast(stack, src=dist.get_global_rank(group, item.owner), group=group)
     return None if stack is None else track(tracker, stack)
+
+
+def _expert_stack(item: ExportItem, params: dict[str, torch.nn.Parameter], ctx: ParallelContext,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """[1, *shape]: the expert parameter ``item``, on every rank of its stage (each EP group of
+    the stage holds every expert; all of them broadcast at once)."""
+    from megatron.core import parallel_state
+
+    stack = torch.empty((1, *item.local_shape), dtype=dtype, device=ctx.device)
+    if ctx.ep_rank == item.expert_owner:
+        stack[0].copy_(params[item.name].detach())
+    if ctx.ep_size > 1:
+        group = parallel_state.get_expert_model_parallel_group()
+        dist.broadcast(stack, src=dist.get_global_rank(group, item.expert_owner), group=group)
+    return stack
 
 
 def _unshard_stack(item: ExportItem, stack: torch.Tensor, hf_config: Any, tracker: InFlightBytes | None) -> list:
     """The HF tensors of ``item`` from its gathered stack (the caller drops the stack)."""
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    pieces = unshard(mapping_for(item.name, tied), list(stack.unbind(0)), hf_config.vocab_size,
+    pieces = unshard(mapping_for(item.name, tied, hf_config.model_type), list(stack.unbind(0)), hf_config.vocab_size,
                      AttentionShape.from_hf(hf_config))
     return [(name, track(tracker, tensor)) for name, tensor in pieces]
 
@@ -194,9 +234,10 @@ def _item_pieces(item, params, hf_config, ctx, receivers, destinations, sources,
         stack = _gathered_stack(item, params, ctx, dtype, True, tracker)
         return _unshard_stack(item, stack, hf_config, tracker)
     pieces = None
-    if ctx.dp_rank == 0 and ctx.pp_rank == item.owner:  # DP replicas hold the same weights
+    # DP replicas hold the same weights; an expert's broadcast involves every EP group of its stage.
+    if ctx.pp_rank == item.owner and (ctx.dp_rank == 0 or item.expert_owner is not None):
         stack = _gathered_stack(item, params, ctx, dtype, False, tracker)
-        if ctx.tp_rank == 0:
+        if ctx.tp_rank == 0 and ctx.dp_rank == 0:
             pieces = _unshard_stack(item, stack, hf_config, tracker)
         del stack
     if destinations is None:  # "stage": the stage's first TP rank keeps its own tensors

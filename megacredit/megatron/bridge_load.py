@@ -18,6 +18,7 @@ import torch
 from megacredit.megatron.distributed import ParallelContext
 from megacredit.megatron.hf_mapping import (
     EMBEDDING,
+    EXPERT_PREFIX,
     FINAL_NORM,
     LAYER_PREFIX,
     OUTPUT_LAYER,
@@ -25,6 +26,7 @@ from megacredit.megatron.hf_mapping import (
     mapping_for,
     shard_for_rank,
 )
+from megacredit.rollout.expert_names import per_expert_views
 from megacredit.utils.errors import SetupError, one_line
 
 
@@ -40,8 +42,9 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def global_named_parameters(model_chunks: Sequence[torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
-    """This rank's parameters keyed by GLOBAL Megatron name (layer indices shifted by the
-    pipeline stage's offset; ``layer_number`` is Megatron's 1-based global layer index)."""
+    """This rank's parameters keyed by GLOBAL Megatron name: layer indices shifted by the
+    pipeline stage's offset (``layer_number`` is Megatron's 1-based global layer index), MoE
+    expert indices by the expert-parallel rank's (``MoELayer.local_expert_indices``)."""
     named: dict[str, torch.nn.Parameter] = {}
     for chunk in model_chunks:
         model = unwrap_model(chunk)
@@ -49,8 +52,11 @@ def global_named_parameters(model_chunks: Sequence[torch.nn.Module]) -> dict[str
         for name, param in model.named_parameters():
             if name.startswith(LAYER_PREFIX):
                 local_index, _, suffix = name[len(LAYER_PREFIX):].partition(".")
-                global_index = layers[int(local_index)].layer_number - 1
-                name = f"{LAYER_PREFIX}{global_index}.{suffix}"
+                layer = layers[int(local_index)]
+                if suffix.startswith(EXPERT_PREFIX):
+                    expert, _, rest = suffix[len(EXPERT_PREFIX):].partition(".")
+                    suffix = f"{EXPERT_PREFIX}{layer.mlp.local_expert_indices[int(expert)]}.{rest}"
+                name = f"{LAYER_PREFIX}{layer.layer_number - 1}.{suffix}"
             named[name] = param
     return named
 
@@ -73,8 +79,8 @@ class HFTensorSource:
         self._file_of: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         self._stack = contextlib.ExitStack()
-        if isinstance(hf_dir_or_state_dict, Mapping):
-            self._state_dict = hf_dir_or_state_dict
+        if isinstance(hf_dir_or_state_dict, Mapping):  # a transformers model's: experts under checkpoint names
+            self._state_dict = per_expert_views(hf_dir_or_state_dict)
             return
         folder = Path(hf_dir_or_state_dict)
         if not folder.is_dir():
@@ -143,7 +149,7 @@ def iter_local_shards(
     params = global_named_parameters(model_chunks)
     for name in sorted(params, key=canonical_order):
         param = params[name]
-        mapping = mapping_for(name, tied)
+        mapping = mapping_for(name, tied, hf_config.model_type)
         hf_tensors = [source.get(hf_name) for hf_name in mapping.hf_names]
         padded_vocab = param.shape[0] * ctx.tp_size
         shard = shard_for_rank(mapping, hf_tensors, ctx.tp_rank, ctx.tp_size, padded_vocab, shape)

@@ -18,6 +18,14 @@ in one place, what running Megatron-Core 0.16.1 on CPU with gloo showed to break
    replaced by one that checks fp32 on any device (same arithmetic).
 5. ``dist_checkpointing`` needs ``psutil`` (a dependency) and a ``__main__`` guard in launched
    scripts; nothing to patch, noted here for users.
+6. Mixture of experts. Without Transformer Engine, ``megatron/core/transformer/moe/moe_utils.py``
+   imports ``te_general_gemm`` from TE inside a ``try`` and never defines the name when that
+   fails, so the router's ``RouterGatingLinearFunction`` raises ``NameError``: it is set to None,
+   which selects the function's own ``torch.mm`` branch. The all-to-all token dispatcher turns its
+   split sizes into numpy arrays with ``maybe_move_tensor_to_cpu(..., as_numpy=True)``, which
+   converts only CUDA tensors, and gloo's ``all_to_all_single`` refuses tensors as split sizes:
+   the dispatcher gets a twin that converts host tensors too. Its stream event (``record_event``)
+   is the no-op stand-in of (1).
 
 The mode is pushed on the thread that calls ``enable_cpu_compat`` (torch function modes are
 per-thread); call it in each process (megacredit.megatron.distributed.initialize does).
@@ -83,6 +91,10 @@ class _NoOpStream:
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
 
+    def record_event(self, *args: Any, **kwargs: Any) -> "_NoOpStream":
+        """An event stand-in (Megatron's all-to-all MoE dispatcher synchronizes on it)."""
+        return _NoOpStream()
+
     def __enter__(self):
         return self
 
@@ -107,6 +119,12 @@ def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_deco
     if clip_coeff < 1.0:
         for grad in grads:
             grad.detach().mul_(clip_coeff)
+
+
+def _host_tensor(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """CPU twin of Megatron's ``moe_utils.maybe_move_tensor_to_cpu``: the tensor is already on
+    the host; with ``as_numpy`` it becomes a numpy array, as a device tensor would."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
 
 
 def _patch_torch_cuda() -> None:
@@ -147,6 +165,11 @@ def _patch_megatron() -> None:
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     megatron_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_tensor
 
 
 def enable_cpu_compat() -> bool:

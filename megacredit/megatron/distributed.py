@@ -2,7 +2,9 @@
 
 ``initialize(tp, pp, seed)`` reads the launcher's environment, starts ``torch.distributed``
 (NCCL on GPU, gloo on CPU), switches on the CPU compatibility layer when CUDA is absent,
-initialises Megatron-Core's ``parallel_state`` (TP, PP, and DP = world / (TP*PP)) and seeds
+initialises Megatron-Core's ``parallel_state`` (TP, PP, and DP = world / (TP*PP); with
+``expert_model_parallel_size`` EP > 1 also the expert groups: EP ranks split each MoE layer's
+experts, folded over the TP x DP ranks of a stage, experts not split over TP) and seeds
 the RNG tracker. Every later component receives the resulting :class:`ParallelContext`
 rather than reading globals itself.
 """
@@ -18,7 +20,7 @@ from typing import Mapping
 import torch
 
 from megacredit.megatron import cpu_compat
-from megacredit.utils.errors import ParallelLayoutError, parallel_layout_problem
+from megacredit.utils.errors import ParallelLayoutError, expert_layout_problem, parallel_layout_problem
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ class ParallelContext:
     world_size: int
     backend: str
     device: torch.device
+    ep_size: int = 1
+    """Expert-parallel size: ranks that split each MoE layer's experts (1 for dense models)."""
+    ep_rank: int = 0
+    """This rank's index in its expert-parallel group."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -104,8 +110,8 @@ class ParallelContext:
         return self.pp_rank == self.pp_size - 1
 
 
-def _validate_layout(world_size: int, tp: int, pp: int, launcher: str | None = None) -> None:
-    problem = parallel_layout_problem(world_size, tp, pp, launcher)
+def _validate_layout(world_size: int, tp: int, pp: int, launcher: str | None = None, ep: int = 1) -> None:
+    problem = parallel_layout_problem(world_size, tp, pp, launcher) or expert_layout_problem(world_size, pp, ep)
     if problem is not None:
         raise ParallelLayoutError(problem)
 
@@ -116,13 +122,15 @@ def initialize(
     seed: int = 1234,
     backend: str | None = None,
     timeout_minutes: int = 30,
+    expert_model_parallel_size: int = 1,
 ) -> ParallelContext:
     """Start torch.distributed (if needed) and Megatron's parallel state; seed the RNG tracker.
 
     Safe to call when the process group already exists (e.g. tests' launcher): it reuses it.
     """
     launch = read_launch_env()  # checked first: a bad layout fails before Megatron is imported
-    _validate_layout(launch.world_size, tensor_model_parallel_size, pipeline_model_parallel_size, launch.launcher)
+    _validate_layout(launch.world_size, tensor_model_parallel_size, pipeline_model_parallel_size, launch.launcher,
+                     expert_model_parallel_size)
     from megatron.core import parallel_state, tensor_parallel
 
     cpu = not cpu_compat.cuda_available()
@@ -149,6 +157,8 @@ def initialize(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=1,
         create_gloo_process_groups=not cpu,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -171,6 +181,8 @@ def current_context() -> ParallelContext:
         world_size=torch.distributed.get_world_size(),
         backend=torch.distributed.get_backend(),
         device=cpu_compat.device(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
     )
 
 

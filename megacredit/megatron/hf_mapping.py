@@ -13,6 +13,15 @@ they are laid out on each tensor-parallel (TP) rank:
   hidden dim.
 - ``gated``: SwiGLU ``linear_fc1`` = ``[gate; up]`` per rank: rank r holds
   ``[gate_r; up_r]`` (each of gate/up split on dim 0 first).
+- ``expert_gated`` / ``expert``: an MoE expert's ``linear_fc1`` (``[gate; up]``) / ``linear_fc2``,
+  whole on the expert-parallel rank that holds the expert (experts are not split over TP:
+  expert_tensor_parallel_size is 1, megacredit/megatron/moe.py). Megatron names carry the GLOBAL
+  expert index (``bridge_load.global_named_parameters`` converts the local one).
+
+The layer table depends on the family (``model_type``): OLMo-3 has no pre-norms, post-norms at the
+end of ``linear_proj`` / ``linear_fc2`` and TP-sharded whole-projection QK-norms
+(megacredit/megatron/olmo3.py); Qwen3-MoE has a router and experts in checkpoint naming
+(``mlp.experts.{e}.gate_proj.weight``; transformers 5 fuses them in memory only).
 
 Megatron names are the local (non-Transformer-Engine) spec's, checked by printing a built
 model's state dict. With the TE spec the layer norms are fused into the next linear and named
@@ -23,6 +32,7 @@ map``) and are UNVERIFIED here (TE cannot be built on this CPU machine).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +48,8 @@ OUTPUT_LAYER = "output_layer.weight"
 HF_EMBEDDING = "model.embed_tokens.weight"
 HF_LM_HEAD = "lm_head.weight"
 
-LAYOUTS = ("replicated", "column", "row", "vocab", "qkv", "gated")
+LAYOUTS = ("replicated", "column", "row", "vocab", "qkv", "gated", "expert_gated", "expert")
+EXPERT_LAYOUTS = ("expert_gated", "expert")
 
 
 @dataclass(frozen=True)
@@ -87,8 +98,43 @@ _LAYER_TABLE: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-def mapping_for(megatron_name: str, tied_embeddings: bool) -> ParamMapping:
-    """The mapping of one global Megatron parameter name (raises KeyError naming it if unknown).
+_PRE_NORMS = ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight", "pre_mlp_layernorm.weight",
+              "mlp.linear_fc1.layer_norm_weight")
+_FAMILY_LAYER_TABLES: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
+    "olmo3": {
+        **{suffix: entry for suffix, entry in _LAYER_TABLE.items() if suffix not in _PRE_NORMS},
+        "self_attention.q_layernorm.weight": (("self_attn.q_norm.weight",), "column"),
+        "self_attention.k_layernorm.weight": (("self_attn.k_norm.weight",), "column"),
+        "self_attention.linear_proj.post_layernorm.weight": (("post_attention_layernorm.weight",), "replicated"),
+        "mlp.linear_fc2.post_layernorm.weight": (("post_feedforward_layernorm.weight",), "replicated"),
+    },
+    "qwen3_moe": {**_LAYER_TABLE, "mlp.router.weight": (("mlp.gate.weight",), "replicated")},
+}
+# Expert parameters of Megatron's SequentialMLP (megatron/core/transformer/moe/experts.py), with
+# the global expert index.
+EXPERT_PREFIX = "mlp.experts.local_experts."
+_EXPERT_PATTERNS = (
+    (re.compile(r"mlp\.experts\.local_experts\.(\d+)\.linear_fc1\.weight"), ("gate_proj", "up_proj"), "expert_gated"),
+    (re.compile(r"mlp\.experts\.local_experts\.(\d+)\.linear_fc2\.weight"), ("down_proj",), "expert"),
+)
+
+
+def _layer_mapping(suffix: str, model_type: str) -> tuple[tuple[str, ...], str] | None:
+    """(HF suffixes under "model.layers.{i}.", layout) of a layer-local Megatron suffix."""
+    table = _FAMILY_LAYER_TABLES.get(model_type, _LAYER_TABLE)
+    if suffix in table:
+        return table[suffix]
+    if model_type == "qwen3_moe":
+        for pattern, projections, layout in _EXPERT_PATTERNS:
+            match = pattern.fullmatch(suffix)
+            if match:
+                return tuple(f"mlp.experts.{int(match.group(1))}.{p}.weight" for p in projections), layout
+    return None
+
+
+def mapping_for(megatron_name: str, tied_embeddings: bool, model_type: str = "llama") -> ParamMapping:
+    """The mapping of one global Megatron parameter name of a ``model_type`` model (raises
+    KeyError naming it if unknown).
 
     With tied embeddings the (last-stage copy of the) output layer is built from the HF input
     embedding, since HF checkpoints then carry no ``lm_head.weight``.
@@ -101,13 +147,15 @@ def mapping_for(megatron_name: str, tied_embeddings: bool) -> ParamMapping:
         return ParamMapping(megatron_name, ("model.norm.weight",), "replicated")
     if megatron_name.startswith(LAYER_PREFIX):
         layer_index, _, suffix = megatron_name[len(LAYER_PREFIX):].partition(".")
-        if suffix in _LAYER_TABLE:
-            hf_suffixes, layout = _LAYER_TABLE[suffix]
+        entry = _layer_mapping(suffix, model_type)
+        if entry is not None:
+            hf_suffixes, layout = entry
             prefix = f"{HF_LAYER_PREFIX}{int(layer_index)}."
             return ParamMapping(megatron_name, tuple(prefix + s for s in hf_suffixes), layout)
     raise KeyError(
-        f"no Hugging Face mapping for Megatron parameter {megatron_name!r}; megacredit's bridge "
-        f"covers dense Llama/Qwen2/Qwen3 layers (see megacredit/megatron/hf_mapping.py)"
+        f"no Hugging Face mapping for Megatron parameter {megatron_name!r} of a {model_type} model; "
+        f"megacredit's bridge covers Llama/Qwen2/Qwen3, OLMo-3 and Qwen3-MoE layers "
+        f"(see megacredit/megatron/hf_mapping.py)"
     )
 
 
@@ -166,6 +214,8 @@ def shard_for_rank(
         return fuse_qkv(*hf_tensors, shape).chunk(tp_size, dim=0)[tp_rank]
     if layout == "gated":
         return torch.cat([t.chunk(tp_size, dim=0)[tp_rank] for t in hf_tensors], dim=0)
+    if layout in EXPERT_LAYOUTS:  # whole on its expert-parallel rank
+        return torch.cat(hf_tensors, dim=0) if len(hf_tensors) > 1 else hf_tensors[0]
     raise ValueError(f"unknown layout {layout!r} for {mapping.megatron_name}")
 
 
@@ -192,4 +242,7 @@ def unshard(
         gate = torch.cat([h[0] for h in halves], dim=0)
         up = torch.cat([h[1] for h in halves], dim=0)
         return [(names[0], gate), (names[1], up)]
+    if layout in EXPERT_LAYOUTS:  # one shard: the whole expert tensor
+        (whole,) = rank_shards
+        return list(zip(names, whole.chunk(len(names), dim=0))) if len(names) > 1 else [(names[0], whole)]
     raise ValueError(f"unknown layout {layout!r} for {mapping.megatron_name}")

@@ -2,7 +2,11 @@
 
 Supported families (``hf_config.model_type``): llama, mistral (without sliding window), qwen2
 (q/k/v biases) and qwen3 (QK-norm, explicit head_dim). All share GQA, RoPE (HF's rotate-half
-convention, i.e. Megatron's ``rotary_interleaved=False``), SwiGLU and RMSNorm.
+convention, i.e. Megatron's ``rotary_interleaved=False``), SwiGLU and RMSNorm. Families with a
+layer of their own add their TransformerConfig fields, checks and layer spec through one module
+each (``FAMILY_MODULES``): olmo3 (megacredit/megatron/olmo3.py: post-norms, whole-projection
+QK-norm, sliding-window layers, RoPE per layer type) and qwen3_moe (megacredit/megatron/moe.py:
+mixture of experts, expert parallelism).
 
 Layer spec (``model.transformer_engine``): auto = Transformer Engine's when
 ``transformer_engine.pytorch`` imports (GPU machines), the Megatron-Core local spec otherwise (CPU,
@@ -32,7 +36,11 @@ from megacredit.megatron.distributed import ParallelContext, current_context
 from megacredit.utils.errors import SetupError, one_line
 
 logger = logging.getLogger(__name__)
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILY_MODULES = {"olmo3": "megacredit.megatron.olmo3", "qwen3_moe": "megacredit.megatron.moe"}
+"""model_type -> the module holding that family's ``config_fields``, ``check`` and ``layer_spec``."""
+PER_HEAD_QK_NORM = ("qwen3", "qwen3_moe")
+"""Families with an RMSNorm per query / key head (Megatron's ``qk_layernorm``)."""
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", *FAMILY_MODULES)
 DEFAULT_MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 
 
@@ -51,9 +59,13 @@ def rope_parameters(hf_config: Any) -> dict:
     """The RoPE settings of ``hf_config`` as one dict with at least ``rope_type``/``rope_theta``.
 
     transformers >= 5 keeps them in ``config.rope_parameters``; 4.x in ``rope_theta`` and
-    ``rope_scaling``. Both are read.
+    ``rope_scaling``. Both are read. Where they are given per layer type, these are the first
+    layer's (the model's rotary table; megacredit/megatron/olmo3.py handles the other type).
     """
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types and isinstance(params.get(layer_types[0]), dict):
+        params = dict(params[layer_types[0]])  # one entry per layer type (OLMo-3): the first layer's
     legacy_scaling = getattr(hf_config, "rope_scaling", None)
     if not params and isinstance(legacy_scaling, dict):
         params.update(legacy_scaling)
@@ -93,11 +105,22 @@ def _check_family_features(hf_config: Any) -> None:
         model_type == "mistral" and getattr(hf_config, "sliding_window", None) is not None
     ):
         raise _unsupported(hf_config, "sliding-window attention (set sliding_window=None to disable)")
+    family = family_module(hf_config)
+    if family is not None:
+        family.check(hf_config, _unsupported)
     rope = rope_parameters(hf_config)
     if rope["rope_type"] not in ("default", "llama3"):
         raise _unsupported(hf_config, f"rope_type={rope['rope_type']!r} (only default and llama3)")
     if rope["rope_type"] == "llama3":
         _llama3_rope_scaling_factor(hf_config, rope)
+
+
+def family_module(hf_config: Any):
+    """The module of ``FAMILY_MODULES`` for this config's family, or None for the Llama-shaped ones."""
+    import importlib
+
+    name = FAMILY_MODULES.get(getattr(hf_config, "model_type", None))
+    return importlib.import_module(name) if name else None
 
 
 def head_dim_of(hf_config: Any) -> int:
@@ -111,7 +134,7 @@ def num_kv_heads_of(hf_config: Any) -> int:
     return int(getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads)
 
 
-def _check_parallel_sizes(hf_config: Any, tp: int, pp: int, overrides: dict) -> None:
+def _check_parallel_sizes(hf_config: Any, tp: int, pp: int, overrides: dict, ep: int = 1) -> None:
     heads, kv_heads = hf_config.num_attention_heads, num_kv_heads_of(hf_config)
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be >= 1, got tp={tp}, pp={pp}")
@@ -124,6 +147,11 @@ def _check_parallel_sizes(hf_config: Any, tp: int, pp: int, overrides: dict) -> 
         )
     if hf_config.intermediate_size % tp:
         raise ValueError(f"tp={tp} must divide intermediate_size={hf_config.intermediate_size}")
+    experts = int(getattr(hf_config, "num_experts", 0) or 0)
+    if ep > 1 and (not experts or experts % ep):
+        raise ValueError(f"expert parallel size ep={ep} must divide the experts of the model "
+                         f"(num_experts={experts or 'none: not a mixture-of-experts model'}); set "
+                         f"parallel.expert_model_parallel_size to a divisor of num_experts, or 1")
     uneven = {"num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
               "pipeline_model_parallel_layout"} & set(overrides)
     if hf_config.num_hidden_layers % pp and not uneven:
@@ -150,9 +178,11 @@ def transformer_config_from_hf(
     pp: int = 1,
     dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
+    ep: int = 1,
     **overrides: Any,
 ):
-    """Megatron ``TransformerConfig`` equivalent to ``hf_config`` at the given TP/PP sizes.
+    """Megatron ``TransformerConfig`` equivalent to ``hf_config`` at the given TP/PP (and, for
+    mixture-of-experts models, EP) sizes.
 
     dtype: parameter (and pipeline communication) dtype; bf16/fp16 set Megatron's flags.
     overrides: any further ``TransformerConfig`` field (e.g. recompute settings).
@@ -160,7 +190,7 @@ def transformer_config_from_hf(
     sizes that do not divide the model.
     """
     _check_family_features(hf_config)
-    _check_parallel_sizes(hf_config, tp, pp, overrides)
+    _check_parallel_sizes(hf_config, tp, pp, overrides, ep)
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     fields: dict[str, Any] = dict(
@@ -176,7 +206,7 @@ def transformer_config_from_hf(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=hf_config.model_type == "qwen2",
-        qk_layernorm=hf_config.model_type == "qwen3",
+        qk_layernorm=hf_config.model_type in PER_HEAD_QK_NORM,
         rotary_interleaved=False,
         attention_dropout=0.0,
         hidden_dropout=0.0,
@@ -195,6 +225,11 @@ def transformer_config_from_hf(
         apply_rope_fusion=_rope_fusion_available(),
         gradient_accumulation_fusion=False,
     )
+    family = family_module(hf_config)
+    if family is not None:
+        fields.update(family.config_fields(hf_config))
+    if fields.get("num_moe_experts"):
+        fields["expert_model_parallel_size"] = ep
     fields.update(overrides)
     try:
         return TransformerConfig(**fields)
@@ -255,12 +290,15 @@ def layer_spec_for(hf_config: Any, use_transformer_engine: bool | None = None):
     """The transformer layer spec of :func:`choose_layer_spec` (logged with its reason)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    qk_layernorm = hf_config.model_type == "qwen3"
+    qk_layernorm = hf_config.model_type in PER_HEAD_QK_NORM
     choice = choose_layer_spec(use_transformer_engine)
     logger.info("%s", choice)
     if choice.transformer_engine:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    family = family_module(hf_config)
+    return spec if family is None else family.layer_spec(hf_config, spec, choice.transformer_engine)
 
 
 def _rope_arguments(hf_config: Any) -> dict:
@@ -296,7 +334,7 @@ def build_gpt_model(
     ctx = ctx or current_context()
     config = transformer_config_from_hf(
         hf_config, tp=ctx.tp_size, pp=ctx.pp_size, dtype=dtype,
-        sequence_parallel=sequence_parallel, **config_overrides,
+        sequence_parallel=sequence_parallel, ep=ctx.ep_size, **config_overrides,
     )
     layer_spec = layer_spec_for(hf_config, use_transformer_engine)
     if config.sequence_parallel:  # the local spec's torch norms refuse it as they are

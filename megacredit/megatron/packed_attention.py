@@ -10,8 +10,10 @@ arrives here: the QKV projection all-gathers the sequence shards before its matm
 
 How: the blocks are laid out as a padded batch [n_blocks, longest, heads, dim] with one
 ``index_select`` per tensor, attended with ``torch.nn.functional.scaled_dot_product_attention``
-(``is_causal=True``; grouped KV heads without repeating them), and the valid rows are selected
-back into the packed row. No mask is needed: a block's padding sits after its last token, and
+(``is_causal=True``, or the causal sliding-window mask of a windowed layer: the window Megatron's
+``DotProductAttention`` set up from ``config.window_size``; grouped KV heads without repeating
+them), and the valid rows are selected back into the packed row. No padding mask is needed:
+a block's padding sits after its last token, and
 under the causal mask a real query never sees a later position, so padded keys are never
 attended by real queries; the padded queries' outputs are dropped (and get no gradient). The
 cost is n_blocks * longest^2, not total^2 as a dense block-diagonal mask would be. The index
@@ -65,6 +67,19 @@ def _cached_layout(packed_seq_params, device: torch.device) -> BlockLayout:
     return layout
 
 
+def sliding_window_mask(window_size: tuple[int, int] | None, length: int, device) -> torch.Tensor | None:
+    """[L, L] True where query i may attend key j under Megatron's ``window_size`` (left, right)
+    on top of the causal mask: ``i - left <= j <= i`` (Megatron's ``get_sliding_window_causal_mask``
+    in megatron/core/transformer/utils.py, with right = 0 for a causal model); None without one."""
+    if window_size is None:
+        return None
+    left, right = window_size
+    if right != 0:
+        raise ValueError(f"packed attention supports causal sliding windows (right = 0), got window_size={window_size}")
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return allowed if left < 0 else allowed.triu(-left)
+
+
 class PackedDotProductAttention(DotProductAttention):
     """``DotProductAttention`` that also accepts THD-packed sequences (see the module docstring)."""
 
@@ -88,9 +103,10 @@ class PackedDotProductAttention(DotProductAttention):
         # apply_query_key_layer_scaling divides softmax_scale by the layer number and the
         # parent's softmax multiplies it back; the product is the scale of the scores.
         scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
+        window = sliding_window_mask(self.scale_mask_softmax.window_size, length, query.device)
         out = F.scaled_dot_product_attention(
-            padded(query), padded(key), padded(value), dropout_p=dropout, is_causal=True,
-            scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+            padded(query), padded(key), padded(value), attn_mask=window, dropout_p=dropout,
+            is_causal=window is None, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
         out = out.transpose(1, 2).reshape(n * length, -1)  # [n, h, L, d] -> [n * L, h * d]
         return out.index_select(0, layout.to_packed)  # packed [t, h * d]
 

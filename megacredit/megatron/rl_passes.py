@@ -75,11 +75,14 @@ class VocabHead:
     """The output projection of the last stage, applied through the chunked top-K toolkit."""
 
     def __init__(self, model_chunks: Sequence[torch.nn.Module], chunk_size: int = 1024,
-                 keep_logits_max_bytes: int = 512 * 2**20) -> None:
+                 keep_logits_max_bytes: int = 512 * 2**20, temperature: float = 1.0) -> None:
         from megatron.core import parallel_state
 
         self.model = unwrap(model_chunks[-1])
         self.chunk_size = chunk_size
+        # Every result is of softmax(logits / temperature): the distribution the rollout sampled
+        # from (as verl's actor does, dp_actor.py _forward_micro_batch: logits.div_(temperature)).
+        self.temperature = temperature
         # Logits of a training call up to this size are kept for its backward, not recomputed.
         self.keep_logits_max_bytes = keep_logits_max_bytes
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -93,12 +96,17 @@ class VocabHead:
         return self.model.output_layer.weight
 
     def __call__(self, hidden: torch.Tensor, *, k: int | None = None, gather_ids: torch.Tensor | None = None,
-                 sampled_ids: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> TopKLogprobs:
-        """Top-K / log-probs of the output layer at ``hidden``; ``weight`` replaces this rank's
-        output-layer shard (e.g. the teacher's copy of it)."""
+                 sampled_ids: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                 temperature: float | None = None) -> TopKLogprobs:
+        """Top-K / log-probs of softmax(logits / temperature) at ``hidden`` (default: the head's
+        temperature); ``weight`` replaces this rank's output-layer shard (e.g. the teacher's)."""
         weight = self.weight() if weight is None else weight
+        temperature = self.temperature if temperature is None else temperature
+        hidden = hidden.to(weight.dtype)
+        if temperature != 1.0:  # (h W^T) / T = (h / T) W^T: the chunked head never holds [N, V]
+            hidden = hidden / temperature
         return chunked_topk_logprobs_from_hidden(
-            hidden.to(weight.dtype), weight, k=k, gather_ids=gather_ids, sampled_ids=sampled_ids,
+            hidden, weight, k=k, gather_ids=gather_ids, sampled_ids=sampled_ids,
             chunk_size=rows_per_chunk(weight.shape[0], weight.dtype, max_rows=self.chunk_size),
             group=self.group, vocab_start=self.tp_rank * weight.shape[0],
             vocab_size=self.model.megacredit_vocab_size,

@@ -26,7 +26,7 @@ _SHORT_NAMES = {
     "val/avg_at_k": "val",
     "perf/tokens_per_s": "tok/s",
 }
-PHASES = ("rollout", "reward", "teacher", "train", "sync", "val")
+PHASES = ("rollout", "reward", "teacher", "diagnostic", "train", "sync", "val")
 
 
 def _format(value: float) -> str:
@@ -117,6 +117,7 @@ def summary_rows(history: Sequence[tuple[int, dict[str, float]]]) -> list[tuple[
     if reward:
         first, last = reward[0][1]["rollout/reward_mean"], reward[-1][1]["rollout/reward_mean"]
         rows.append(("train reward, first -> last", f"{first:.4f} -> {last:.4f}"))
+    rows.extend(_teacher_diagnostic_rows(history))
     totals = {
         phase: sum(v[f"perf/time_{phase}"] for _, v in _series(history, f"perf/time_{phase}"))
         for phase in PHASES
@@ -131,4 +132,19 @@ def summary_rows(history: Sequence[tuple[int, dict[str, float]]]) -> list[tuple[
     steps = sorted({step for step, _ in history})
     if steps:
         rows.append(("steps logged", f"{len(steps)} (last step {steps[-1]})"))
+    return rows
+
+
+def _teacher_diagnostic_rows(history: Sequence[tuple[int, dict[str, float]]]) -> list[tuple[str, str]]:
+    """Does the self-teacher know more than the student? First and last logged values."""
+    rows = []
+    for label, names in (("P(correct answer) teacher / student", ("teacher/answer_prob_teacher",
+                                                                   "teacher/answer_prob_student")),
+                         ("teacher - student log-prob, correct / incorrect", ("teacher/delta_v_correct",
+                                                                               "teacher/delta_v_incorrect"))):
+        logged = [values for _, values in history if all(name in values for name in names)]
+        if logged:
+            first, last = (" / ".join(f"{values[name]:+.3f}" if "delta" in name else f"{values[name]:.3f}"
+                                      for name in names) for values in (logged[0], logged[-1]))
+            rows.append((label, f"{first} (first) -> {last} (last)"))
     return rows

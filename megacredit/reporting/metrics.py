@@ -1,7 +1,7 @@
 """Metrics logging: JSONL, TensorBoard, Weights & Biases (optional) and the console.
 
 Every metric name carries a namespace (``rollout/``, ``train/``, ``teacher/``, ``perf/``,
-``val/``, ``sync/``); the names the training loop emits are listed in :data:`DOCUMENTED_METRICS` and
+``val/``, ``sync/``, ``moe/``); the names the training loop emits are listed in :data:`DOCUMENTED_METRICS` and
 explained in docs/metrics.md. Per-token credit of a few samples per step goes to
 ``<run_dir>/token_credit.jsonl`` through :func:`save_token_credit`.
 """
@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-METRIC_NAMESPACES = ("rollout", "train", "teacher", "perf", "val", "sync")
+METRIC_NAMESPACES = ("rollout", "train", "teacher", "perf", "val", "sync", "moe")
 """Allowed first components of a metric name."""
 METRICS_FILE = "metrics.jsonl"
 TOKEN_CREDIT_FILE = "token_credit.jsonl"
@@ -60,6 +60,12 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "teacher/s_t_hybrid": "CREDIT-RLSD: the evidence S_t inside the RLSD weight, token mean",
     "teacher/topk_kl": "divergence of student and teacher on the top-K set, token mean",
     "teacher/signal_frac": "fraction of samples with a teacher signal (solution or feedback)",
+    "teacher/delta_v_correct": "teacher minus student log-prob of the sampled token on correct responses, token mean",
+    "teacher/delta_v_incorrect": "teacher minus student log-prob of the sampled token on incorrect responses, token mean",
+    "teacher/answer_prob_teacher": "the teacher's probability of the correct answer at the response's answer position "
+                                   "(logging.teacher_diagnostic_samples; environments that locate the answer)",
+    "teacher/answer_prob_student": "the student's probability of the correct answer at the same position",
+    "teacher/answer_prob_gain": "teacher/answer_prob_teacher - teacher/answer_prob_student: > 0 when the teacher knows more",
     # perf/: throughput and time per phase (seconds)
     "perf/tokens_per_s": "trained tokens (prompt + response) per second of the step",
     "perf/time_step": "wall time of the whole step",
@@ -68,6 +74,7 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "perf/time_teacher": "teacher, contrastive and old-policy forward passes",
     "perf/time_train": "forward/backward and optimizer steps",
     "perf/time_sync": "weight sync to the rollout engine and teacher update",
+    "perf/time_diagnostic": "the teacher diagnostic's probes (teacher/answer_prob_*)",
     "perf/time_val": "validation time (steps that validate)",
     "perf/peak_memory_gb": "peak resident memory of the process",
     "perf/page_faults": "minor page faults of the logging process during the step (megacredit/utils/malloc.py: "
@@ -78,6 +85,11 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "sync/gb_per_s": "sync/bytes / sync/seconds in GB/s (1e9 bytes)",
     "sync/peak_extra_gb": "peak extra memory the export's own buffers held (GB)",
     "sync/probe_logprob_diff": "steps whose sync was checked: mean |engine - trainer| log-prob of the probe (worst engine)",
+    # moe/: mixture-of-experts models, from the step's training forwards (mean over its mini-batches)
+    "moe/load_balancing_loss": "Megatron's switch load-balancing loss (without its coefficient), mean over MoE "
+                               "layers and training micro-batches; 1 = balanced (model.moe_aux_loss_coeff > 0)",
+    "moe/expert_load_max": "tokens of the busiest expert / the mean per expert, mean over MoE layers (1 = balanced)",
+    "moe/expert_load_min": "tokens of the idlest expert / the mean per expert, mean over MoE layers (0 = an unused expert)",
     # val/: periodic evaluation (avg@k with a bootstrap CI over prompts)
     "val/avg_at_k": "mean over prompts of the mean reward of k samples",
     "val/avg_at_k_ci_low": "lower bound of the bootstrap CI of avg@k",

@@ -2,7 +2,8 @@
 
 ``plot_runs(run_dirs, out_png)`` overlays runs' ``metrics.jsonl`` in one figure: training reward,
 validation avg@k with its bootstrap CI as a band, response length, entropy, S_t, the PPO and RLSD
-clip fractions, the loss, Delta V_t and seconds per step. ``plot_learning_curve`` is the one-run
+clip fractions, the loss, Delta V_t, seconds per step, and the teacher diagnostic (its and the
+student's probability of the correct answer, Delta V_t on correct vs incorrect responses). ``plot_learning_curve`` is the one-run
 case. The token-credit page is megacredit.reporting.token_heatmap; ``render_run`` writes both
 into a run directory (the trainer calls it at the end of a run, ``megacredit plot`` on demand).
 """
@@ -17,9 +18,9 @@ from typing import Any, Sequence
 from megacredit.reporting.metrics import METRICS_FILE, TOKEN_CREDIT_FILE, read_metrics
 from megacredit.reporting.token_heatmap import as_float, run_label, run_labels, write_heatmap_page
 
-FIGURE_SIZE_INCHES = (16.0, 12.0)
+FIGURE_SIZE_INCHES = (16.0, 16.0)
 FIGURE_DPI = 100
-"""The PNG is FIGURE_SIZE_INCHES * FIGURE_DPI pixels (1600 x 1200)."""
+"""The PNG is FIGURE_SIZE_INCHES * FIGURE_DPI pixels (1600 x 1600)."""
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("training reward (rollout/reward_mean)", ("rollout/reward_mean",)),
     ("validation avg@k, band = bootstrap CI", ("val/avg_at_k",)),
@@ -30,8 +31,12 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("loss (train/loss)", ("train/loss",)),
     ("Delta V_t on the sampled token (teacher/delta_v)", ("teacher/delta_v",)),
     ("seconds per step (perf/time_step)", ("perf/time_step",)),
+    ("P(correct answer): teacher solid, student dashed", ("teacher/answer_prob_teacher", "teacher/answer_prob_student")),
+    ("teacher - student log-prob: correct solid, incorrect dashed", ("teacher/delta_v_correct", "teacher/delta_v_incorrect")),
+    ("truncated responses (rollout/truncated_frac)", ("rollout/truncated_frac",)),
 )
-"""(title, metrics) of each panel, row by row on a 3 x 3 grid; a panel's 2nd metric is dashed."""
+"""(title, metrics) of each panel, row by row on a 4 x 3 grid; a panel's 2nd metric is dashed."""
+GRID = (4, 3)
 LEARNING_CURVE_FILE = "learning_curve.png"
 TOKEN_CREDIT_HTML_FILE = "token_credit.html"
 
@@ -107,7 +112,7 @@ def plot_curves(runs: Sequence[RunCurves], out_png: str | os.PathLike, title: st
     palette = plt.get_cmap("tab10")
     labels = list(dict.fromkeys(run.label for run in runs))
     colours = {label: palette(index % 10) for index, label in enumerate(labels)}
-    fig, axes = plt.subplots(3, 3, figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI)
+    fig, axes = plt.subplots(*GRID, figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI)
     try:
         for ax, (panel_title, names) in zip(axes.flat, PANELS):
             _finish_axis(ax, panel_title, _draw_panel(ax, runs, names, colours))

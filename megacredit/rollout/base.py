@@ -134,10 +134,10 @@ class RolloutOutput:
     prompt_ids: list[int]
     # Generated token ids; when finish_reason == "stop" the last one is the stop token.
     token_ids: list[int]
-    # log pi(token | prefix) of each generated token under the model's raw logits at
-    # temperature 1, over the full vocabulary (not the tempered / truncated sampling
-    # distribution). Same length as token_ids. A diagnostic: the trainer recomputes old
-    # log-probs with its own forward.
+    # log pi_T(token | prefix) of each generated token: log_softmax(logits / T) over the full
+    # vocabulary, T = the sampling temperature (1 when greedy), before top-k / top-p truncation:
+    # the tempered distribution that was sampled, as the trainer scores it. Same length as
+    # token_ids. A diagnostic and the rollout-IS input: the trainer recomputes old log-probs.
     logprobs: list[float]
     # "stop" when a stop token was generated, "length" when max_new_tokens was reached.
     finish_reason: FinishReason
@@ -288,8 +288,8 @@ class RolloutEngine(ABC):
         ``[i * n, (i + 1) * n)`` answer prompt ``i``. ``progress(count)``, if given, is called
         as ``count`` more samples finish (engines that cannot tell call it once at the end).
         Every output carries the engine's
-        log-probs of its sampled tokens (``RolloutOutput.logprobs``: raw logits, temperature
-        1, full vocabulary), which the trainer compares with its own (rollout/ metrics and
+        log-probs of its sampled tokens (``RolloutOutput.logprobs``: logits / temperature, full
+        vocabulary), which the trainer compares with its own (rollout/ metrics and
         ``algorithm.rollout_is``).
         """
 
@@ -299,8 +299,8 @@ class RolloutEngine(ABC):
 
         For each sequence ``s`` (at least 2 tokens) returns ``len(s) - 1`` floats:
         ``log pi(s[t] | s[:t])`` for ``t = 1 .. len(s) - 1``, from the model's raw logits at
-        temperature 1 over the full vocabulary -- the same quantity as
-        ``RolloutOutput.logprobs`` and as the trainer's log-probs of those tokens.
+        temperature 1 over the full vocabulary -- the quantity the trainer's weight-sync probe
+        computes (megacredit.megatron.actor.MegatronActor.score_sequences).
         """
 
     @abstractmethod

@@ -19,13 +19,14 @@ loaded from a local folder) in eval / no-grad mode and runs its own batched samp
   output; finished rows are dropped from the batch and its cache, the rest continue until
   all are finished or ``max_new_tokens`` is reached;
 * temperature / top-k / top-p sampling with a seeded ``torch.Generator`` (greedy at T=0);
-* the returned log-probs are ``log_softmax`` of the model's raw logits (temperature 1, full
-  vocabulary) at the sampled tokens, i.e. log pi_theta(y_t | x, y_<t), not the log-prob of the
-  tempered / truncated sampling distribution. They are a diagnostic: the trainer recomputes
-  the old-policy log-probs with its own forward.
+* the returned log-probs are ``log_softmax(logits / T)`` over the full vocabulary at the sampled
+  tokens (T = the sampling temperature; 1 when greedy): the tempered distribution that was
+  sampled, before top-k / top-p truncation, which is what the trainer scores (RolloutOutput).
+  They are a diagnostic and the rollout-IS input: the trainer recomputes the old-policy
+  log-probs with its own forward.
 
 Because it only uses the generic ``AutoModelForCausalLM`` forward, every decoder-only family
-transformers supports works (tested: Llama, Qwen2, Qwen3).
+transformers supports works (tested: Llama, Qwen2, Qwen3, OLMo-3, Qwen3-MoE).
 
 Weights arrive through ``load_weights`` as ``(hf_name, full_tensor)`` pairs, exactly what the
 Megatron -> HF bridge exports, and are copied in place into the existing parameters.
@@ -50,6 +51,7 @@ from megacredit.rollout.base import (
     WeightManifest,
     request_seed,
 )
+from megacredit.rollout.expert_names import per_expert_views
 from megacredit.rollout.sampling import (
     choose_next_tokens,
     left_pad,
@@ -273,7 +275,7 @@ class EmbeddedRolloutEngine(RolloutEngine):
                 logits = self._forward(sampled.unsqueeze(-1), attention_mask, next_position, cache)
                 next_position = next_position + 1
             sampled = choose_next_tokens(logits, params, generator)
-            sampled_logprobs = token_logprobs(logits, sampled)
+            sampled_logprobs = token_logprobs(logits, sampled, 1.0 if params.greedy else params.temperature)
             finished = torch.isin(sampled, stop_tensor)
             for row, token, logprob, done in zip(
                 live_rows, sampled.tolist(), sampled_logprobs.tolist(), finished.tolist()
@@ -332,8 +334,9 @@ class EmbeddedRolloutEngine(RolloutEngine):
         return sorted(name for name, t in targets.items() if t.data_ptr() not in loaded)
 
     def _named_targets(self) -> dict[str, torch.Tensor]:
-        """Every loadable tensor by HF name; tied weights appear under each of their names."""
-        return dict(self.model.state_dict(keep_vars=True))
+        """Every loadable tensor by HF checkpoint name; tied weights appear under each of their
+        names, fused MoE experts as one view per expert (megacredit/rollout/expert_names.py)."""
+        return per_expert_views(self.model.state_dict(keep_vars=True))
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:

@@ -79,7 +79,11 @@ def choose_next_tokens(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax of the raw logits at temperature 1 (full vocabulary) at ``tokens``: [B]."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits / temperature) over the full vocabulary at ``tokens``: [B].
+
+    The tempered distribution that was sampled, before top-k / top-p truncation: what the
+    trainer scores (every pass at the rollout temperature)."""
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    log_probs = torch.log_softmax(scaled, dim=-1)
     return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

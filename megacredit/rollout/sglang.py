@@ -44,8 +44,9 @@ Every SGLang call, as found in SGLang 0.5.23's source (``python/sglang/srt/``):
   "length" or "abort" (``managers/schedule_batch.py`` ``FINISH_*.to_json``).
 * ``Req._check_token_based_finish`` (``managers/schedule_batch.py``): ``ignore_eos`` disables
   every stop token, and ``stop_token_ids`` are checked IN ADDITION to the model's EOS ids.
-* ``layers/sampler.py``: ``SGLANG_RETURN_ORIGINAL_LOGPROB`` makes sampled-token log-probs come
-  from the logits before temperature.
+* ``layers/sampler.py`` (``Sampler.forward``): sampled-token log-probs are ``log(softmax(logits / T))``
+  unless ``SGLANG_RETURN_ORIGINAL_LOGPROB`` is set, which makes them come from the logits
+  before temperature.
 
 Semantics that differ from the embedded engine (documented in docs/engines.md):
 
@@ -55,9 +56,10 @@ Semantics that differ from the embedded engine (documented in docs/engines.md):
   gets ``request_seed(seed, (seed_offset + i) * n + j)``, so splitting the batch over engines
   does not change any request's seed; SGLang honours them only with
   ``enable_deterministic_inference`` (not available on CPU; see above).
-* Log-probs: megacredit's contract is raw logits at temperature 1. Engines start with
-  ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` (unless already set); remote servers must be launched
-  with it. The weight-sync probe scores at temperature 1, where both agree.
+* Log-probs: megacredit's contract is the sampled distribution, ``log_softmax(logits / T)`` at
+  the rollout temperature (as verl's actor scores it). SGLang returns that by default; an
+  environment that sets ``SGLANG_RETURN_ORIGINAL_LOGPROB`` to true is refused (it would return
+  temperature-1 log-probs). The weight-sync probe scores at temperature 1, where both agree.
 """
 
 from __future__ import annotations
@@ -101,12 +103,16 @@ logger = logging.getLogger(__name__)
 
 
 def sglang_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment an SGLang engine starts with: ``environ`` plus
-    ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` and, where CUDA is absent, the CPU defaults above
-    (settings already present win)."""
+    """The environment an SGLang engine starts with: ``environ`` plus, where CUDA is absent, the
+    CPU defaults above (settings already present win). Refuses
+    ``SGLANG_RETURN_ORIGINAL_LOGPROB`` set to true (temperature-1 log-probs; see above)."""
     from megacredit.rollout.server_process import engine_environment  # noqa: PLC0415
 
-    return engine_environment(CPU_ENV_DEFAULTS, environ, {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"})
+    env = engine_environment(CPU_ENV_DEFAULTS, environ)
+    if env.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ValueError("SGLANG_RETURN_ORIGINAL_LOGPROB is set: SGLang would return log-probs at temperature 1, "
+                         "not of the distribution it samples (rollout.temperature); unset it")
+    return env
 
 
 def server_args_with_defaults(server_args: Mapping[str, Any]) -> dict[str, Any]:

@@ -471,8 +471,8 @@ def cli_flags(server_args: Mapping[str, Any]) -> list[str]:
 
 class SGLangServer(ServerProcess):
     """``python -m sglang.launch_server`` as a subprocess on a free 127.0.0.1 port, in its own
-    process group (stopped by its PID, scheduler and detokenizer included); started with
-    ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` and, without CUDA, SGLang's CPU engine
+    process group (stopped by its PID, scheduler and detokenizer included); started, without
+    CUDA, with SGLang's CPU engine
     (``megacredit.rollout.sglang.CPU_SERVER_ARGS``). Use as a context manager."""
 
     name = "sglang"

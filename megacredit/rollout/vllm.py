@@ -14,9 +14,11 @@ How it talks to vLLM (vllm-project/vllm, version 0.32):
   live on the engine's device: no copy between processes).
 * Generation: one request per prompt, ``vllm.SamplingParams(n, temperature, top_p, top_k,
   max_tokens, stop_token_ids | ignore_eos, seed, logprobs=0)`` with the seed of that prompt
-  (``request_seed``); ``logprobs=0`` returns the sampled token's log-prob, which with vLLM
-  V1's default ``logprobs_mode="raw_logprobs"`` is log-softmax of the raw logits (temperature
-  1, before top-k / top-p): the quantity ``RolloutOutput.logprobs`` promises.
+  (``request_seed``); ``logprobs=0`` returns the sampled token's log-prob. megacredit starts
+  vLLM with ``logprobs_mode="processed_logprobs"`` (vllm/config/model.py ``ModelConfig``; applied
+  in vllm/v1/sample/sampler.py ``Sampler.sample``): log-softmax after temperature, the quantity
+  ``RolloutOutput.logprobs`` promises (vLLM also applies top-k / top-p before it, so the two
+  differ only when those are set; megacredit's training defaults leave them off).
 * Probe scoring: ``prompt_logprobs=0`` (each prompt token's own log-prob).
 * Weight update, in the worker (:class:`MegacreditWorkerExtension`): vLLM's in-place layerwise
   reload API (``vllm/model_executor/model_loader/reload/``):
@@ -24,7 +26,9 @@ How it talks to vLLM (vllm-project/vllm, version 0.32):
   per bucket (vLLM's own HF-name loader: it fuses q/k/v and gate/up itself; a layer is
   re-processed into kernel format as soon as all its tensors arrived), then
   ``finalize_layerwise_reload(model, model_config)``; afterwards ``LLM.reset_prefix_cache()``
-  (cached KV blocks were computed with the old weights). Calling ``load_weights`` directly
+  (cached KV blocks were computed with the old weights); on CPU, the tied LM head and the
+  experts of an MoE model are re-processed after the reload (:func:`reprocess_tied_head`,
+  :func:`repack_cpu_experts`). Calling ``load_weights`` directly
   after start-up fails on CPU (the processed parameters lost their ``weight_loader``).
 * ``LLM.sleep(level=1)`` / ``LLM.wake_up()`` around training when the engine was started with
   ``enable_sleep_mode=True`` (GPU); vLLM's CPU worker has no sleep mode, so there they are
@@ -126,6 +130,7 @@ class MegacreditWorkerExtension:
         model = self._megacredit_model()
         finalize_layerwise_reload(model, self.vllm_config.model_config)  # type: ignore[attr-defined]
         reprocess_tied_head(model)
+        repack_cpu_experts(model)
         return True
 
     # A remote server's broadcast path (megacredit/rollout/vllm_server.py): the trainer's sending
@@ -224,6 +229,32 @@ def reprocess_tied_head(model: torch.nn.Module) -> bool:
     return tied
 
 
+def repack_cpu_experts(model: torch.nn.Module) -> int:
+    """Re-pack mixture-of-experts weights for vLLM's CPU expert kernel after a reload.
+
+    vLLM 0.32's ``UnquantizedFusedMoEMethod._setup_kernel``
+    (vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py) sets the kernel up on
+    the first load only: on a weight update it copies the reloaded, unpacked expert weights into
+    the parameters, but the CPU kernel (``CPUUnquantizedExperts`` in
+    vllm/model_executor/layers/fused_moe/experts/cpu_moe.py) reads them in the layout its own
+    ``process_weights_after_loading`` packs them into at start-up, so the experts would compute
+    garbage (caught by the sync check: reloading the unchanged weights moved a tiny Qwen3-MoE's
+    log-probs by up to 5.9 nats). Re-running that packing restores them exactly. GPU expert
+    kernels are left alone. Returns the number of MoE layers re-packed."""
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts  # noqa: PLC0415
+    except ImportError:  # a vLLM without the CPU experts
+        return 0
+    repacked = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts) and hasattr(module, "w13_weight"):
+            experts.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
+
+
 def unpack_weights(weights: Mapping[str, torch.Tensor], packing: Mapping[str, list[str]],
                    manifest: Mapping[str, tuple[int, ...]] | None) -> dict[str, torch.Tensor]:
     """vLLM parameter names -> HF names: fused ``qkv_proj`` / ``gate_up_proj`` are split along
@@ -243,6 +274,12 @@ def unpack_weights(weights: Mapping[str, torch.Tensor], packing: Mapping[str, li
         if sum(sizes) == tensor.shape[0]:
             out.update(zip(names, torch.split(tensor, sizes, dim=0)))
     return out
+
+
+LOGPROBS_MODE = "processed_logprobs"
+"""vLLM's ``logprobs_mode`` for megacredit's engines and servers: sampled-token log-probs after
+temperature (what the trainer scores); prompt log-probs (the sync probe) stay raw in every mode
+(vllm/v1/worker/gpu_model_runner.py, ``_get_prompt_logprobs_dict``)."""
 
 
 # ---------------------------------------------------------------------- translation
@@ -313,6 +350,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.model_path = Path(model_path)
         self.sleep_mode = bool(engine_args.get("enable_sleep_mode", False))
         engine_args.setdefault("worker_extension_cls", WORKER_EXTENSION)
+        engine_args.setdefault("logprobs_mode", LOGPROBS_MODE)
         self._manifest = manifest if manifest is not None else folder_manifest(self.model_path)
         self.llm = vllm.LLM(model=str(model_path), **engine_args)
 

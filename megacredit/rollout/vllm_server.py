@@ -61,6 +61,7 @@ from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype
 from megacredit.rollout.http_json import EngineHTTPError, JSONClient, normalize_url
 from megacredit.rollout.server_process import ServerProcess
 from megacredit.rollout.vllm import (
+    LOGPROBS_MODE,
     WORKER_EXTENSION,
     folder_manifest,
     check_finish_reason,
@@ -245,7 +246,7 @@ class VLLMServer(ServerProcess):
     def command(self) -> list[str]:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
                 "--host", "127.0.0.1", "--port", str(self.port),
-                "--worker-extension-cls", WORKER_EXTENSION, *self.extra_args]
+                "--worker-extension-cls", WORKER_EXTENSION, "--logprobs-mode", LOGPROBS_MODE, *self.extra_args]
 
     def environment(self) -> dict[str, str]:
         env = vllm_environment({**os.environ, **self.env})

@@ -140,8 +140,9 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
 
     dtype = DTYPES[cfg.model.dtype]
     use_te = TRANSFORMER_ENGINE[cfg.model.transformer_engine]
+    moe = {} if cfg.model.moe_aux_loss_coeff is None else {"moe_aux_loss_coeff": cfg.model.moe_aux_loss_coeff}
     model = build_gpt_model(source.hf_config, ctx, dtype=dtype, use_transformer_engine=use_te,
-                            sequence_parallel=cfg.parallel.sequence_parallel)
+                            sequence_parallel=cfg.parallel.sequence_parallel, **moe)
     # Keep Megatron's random init although the HF weights overwrite it: with CPU initialisation,
     # perform_initialization=False also skips tagging the weights tensor-parallel, and the
     # gradient norm (and clipping) then miscounts TP shards (caught by the TP=2 e2e test).
@@ -160,6 +161,7 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
     settings = ActorSettings(
         objective=objective_settings(cfg), top_k=algorithm.sdpo.top_k, topk_source=algorithm.sdpo.topk_source,
         token_budget=cfg.parallel.micro_batch_tokens, pad_token_id=source.tokenizer.pad_token_id or 0,
+        temperature=cfg.rollout.temperature if cfg.rollout.score_at_temperature else 1.0,
     )
     return MegatronActor(chunks, optimizer, teacher, ctx, settings, progress)
 

@@ -43,7 +43,7 @@ def setup(cfg: MegacreditConfig) -> tuple[RLRun, list[dict], list[dict]]:
     env = builder.build_env(cfg)
     layer_spec = choose_layer_spec(builder.TRANSFORMER_ENGINE[cfg.model.transformer_engine])  # 'on' without TE fails
     ctx = initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
-                     seed=cfg.training.seed)
+                     seed=cfg.training.seed, expert_model_parallel_size=cfg.parallel.expert_model_parallel_size)
     progress = make_progress_reporter(cfg.logging.progress, enabled=ctx.rank == 0,
                                       interval_s=cfg.logging.progress_interval_s)
     converted = " (converted from its GGUF once per cache dir)" if cfg.model.name_or_path == builder.BUILTIN_SMOLLM2 else ""

@@ -27,6 +27,7 @@ from megacredit.trainer import step_metrics
 from megacredit.trainer.mismatch import engine_mismatch_sums, rollout_is_token_weights
 from megacredit.trainer.rollout import RolloutBatch
 from megacredit.trainer.run import RLRun
+from megacredit.trainer.teacher_diagnostic import answer_probability_sums
 from megacredit.trainer.weight_sync import sync_weights
 from megacredit.utils.comm import all_gather_objects, broadcast_object
 
@@ -38,6 +39,8 @@ def teacher_context_config(cfg: MegacreditConfig) -> TeacherContextConfig:
         mode=method.teacher_context,
         num_contrastive=cfg.algorithm.credit.num_contrastive if method.contrastive_pass else 0,
         solution_content="think_and_solution" if cfg.algorithm.teacher.include_think_trace else "solution",
+        feedback_only_without_solution=cfg.algorithm.teacher.feedback_only_without_solution,
+        template=cfg.algorithm.teacher.template,
     )
 
 
@@ -162,7 +165,8 @@ def passes_and_update(run: RLRun, step: int, batch: RolloutBatch, samples: list[
         old_policy_from_training = can_take_old_policy_from_training(cfg, len(batches))
     with run.phase("teacher"):
         student = {} if old_policy_from_training else actor.old_policy_pass(owned)
-        teacher = (actor.teacher_pass(owned, student, old_policy_from_training=old_policy_from_training)
+        teacher = (actor.teacher_pass(owned, student, old_policy_from_training=old_policy_from_training,
+                                      skip_without_signal=run.method.masks_samples_without_signal)
                    if run.method.teacher_pass else {})
     advantage_fn = None
     if old_policy_from_training:  # advantages are computed in the training forward, from its own log-probs
@@ -197,11 +201,14 @@ def run_step(run: RLRun, step: int, prompts: list[dict]) -> dict[str, Any]:
             run.tokenizer, batch.records, batch.group_ids, batch.response_ids, batch.rewards, batch.feedbacks,
             teacher_context_config(cfg), seed=rollout_lib.step_seed(cfg.training.seed, step, salt=2),
             response_texts=batch.response_texts)
+    with run.phase("diagnostic"):  # before the update: the weights that sampled this batch
+        diagnostic_sums = answer_probability_sums(run, batch, samples)
     passes = passes_and_update(run, step, batch, samples)
     with run.phase("sync"):
         sync_metrics = sync_weights(run)
     metrics = collect_metrics(run, step, batch, samples, passes.student, passes.teacher, passes.advantages,
-                              passes.advantage_sums, passes.train_parts, time.perf_counter() - step_start)
+                              {**passes.advantage_sums, **diagnostic_sums}, passes.train_parts,
+                              time.perf_counter() - step_start)
     return {**metrics, **sync_metrics, "train/lr": lr} if metrics else metrics
 
 
@@ -228,9 +235,10 @@ def reduce_train_metrics(per_rank: list[list[dict[str, float]]]) -> dict[str, fl
     return {name: sum(values) / len(values) for name, values in merged.items()}
 
 
-def collect_metrics(run: RLRun, step, batch, samples, student, teacher, advantages, advantage_sums,
+def collect_metrics(run: RLRun, step, batch, samples, student, teacher, advantages, extra_sums,
                     train_parts, step_time) -> dict[str, Any]:
-    """Reduce the step's diagnostics from the ranks that hold them to global rank 0."""
+    """Reduce the step's diagnostics from the ranks that hold them to global rank 0
+    (``extra_sums``: (sum, count) metrics computed during the step: advantages, diagnostic)."""
     ctx = run.ctx
     reporter = ctx.is_last_stage and ctx.tp_rank == 0
     local: dict[str, Any] = {"sums": {}, "train": [], "per_token": {}, "adv": {}}
@@ -239,11 +247,12 @@ def collect_metrics(run: RLRun, step, batch, samples, student, teacher, advantag
         if teacher:
             sums, local["per_token"] = step_metrics.teacher_metrics(
                 indices, student, teacher, [samples[i].has_teacher_signal for i in indices],
-                run.actor.settings.objective, sequence_advantages(run.cfg, batch)[indices])
+                run.actor.settings.objective, sequence_advantages(run.cfg, batch)[indices],
+                correct=[batch.rewards[i] >= 1.0 for i in indices])
             local["sums"].update(sums)
         local["sums"].update(step_metrics.entropy_sums(indices, student))
         local["sums"].update(engine_mismatch_sums(indices, student, batch.engine_logprobs))
-        local["sums"].update(advantage_sums)
+        local["sums"].update(extra_sums)
         local["train"] = train_parts
         local["adv"] = {i: advantages[i].tolist() for i in indices} if advantages else {}
     parts = all_gather_objects(local)

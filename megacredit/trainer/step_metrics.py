@@ -82,7 +82,8 @@ def credit_series(settings: ObjectiveSettings | None, seq_adv: torch.Tensor | No
 
 def teacher_metrics(indices: Sequence[int], student: dict, teacher: dict,
                     has_signal: Sequence[bool], settings: ObjectiveSettings | None = None,
-                    seq_adv: torch.Tensor | None = None) -> tuple[dict[str, float], dict[int, dict[str, list[float]]]]:
+                    seq_adv: torch.Tensor | None = None, correct: Sequence[bool] | None = None,
+                    ) -> tuple[dict[str, float], dict[int, dict[str, list[float]]]]:
     """teacher/: S_t, Delta V_t, their sequence sums, contrastive std, top-K entropy.
 
     Returns the metric means (as sums and counts, so ranks can be combined exactly) and the
@@ -103,6 +104,10 @@ def teacher_metrics(indices: Sequence[int], student: dict, teacher: dict,
         "teacher/seq_pmi": (diag.realized_delta_v_sum.sum().item(), sequences),
         "teacher/signal_frac": (float(sum(has_signal)), len(indices)),
     }
+    if correct is not None:  # does the teacher know more than the student? (docs/metrics.md)
+        for name, rows in (("correct", torch.tensor(list(correct))), ("incorrect", ~torch.tensor(list(correct)))):
+            split = signal_mask & rows[:, None]
+            sums[f"teacher/delta_v_{name}"] = (diag.realized_delta_v[split].sum().item(), split.sum().item())
     if contrastive is not None:
         sums["teacher/s_t"] = (diag.input_specific_signal.sum().item(), tokens)
         sums["teacher/seq_s"] = (diag.input_specific_signal_sum.sum().item(), sequences)

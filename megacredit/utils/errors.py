@@ -41,6 +41,17 @@ def parallel_layout_problem(world_size: int, tp: int, pp: int, launcher: str | N
     )
 
 
+def expert_layout_problem(world_size: int, pp: int, ep: int) -> str | None:
+    """Why ``ep`` expert-parallel ranks cannot be laid out (None when they can). Megatron's rule
+    (``parallel_state.initialize_model_parallel``) with expert tensor parallelism 1: EP x PP
+    divides the world size."""
+    if ep >= 1 and world_size >= 1 and world_size % (ep * pp) == 0:
+        return None
+    fitting = [d for d in range(1, world_size // pp + 1) if (world_size // pp) % d == 0] if world_size >= pp else []
+    return (f"parallel.expert_model_parallel_size={ep} x pipeline_model_parallel_size={pp} must divide "
+            f"the world size {world_size}; choose EP in {fitting or 'none'}")
+
+
 def one_line(error: BaseException) -> str:
     """The innermost ``SomeError: message`` line of an error whose text may span lines or embed
     per-rank tracebacks (torch.distributed.checkpoint's CheckpointException does)."""

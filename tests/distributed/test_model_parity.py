@@ -1,9 +1,12 @@
 """Megatron-Core (built by megacredit's provider, loaded by the bridge) == Hugging Face.
 
 Reference: transformers' own model on tiny random Llama (also with Llama-3 RoPE scaling) / Qwen2 /
-Qwen3 configs (4 layers,
+Qwen3 / OLMo-3 configs (4 layers,
 hidden 64, 4 query / 2 KV heads, vocab 101 so TP=2 needs padding rows), every parameter
-perturbed so that norms and biases are not at their trivial init.
+perturbed so that norms and biases are not at their trivial init. OLMo-3: layers 1-3 attend in a
+sliding window of 4 (the inputs are 9 tokens long), layer 4 fully; "olmo3_yarn" adds YaRN RoPE on
+the full-attention layer only, as the released OLMo-3 7B has (test_olmo3_features_change_the_logits
+shows that both features change transformers' logits, so the parity below can fail).
 
 Checks, for TP=1 (DP=2), TP=2 and PP=2 on 2 gloo processes:
 - logits (full vocabulary, padding stripped) equal HF's within 1e-4 (fp32);
@@ -28,6 +31,13 @@ from megatron_test_helpers import each_loaded_model, perturbed_hf_model
 pytestmark = pytest.mark.distributed
 
 LOGITS_ATOL = 1e-4
+# OLMo-3 7B's RoPE (its config.json: YaRN factor 8 on the full-attention layers, default RoPE on the
+# sliding ones), at a context of 16 extended to 128.
+OLMO3_YARN = {
+    "full_attention": dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=16,
+                           beta_fast=32.0, beta_slow=1.0),
+    "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+}
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 MODELS = {
     "llama": dict(family="llama"),
@@ -41,6 +51,8 @@ MODELS = {
         rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
                              high_freq_factor=4.0, original_max_position_embeddings=8192),
     ),
+    "olmo3": dict(family="olmo3"),
+    "olmo3_yarn": dict(family="olmo3", max_position_embeddings=128, rope_parameters=OLMO3_YARN),
 }
 BUCKET_BYTES = 3 * 64 * 64 * 4  # three hidden x hidden fp32 matrices
 SHARD_BYTES = 200_000  # forces a multi-file (indexed) checkpoint
@@ -144,7 +156,7 @@ def test_buckets_respect_the_byte_bound(parity_run):
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
-@pytest.mark.parametrize("model_key", ["llama_tied", "qwen2"])
+@pytest.mark.parametrize("model_key", ["llama_tied", "qwen2", "olmo3_yarn"])
 def test_saved_folder_reloads_in_transformers(parity_run, layout, model_key):
     hf_models, per_rank = parity_run
     saved = per_rank[0][layout, model_key]["saved"]
@@ -155,3 +167,21 @@ def test_saved_folder_reloads_in_transformers(parity_run, layout, model_key):
     torch.testing.assert_close(
         _hf_logits(reloaded, 101), _hf_logits(hf_models[model_key], 101), rtol=0, atol=0
     )
+
+
+def _olmo3_with(state: dict, **config) -> torch.nn.Module:
+    from megacredit.models.tiny import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("olmo3", vocab_size=101, num_hidden_layers=4, **config))
+    model.load_state_dict(state)
+    return model.float().eval()
+
+
+def test_olmo3_features_change_the_logits(parity_run):
+    """The sliding window and the per-layer-type YaRN both change transformers' own logits on these
+    inputs, so the parity above would catch a Megatron model that ignored either."""
+    hf_models, _ = parity_run
+    no_window = _olmo3_with(hf_models["olmo3"].state_dict(), layer_types=["full_attention"] * 4)
+    assert (_hf_logits(no_window, 101) - _hf_logits(hf_models["olmo3"], 101)).abs().max() > 100 * LOGITS_ATOL
+    no_yarn = _olmo3_with(hf_models["olmo3_yarn"].state_dict(), max_position_embeddings=128)
+    assert (_hf_logits(no_yarn, 101) - _hf_logits(hf_models["olmo3_yarn"], 101)).abs().max() > 100 * LOGITS_ATOL

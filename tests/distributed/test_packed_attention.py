@@ -1,5 +1,8 @@
 """Packed sequences (THD, block-diagonal causal attention, RoPE restarting per sequence) give the
-same outputs and gradients as running each sequence alone through the real Megatron GPTModel."""
+same outputs and gradients as running each sequence alone through the real Megatron GPTModel.
+OLMo-3: three of its four layers attend in a sliding window of 4 tokens (the sequences are 3, 5
+and 9 long), which the packed path applies itself and Megatron's unpacked attention through
+``config.window_size``."""
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from megacredit.data.packing import SequenceToPack, pack_sequences, split_per_se
 pytestmark = pytest.mark.distributed
 
 
-def _packed_vs_separate(rank, world_size):
+def _packed_vs_separate(rank, world_size, family, num_layers):
     from megacredit.megatron import distributed
     from megacredit.megatron.model_provider import build_gpt_model
     from megacredit.megatron.packed_attention import enable_packed_attention, packed_seq_params
@@ -18,8 +21,8 @@ def _packed_vs_separate(rank, world_size):
     from megatron_probes import causal_attention_mask
 
     ctx = distributed.initialize(1, 1, seed=3)
-    model = build_gpt_model(tiny_config("qwen3", vocab_size=97), ctx)
-    assert enable_packed_attention(model) == 2
+    model = build_gpt_model(tiny_config(family, vocab_size=97, num_hidden_layers=num_layers), ctx)
+    assert enable_packed_attention(model) == num_layers
     generator = torch.Generator().manual_seed(0)
     sequences = [torch.randint(0, 97, (n,), generator=generator).tolist() for n in (5, 9, 3)]
     micro_batch = pack_sequences([[SequenceToPack((i,), tuple(s), 2)] for i, s in enumerate(sequences)],
@@ -41,9 +44,10 @@ def _packed_vs_separate(rank, world_size):
             {k: v.shape for k, v in per_sequence.items()}, micro_batch.cu_seqlens.tolist())
 
 
-def test_packed_forward_and_gradients_equal_separate_sequences():
+@pytest.mark.parametrize("family, num_layers", [("qwen3", 2), ("olmo3", 4)])
+def test_packed_forward_and_gradients_equal_separate_sequences(family, num_layers):
     ((separate, packed, packed_grads, separate_grads, shapes, cu_seqlens),) = run_distributed(
-        _packed_vs_separate, world_size=1)
+        _packed_vs_separate, world_size=1, family=family, num_layers=num_layers)
     assert cu_seqlens == [0, 5, 14, 17, 24]  # three sequences and a padding block
     torch.testing.assert_close(packed, separate.detach(), rtol=1e-5, atol=1e-5)
     for got, want in zip(packed_grads, separate_grads):

@@ -19,6 +19,7 @@ def smollm2_engine_config(run_dir: str, method: str = "grpo", **engine_overrides
 
     overrides = {
         "model.name_or_path": "smollm2-135m-instruct", "algorithm.name": method, "algorithm.group_size": 2,
+        "rollout.temperature": 0.7,  # engine and trainer both score the tempered distribution
         "rollout.max_new_tokens": 6, "rollout.max_seq_len": 256,
         "rollout.check_weight_sync_every": 1, "data.prompts_per_step": 2, "data.num_generated_train": 8,
         "data.num_generated_val": 2, "training.ppo_mini_batch_size": 2, "optimizer.lr": 3e-4,
@@ -53,6 +54,11 @@ def sync_step_and_refused_updates(run, train_records) -> dict[str, Any]:
     out["step"] = {k: v for k, v in run_step(run, 0, PromptStream(train_records, 2, 7).batch(0)).items()
                    if not k.startswith("_")}
     out["after"] = both()
+    tempered = SamplingParams(temperature=0.7, max_new_tokens=8, seed=1, stop_token_ids=())
+    sample = engine.generate([sequence[:12]], tempered)[0]
+    out["tempered"] = (sample.logprobs, *[
+        actor.score_sequences([sequence[:12] + sample.token_ids], temperature=t)[0][-len(sample.token_ids):].tolist()
+        for t in (0.7, 1.0)])
     greedy = SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=())
     out["greedy"] = engine.generate([sequence[:12]], greedy)[0].token_ids
     hidden, ffn = hf_config.hidden_size, hf_config.intermediate_size
@@ -84,6 +90,16 @@ def assert_synced_and_moved(result: dict[str, Any], tolerance: float, moved_fact
     assert max_diff(after) < tolerance, max_diff(after)
     assert max_diff((before[1], after[1])) > moved_factor * tolerance
     assert max_diff((before[0], after[0])) > moved_factor * tolerance
+
+
+def assert_tempered_logprobs_equal_the_trainers(result: dict[str, Any], tolerance: float) -> None:
+    """Tokens sampled at T = 0.7: the engine's log-probs are log_softmax(logits / T), as the
+    trainer's forward at T gives them, and differ from the T = 1 ones (issue 19: every pass and
+    every engine at the rollout temperature)."""
+    engine, trainer, untempered = result["tempered"]
+    assert len(engine) == 8
+    assert max_diff((engine, trainer)) < tolerance, max_diff((engine, trainer))
+    assert max_diff((engine, untempered)) > 20 * tolerance
 
 
 def assert_refused_updates_changed_nothing(result: dict[str, Any]) -> None:

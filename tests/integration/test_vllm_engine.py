@@ -7,6 +7,9 @@
    generates with its previous weights; a corrupted engine tensor is named by the sync check.
 2. A short training run (tiny model, the whole loop) with the sync check on every sync and
    rollout IS on: its metrics hold the sync/ and mismatch figures.
+3. The same with CREDIT on a tiny OLMo-3 (vLLM 0.32 runs it through its transformers backend,
+   sliding-window layers included) and a tiny Qwen3-MoE (vLLM's own qwen3_moe model): the
+   exported weights give vLLM the trainer's log-probs after every sync.
 
 Each scenario starts one engine, in a spawned process (vLLM and Megatron share it).
 """
@@ -18,6 +21,7 @@ import pytest
 from engine_scenarios import (
     assert_refused_updates_changed_nothing,
     assert_step_logged_sync_and_mismatch,
+    assert_tempered_logprobs_equal_the_trainers,
     assert_synced_and_moved,
     smollm2_engine_config,
     sync_step_and_refused_updates,
@@ -71,6 +75,12 @@ def test_the_step_logs_sync_and_mismatch_figures(smollm2):
     assert_step_logged_sync_and_mismatch(smollm2, TOLERANCE)
 
 
+def test_sampled_logprobs_at_temperature_equal_the_trainers(smollm2):
+    """Sampled at T = 0.7, vLLM reports log_softmax(logits / T) of its tokens (logprobs_mode
+    processed_logprobs), which the trainer's Megatron forward at T gives too, not the T = 1 ones."""
+    assert_tempered_logprobs_equal_the_trainers(smollm2, TOLERANCE)
+
+
 def test_a_bad_sync_raises_and_vllm_keeps_its_weights(smollm2):
     assert_refused_updates_changed_nothing(smollm2)
 
@@ -89,3 +99,16 @@ def test_a_short_colocated_training_run_logs_sync_and_mismatch(tmp_path):
     for record in training_steps_with_sync_and_mismatch(records, TOLERANCE):
         assert record["train/rollout_is_weight_mean"] == pytest.approx(1.0, abs=1e-2)
     assert any("val/avg_at_k" in r for r in records)  # validation generated with vLLM too
+
+
+@pytest.mark.parametrize("architecture", ["olmo3", "qwen3_moe"])
+def test_exported_weights_give_vllm_the_trainers_log_probs(architecture, tmp_path):
+    overrides = tiny_overrides("credit", tmp_path, steps=2, **TINY_VLLM, **{
+        "model.tiny.architecture": architecture, "model.tiny.num_hidden_layers": 4,
+        "rollout.engine": "vllm", "rollout.check_weight_sync_every": 1})
+    records = run_distributed(train_and_read_records, world_size=1, timeout=900, overrides=overrides)[0]
+    steps = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:
+        assert record["sync/probe_logprob_diff"] < TOLERANCE
+        assert record["rollout/logprob_abs_diff"] < TOLERANCE

@@ -23,6 +23,7 @@ import pytest
 from engine_scenarios import (
     assert_refused_updates_changed_nothing,
     assert_step_logged_sync_and_mismatch,
+    assert_tempered_logprobs_equal_the_trainers,
     assert_synced_and_moved,
     smollm2_engine_config,
     sync_step_and_refused_updates,
@@ -84,6 +85,12 @@ def test_sglang_logprobs_equal_megacredits_before_and_after_a_training_step(smol
 
 def test_the_step_logs_sync_and_mismatch_figures(smollm2):
     assert_step_logged_sync_and_mismatch(smollm2, TOLERANCE)
+
+
+def test_sampled_logprobs_at_temperature_equal_the_trainers(smollm2):
+    """SGLang (without SGLANG_RETURN_ORIGINAL_LOGPROB) returns log(softmax(logits / T)) of its
+    sampled tokens: what the trainer's forward at T gives."""
+    assert_tempered_logprobs_equal_the_trainers(smollm2, TOLERANCE)
 
 
 def test_a_bad_sync_raises_and_sglang_keeps_its_weights(smollm2):

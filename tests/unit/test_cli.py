@@ -39,6 +39,14 @@ def test_paper_scale_config_shows_with_its_engine_and_checks_paths_on_request(ca
     assert "data.train_path" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("example, layout", [("olmo3_7b_credit_science.yaml", "TP 4 x PP 1 x DP 2")])
+def test_config_show_validates_the_other_model_families_examples(example, layout, capsys):
+    assert main(["config", "show", "--world-size", "8", str(ROOT / "examples" / example)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# layout: 8 ranks = {layout}")
+    assert yaml.safe_load(out)["algorithm"]["name"] == "credit"
+
+
 def test_config_error_is_one_line_with_exit_2(capsys):
     code = main(["config", "show", str(DEMO), "algorithm.credit.num_contrastve=2"])
     err = capsys.readouterr().err

@@ -21,6 +21,8 @@ from megacredit.config import (
 )
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+PAPER_SCALE_PREFIXES = ("qwen3_8b", "_qwen3_8b", "olmo3_7b", "qwen3_30b_a3b")
+"""GPU-scale examples: hub ids and placeholder data paths, validated as configs only."""
 METHODS = sorted(METHOD_TABLE)
 
 
@@ -163,6 +165,35 @@ def test_validate_against_real_hf_config_objects():
         validate_against_model(bad_pp, hf)
 
 
+MOE_TINY = ["model.name_or_path=tiny", "model.tiny.architecture=qwen3_moe"]  # 4 experts
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["parallel.expert_model_parallel_size=2"],
+     r"^config key 'parallel\.expert_model_parallel_size' = 2 needs a mixture-of-experts model; .* set it to 1$"),
+    ([*MOE_TINY, "parallel.expert_model_parallel_size=3"],
+     r"^config key 'parallel\.expert_model_parallel_size' = 3 does not divide the 4 experts .*; choose one of"),
+    ([*MOE_TINY, "parallel.tensor_model_parallel_size=2"],
+     r"^config key 'parallel\.sequence_parallel' = False: .* needs parallel\.sequence_parallel=true"),
+    ([*MOE_TINY, "parallel.expert_model_parallel_size=0"], r"'parallel\.expert_model_parallel_size' = 0.*>= 1"),
+    ([*MOE_TINY, "model.moe_aux_loss_coeff=-0.1"], r"'model\.moe_aux_loss_coeff' = -0\.1.*>= 0"),
+    (["model.moe_aux_loss_coeff=0.01"], r"'model\.moe_aux_loss_coeff' = 0\.01 has no effect: .* remove it$"),
+])
+def test_expert_parallel_settings_are_checked_in_one_line(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern) as error:
+        load_config(None, overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_expert_parallelism_fits_the_world_size():
+    cfg = load_config(None, [*MOE_TINY, "parallel.expert_model_parallel_size=4", "parallel.sequence_parallel=true",
+                             "parallel.tensor_model_parallel_size=2"])
+    assert cfg.parallel.data_parallel_size(4) == 2  # EP 4 folded over TP 2 x DP 2
+    with pytest.raises(ConfigError, match=r"expert_model_parallel_size=4 x pipeline_model_parallel_size=1 must "
+                                          r"divide the world size 2; choose EP in \[1, 2\]"):
+        check_world_size(cfg.parallel, 2)
+
+
 def test_world_size_must_be_a_multiple_of_tp_times_pp():
     cfg = load_config(None, ["model.name_or_path=tiny", "parallel.tensor_model_parallel_size=2"])
     check_world_size(cfg.parallel, 4)
@@ -236,7 +267,7 @@ def test_every_field_of_every_config_dataclass_has_a_docstring():
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_config_loads_and_validates(path, tmp_path):
-    paper_scale = path.name.startswith(("qwen3_8b", "_qwen3_8b"))
+    paper_scale = path.name.startswith(PAPER_SCALE_PREFIXES)
     cfg = load_config(path, check_paths=not paper_scale)
     assert load_config(save_config(cfg, tmp_path / path.name), check_paths=False) == cfg
     if path.name.startswith("qwen3_8b"):
@@ -251,6 +282,29 @@ def test_every_example_config_loads_and_validates(path, tmp_path):
         if cfg.algorithm.name in ("sdpo", "credit"):
             assert cfg.algorithm.sdpo.top_k == (20 if path.stem.endswith("code") else 100)
             assert cfg.algorithm.teacher.ema_rate == 0.01
+    if path.name.startswith("olmo3_7b"):
+        from megacredit.config.validation import validate_against_model as check
+
+        # OLMo-3-7B-Instruct: 32 attention heads, 32 KV heads, 32 layers; the paper's Table 3
+        # (one column for both base models on science and tools).
+        check(cfg, {"num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32})
+        check_world_size(cfg.parallel, 8)
+        assert cfg.model.name_or_path == "allenai/Olmo-3-7B-Instruct" and cfg.rollout.engine == "vllm"
+        assert cfg.optimizer.lr == 1e-6 and cfg.optimizer.warmup_steps == 10 and cfg.training.epochs == 3
+        assert cfg.data.prompts_per_step == 32 and cfg.algorithm.group_size == 8
+        assert cfg.training.ppo_mini_batch_size == 32 and cfg.rollout.max_seq_len == 18944
+        assert cfg.algorithm.sdpo.top_k == 100 and cfg.algorithm.sdpo.alpha == 0.5
+        assert cfg.algorithm.credit.lam == 0.1 and cfg.algorithm.credit.num_contrastive == 1
+        assert cfg.validation.k == 16 and cfg.validation.temperature == 0.6
+    if path.name.startswith("qwen3_30b_a3b"):
+        from megacredit.config.validation import validate_against_model as check
+
+        # Qwen3-30B-A3B: 32 attention heads, 4 KV heads, 48 layers, 128 experts (top-8).
+        check(cfg, {"num_attention_heads": 32, "num_key_value_heads": 4, "num_hidden_layers": 48,
+                    "num_experts": 128})
+        check_world_size(cfg.parallel, 8)
+        assert cfg.parallel.expert_model_parallel_size == 8 and cfg.parallel.sequence_parallel
+        assert cfg.algorithm.name == "credit" and cfg.optimizer.lr == 1e-6
 
 
 def test_demo_config_is_credit_on_smollm2():

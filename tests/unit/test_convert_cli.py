@@ -95,18 +95,37 @@ def test_directory_without_a_complete_checkpoint(tmp_path, capsys):
     assert "no complete checkpoint" in _error_line(capsys)
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """A tiny random HF Llama (plus a tokenizer file) converted to Megatron at TP=2."""
-    from transformers import LlamaForCausalLM
+def _convert_to_tp2(root: Path, config) -> Path:
+    """A random HF model of ``config`` (plus a tokenizer file) converted to Megatron at TP=2."""
+    from transformers import AutoModelForCausalLM
 
-    root = tmp_path_factory.mktemp("convert")
     torch.manual_seed(0)
-    LlamaForCausalLM(_tiny_llama_config()).save_pretrained(root / "hf")
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
     (root / "hf" / "tokenizer.json").write_text('{"tokenizer": "stand-in"}')
     code = hf_to_mcore_main(["--hf-dir", str(root / "hf"), "--out", str(root / "mcore"), "--tp", "2"])
     assert code == 0
     return root
+
+
+def _assert_round_trip(root: Path, *layout: str) -> None:
+    """mcore -> HF at ``layout`` reproduces the original safetensors bit for bit."""
+    from safetensors.torch import load_file
+
+    out = root / "hf_back"
+    assert mcore_to_hf_main(["--mcore-dir", str(root / "mcore"), "--out", str(out), *layout]) == 0
+    original = load_file(root / "hf" / "model.safetensors")
+    restored = load_file(out / "model.safetensors")
+    assert sorted(restored) == sorted(original)
+    for name, tensor in original.items():
+        assert restored[name].dtype == tensor.dtype, name
+        assert torch.equal(restored[name], tensor), name
+    assert (out / "tokenizer.json").read_text() == '{"tokenizer": "stand-in"}'
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny random HF Llama converted to Megatron at TP=2."""
+    return _convert_to_tp2(tmp_path_factory.mktemp("convert"), _tiny_llama_config())
 
 
 @pytest.mark.distributed
@@ -121,17 +140,29 @@ def test_hf_to_mcore_writes_a_complete_checkpoint(converted):
 
 @pytest.mark.distributed
 def test_round_trip_reproduces_the_safetensors_exactly(converted):
-    from safetensors.torch import load_file
+    _assert_round_trip(converted, "--pp", "2")
 
-    out = converted / "hf_back"
-    assert mcore_to_hf_main(["--mcore-dir", str(converted / "mcore"), "--out", str(out), "--pp", "2"]) == 0
-    original = load_file(converted / "hf" / "model.safetensors")
-    restored = load_file(out / "model.safetensors")
-    assert sorted(restored) == sorted(original)
-    for name, tensor in original.items():
-        assert restored[name].dtype == tensor.dtype, name
-        assert torch.equal(restored[name], tensor), name
-    assert (out / "tokenizer.json").read_text() == '{"tokenizer": "stand-in"}'
+
+@pytest.mark.distributed
+def test_olmo3_round_trip_through_a_tp2_checkpoint(tmp_path):
+    """OLMo-3's TP-sharded QK-norm weights and its post-norms survive a TP=2 checkpoint read back
+    at TP=1 x PP=2 (the QK-norms' checkpoint shards are split on dim 0, not replicated)."""
+    from megacredit.models.tiny import tiny_config
+
+    root = _convert_to_tp2(tmp_path, tiny_config("olmo3", vocab_size=101, num_hidden_layers=4))
+    assert json.loads((root / "mcore" / "megacredit_convert.json").read_text())["model_type"] == "olmo3"
+    _assert_round_trip(root, "--pp", "2")
+
+
+@pytest.mark.distributed
+def test_qwen3_moe_round_trip_through_a_tp2_checkpoint(tmp_path):
+    """A Qwen3-MoE's router and experts (per-expert checkpoint names; every expert whole on each
+    rank: the tool lays out TP x PP with EP 1) survive a TP=2 checkpoint read back at PP=2."""
+    from megacredit.models.tiny import tiny_config
+
+    root = _convert_to_tp2(tmp_path, tiny_config("qwen3_moe", vocab_size=101, num_hidden_layers=2))
+    assert json.loads((root / "mcore" / "megacredit_convert.json").read_text())["model_type"] == "qwen3_moe"
+    _assert_round_trip(root, "--pp", "2")
 
 
 @pytest.mark.distributed

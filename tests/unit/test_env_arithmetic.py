@@ -52,6 +52,19 @@ def test_rewards_and_feedback():
     assert env.evaluate(record, "no idea").reward == 0.0  # malformed
     empty = env.evaluate(record, "")
     assert empty.reward == 0.0 and empty.feedback == "The correct answer is 42."
+    # No feedback on a correct answer unless asked (as lasgroup/SDPO's math environment).
+    assert env.evaluate(record, "<answer>42</answer>").feedback == ""
+    assert ArithmeticEnv(feedback_on_correct=True).evaluate(record, "<answer>42</answer>").feedback == "The correct answer is 42."
+
+
+@pytest.mark.parametrize("response, start", [("The answer is 11.", 14), ("<answer> 12</answer>", 9),
+                                             ("3 + 9 = 12, so 12", 15), ("no idea", None)])
+def test_answer_location_points_at_the_parsed_answer(response, start):
+    location = ArithmeticEnv().answer_location({"answer": 12}, response)
+    assert (location.start if location else None) == start
+    if location:
+        assert parse_integer_answer(response[location.start:]) == parse_integer_answer(response)
+        assert location.correct_answer == "12"
 
 
 def test_registry():

@@ -81,3 +81,18 @@ def test_tied_output_layer_reads_the_input_embedding():
 def test_unknown_parameter_is_named():
     with pytest.raises(KeyError, match="decoder.layers.0.mlp.router.weight"):
         mapping_for("decoder.layers.0.mlp.router.weight", tied_embeddings=False)
+
+
+def test_olmo3_post_norms_and_tp_sharded_qk_norms():
+    post = mapping_for("decoder.layers.3.self_attention.linear_proj.post_layernorm.weight", False, "olmo3")
+    assert post.hf_names == ("model.layers.3.post_attention_layernorm.weight",) and post.layout == "replicated"
+    ffn = mapping_for("decoder.layers.3.mlp.linear_fc2.post_layernorm.weight", False, "olmo3")
+    assert ffn.hf_names == ("model.layers.3.post_feedforward_layernorm.weight",)
+    q_norm = mapping_for("decoder.layers.0.self_attention.q_layernorm.weight", False, "olmo3")
+    weight = torch.arange(8.0)  # 4 query heads x head_dim 2: TP rank 1 holds heads 2 and 3
+    assert q_norm.hf_names == ("model.layers.0.self_attn.q_norm.weight",)
+    assert torch.equal(shard_for_rank(q_norm, [weight], 1, 2, 0, SHAPE), weight[4:])
+    # Qwen3's per-head norm of the same name is replicated; OLMo-3 has no pre-norms at all.
+    assert mapping_for("decoder.layers.0.self_attention.q_layernorm.weight", False, "qwen3").layout == "replicated"
+    with pytest.raises(KeyError, match="of a olmo3 model"):
+        mapping_for("decoder.layers.0.pre_mlp_layernorm.weight", False, "olmo3")

@@ -100,6 +100,32 @@ def test_config_fields_follow_the_hf_config():
     assert qwen2.add_qkv_bias and not qwen2.qk_layernorm and qwen2.kv_channels == 16
 
 
+def test_olmo3_config_fields_window_per_layer_and_no_per_head_qk_norm():
+    olmo3 = tiny_config("olmo3", num_hidden_layers=8, sliding_window=6)
+    config = transformer_config_from_hf(olmo3, tp=2)
+    assert config.window_size == (5, 0)  # HF's window of 6 keys counts the query itself
+    assert config.window_attn_skip_freq == [1, 1, 1, 0, 1, 1, 1, 0]  # 1 = sliding window
+    # The whole-projection QK-norms are TP-sharded: Megatron must not sum their gradients over TP.
+    assert not config.qk_layernorm
+    full_only = transformer_config_from_hf(tiny_config("olmo3", layer_types=["full_attention"] * 2))
+    assert full_only.window_size is None and full_only.window_attn_skip_freq is None
+
+
+@pytest.mark.parametrize(
+    "rope, feature",
+    [
+        ({"sliding_attention": dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=64),
+          "full_attention": dict(rope_type="default", rope_theta=1e4)}, "rope_type='yarn' on the sliding_attention layers"),
+        ({"sliding_attention": dict(rope_type="default", rope_theta=1e4),
+          "full_attention": dict(rope_type="linear", rope_theta=1e4, factor=2.0)}, "rope_type='linear' on the full_attention"),
+    ],
+)
+def test_olmo3_rope_it_cannot_build_is_named(rope, feature):
+    with pytest.raises(UnsupportedArchitectureError, match=feature):
+        transformer_config_from_hf(tiny_config("olmo3", num_hidden_layers=4, rope_parameters=rope,
+                                               max_position_embeddings=512))
+
+
 @pytest.mark.parametrize("vocab, tp, expected", [(101, 1, 128), (101, 2, 256), (49152, 1, 49152), (151936, 4, 152064)])
 def test_vocab_padding_follows_megatron_lm(vocab, tp, expected):
     assert padded_vocab_size(vocab, tp) == expected

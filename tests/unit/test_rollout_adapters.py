@@ -4,7 +4,7 @@ and their pure translation helpers. The engines themselves run in tests/integrat
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -14,22 +14,15 @@ from megacredit.rollout import sglang as sglang_adapter
 from megacredit.rollout import vllm as vllm_adapter
 from megacredit.rollout.base import SamplingParams, rebucket
 
-needs_no_sglang = pytest.mark.skipif(
-    importlib.util.find_spec("sglang") is not None, reason="sglang is installed")
-needs_no_vllm = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
-
-
-@needs_no_sglang
-def test_sglang_adapter_raises_a_clear_import_error():
-    with pytest.raises(ImportError, match=r"pip install 'megacredit\[sglang\]'"):
-        sglang_adapter.SGLangRolloutEngine("/nonexistent/model")
-
-
-@needs_no_vllm
-def test_vllm_adapter_raises_a_clear_import_error():
-    with pytest.raises(ImportError, match=r"pip install 'megacredit\[vllm\]'"):
-        vllm_adapter.VLLMRolloutEngine("/nonexistent/model")
+@pytest.mark.parametrize("adapter, package, extra", [
+    (lambda: sglang_adapter.SGLangRolloutEngine("/nonexistent/model"), "sglang", "sglang"),
+    (lambda: vllm_adapter.VLLMRolloutEngine("/nonexistent/model"), "vllm", "vllm")], ids=["sglang", "vllm"])
+def test_an_adapter_without_its_package_raises_a_clear_import_error(monkeypatch, adapter, package, extra):
+    """Run whether or not the package is installed: ``sys.modules[package] = None`` makes its
+    import fail as it does where it is absent."""
+    monkeypatch.setitem(sys.modules, package, None)
+    with pytest.raises(ImportError, match=rf"pip install 'megacredit\[{extra}\]'"):
+        adapter()
 
 
 def test_adapters_say_what_was_verified_and_what_is_gpu_only():

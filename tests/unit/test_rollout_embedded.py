@@ -36,11 +36,11 @@ def hf_greedy(model, prompts, max_new_tokens, eos_token_id=None):
     return out[:, input_ids.shape[1]:].tolist()
 
 
-def full_forward_logprobs(model, prompt, response):
-    """log_softmax of one non-cached, unpadded forward over prompt+response, at response."""
+def full_forward_logprobs(model, prompt, response, temperature=1.0):
+    """log_softmax(logits / T) of one non-cached, unpadded forward over prompt+response, at response."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + response])).logits[0].float()
-    log_probs = torch.log_softmax(logits, dim=-1)[len(prompt) - 1:-1]
+    log_probs = torch.log_softmax(logits / temperature, dim=-1)[len(prompt) - 1:-1]
     return log_probs.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
 
 
@@ -62,13 +62,14 @@ def test_greedy_matches_transformers_generate_with_left_padding(family):
 def test_logprobs_equal_full_forward_log_softmax(family):
     model = tiny_model(family)
     engine = EmbeddedRolloutEngine(model)
-    # Tempered and truncated sampling: the returned log-probs must still be the raw T=1 ones.
+    # Tempered and truncated sampling: the returned log-probs are of the tempered distribution
+    # over the full vocabulary (top-k / top-p truncation does not enter them).
     for params in (
         SamplingParams(temperature=1.0, max_new_tokens=8, stop_token_ids=(), seed=3, n=2),
         SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=8, seed=4),
     ):
         for out in engine.generate(PROMPTS, params):
-            reference = full_forward_logprobs(model, out.prompt_ids, out.token_ids)
+            reference = full_forward_logprobs(model, out.prompt_ids, out.token_ids, params.temperature)
             torch.testing.assert_close(
                 torch.tensor(out.logprobs), reference, atol=LOGPROB_TOLERANCE, rtol=0
             )
@@ -309,3 +310,17 @@ def test_bad_prompts_get_clear_errors(prompts, message):
     engine = EmbeddedRolloutEngine(tiny_model("llama"))
     with pytest.raises(ValueError, match=message):
         engine.generate(prompts, SamplingParams(max_new_tokens=10))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
+def test_returned_logprobs_are_of_the_tempered_distribution(temperature):
+    """Sampled at T, the engine reports log_softmax(logits / T) of its tokens (the distribution it
+    sampled, which the trainer scores too), checked against an independent transformers forward."""
+    model = tiny_model("qwen2")
+    params = SamplingParams(temperature=temperature, max_new_tokens=6, n=2, seed=3, stop_token_ids=())
+    for out in EmbeddedRolloutEngine(model, max_batch_size=8).generate(PROMPTS, params):
+        expected = full_forward_logprobs(model, out.prompt_ids, out.token_ids, temperature)
+        torch.testing.assert_close(torch.tensor(out.logprobs), expected, atol=LOGPROB_TOLERANCE, rtol=0)
+        if temperature != 1.0:  # and not the temperature-1 ones
+            untempered = full_forward_logprobs(model, out.prompt_ids, out.token_ids)
+            assert (torch.tensor(out.logprobs) - untempered).abs().max() > 100 * LOGPROB_TOLERANCE

@@ -209,7 +209,7 @@ def test_colocated_update_sequence_and_exact_weights(fake_sglang, tmp_path, flat
     engine = sglang_adapter.SGLangRolloutEngine(_checkpoint(tmp_path, pairs), tp_size=2, flatten=flatten,
                                                 memory_saver=True)
     assert engine.engine.kwargs["tp_size"] == 2 and engine.engine.kwargs["enable_memory_saver"] is True
-    assert os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] == "1"
+    assert "SGLANG_RETURN_ORIGINAL_LOGPROB" not in os.environ
     report = engine.update_weights_from_buckets([pairs[:2], pairs[2:]], manifest_of(pairs))
     assert report.num_tensors == 5
     expected_format = "flattened_bucket" if flatten else None
@@ -273,3 +273,11 @@ def test_a_failed_update_answer_raises_a_sync_error():
         sglang_adapter.check_answer({"success": False, "message": "no session"}, "update", 0)
     with pytest.raises(WeightSyncError, match="boom"):
         sglang_adapter.check_answer(types.SimpleNamespace(success=False, message="boom"), "flush", 0)
+
+
+def test_an_environment_asking_for_temperature_one_logprobs_is_refused():
+    """SGLANG_RETURN_ORIGINAL_LOGPROB=1 would make SGLang return log-probs before temperature,
+    not of the distribution it samples; the engine's environment refuses it in one line."""
+    with pytest.raises(ValueError, match="SGLANG_RETURN_ORIGINAL_LOGPROB is set.*unset it"):
+        sglang_adapter.sglang_environment({"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"})
+    assert "SGLANG_RETURN_ORIGINAL_LOGPROB" not in sglang_adapter.sglang_environment({})

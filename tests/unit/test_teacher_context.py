@@ -91,10 +91,12 @@ def test_teacher_and_contrastive_sequences(smollm2_tokenizer):
 
 
 def test_teacher_prompt_matches_appendix_layout(smollm2_tokenizer):
-    """Independent rendering: the chat template applied to the appendix A.1 text written out here."""
+    """Independent rendering: the chat template applied to the appendix A.1 text written out here
+    (the appendix shows a solution AND the feedback: feedback_only_without_solution=False)."""
     tok = smollm2_tokenizer
     records, groups, response_ids, rewards, feedbacks, texts = _batch(tok)
-    samples = build_teacher_contexts(tok, records, groups, response_ids, rewards, feedbacks, TeacherContextConfig(), seed=0)
+    config = TeacherContextConfig(feedback_only_without_solution=False)
+    samples = build_teacher_contexts(tok, records, groups, response_ids, rewards, feedbacks, config, seed=0)
     sibling_solution = texts[0].split("</think>")[1]  # first success of the group; think trace removed
     expected_user = (
         f"{records[1]['prompt']}\n\nCorrect solution:\n{sibling_solution}\n\n"
@@ -158,3 +160,46 @@ def test_think_trace_options(smollm2_tokenizer):
         start, end = sample.teacher_privileged_span
         privileged = tok.decode(sample.teacher_ids[start:end])
         assert present in privileged and (absent is None or absent not in privileged)
+
+
+def _env_feedbacks(records, rewards):
+    """What the arithmetic environment gives by default: feedback only on a wrong answer."""
+    return ["" if reward else f"The correct answer is {record['answer']}." for record, reward in zip(records, rewards)]
+
+
+@pytest.mark.parametrize("feedback_only_without_solution", [True, False])
+def test_sdpo_feedback_rules_decide_which_samples_are_distilled(smollm2_tokenizer, feedback_only_without_solution):
+    """Groups [[1,0,1], [0,0,0], [1,0,0]] with feedback on wrong answers only (lasgroup/SDPO's
+    math environment). Sample 6 is the only success of its group and has no feedback: no teacher
+    signal (masked from the loss, its teacher forwards skipped); never its own solution."""
+    tok = smollm2_tokenizer
+    records, groups, response_ids, rewards, _, texts = _batch(tok)
+    feedbacks = _env_feedbacks(records, rewards)
+    config = TeacherContextConfig(feedback_only_without_solution=feedback_only_without_solution)
+    samples = build_teacher_contexts(tok, records, groups, response_ids, rewards, feedbacks, config, seed=0)
+    assert [s.has_teacher_signal for s in samples] == [True] * 6 + [False, True, True]
+    assert [s.sibling_index for s in samples] == [2, 0, 0, None, None, None, None, 6, 6]
+    has_feedback = ["The correct answer is" in tok.decode(s.teacher_ids[: -s.response_length]) for s in samples]
+    wrong_with_solution = {1, 7, 8}
+    expected = [i in {3, 4, 5} or (not feedback_only_without_solution and i in wrong_with_solution) for i in range(9)]
+    assert has_feedback == expected
+    no_signal = samples[6]
+    assert no_signal.teacher_ids == no_signal.student_ids  # the bare prompt: nothing privileged
+
+
+def test_sdpo_template_matches_the_public_sdpo_wording(smollm2_tokenizer):
+    """The user turn with template='sdpo', written out from lasgroup/SDPO's actor.yaml templates:
+    reprompt "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.",
+    solution "\nCorrect solution:\n\n{...}\n", feedback "\nThe following is feedback from your
+    unsuccessful earlier attempt:\n\n{...}\n"."""
+    tok = smollm2_tokenizer
+    records, groups, response_ids, rewards, _, texts = _batch(tok)
+    feedbacks = _env_feedbacks(records, rewards)
+    config = TeacherContextConfig(template="sdpo", feedback_only_without_solution=False)
+    samples = build_teacher_contexts(tok, records, groups, response_ids, rewards, feedbacks, config, seed=0)
+    solution = texts[0].split("</think>")[1]
+    expected_user = (f"{records[1]['prompt']}\nCorrect solution:\n\n{solution}\n"
+                     f"\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
+                     f"The correct answer is {records[1]['answer']}.\n\n\nCorrectly solve the original question.")
+    expected = tok.apply_chat_template([{"role": "user", "content": expected_user}], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(samples[1].teacher_ids[: -samples[1].response_length]) == expected
