@@ -28,7 +28,8 @@ def job_env(base: dict[str, str], tmp: Path) -> dict[str, str]:
 
 
 def run_to_end(command: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """Run to the end; on timeout kill the whole process group this started (torchrun workers too)."""
+    """Run to the end; on timeout or interruption kill the whole process group this started
+    (torchrun workers too)."""
     process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:
@@ -37,6 +38,9 @@ def run_to_end(command: list[str], env: dict[str, str], cwd: Path, timeout: floa
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         raise AssertionError(f"{command[:4]} timed out after {timeout}s:\n{output[-4000:]}") from None
+    except BaseException:  # an interrupted test run (Ctrl-C) leaves no `sbatch --wait` behind
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
     return subprocess.CompletedProcess(command, process.returncode, output, "")
 
 
