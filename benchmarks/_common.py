@@ -69,6 +69,37 @@ def machine_label(info: dict[str, Any]) -> str:
     return f"{info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} torch threads"
 
 
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def pin_mmap_threshold(threshold: int = 128 * 1024) -> None:
+    """Serve every malloc block above ``threshold`` from its own mmap, unmapped at free.
+
+    glibc's default threshold grows with each freed mapped block (up to 32 MiB), after which large
+    temporaries are carved from the heap and stay resident once freed; a later pass then reuses
+    them without raising VmHWM, so the peak of a pass measured through VmHWM reads low (even
+    below zero). A fixed threshold turns the growth off: VmRSS then follows the live tensors. Call
+    it before the first large allocation of the process."""
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3  # glibc <malloc.h>
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not libc.mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(threshold)):
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) refused: not glibc?")
+
+
+def reset_peak_rss() -> int:
+    """Reset VmHWM (peak resident memory) to the current RSS; return the current RSS in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_bytes("VmRSS")
+
+
 # ----------------------------------------------------------------------------- statistics
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Median, min, max and the relative spread (max - min) / median of repeated measurements."""

@@ -46,27 +46,14 @@ TOLERANCE = {"logprobs": 1e-4, "grad": 1e-4}
 """Max abs difference of log-probs; of gradients relative to the naive gradient's max abs."""
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    """Reset VmHWM to the current RSS; return the current RSS in bytes."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_bytes("VmRSS")
-
-
 class RssPeak:
     """Peak extra memory of a phase: VmHWM after it minus VmRSS before it (this process)."""
 
     def start(self) -> int:
-        return _reset_peak()
+        return _common.reset_peak_rss()
 
     def extra(self, start: int) -> int:
-        return _status_bytes("VmHWM") - start
+        return _common.status_bytes("VmHWM") - start
 
     def sync(self) -> None:
         """Wait for the device's queued work (nothing to wait for on a CPU)."""

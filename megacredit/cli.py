@@ -59,6 +59,17 @@ def _build_parser() -> argparse.ArgumentParser:
     show.add_argument("--world-size", type=int, default=None, metavar="N",
                       help="check the layout for N ranks and print it (TP x PP x DP) as a comment")
 
+    plan = commands.add_parser("plan", help="memory per GPU of a config's layout: fits or not, and which knob to turn")
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("overrides", nargs="*", help="overrides such as parallel.recompute=full")
+    plan.add_argument("--gpus-per-node", type=int, default=8, metavar="N")
+    plan.add_argument("--nodes", type=int, default=1, metavar="M")
+    plan.add_argument("--gpu-mem-gb", type=float, default=80.0, metavar="G", help="GB (1e9 bytes) per GPU")
+    plan.add_argument("--reserve-gb", type=float, default=3.0, metavar="R",
+                      help="per GPU for the CUDA context, NCCL and fragmentation (default 3)")
+    plan.add_argument("--kernels", choices=("fused", "cpu"), default="fused",
+                      help="fused: Transformer Engine on GPUs (default); cpu: the local spec on a CPU")
+
     convert = commands.add_parser("convert", help="convert checkpoints between HF and Megatron")
     convert.add_argument("direction", choices=sorted(CONVERTERS), help="conversion direction")
     convert.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the converter")
@@ -74,7 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      "./token_credit.html for several)")
     viz.add_argument("--series", nargs="+", help="only these per-token series (e.g. delta_v s_t r_t rlsd_weight)")
     viz.add_argument("--steps", nargs="+", type=int, help="only these training steps")
-    for sub in (train, show, plot, viz):  # --debug also after the command
+    for sub in (train, show, plan, plot, viz):  # --debug also after the command
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -124,6 +135,16 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
               f"PP {par.pipeline_model_parallel_size} x DP {dp}")
     sys.stdout.write(config_to_yaml(cfg))
     return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from megacredit.config import load_config
+    from megacredit.planning.report import make_plan, render
+
+    cfg = load_config(args.config, args.overrides, check_paths=False)  # planned for another machine
+    plan = make_plan(cfg, args.gpus_per_node, args.nodes, args.gpu_mem_gb, args.reserve_gb, args.kernels)
+    print(render(cfg, plan))
+    return 0 if plan.fits else 3
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -201,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "train": _cmd_train,
         "config": _cmd_config_show,
+        "plan": _cmd_plan,
         "convert": _cmd_convert,
         "plot": _cmd_plot,
         "viz": _cmd_viz,

@@ -108,6 +108,22 @@ class ParallelConfig:
     stage, experts are not split over TP)."""
     micro_batch_tokens: int = 32768
     """Token budget of one packed micro-batch (sequences are packed up to this many tokens)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute in training passes (Megatron-Core's ``recompute_granularity``):
+    none = keep every activation for the backward; selective = rerun the submodules of
+    ``recompute_modules`` in the backward; full = keep only the input of each unit of
+    ``recompute_num_layers`` layers and rerun the unit's forward in the backward. Forward-only
+    passes (old-policy, teacher, contrastive) keep no activations either way."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """full only (Megatron's ``recompute_method``): uniform = every layer of a pipeline stage,
+    in units of ``recompute_num_layers``; block = the first ``recompute_num_layers`` layers of
+    each stage, the others keep their activations."""
+    recompute_num_layers: int = 1
+    """full only: layers per recomputed unit (uniform: must divide the layers of a pipeline
+    stage) or recomputed layers per stage (block)."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """selective only (Megatron's ``recompute_modules``): core_attn (the attention itself)
+    and/or mlp (the dense SwiGLU MLP)."""
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` processes (raises ConfigError if TP*PP does not divide)."""
@@ -190,6 +206,10 @@ class TeacherConfig:
     """Steps between hard copies (RLSD paper: 10)."""
     include_think_trace: bool = False
     """Keep the sibling solution's <think> trace in the teacher context (context ablation)."""
+    offload_to_host: bool = False
+    """Keep the teacher's fp32 copy in host memory (pinned) instead of on the GPU: the teacher
+    passes copy it into the policy's modules from there and each EMA update moves it through
+    the GPU (benchmarks/README.md gives the cost). On a CPU host and device are one memory."""
     feedback_only_without_solution: bool = True
     """Put the environment feedback z in the teacher context only when no sibling solution is
     there (SDPO's default: lasgroup/SDPO verl/trainer/config/actor/actor.yaml,
@@ -287,6 +307,13 @@ class RolloutConfig:
     """Colocated vllm/sglang engines: fraction of device memory the engine may take (the
     rest is the trainer's). vLLM: an upper bound, lowered at start-up (with a warning) to what
     the actor left free, since vLLM refuses to start otherwise (megacredit/rollout/engine_memory.py)."""
+    offload_trainer_during_rollout: bool = False
+    """Release the trainer's device memory while a colocated engine generates (rollouts and
+    validation): parameters, optimizer state and the EMA teacher are copied off the device
+    (pinned host memory on a GPU, a temporary file on a CPU) and their storage freed, gradient
+    buffers are freed (they are zeroed before every accumulation anyway); all come back
+    before the next pass. The gradients, optimizer state and teacher are already released for
+    the weight sync, which reads only the parameters. docs/launching.md counts what it frees."""
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the engine constructor (vllm.LLM / sglang.Engine), e.g.
     ``{max_model_len: 4096, enforce_eager: true}``."""
@@ -338,7 +365,7 @@ class DataConfig:
 # ------------------------------------------------------------------- optimisation
 @dataclass
 class OptimizerConfig:
-    """Adam(W) on the Megatron distributed optimizer."""
+    """Adam(W) through Megatron-Core's optimizer (optionally its distributed one)."""
 
     lr: float = 1e-6
     """Learning rate (Table 3: 1e-6)."""
@@ -352,6 +379,11 @@ class OptimizerConfig:
     """Global gradient-norm clip; 0 disables."""
     warmup_steps: int = 0
     """Linear LR warmup steps (Table 3: 0 code, 10 science/tool)."""
+    use_distributed_optimizer: bool = False
+    """Shard Adam's fp32 main weights and moments (12 bytes per parameter) over the
+    data-parallel ranks: Megatron-Core's distributed optimizer (ZeRO-1). Gradients are
+    reduce-scattered and the updated weights all-gathered after every step; checkpoints save
+    and resume it (reshardable)."""
 
 
 @dataclass

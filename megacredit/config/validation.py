@@ -182,6 +182,7 @@ def _check_parallel_and_model(cfg: MegacreditConfig) -> None:
              par.micro_batch_tokens,
              f"must be >= rollout.max_seq_len ({cfg.rollout.max_seq_len}) so a full-length "
              "sequence fits one packed micro-batch")
+    _check_recompute(par)
     _require(bool(cfg.model.name_or_path.strip()), "model.name_or_path", cfg.model.name_or_path,
              "give an HF folder/hub id or a builtin name (smollm2-135m-instruct, tiny)")
     _require(cfg.model.moe_aux_loss_coeff is None or cfg.model.moe_aux_loss_coeff >= 0,
@@ -193,6 +194,42 @@ def _check_parallel_and_model(cfg: MegacreditConfig) -> None:
         validate_against_model(cfg, {**FAMILY_DEFAULTS[tiny.architecture], **tiny.to_hf_config_dict(vocab_size=1)})
     elif cfg.model.name_or_path in BUILTIN_ARCHITECTURES:
         validate_against_model(cfg, BUILTIN_ARCHITECTURES[cfg.model.name_or_path])
+
+
+RECOMPUTE_MODULES = ("core_attn", "mlp")
+"""Megatron-Core's selective-recompute submodules that megacredit's dense models can use. Not
+"layernorm": Megatron-Core 0.16.1 recomputes the norms through ``CheckpointWithoutOutput``, whose
+``fp8 = fp8 is not None`` is True for its default ``fp8=False`` and then calls Transformer
+Engine's ``FP8GlobalStateManager`` (megatron/core/tensor_parallel/random.py), a NameError
+without TE."""
+
+
+def _check_recompute(par: ParallelConfig) -> None:
+    _require(par.recompute_num_layers >= 1, "parallel.recompute_num_layers", par.recompute_num_layers,
+             "must be >= 1 (layers per recomputed unit)")
+    if par.recompute != "selective":
+        return
+    _require(bool(par.recompute_modules), "parallel.recompute_modules", par.recompute_modules,
+             f"selective recompute needs at least one of {list(RECOMPUTE_MODULES)}")
+    for module in par.recompute_modules:
+        _require(module in RECOMPUTE_MODULES, "parallel.recompute_modules", module,
+                 f"not a submodule of megacredit's models.{did_you_mean(module, RECOMPUTE_MODULES)} "
+                 f"Choose from {list(RECOMPUTE_MODULES)}")
+
+
+def _check_recompute_layers(cfg: MegacreditConfig, layers: int) -> None:
+    """Full recompute's units must tile a pipeline stage's layers (uniform) or fit in it (block)."""
+    par = cfg.parallel
+    if par.recompute != "full":
+        return
+    per_stage, unit = layers // par.pipeline_model_parallel_size, par.recompute_num_layers
+    if par.recompute_method == "uniform":
+        _require(per_stage % unit == 0, "parallel.recompute_num_layers", unit,
+                 f"must divide the {per_stage} layers of a pipeline stage (recompute_method=uniform); "
+                 f"choose one of {_divisors(per_stage)}")
+    else:
+        _require(unit <= per_stage, "parallel.recompute_num_layers", unit,
+                 f"must be at most the {per_stage} layers of a pipeline stage (recompute_method=block)")
 
 
 def _hf_attr(hf_config: Any, name: str) -> Any:
@@ -225,6 +262,8 @@ def validate_against_model(cfg: MegacreditConfig, hf_config: Any) -> None:
             f"config key 'parallel.pipeline_model_parallel_size' = {pp} does not divide the "
             f"{layers} layers of model '{model}'; choose one of {_divisors(layers)}"
         )
+    if layers is not None:
+        _check_recompute_layers(cfg, layers)
     _check_experts(cfg, int(_hf_attr(hf_config, "num_experts") or 0))
 
 
@@ -355,6 +394,9 @@ def _check_engine_placement(cfg: MegacreditConfig) -> None:
              ro.engine_tensor_parallel_size, "must be >= 1")
     _require(0.0 < ro.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization",
              ro.gpu_memory_utilization, "must lie in (0, 1]")
+    _require(not (remote and ro.offload_trainer_during_rollout), "rollout.offload_trainer_during_rollout",
+             ro.offload_trainer_during_rollout,
+             "frees the trainer's memory for a colocated engine; remote engines have their own devices: set it false")
     _require(ro.sync_bucket_mb >= 1, "rollout.sync_bucket_mb", ro.sync_bucket_mb, "must be >= 1")
     _require(ro.check_weight_sync_every >= 0, "rollout.check_weight_sync_every",
              ro.check_weight_sync_every, "must be >= 0 (0 = never check)")

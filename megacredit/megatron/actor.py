@@ -24,6 +24,7 @@ from megacredit.megatron.optimizer import optimizer_step, zero_grads
 from megacredit.algorithms.topk_fused import TopKLogprobs
 from megacredit.megatron.rl_passes import VocabHead, row_length_multiple, run_packed_schedule
 from megacredit.megatron.teacher import TeacherWeights
+from megacredit.megatron.trainer_memory import TrainerMemory
 from megacredit.algorithms.methods import METHODS, loss_mask_denominator, micro_batch_loss
 from megacredit.algorithms.objective import MicroBatchInputs, ObjectiveSettings, pad_per_sample, response_mask
 from megacredit.data.packing import PackedMicroBatch, SequenceToPack, pack_sequences, split_per_sequence
@@ -108,6 +109,7 @@ class MegatronActor:
         self.ctx, self.settings = ctx, settings
         self.progress = progress or ProgressReporter()  # shows each pass's micro-batches
         self.head = VocabHead(model_chunks, settings.chunk_size, temperature=settings.temperature)
+        self.memory = TrainerMemory(model_chunks, optimizer, teacher)  # released while an engine generates
         self.router_load = RouterLoad(model_chunks) if is_moe(model_chunks) else None  # MoE diagnostics
 
     # ----------------------------------------------------------------------------- helpers
@@ -213,7 +215,7 @@ class MegatronActor:
         instead of scoring a set that is not known yet; only sampled-token log-probs are final."""
         weight = self.head.weight().detach()
         if self.teacher is not None:
-            weight = self.teacher.tensor_of(self.model_chunks, self.head.weight()).to(weight.dtype)
+            weight = self.teacher.tensor_of(self.model_chunks, self.head.weight()).to(weight.device, weight.dtype)
 
         def collect(hidden: torch.Tensor, micro_batch: PackedMicroBatch) -> dict:
             sampled = split_per_sequence(

@@ -10,6 +10,12 @@ broadcast source per stage for remote engines), or to every rank. This is the st
 rollout engine's weight sync consumes; ``iter_hf_weight_buckets`` groups it into bounded-size
 buckets and ``save_hf_pretrained`` writes a ``from_pretrained``-ready folder.
 
+With Megatron-Core's distributed optimizer each rank updates only its shard of the weights;
+the export still reads whole parameters because every optimizer step ends with the synchronous
+all-gather of the updated shards (``megacredit.megatron.optimizer.wrap_with_ddp`` turns the
+overlapped gather off), which tests/distributed/test_distributed_optimizer.py checks by
+comparing this export with the plain optimizer's after every step.
+
 COLLECTIVE CONTRACT: every rank of the job must run the iterator to the end (``for _ in it``),
 receiving or not; a rank that stops early leaves the others blocked in a collective. Data-
 parallel replicas other than DP rank 0 skip the collectives except with ``receivers="all"``.

@@ -18,7 +18,24 @@ in one place, what running Megatron-Core 0.16.1 on CPU with gloo showed to break
    replaced by one that checks fp32 on any device (same arithmetic).
 5. ``dist_checkpointing`` needs ``psutil`` (a dependency) and a ``__main__`` guard in launched
    scripts; nothing to patch, noted here for users.
-6. Mixture of experts. Without Transformer Engine, ``megatron/core/transformer/moe/moe_utils.py``
+6. The distributed optimizer (and the fp16/bf16 one) sort parameters by their legacy type name
+   and refuse anything but ``torch.cuda.{Float,Half,BFloat16}Tensor``
+   (``megatron/core/optimizer/distrib_optimizer.py::DistributedOptimizer.
+   _build_model_and_main_param_groups`` and ``__init__``; ``optimizer.py::
+   Float16OptimizerWithFloat16Params.__init__``): while those two constructors run (and only
+   then), ``Tensor.type()`` without arguments answers ``torch.cuda.*`` for a CPU tensor.
+7. Without Apex or Transformer Engine Megatron steps ``torch.optim.AdamW``, whose state holds a
+   ``step`` per parameter and is empty before the first step; the distributed optimizer's
+   checkpointing expects one common step (Megatron-LM runs it with TE's or Apex's FusedAdam).
+   (a) ``DistributedOptimizer.state_dict`` asserts that every parameter's state has a step, so
+   building the state to load into a fresh optimizer fails: there, the state is first
+   initialised as AdamW's first step would (zero moments, step 0; the load overwrites it).
+   (b) ``load_state_dict`` restores the step from the parameter groups as ONE tensor shared by
+   all parameters (which AdamW would then advance once per parameter at every step), then
+   copies every state key from the checkpoint's per-parameter tensors, which hold no step
+   (``_set_main_param_and_optimizer_states``: ``KeyError: 'step'``): each parameter gets its
+   own copy of the restored step, handed over as itself.
+8. Mixture of experts. Without Transformer Engine, ``megatron/core/transformer/moe/moe_utils.py``
    imports ``te_general_gemm`` from TE inside a ``try`` and never defines the name when that
    fails, so the router's ``RouterGatingLinearFunction`` raises ``NameError``: it is set to None,
    which selects the function's own ``torch.mm`` branch. The all-to-all token dispatcher turns its
@@ -79,7 +96,28 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_TENSOR_TO, _TENSOR_CUDA = torch.Tensor.to, torch.Tensor.cuda
+_TENSOR_TO, _TENSOR_CUDA, _TENSOR_TYPE = torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.type
+
+
+class _CudaTypeNamesMode(TorchFunctionMode):
+    """``tensor.type()`` (no arguments) of a CPU tensor answers the CUDA name, e.g.
+    ``torch.cuda.FloatTensor``; every other call is unchanged (fix 6 of the module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func is _TENSOR_TYPE and len(args) == 1 and not kwargs and result.startswith("torch."):
+            return result if result.startswith("torch.cuda.") else "torch.cuda." + result[len("torch."):]
+        return result
+
+
+def _with_cuda_type_names(constructor):
+    """``constructor`` run under :class:`_CudaTypeNamesMode`."""
+    def constructor_on_cpu(*args, **kwargs):
+        with _CudaTypeNamesMode():
+            return constructor(*args, **kwargs)
+
+    constructor_on_cpu.__wrapped__ = constructor
+    return constructor_on_cpu
 
 
 class _NoOpStream:
@@ -121,6 +159,39 @@ def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_deco
             grad.detach().mul_(clip_coeff)
 
 
+def _initialised_adam_state(state_dict):
+    """``DistributedOptimizer.state_dict`` that also answers before the first step (fix 7a)."""
+    def state_dict_after_initialising(self):
+        inner = self.optimizer
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for param in (p for group in inner.param_groups for p in group["params"]):
+                state = inner.state[param]
+                if "step" not in state:  # what AdamW's first step creates (torch/optim/adam.py::_init_group)
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                 exp_avg_sq=torch.zeros_like(param))
+        return state_dict(self)
+
+    state_dict_after_initialising.__wrapped__ = state_dict
+    return state_dict_after_initialising
+
+
+def _keep_restored_step(set_states):
+    """``DistributedOptimizer._set_main_param_and_optimizer_states`` that accepts the
+    checkpoint's tensors without ``step`` (fix 7b of the module docstring)."""
+    def set_states_keeping_step(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if "step" in state:  # restored from the parameter groups already, as a shared tensor
+                state["step"] = state["step"].detach().clone()
+                tensors = {**tensors, "step": state["step"]}
+        return set_states(self, model_param, tensors)
+
+    set_states_keeping_step.__wrapped__ = set_states
+    return set_states_keeping_step
+
+
 def _host_tensor(tensor, as_numpy: bool = False, record_stream: bool = False):
     """CPU twin of Megatron's ``moe_utils.maybe_move_tensor_to_cpu``: the tensor is already on
     the host; with ``as_numpy`` it becomes a numpy array, as a device tensor would."""
@@ -157,6 +228,7 @@ class _DropSharedRngWarning(logging.Filter):
 
 
 def _patch_megatron() -> None:
+    from megatron.core.optimizer import distrib_optimizer
     from megatron.core.optimizer import optimizer as megatron_optimizer
     from megatron.core.tensor_parallel import random as megatron_random
 
@@ -165,6 +237,13 @@ def _patch_megatron() -> None:
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     megatron_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+    for cls in (distrib_optimizer.DistributedOptimizer, megatron_optimizer.Float16OptimizerWithFloat16Params):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
+    optimizer_class = distrib_optimizer.DistributedOptimizer
+    optimizer_class.state_dict = _initialised_adam_state(optimizer_class.state_dict)
+    optimizer_class._set_main_param_and_optimizer_states = _keep_restored_step(
+        optimizer_class._set_main_param_and_optimizer_states)
+
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     if not hasattr(moe_utils, "te_general_gemm"):

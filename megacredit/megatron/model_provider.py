@@ -238,6 +238,21 @@ def transformer_config_from_hf(
                         f"TransformerConfig fields") from error
 
 
+def recompute_overrides(recompute: str, method: str = "uniform", num_layers: int = 1,
+                        modules: tuple[str, ...] | list[str] = ("core_attn",)) -> dict[str, Any]:
+    """``TransformerConfig`` fields of an activation-recompute setting (``parallel.recompute``):
+    "none" -> none; "selective" -> the submodules ``modules``; "full" -> ``method`` (uniform /
+    block) over units of ``num_layers`` layers. Only training passes recompute: the
+    forward-only passes run under ``torch.no_grad``, which keeps no activations to begin with."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(modules)}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
+    raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {recompute!r}")
+
+
 def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: int = DEFAULT_MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
     """Megatron-LM's rule: round ``vocab_size`` up to a multiple of ``divisible_by * tp``."""
     if make_vocab_size_divisible_by < 1:

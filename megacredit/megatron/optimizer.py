@@ -4,8 +4,8 @@
 (contiguous fp32 grad buffers, synchronous grad reduction) and registers the hooks the pipeline
 schedule needs on the model config (``finalize_model_grads_func``: DP all-reduce, tied-embedding
 all-reduce across PP stages; ``no_sync_func``). ``build_optimizer`` calls Megatron's
-``get_megatron_optimizer`` with an Adam :class:`OptimizerSettings`. Both run unchanged on GPU; on
-CPU they need the compatibility layer (``megacredit.megatron.distributed.initialize`` turns it
+``get_megatron_optimizer`` with an Adam :class:`OptimizerSettings` (optionally the distributed
+optimizer, ZeRO-1). Both run unchanged on GPU; on CPU they need the compatibility layer (``megacredit.megatron.distributed.initialize`` turns it
 on), which also makes ``clip_grad > 0`` work.
 
 Gradient scaling convention (see ``megacredit.megatron.rl_passes``): Megatron DDP AVERAGES
@@ -50,7 +50,8 @@ class OptimizerSettings:
     clip_grad: float = 1.0
     """Global gradient-norm clip (over all TP/PP/DP shards); 0 disables clipping."""
     use_distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks (Megatron's DistributedOptimizer, ZeRO-1; GPU only)."""
+    """Shard the fp32 main weights and Adam moments over the data-parallel ranks (Megatron's
+    DistributedOptimizer, ZeRO-1); on CPU through fixes 6 and 7 of megacredit.megatron.cpu_compat."""
     bf16: bool = False
     """Model parameters are bf16 (fp32 main params and grads are kept by the optimizer)."""
     fp16: bool = False
@@ -106,6 +107,12 @@ def wrap_with_ddp(
 
     Also sets ``finalize_model_grads_func`` (DP reduce + tied-embedding/layernorm reduces) and
     ``no_sync_func`` on the shared model config; the schedule calls them.
+
+    With the distributed optimizer the parameters live in DDP's contiguous buffers and each
+    rank updates its shard only; ``overlap_param_gather=False`` makes every optimizer step end
+    with the synchronous all-gather of the updated shards (``DistributedOptimizer.
+    step_with_ready_grads`` -> ``start_param_sync``), so whatever reads the parameters after a
+    step (the passes, the weight sync's export, a checkpoint) sees the whole updated weights.
     """
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -120,6 +127,7 @@ def wrap_with_ddp(
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=False,
+        overlap_param_gather=False,
         use_distributed_optimizer=use_distributed_optimizer,
         bucket_size=bucket_size,
     )
@@ -141,15 +149,12 @@ def build_optimizer(model_chunks: Sequence[torch.nn.Module], settings: Optimizer
     Returns a ``MegatronOptimizer`` (a ``ChainedOptimizer`` in 0.16). For fp16 the loss scaler is
     registered as the config's ``grad_scale_func`` so the schedule scales the loss.
 
-    The distributed optimizer (``use_distributed_optimizer=True``) is GPU only: Megatron-Core
-    0.16's DistributedOptimizer accepts only ``torch.cuda.*Tensor`` parameters, so on CPU this
-    raises a ValueError (that path is unverified on this machine).
+    The distributed optimizer (``use_distributed_optimizer=True``) needs chunks wrapped with the
+    same flag. Megatron-Core 0.16's accepts only ``torch.cuda.*Tensor`` parameters and its
+    checkpoint load trips over torch AdamW's per-parameter ``step``: the CPU compatibility
+    layer fixes both (cpu_compat fixes 6 and 7), so it runs here on gloo
+    (tests/distributed/test_distributed_optimizer.py).
     """
-    if settings.use_distributed_optimizer and not cpu_compat.cuda_available():
-        raise ValueError(
-            "OptimizerSettings.use_distributed_optimizer=True needs CUDA (Megatron-Core's "
-            "DistributedOptimizer accepts only torch.cuda tensors); set it to False on CPU"
-        )
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import (
         OptimizerConfig,

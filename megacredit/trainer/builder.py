@@ -133,7 +133,7 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
     (a megacredit.utils.progress reporter) shows its passes."""
     from megacredit.megatron.actor import ActorSettings, MegatronActor
     from megacredit.megatron.bridge import load_hf_weights
-    from megacredit.megatron.model_provider import build_gpt_model
+    from megacredit.megatron.model_provider import build_gpt_model, recompute_overrides
     from megacredit.megatron.optimizer import OptimizerSettings, build_optimizer, wrap_with_ddp
     from megacredit.megatron.packed_attention import enable_packed_attention
     from megacredit.megatron.teacher import TeacherWeights
@@ -141,23 +141,28 @@ def build_actor(cfg: MegacreditConfig, ctx, source: ModelSource, progress=None):
     dtype = DTYPES[cfg.model.dtype]
     use_te = TRANSFORMER_ENGINE[cfg.model.transformer_engine]
     moe = {} if cfg.model.moe_aux_loss_coeff is None else {"moe_aux_loss_coeff": cfg.model.moe_aux_loss_coeff}
+    par = cfg.parallel
     model = build_gpt_model(source.hf_config, ctx, dtype=dtype, use_transformer_engine=use_te,
-                            sequence_parallel=cfg.parallel.sequence_parallel, **moe)
+                            sequence_parallel=par.sequence_parallel, **moe,
+                            **recompute_overrides(par.recompute, par.recompute_method, par.recompute_num_layers,
+                                                  par.recompute_modules))
     # Keep Megatron's random init although the HF weights overwrite it: with CPU initialisation,
     # perform_initialization=False also skips tagging the weights tensor-parallel, and the
     # gradient norm (and clipping) then miscounts TP shards (caught by the TP=2 e2e test).
     enable_packed_attention(model)
     load_hf_weights([model], source.weights, source.hf_config, ctx)
-    chunks = wrap_with_ddp([model])
+    opt = cfg.optimizer
+    chunks = wrap_with_ddp([model], use_distributed_optimizer=opt.use_distributed_optimizer)
     optimizer = build_optimizer(chunks, OptimizerSettings(
-        lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, adam_beta1=cfg.optimizer.betas[0],
-        adam_beta2=cfg.optimizer.betas[1], adam_eps=cfg.optimizer.eps, clip_grad=cfg.optimizer.clip_grad,
+        lr=opt.lr, weight_decay=opt.weight_decay, adam_beta1=opt.betas[0], adam_beta2=opt.betas[1],
+        adam_eps=opt.eps, clip_grad=opt.clip_grad, use_distributed_optimizer=opt.use_distributed_optimizer,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
     ))
     algorithm = cfg.algorithm
     teacher = None
     if METHODS[algorithm.name].teacher_pass:
-        teacher = TeacherWeights(chunks, algorithm.teacher.kind, algorithm.teacher.ema_rate, algorithm.teacher.sync_every)
+        teacher = TeacherWeights(chunks, algorithm.teacher.kind, algorithm.teacher.ema_rate, algorithm.teacher.sync_every,
+                                 on_host=algorithm.teacher.offload_to_host)
     settings = ActorSettings(
         objective=objective_settings(cfg), top_k=algorithm.sdpo.top_k, topk_source=algorithm.sdpo.topk_source,
         token_budget=cfg.parallel.micro_batch_tokens, pad_token_id=source.tokenizer.pad_token_id or 0,

@@ -57,7 +57,9 @@ def _teacher_sharded(actor) -> Any:
 
 
 def save(actor, ctx, ckpt_dir: str, step: int, keep_last: int, extra: dict[str, Any]) -> Path:
-    """Save everything needed to continue after ``step`` completed steps."""
+    """Save everything needed to continue after ``step`` completed steps (the trainer's state
+    comes back first if it was released for the engine)."""
+    actor.memory.restore()
     return save_checkpoint(actor.model_chunks, actor.optimizer, ctx, ckpt_dir, step,
                            extra_state=extra, extra_sharded_state=_teacher_sharded(actor), keep_last=keep_last)
 

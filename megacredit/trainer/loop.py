@@ -11,25 +11,27 @@ from typing import Any
 
 from megacredit.trainer import builder, checkpointing
 from megacredit.config import MegacreditConfig, save_config, validate_against_model
-from megacredit.trainer.rl_step import run_step
+from megacredit.trainer.rl_step import run_step, trainer_memory_released
 from megacredit.trainer.run import RLRun
 from megacredit.trainer.rollout import PromptStream, step_seed
 from megacredit.utils.malloc import PageFaultCheck
 
 
 def validate(run: RLRun, val_records: list[dict], step: int, logger) -> None:
-    """avg@k on the validation prompts (rank 0 evaluates; the others wait at the next collective)."""
+    """avg@k on the validation prompts (rank 0 evaluates; the others wait at the next collective,
+    or, when the trainer's state is released for the engine, until rank 0 is done)."""
     from megacredit.trainer.validate import evaluate, validation_params
 
-    if run.engine is None:
-        return
-    cfg = run.cfg
-    records = val_records[: cfg.validation.num_prompts] if cfg.validation.num_prompts else val_records
-    with run.phase("val"):
-        result = evaluate(run.engine, run.tokenizer, run.env, records,
-                          validation_params(cfg, [run.tokenizer.eos_token_id], step_seed(cfg.training.seed, step, 3)),
-                          cfg.validation.bootstrap_samples, cfg.validation.confidence, seed=step,
-                          progress=run.progress)
+    with trainer_memory_released(run):
+        if run.engine is None:
+            return
+        cfg = run.cfg
+        records = val_records[: cfg.validation.num_prompts] if cfg.validation.num_prompts else val_records
+        with run.phase("val"):
+            result = evaluate(run.engine, run.tokenizer, run.env, records,
+                              validation_params(cfg, [run.tokenizer.eos_token_id], step_seed(cfg.training.seed, step, 3)),
+                              cfg.validation.bootstrap_samples, cfg.validation.confidence, seed=step,
+                              progress=run.progress)
     logger.log(step, {**result, "perf/time_val": run.timings.pop("perf/time_val")})
 
 

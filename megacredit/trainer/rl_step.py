@@ -9,6 +9,7 @@ every rank; pass results live on the last pipeline stage and are reduced for log
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from megacredit.config import MegacreditConfig
 from megacredit.data.teacher_context import SampleSequences, TeacherContextConfig, build_teacher_contexts
 from megacredit.megatron.actor import StudentResult, TeacherResult
 from megacredit.megatron.optimizer import set_learning_rate
+from megacredit.megatron.trainer_memory import PARTS
 from megacredit.rollout.base import SamplingParams
 from megacredit.trainer import rollout as rollout_lib
 from megacredit.trainer import step_metrics
@@ -49,27 +51,52 @@ def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
     return lr if warmup_steps <= 0 else lr * min(1.0, (step + 1) / warmup_steps)
 
 
+def release_trainer_memory(run: RLRun, keep_parameters: bool = False) -> None:
+    """With ``rollout.offload_trainer_during_rollout``, take this rank's trainer state off the
+    device (megacredit/megatron/trainer_memory.py); ``keep_parameters``: all but the
+    parameters, which the weight sync's export reads. Restored by :func:`trainer_memory_released`'s
+    exit or before a checkpoint is saved."""
+    if run.cfg.rollout.offload_trainer_during_rollout:
+        parts = [part for part in PARTS if not (keep_parameters and part == "parameters")]
+        run.actor.memory.release(parts)
+
+
+@contextmanager
+def trainer_memory_released(run: RLRun):
+    """The body (the colocated engine generating, driven by rank 0) runs with every rank's
+    trainer state released; each rank restores its own once all ranks are through the body."""
+    release_trainer_memory(run)
+    try:
+        yield
+    finally:
+        if run.cfg.rollout.offload_trainer_during_rollout:
+            broadcast_object(None)  # the engine spans every rank's device: restore when rank 0 is done
+        run.actor.memory.restore()
+
+
 def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> RolloutBatch:
     """Generate G responses per prompt and score them (rank 0), then share the batch.
 
     The engine (one, or an EnginePool splitting the prompts across several) returns its own
     log-probs of every sampled token with the sample (``RolloutBatch.engine_logprobs``); it is
     put to sleep afterwards (colocated engines release memory for training) and woken by the
-    next weight sync."""
+    next weight sync. Meanwhile the trainer's state is released (:func:`trainer_memory_released`)."""
     cfg = run.cfg
     batch = None
-    if run.engine is not None:
-        params = SamplingParams(
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-            max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=(run.tokenizer.eos_token_id,),
-            n=cfg.algorithm.group_size, seed=rollout_lib.step_seed(cfg.training.seed, step, salt=1),
-        )
-        with run.phase("rollout"):
-            batch = rollout_lib.generate(run.engine, run.tokenizer, prompts, params, run.progress)
-            run.engine.sleep()
-        with run.phase("reward"):
-            rollout_lib.score(run.env, batch)
-    return broadcast_object(batch)
+    with trainer_memory_released(run):
+        if run.engine is not None:
+            params = SamplingParams(
+                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=(run.tokenizer.eos_token_id,),
+                n=cfg.algorithm.group_size, seed=rollout_lib.step_seed(cfg.training.seed, step, salt=1),
+            )
+            with run.phase("rollout"):
+                batch = rollout_lib.generate(run.engine, run.tokenizer, prompts, params, run.progress)
+                run.engine.sleep()
+            with run.phase("reward"):
+                rollout_lib.score(run.env, batch)
+        batch = broadcast_object(batch)
+    return batch
 
 
 def mini_batches(cfg: MegacreditConfig, num_samples: int) -> list[list[int]]:
@@ -205,6 +232,7 @@ def run_step(run: RLRun, step: int, prompts: list[dict]) -> dict[str, Any]:
         diagnostic_sums = answer_probability_sums(run, batch, samples)
     passes = passes_and_update(run, step, batch, samples)
     with run.phase("sync"):
+        release_trainer_memory(run, keep_parameters=True)  # before the engine wakes
         sync_metrics = sync_weights(run)
     metrics = collect_metrics(run, step, batch, samples, passes.student, passes.teacher, passes.advantages,
                               {**passes.advantage_sums, **diagnostic_sums}, passes.train_parts,

@@ -68,6 +68,18 @@ def tune_glibc_malloc() -> bool:
     return applied
 
 
+def return_freed_memory() -> bool:
+    """Hand the heap's free memory back to the kernel now (glibc ``malloc_trim(0)``): what the
+    tuning above otherwise keeps. For a deliberate release (the trainer's state during a
+    colocated rollout, megacredit.utils.storage_stash), not for a step's temporaries. True
+    when glibc returned something; False elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(ctypes.c_size_t(0)))
+    except (OSError, AttributeError):
+        return False
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()

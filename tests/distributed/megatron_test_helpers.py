@@ -54,12 +54,13 @@ def dp_shard(batches: list, dp_rank: int, dp_size: int) -> list:
     return batches[dp_rank::dp_size]
 
 
-def build_model(ctx, num_layers: int = 2):
-    """This rank's tiny Llama stage, taking packed sequences (as the trainer builds it)."""
+def build_model(ctx, num_layers: int = 2, **config_overrides):
+    """This rank's tiny Llama stage, taking packed sequences (as the trainer builds it);
+    ``config_overrides``: TransformerConfig fields (e.g. recompute settings)."""
     from megacredit.megatron.model_provider import build_gpt_model
     from megacredit.megatron.packed_attention import enable_packed_attention
 
-    model = build_gpt_model(tiny_llama_config(num_layers), ctx)
+    model = build_gpt_model(tiny_llama_config(num_layers), ctx, **config_overrides)
     enable_packed_attention(model)
     return [model]
 

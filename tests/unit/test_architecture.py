@@ -19,7 +19,7 @@ PACKAGE = REPO / "megacredit"
 FLOORS = {
     "cli": 6, "recipes": 6,
     "trainer": 5,
-    "reporting": 4,
+    "reporting": 4, "planning": 4,
     "config": 3, "megatron": 3,
     "rollout": 2, "data": 2, "envs": 2, "algorithms": 2, "models": 2,
     "utils": 1,

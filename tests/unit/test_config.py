@@ -130,6 +130,14 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
     (["data.dataset=sciknoweval", "data.train_path=/no/such/file.jsonl"], r"'data\.train_path'.*file not found"),
     (["checkpoint.resume=/no/such/ckpt"], r"'checkpoint\.resume'"),
     (["validation.confidence=1.0"], r"validation\.confidence"),
+    (["parallel.recompute=full", "parallel.recompute_num_layers=4"],
+     r"'parallel\.recompute_num_layers' = 4 .*divide the 30 layers of a pipeline stage"),
+    (["parallel.recompute=full", "parallel.recompute_method=block", "parallel.recompute_num_layers=31"],
+     r"at most the 30 layers"),
+    (["parallel.recompute=selective", "parallel.recompute_modules=[core_atn]"], r"Did you mean 'core_attn'"),
+    (["parallel.recompute=selective", "parallel.recompute_modules=[layernorm]"], r"recompute_modules.*'layernorm'"),
+    (["rollout.engine=vllm", "rollout.placement=remote", "rollout.urls=[http://h:8000]",
+      "rollout.offload_trainer_during_rollout=true"], r"'rollout\.offload_trainer_during_rollout'.*colocated"),
 ])
 def test_incompatible_or_out_of_range_values_are_rejected(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):

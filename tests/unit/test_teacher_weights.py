@@ -85,3 +85,40 @@ def test_policy_is_restored_even_if_the_pass_fails():
 def test_bad_settings_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TeacherWeights([_model()], **kwargs)
+
+
+def _tensor_bytes_held(obj) -> int:
+    """Bytes of every tensor an object's attributes hold (directly or in lists)."""
+    held = []
+    for value in vars(obj).values():
+        held += [item for item in (value if isinstance(value, list) else [value]) if torch.is_tensor(item)]
+    return sum(t.untyped_storage().nbytes() for t in held)
+
+
+def test_the_teacher_holds_one_fp32_copy_and_no_backup_between_passes():
+    model = _model()
+    teacher = TeacherWeights([model], kind="ema", ema_rate=0.5)
+    fp32_copy = 4 * sum(p.numel() for p in model.parameters())
+    assert _tensor_bytes_held(teacher) == fp32_copy
+    with teacher.swapped_in([model]):
+        pass
+    assert _tensor_bytes_held(teacher) == fp32_copy
+
+
+def test_a_teacher_in_host_memory_gives_the_same_weights_and_passes():
+    """On a CPU the host copy is the same memory and the same arithmetic: equal bit for bit."""
+    models = [_model(), _model()]
+    optimizers = [torch.optim.Adam(m.parameters(), lr=0.05) for m in models]
+    teachers = [TeacherWeights([models[0]], ema_rate=0.3), TeacherWeights([models[1]], ema_rate=0.3, on_host=True)]
+    assert teachers[0].device_tensors() and teachers[1].device_tensors() == []
+    inputs = torch.randn(3, 4)
+    for step in range(3):
+        outputs = []
+        for model, optimizer, teacher in zip(models, optimizers, teachers):
+            _train_step(model, optimizer, step)
+            teacher.after_optimizer_step([model])
+            with teacher.swapped_in([model]):
+                outputs.append(model(inputs))
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    for on_device, on_host in zip(teachers[0].state_tensors(), teachers[1].state_tensors()):
+        assert torch.equal(on_device, on_host)
