@@ -132,8 +132,9 @@ mc_placement() {
       ROLLOUT_PORT=${ROLLOUT_PORT:-8000}
       local urls="" host
       for host in "${ROLLOUT_HOSTS[@]}"; do urls+="${urls:+,}\"http://$host:$ROLLOUT_PORT\""; done
+      # remote engines have their own devices: nothing to release for them (the 8B recipes set it)
       PLACEMENT_OVERRIDES=("rollout.engine=$ROLLOUT_ENGINE" "rollout.placement=remote"
-                           "${ROLLOUT_URLS_KEY:-rollout.urls}=[$urls]") ;;
+                           "${ROLLOUT_URLS_KEY:-rollout.urls}=[$urls]" "rollout.offload_trainer_during_rollout=false") ;;
     *) mc_die "ROLLOUT_PLACEMENT must be colocated or remote, got '$ROLLOUT_PLACEMENT'" ;;
   esac
   WORLD=$((${#TRAIN_HOSTS[@]} * TASKS_PER_NODE))
