@@ -14,7 +14,9 @@ Scenarios (each repeated ``--repeats`` times, in rotation, so machine load hits 
   path every training step takes;
 * ``<engine>_server_load``: the same buckets into a server (``--server``; always on for SGLang):
   vLLM's OpenAI server over HTTP (base64 safetensors through ``/collective_rpc``), SGLang's
-  ``launch_server`` by ``update_weights_from_distributed`` over a gloo broadcast.
+  ``launch_server`` by ``update_weights_from_distributed`` over a gloo broadcast;
+* ``vllm_server_broadcast_load``: the same vLLM server, the buckets broadcast over a gloo group
+  into its worker (``VLLMServerEngine(sync_backend="gloo")``; HTTP carries the control calls).
 
 GB/s = bytes / seconds with GB = 1e9; ratios are to ``memcpy`` of the same run. Usage:
 ``python benchmarks/weight_sync.py [--engine vllm|sglang] [--repeats 3] [--bucket-mb 512]
@@ -57,20 +59,23 @@ def _config(run_dir: str, bucket_mb: int, engine: str):
 
 
 def _start_server(engine: str, model_path: Path):
-    """(server process, its RolloutEngine): the server is stopped by the caller."""
+    """(server process, {scenario: its RolloutEngine}): the server is stopped by the caller."""
     if engine == "vllm":
         from megacredit.rollout.vllm_server import VLLMServer, VLLMServerEngine
 
         server = VLLMServer(model_path, extra_args=SERVER_ARGS["vllm"]).start()
-        return server, VLLMServerEngine(server.url, model_path=model_path)
+        return server, {"vllm_server_load": VLLMServerEngine(server.url, model_path=model_path),
+                        "vllm_server_broadcast_load": VLLMServerEngine(server.url, model_path=model_path,
+                                                                       sync_backend="gloo")}
     from megacredit.rollout.sglang_server import SGLangServer, SGLangServerEngine
 
     # one OpenMP thread: the server and this process share the machine's 2 cores
     server = SGLangServer(model_path, server_args={"dtype": "float32"}, env={"OMP_NUM_THREADS": "1"}).start()
-    return server, SGLangServerEngine([server.url], model_path=model_path, sync_backend="gloo")
+    return server, {"sglang_server_load": SGLangServerEngine([server.url], model_path=model_path,
+                                                             sync_backend="gloo")}
 
 
-def _scenarios(run, engine: str, pairs, bucket_bytes: int, server_engine) -> dict:
+def _scenarios(run, engine: str, pairs, bucket_bytes: int, server_engines: dict) -> dict:
     from megacredit.rollout.base import manifest_of, rebucket
     from megacredit.rollout.embedded import EmbeddedRolloutEngine
     from megacredit.trainer.weight_sync import sync_weights
@@ -93,8 +98,8 @@ def _scenarios(run, engine: str, pairs, bucket_bytes: int, server_engine) -> dic
 
     scenarios = {"memcpy": memcpy, "embedded_load": load(embedded), f"{engine}_load": load(colocated),
                  "embedded_sync": sync(embedded), f"{engine}_sync": sync(colocated)}
-    if server_engine is not None:
-        scenarios[f"{engine}_server_load"] = load(server_engine)
+    for name, server_engine in server_engines.items():
+        scenarios[name] = load(server_engine)
     return scenarios
 
 
@@ -144,14 +149,14 @@ def main() -> None:
     colocated = run.engine
     pairs = [(n, t.clone()) for n, t in export_hf_weights(run.actor.model_chunks, run.hf_config, run.ctx)]
     num_bytes = sum(t.numel() * t.element_size() for _, t in pairs)
-    server, server_engine = None, None
+    server, server_engines = None, {}
     try:
         if args.server or args.engine == "sglang":
-            server, server_engine = _start_server(args.engine, colocated.model_path)
-        scenarios = _scenarios(run, args.engine, pairs, args.bucket_mb * 2**20, server_engine)
+            server, server_engines = _start_server(args.engine, colocated.model_path)
+        scenarios = _scenarios(run, args.engine, pairs, args.bucket_mb * 2**20, server_engines)
         seconds = _measure(scenarios, args.repeats)
     finally:
-        if server_engine is not None:
+        for server_engine in server_engines.values():
             server_engine.shutdown()
         if server is not None:
             server.stop()

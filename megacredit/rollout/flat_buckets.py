@@ -47,19 +47,28 @@ def flatten_tensors(named_tensors: Sequence[NamedTensor]) -> tuple[torch.Tensor,
     if not named_tensors:
         raise ValueError("flatten_tensors: the bucket is empty")
     dtype, device = named_tensors[0][1].dtype, named_tensors[0][1].device
-    metadata, start = [], 0
     for name, tensor in named_tensors:
         if tensor.dtype != dtype or tensor.device != device:
             raise ValueError(
                 f"flatten_tensors: '{name}' is {tensor.dtype} on {tensor.device} but the bucket "
                 f"is {dtype} on {device}; split the bucket with split_by_dtype first"
             )
-        metadata.append(FlatTensorMeta(name, tensor.shape, dtype, start, start + tensor.numel(), tensor.numel()))
-        start += tensor.numel()
-    flat = torch.empty(start, dtype=dtype, device=device)
+    metadata = flat_metadata([name for name, _ in named_tensors], [t.shape for _, t in named_tensors], dtype)
+    flat = torch.empty(metadata[-1].end_idx, dtype=dtype, device=device)
     for meta, (_, tensor) in zip(metadata, named_tensors):
         flat[meta.start_idx:meta.end_idx].copy_(tensor.reshape(-1))
     return flat, metadata
+
+
+def flat_metadata(names: Sequence[str], shapes: Sequence[Sequence[int]], dtype: torch.dtype) -> list[FlatTensorMeta]:
+    """The metadata :func:`flatten_tensors` gives for tensors of these names and shapes (for a
+    receiver that allocates the flat bucket from a description)."""
+    metadata, start = [], 0
+    for name, shape in zip(names, shapes, strict=True):
+        size = torch.Size(shape)
+        metadata.append(FlatTensorMeta(name, size, dtype, start, start + size.numel(), size.numel()))
+        start += size.numel()
+    return metadata
 
 
 def unflatten_tensors(flat: torch.Tensor, metadata: Sequence[FlatTensorMeta]) -> list[NamedTensor]:

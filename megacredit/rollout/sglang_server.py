@@ -47,14 +47,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 import sys
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
-from urllib.parse import urlsplit
 
 import torch
 
@@ -86,7 +83,6 @@ from megacredit.rollout.sglang import (
 )
 
 PAUSE_MODES = ("abort", "retract", "in_place")
-POLL_SECONDS = 0.01
 logger = logging.getLogger(__name__)
 
 
@@ -104,15 +100,6 @@ def router_worker_urls(router_url: str, client: JSONClient) -> list[str]:
     raise ValueError(f"rollout.router_url: {router_url} lists no workers (GET /workers, /list_workers)")
 
 
-def route_address(url: str) -> str:
-    """This host's IP address on the route to ``url``'s host (a UDP socket's local end after
-    ``connect``; no packet is sent)."""
-    parts = urlsplit(url)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.connect((parts.hostname, parts.port or 80))
-        return sock.getsockname()[0]
-
-
 def _check_future(future: Future, what: str, copied: int) -> None:
     """An update call's answer: SGLang reports failure as HTTP 400 + ``{"success": false}``."""
     try:
@@ -122,21 +109,9 @@ def _check_future(future: Future, what: str, copied: int) -> None:
     check_answer(answer, what, copied)
 
 
-def wait_watching(done: Callable[[], bool], watched: Mapping[str, Future], what: str, timeout: float,
-                  copied: int = 0) -> None:
-    """Wait until ``done()`` while watching the servers' answers to the calls that make them
-    take part (``watched``: url -> future): a failed answer raises ``WeightSyncError`` at once
-    (the server will not join), as does ``timeout`` seconds without ``done()``."""
-    deadline = time.monotonic() + timeout
-    while not done():
-        for url, future in watched.items():
-            if future.done():
-                _check_future(future, f"{what} on {url}", copied)
-        if time.monotonic() > deadline:
-            waiting = [url for url, future in watched.items() if not future.done()]
-            raise WeightSyncError(f"SGLang {what}: not done after {timeout:.0f} s (no answer yet from "
-                                  f"{waiting}); {copied} tensors of this update were already loaded")
-        time.sleep(POLL_SECONDS)
+def _checker(what: str, copied: int) -> Callable[[str, Future], None]:
+    """:func:`_check_future` for the watched calls of megacredit.rollout.weight_group."""
+    return lambda url, future: _check_future(future, f"{what} on {url}", copied)
 
 
 class SGLangServerEngine(RolloutEngine):
@@ -376,7 +351,7 @@ class SGLangServerEngine(RolloutEngine):
         first TP rank), once, before the first update; ``master_address`` must be reachable
         from the servers. A worker that refuses fails the call at once (this rank does not
         wait in the rendezvous for it), within ``update_timeout`` in any case."""
-        from megacredit.rollout.weight_group import join_weight_update_group  # noqa: PLC0415
+        from megacredit.rollout.weight_group import join_watching  # noqa: PLC0415
 
         sizes = self.tp_sizes()
         world_size, offsets = 1 + sum(sizes), [1 + sum(sizes[:k]) for k in range(len(sizes))]
@@ -384,26 +359,11 @@ class SGLangServerEngine(RolloutEngine):
             "master_address": master_address, "master_port": int(master_port), "rank_offset": offset,
             "world_size": world_size, "group_name": group_name, "backend": backend})
             for url, offset in zip(self.workers, offsets)}
-        joined: dict[str, Any] = {}
-
-        def join() -> None:
-            try:
-                joined["group"] = join_weight_update_group(master_address, master_port, world_size, 0,
-                                                           group_name, backend)
-            except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
-                joined["error"] = error
-
-        thread = threading.Thread(target=join, name="sglang-weight-group", daemon=True)
-        thread.start()  # a daemon: a rendezvous a refusing server never joins cannot hold this process
-        wait_watching(lambda: not thread.is_alive(), futures, "init_weights_update_group", self.update_timeout)
-        if "error" in joined:
-            raise joined["error"]
-        self._group, self._group_name = joined["group"], group_name
+        self._group = join_watching(master_address, master_port, world_size, group_name, backend, futures,
+                                    _checker("init_weights_update_group", 0), self.update_timeout,
+                                    "SGLang init_weights_update_group")
+        self._group_name = group_name
         self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        wait_watching(lambda: all(f.done() for f in futures.values()), futures, "init_weights_update_group",
-                      self.update_timeout)
-        for url, future in futures.items():
-            _check_future(future, f"init_weights_update_group on {url}", 0)
 
     def disconnect_weight_sync(self) -> None:
         if self._group is None:
@@ -452,19 +412,12 @@ class SGLangServerEngine(RolloutEngine):
             tensors = [flatten_tensors(pairs)[0].to(self._device)]
         else:
             tensors = [t.to(self._device).contiguous() for _, t in pairs]
-        works = [torch.distributed.broadcast(t, src=0, group=self._group, async_op=True) for t in tensors]
+        from megacredit.rollout.weight_group import broadcast_watching  # noqa: PLC0415
+
         what = "update_weights_from_distributed"
-        try:  # a worker that answers now refused without receiving: the broadcast would never end
-            wait_watching(lambda: all(w.is_completed() for w in works), futures, what, self.update_timeout,
-                          self._loaded)
-        except WeightSyncError:
-            self._abandon_group()
-            raise
-        del tensors
-        wait_watching(lambda: all(f.done() for f in futures.values()), futures, what, self.update_timeout,
-                      self._loaded)
-        for url, future in futures.items():
-            _check_future(future, f"{what} on {url}", self._loaded)
+        broadcast_watching(tensors, self._group, futures, _checker(what, self._loaded), self.update_timeout,
+                           f"SGLang {what}: not done after {self.update_timeout:.0f} s; {self._loaded} tensors "
+                           "of this update were already loaded", self._abandon_group)
 
     # ------------------------------------------------------------------ update hooks
     def begin_weight_update(self) -> None:
@@ -472,7 +425,7 @@ class SGLangServerEngine(RolloutEngine):
         ``pause_around_updates``, :meth:`open_update`."""
         self._loaded = 0
         if self._group is None:
-            from megacredit.rollout.weight_group import free_port  # noqa: PLC0415
+            from megacredit.rollout.weight_group import free_port, route_address  # noqa: PLC0415
 
             address = self.sync_address or route_address(self.workers[0])
             suffix = f"_{self._abandoned_groups}" if self._abandoned_groups else ""

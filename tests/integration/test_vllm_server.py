@@ -110,3 +110,43 @@ def test_a_short_remote_training_run_over_two_servers(servers, model_dir, tmp_pa
     records = run_distributed(train_and_read_records, world_size=1, timeout=900, overrides=overrides)[0]
     for record in training_steps_with_sync_and_mismatch(records, 1e-3):
         assert "train/rollout_is_clip_frac" in record
+
+
+def test_broadcast_weight_update_over_gloo_matches_the_embedded_engine_and_the_http_path(servers, model_dir):
+    """sync_backend="gloo": the buckets go by a process group broadcast into the server's worker
+    (HTTP carries the control calls only); the server then scores like the embedded engine
+    holding the same weights (1e-3, vLLM's CPU kernels vs megacredit's) and exactly like a
+    server given the same weights over HTTP (same kernels, same bytes: 0). A worker refusing a
+    bucket (a group it is not in) fails the update in seconds, and the next update forms a new
+    group."""
+    import time
+
+    from megacredit.rollout.base import WeightSyncError, manifest_of
+    from megacredit.rollout.embedded import EmbeddedRolloutEngine
+    from megacredit.rollout.vllm_server import VLLMServerEngine
+
+    broadcast = VLLMServerEngine(servers[0].url, model_path=model_dir, sync_backend="gloo")
+    http = VLLMServerEngine(servers[1].url, model_path=model_dir)
+    sequences = [p + [11, 12, 13] for p in PROMPTS]
+    for seed in (6, 7):  # the second update reuses the group
+        pairs, donor = _pairs(model_dir, seed=seed)
+        for engine in (broadcast, http):
+            engine.update_weights_from_buckets([pairs[:3], pairs[3:]], manifest_of(pairs))
+        served = broadcast.score_logprobs(sequences)
+        expected = EmbeddedRolloutEngine(donor).score_logprobs(sequences)
+        assert max(abs(a - b) for x, y in zip(served, expected) for a, b in zip(x, y)) < 1e-3
+        assert served == http.score_logprobs(sequences)
+    first_group = broadcast._group_name
+    assert first_group.startswith("megacredit_vllm_")
+    broadcast._group_name = "not_joined"
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match="in no group 'not_joined'"):
+        broadcast.update_weights_from_buckets([pairs], manifest_of(pairs))
+    assert time.monotonic() - start < 60 and broadcast._group is None
+    pairs, donor = _pairs(model_dir, seed=8)
+    broadcast.update_weights_from_buckets([pairs], manifest_of(pairs))
+    assert broadcast._group_name.startswith("megacredit_vllm_") and broadcast._group_name != first_group
+    served, expected = broadcast.score_logprobs(sequences), EmbeddedRolloutEngine(donor).score_logprobs(sequences)
+    assert max(abs(a - b) for x, y in zip(served, expected) for a, b in zip(x, y)) < 1e-3
+    broadcast.shutdown()
+    http.shutdown()
