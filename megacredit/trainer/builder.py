@@ -244,14 +244,12 @@ def _build_vllm(cfg: MegacreditConfig, source: ModelSource, world: int, memory: 
         from megacredit.rollout.pool import EnginePool
         from megacredit.rollout.vllm_server import VLLMServerEngine
 
-        # each checks against its own checkpoint; buckets by broadcast (NCCL with CUDA, gloo without);
-        # the pool survives faults (docs/reliability.md)
+        # own checkpoint each; buckets by NCCL / gloo broadcast; the pool survives faults (docs/reliability.md)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         try:
             engines = [VLLMServerEngine(url, timeout=ro.request_timeout_s, sync_backend=backend) for url in ro.urls]
         except EngineHTTPError as error:
-            raise ConfigError(f"config key 'rollout.urls' = {ro.urls!r}: {one_line(error)} (start the vLLM "
-                              f"servers first: docs/engines.md)") from error
+            raise ConfigError(f"config key 'rollout.urls' = {ro.urls!r}: {one_line(error)} (start them first)") from error
         return EnginePool(engines, max_faults=ro.max_engine_faults)
     from megacredit.rollout.vllm import VLLMRolloutEngine
 
