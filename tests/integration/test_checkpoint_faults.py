@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from make_deps import missing
+
 from checkpoint_fault_child import KILL_POINTS
 from process_helpers import kill_pids, session_pids
 from trainer_helpers import tiny_overrides
@@ -137,7 +139,7 @@ def small_filesystem(path: Path, size_mib: int):
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)],
                              capture_output=True, text=True, timeout=30)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs at {path} ({mounted.stderr.strip()}): the test needs root")
+        missing("root", f"cannot mount a tmpfs at {path}: {mounted.stderr.strip()}")
     try:
         yield path
     finally:
