@@ -449,6 +449,9 @@ def _write_state(state: dict[str, Any], root: Path, tmp_dir: Path, step: int, ne
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+    from megacredit.megatron import writer_queue
+
+    writer_queue.install()  # Megatron's writer Manager dies with this rank (a killed rank leaves none)
     try:
         dist_checkpointing.save(state, str(tmp_dir))
         failure = None

@@ -222,11 +222,13 @@ def _run_damaged_newest(rank, world_size, root):
     from types import SimpleNamespace
 
     from megacredit.megatron.teacher import TeacherWeights
+    from megacredit.megatron.trainer_memory import TrainerMemory
     from megacredit.trainer import checkpointing
 
     ctx, chunks, optimizer = _setup(tp=2)
     teacher = TeacherWeights(chunks, "ema", 0.5, 1)
-    actor = SimpleNamespace(model_chunks=chunks, optimizer=optimizer, teacher=teacher)
+    actor = SimpleNamespace(model_chunks=chunks, optimizer=optimizer, teacher=teacher,
+                             memory=TrainerMemory(chunks, optimizer, teacher))
     for step in (1, 2):
         train_step(chunks, optimizer, ctx, fixed_tokens(step))
         teacher.after_optimizer_step(chunks)
@@ -249,7 +251,8 @@ def _run_damaged_newest(rank, world_size, root):
     logging.getLogger("megacredit.megatron.checkpoint").addHandler(handler)
     ctx, chunks, optimizer = _setup(tp=2, seed=99)  # a different init: the load must overwrite it
     teacher = TeacherWeights(chunks, "ema", 0.5, 1)
-    fresh = SimpleNamespace(model_chunks=chunks, optimizer=optimizer, teacher=teacher)
+    fresh = SimpleNamespace(model_chunks=chunks, optimizer=optimizer, teacher=teacher,
+                             memory=TrainerMemory(chunks, optimizer, teacher))
     cfg = SimpleNamespace(checkpoint=SimpleNamespace(resume="auto"), checkpoint_dir=lambda: root)
     step, extra = checkpointing.resume(fresh, ctx, cfg)
     return dict(step=step, extra=extra, saved=saved_at_1, resumed=_state_snapshot(chunks, optimizer, teacher),

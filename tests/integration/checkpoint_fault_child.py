@@ -113,6 +113,7 @@ def main(root: Path, step: int, fault: str) -> dict:
     from megacredit.megatron import distributed
     from megacredit.megatron.checkpoint import CheckpointError, save_checkpoint
     from megacredit.megatron.optimizer import OptimizerSettings, build_optimizer, wrap_with_ddp
+    from megacredit.megatron.trainer_memory import TrainerMemory
     from megacredit.trainer import checkpointing
     from megacredit.utils.progress import PlainProgressReporter
     from megatron_test_helpers import build_model, fixed_tokens, train_step
@@ -121,7 +122,8 @@ def main(root: Path, step: int, fault: str) -> dict:
     chunks = wrap_with_ddp(build_model(ctx, num_layers=1))
     optimizer = build_optimizer(chunks, OptimizerSettings(lr=1e-3))
     train_step(chunks, optimizer, ctx, fixed_tokens(0))  # Adam moments exist, as in training
-    actor = SimpleNamespace(model_chunks=chunks, optimizer=optimizer, teacher=None)
+    actor = SimpleNamespace(model_chunks=chunks, optimizer=optimizer, teacher=None,
+                             memory=TrainerMemory(chunks, optimizer, None))
     cfg = SimpleNamespace(checkpoint=SimpleNamespace(resume="auto"), checkpoint_dir=lambda: str(root))
     resumed, _ = checkpointing.resume(actor, ctx, cfg, PlainProgressReporter(sys.stderr))
     params = [p for chunk in chunks for p in chunk.parameters()]
