@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 SEQUENCE_TEXT = "Question: what is 7 + 5? Answer: 12. The weights were synced into the rollout engine."
 
 
@@ -127,3 +129,34 @@ def training_steps_with_sync_and_mismatch(records: list[dict], tolerance: float,
         assert record["sync/bytes"] > 0 and record["sync/probe_logprob_diff"] < tolerance
         assert record["rollout/logprob_abs_diff"] < tolerance and "rollout/engine_kl" in record
     return logged
+
+
+class SmolLM2EngineTests:
+    """The tests every engine's SmolLM2 scenario passes. A test module subclasses it as
+    ``Test...`` with ``engine_type`` (the engine class the trainer must have built) and
+    ``scenario_fixture``: the name of its module-scoped fixture returning the result of
+    :func:`sync_step_and_refused_updates`."""
+
+    engine_type = ""
+    scenario_fixture = "smollm2"
+    tolerance = 1e-3
+
+    @pytest.fixture
+    def engine_scenario(self, request):
+        return request.getfixturevalue(self.scenario_fixture)
+
+    def test_logprobs_equal_megacredits_before_and_after_a_training_step(self, engine_scenario):
+        assert engine_scenario["engine_type"] == self.engine_type
+        assert_synced_and_moved(engine_scenario, self.tolerance)
+
+    def test_the_step_logs_sync_and_mismatch_figures(self, engine_scenario):
+        assert_step_logged_sync_and_mismatch(engine_scenario, self.tolerance)
+
+    def test_sampled_logprobs_at_temperature_equal_the_trainers(self, engine_scenario):
+        """Sampled at T = 0.7, the engine reports log_softmax(logits / T) of its tokens (vLLM:
+        logprobs_mode processed_logprobs; SGLang: without SGLANG_RETURN_ORIGINAL_LOGPROB), which
+        the trainer's Megatron forward at T gives too, not the T = 1 ones."""
+        assert_tempered_logprobs_equal_the_trainers(engine_scenario, self.tolerance)
+
+    def test_a_bad_sync_raises_and_the_engine_keeps_its_weights(self, engine_scenario):
+        assert_refused_updates_changed_nothing(engine_scenario)

@@ -19,10 +19,7 @@ from __future__ import annotations
 import pytest
 
 from engine_scenarios import (
-    assert_refused_updates_changed_nothing,
-    assert_step_logged_sync_and_mismatch,
-    assert_tempered_logprobs_equal_the_trainers,
-    assert_synced_and_moved,
+    SmolLM2EngineTests,
     smollm2_engine_config,
     sync_step_and_refused_updates,
     training_steps_with_sync_and_mismatch,
@@ -66,23 +63,9 @@ def smollm2(tmp_path_factory):
     return run_distributed(_smollm2_scenario, world_size=1, timeout=1500, run_dir=run_dir)[0]
 
 
-def test_vllm_logprobs_equal_megacredits_before_and_after_a_training_step(smollm2):
-    assert smollm2["engine_type"] == "VLLMRolloutEngine"
-    assert_synced_and_moved(smollm2, TOLERANCE)
-
-
-def test_the_step_logs_sync_and_mismatch_figures(smollm2):
-    assert_step_logged_sync_and_mismatch(smollm2, TOLERANCE)
-
-
-def test_sampled_logprobs_at_temperature_equal_the_trainers(smollm2):
-    """Sampled at T = 0.7, vLLM reports log_softmax(logits / T) of its tokens (logprobs_mode
-    processed_logprobs), which the trainer's Megatron forward at T gives too, not the T = 1 ones."""
-    assert_tempered_logprobs_equal_the_trainers(smollm2, TOLERANCE)
-
-
-def test_a_bad_sync_raises_and_vllm_keeps_its_weights(smollm2):
-    assert_refused_updates_changed_nothing(smollm2)
+class TestVLLMColocated(SmolLM2EngineTests):
+    engine_type = "VLLMRolloutEngine"
+    tolerance = TOLERANCE
 
 
 def test_the_sync_check_names_the_corrupted_tensor(smollm2):

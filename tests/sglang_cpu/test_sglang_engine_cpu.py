@@ -21,10 +21,7 @@ from __future__ import annotations
 import pytest
 
 from engine_scenarios import (
-    assert_refused_updates_changed_nothing,
-    assert_step_logged_sync_and_mismatch,
-    assert_tempered_logprobs_equal_the_trainers,
-    assert_synced_and_moved,
+    SmolLM2EngineTests,
     smollm2_engine_config,
     sync_step_and_refused_updates,
     training_steps_with_sync_and_mismatch,
@@ -78,23 +75,9 @@ def smollm2(tmp_path_factory):
     return run_distributed(_smollm2_scenario, world_size=1, timeout=900, run_dir=run_dir)[0]
 
 
-def test_sglang_logprobs_equal_megacredits_before_and_after_a_training_step(smollm2):
-    assert smollm2["engine_type"] == "SGLangRolloutEngine"
-    assert_synced_and_moved(smollm2, TOLERANCE)
-
-
-def test_the_step_logs_sync_and_mismatch_figures(smollm2):
-    assert_step_logged_sync_and_mismatch(smollm2, TOLERANCE)
-
-
-def test_sampled_logprobs_at_temperature_equal_the_trainers(smollm2):
-    """SGLang (without SGLANG_RETURN_ORIGINAL_LOGPROB) returns log(softmax(logits / T)) of its
-    sampled tokens: what the trainer's forward at T gives."""
-    assert_tempered_logprobs_equal_the_trainers(smollm2, TOLERANCE)
-
-
-def test_a_bad_sync_raises_and_sglang_keeps_its_weights(smollm2):
-    assert_refused_updates_changed_nothing(smollm2)
+class TestSGLangColocated(SmolLM2EngineTests):
+    engine_type = "SGLangRolloutEngine"
+    tolerance = TOLERANCE
 
 
 def test_an_update_sglang_refuses_raises_with_its_message_and_changes_nothing(smollm2):

@@ -28,9 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from engine_scenarios import (
-    assert_refused_updates_changed_nothing,
-    assert_step_logged_sync_and_mismatch,
-    assert_synced_and_moved,
+    SmolLM2EngineTests,
     smollm2_engine_config,
     sync_step_and_refused_updates,
     training_steps_with_sync_and_mismatch,
@@ -157,14 +155,10 @@ def remote(servers, smollm2_dir, tmp_path_factory):
                            urls=[s.url for s in servers], model_dir=str(smollm2_dir))[0]
 
 
-def test_remote_logprobs_equal_megacredits_before_and_after_a_training_step(remote):
-    assert remote["engine_type"] == "SGLangServerEngine"
-    assert_synced_and_moved(remote, TOLERANCE)
-    assert_step_logged_sync_and_mismatch(remote, TOLERANCE)
-
-
-def test_a_bad_remote_sync_raises_and_the_servers_keep_their_weights(remote):
-    assert_refused_updates_changed_nothing(remote)
+class TestSGLangRemote(SmolLM2EngineTests):
+    engine_type = "SGLangServerEngine"
+    scenario_fixture = "remote"
+    tolerance = TOLERANCE
 
 
 def test_an_update_sglangs_loader_refuses_raises_with_its_message(remote):
