@@ -58,7 +58,7 @@ from megacredit.rollout.base import (
     bucket_bytes,
 )
 from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype
-from megacredit.rollout.http_json import EngineHTTPError, JSONClient, normalize_url
+from megacredit.rollout.http_json import EngineHTTPError, EngineUnreachableError, JSONClient, normalize_url
 from megacredit.rollout.server_process import ServerProcess
 from megacredit.rollout.vllm import (
     LOGPROBS_MODE,
@@ -227,10 +227,20 @@ class VLLMServerEngine(RolloutEngine):
         self._group, self._group_name = None, ""
 
     def _leave_weight_group(self) -> None:
+        """Both sides leave the broadcast group. A server that is gone (killed, restarted) took
+        its side with it: only ours is destroyed then."""
         if self._group is None:
             return
-        self._rpc("megacredit_leave_weight_group", self._group_name)
-        torch.distributed.destroy_process_group(self._group)
+        try:
+            self._rpc("megacredit_leave_weight_group", self._group_name)
+        except EngineUnreachableError:
+            pass  # the server died: nothing of the group is left on its side
+        finally:
+            self._destroy_own_group()
+
+    def _destroy_own_group(self) -> None:
+        if self._group is not None:
+            torch.distributed.destroy_process_group(self._group)
         self._group, self._group_name = None, ""
 
     def finish_weight_update(self) -> None:
@@ -250,6 +260,7 @@ class VLLMServerEngine(RolloutEngine):
         if self.server is None:
             return False
         self.server.stop()
+        self._destroy_own_group()  # the new server joins a new group at the next update
         self.server.start()
         return True
 
