@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,6 +77,9 @@ class Saver:
         kill_pids(session_pids(session))
         self.process.wait(timeout=30)
         self.stderr.close()
+        deadline = time.monotonic() + 10  # SIGKILLed processes vanish once reaped
+        while session_pids(session) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not session_pids(session), "processes of the saver outlived it"
 
 
