@@ -39,6 +39,7 @@ TINY = [
     "optimizer.lr=1e-3", "validation.num_prompts=4", "validation.k=2", "validation.bootstrap_samples=200",
     "logging.tensorboard=false", "logging.console=false", "parallel.micro_batch_tokens=512",
 ]
+RUNS = Path("runs") / "default"  # --runs-dir / experiment (no --level, no --ablation) / <method>_seed<seed>
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -76,7 +77,7 @@ def test_results_table_matches_the_metrics_files(replication):
     rows = {row[0]: row for row in markdown_table(text, "## Every run")}
     assert sorted(rows) == sorted(METHODS)
     for method in METHODS:
-        steps = merged(replication / "runs" / f"{method}_seed{SEED}")
+        steps = merged(replication / RUNS / f"{method}_seed{SEED}")
         validations = [steps[s] for s in sorted(steps) if "val/avg_at_k" in steps[s]]
         assert [v["step"] for v in validations] == [0, 1]
         best = max(validations, key=lambda v: v["val/avg_at_k"])
@@ -89,14 +90,14 @@ def test_results_table_matches_the_metrics_files(replication):
         assert row[5] == f"{leakage} / {len(train) * 4 * 2}"  # steps x prompts x group size
         assert row[6] == f"{seconds:.1f}"
     per_method = {row[0]: row for row in markdown_table(text, "## Validation accuracy per method")}
-    final = merged(replication / "runs" / f"credit_seed{SEED}")[1]["val/avg_at_k"]
+    final = merged(replication / RUNS / f"credit_seed{SEED}")[1]["val/avg_at_k"]
     assert per_method["credit"][2] == f"{final:.3f} (1 seed, no CI)"
     assert f"seed {SEED}: step-0 avg@k identical across 2 methods" in text  # no update before step 0
     assert (replication / "results_curves.png").stat().st_size > 10_000
 
 
 def test_second_invocation_skips_finished_runs(replication):
-    metrics = replication / "runs" / f"credit_seed{SEED}" / "metrics.jsonl"
+    metrics = replication / RUNS / f"credit_seed{SEED}" / "metrics.jsonl"
     before = metrics.stat().st_mtime_ns
     result = harness(replication)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -115,7 +116,7 @@ def saved_records(run_dir: Path) -> dict[tuple[int, int], dict]:
 def page(replication):
     from megacredit.cli import main
 
-    runs = [replication / "runs" / f"{method}_seed{SEED}" for method in METHODS]
+    runs = [replication / RUNS / f"{method}_seed{SEED}" for method in METHODS]
     out = replication / "viz" / "page.html"
     assert main(["viz", *map(str, runs), "--out", str(out)]) == 0
     return runs, out
