@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from megacredit.models.tiny import TINY_FAMILIES, tiny_config
 from megacredit.rollout.base import SamplingParams
 from megacredit.rollout.embedded import EmbeddedRolloutEngine
+from megacredit.rollout.expert_names import per_expert_views
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
 GREEDY = SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=())
@@ -20,8 +21,9 @@ def tiny_model(family: str, seed: int, **overrides):
 
 
 def streamed(model):
-    """A one-pass generator of (hf_name, tensor) copies, like the Megatron -> HF export."""
-    for name, tensor in model.named_parameters():
+    """A one-pass generator of (hf_name, tensor) copies under checkpoint names, like the
+    Megatron -> HF export (a MoE's fused experts as one tensor per expert)."""
+    for name, tensor in per_expert_views(dict(model.named_parameters())).items():
         yield name, tensor.detach().clone()
 
 
@@ -43,7 +45,7 @@ def test_loading_a_second_model_makes_outputs_equal_to_it(family):
         torch.tensor([lp for o in after for lp in o.logprobs]),
         torch.tensor([lp for o in expected for lp in o.logprobs]), atol=0, rtol=0)
     params = list(donor.parameters())
-    assert report.num_tensors == len(params)
+    assert report.num_tensors == len(per_expert_views(dict(donor.named_parameters())))
     assert report.num_bytes == sum(p.numel() * p.element_size() for p in params)
     assert report.missing_names == []
     # In place: no parameter was reallocated.
