@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megacredit.megatron import rl_passes
-from megacredit.megatron.optimizer import OptimizerSettings, build_optimizer
+from megacredit.megatron.optimizer import OptimizerSettings
 from megacredit.data.packing import SequenceToPack, pack_sequences
 
 
