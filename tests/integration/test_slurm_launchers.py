@@ -116,18 +116,18 @@ def test_a_rank_killed_mid_step_requeues_the_job_which_resumes_to_the_same_metri
     from megacredit.megatron.checkpoint import find_latest_checkpoint
 
     reference_id, reference_tmp = uninterrupted
-    reference = read_losses(_job_dirs(reference_tmp, reference_id)[1])
+    reference = read_losses(job_dirs(reference_tmp, reference_id)[1])
     job_id = _sbatch(cluster, tmp_path, "checkpoint.save_every=1", "parallel.collective_timeout_minutes=1", wait=False)
-    log_dir, run_dir = _job_dirs(tmp_path, job_id)
+    log_dir, run_dir = job_dirs(tmp_path, job_id)
     checkpoints = run_dir / "checkpoints"
-    _wait_until(lambda: find_latest_checkpoint(checkpoints, warn=False) is not None, 900, "the first checkpoint")
+    wait_until(lambda: find_latest_checkpoint(checkpoints, warn=False) is not None, 900, "the first checkpoint")
     survivor, victim = _trainer_pid(job_id, 0, run_dir), _trainer_pid(job_id, 1, run_dir)
-    assert survivor and victim, _job_output(tmp_path)
+    assert survivor and victim, job_output(tmp_path)
     os.kill(victim, signal.SIGKILL)
-    _wait_until(lambda: not Path(f"/proc/{survivor}").exists(), 90, "rank 0 to stop after rank 1 was killed")
-    _wait_until(lambda: cluster.accounting_states(job_id)[-1:] in (["COMPLETED"], ["FAILED"]), 1200,
+    wait_until(lambda: not Path(f"/proc/{survivor}").exists(), 90, "rank 0 to stop after rank 1 was killed")
+    wait_until(lambda: cluster.accounting_states(job_id)[-1:] in (["COMPLETED"], ["FAILED"]), 1200,
                 "the requeued run to end")
-    assert cluster.accounting_states(job_id) == ["REQUEUED", "COMPLETED"], _job_output(tmp_path)
+    assert cluster.accounting_states(job_id) == ["REQUEUED", "COMPLETED"], job_output(tmp_path)
     batch = next(tmp_path.glob(f"slurm-megacredit-credit-8b-{job_id}.out")).read_text()
     # srun returns 128 + the signal that ended a task: 137 (rank 1's SIGKILL) or 143 (the SIGTERM
     # with which Slurm ends rank 0), whichever it reports; both requeue
