@@ -38,10 +38,11 @@ def cluster(tmp_path_factory):
         yield local_cluster
 
 
-def _sbatch(cluster: LocalSlurmCluster, tmp: Path, wait: bool = True) -> str:
-    """Submit slurm/credit_8b.sh with the tiny CPU config on 2 tasks, TP=2; returns the job id."""
+def _sbatch(cluster: LocalSlurmCluster, tmp: Path, *overrides: str, wait: bool = True) -> str:
+    """Submit slurm/credit_8b.sh with the tiny CPU config (plus ``overrides``) on 2 tasks, TP=2;
+    returns the job id."""
     return sbatch_tiny(cluster, tmp, ["--ntasks-per-node=2"],
-                       ["parallel.tensor_model_parallel_size=2", f"training.steps={STEPS}"], wait=wait)
+                       ["parallel.tensor_model_parallel_size=2", f"training.steps={STEPS}", *overrides], wait=wait)
 
 
 @pytest.fixture(scope="module")
