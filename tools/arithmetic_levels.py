@@ -5,7 +5,7 @@ the rollout sampling settings (temperature, no top-p) and at the validation ones
 top-p 0.95), with the embedded engine; accuracy (avg@k) and the fraction of responses cut at
 ``max_new_tokens``. The replication's levels are chosen from this table (docs/results.md).
 
-    .venv/bin/python tools/arithmetic_levels.py [--levels 1d+1d 2d+2d] [--max-new-tokens 16 32]
+    .venv/bin/python tools/arithmetic_levels.py [--levels 1d+1d 2d+2d] [--max-new-tokens 32 96] [--stop-at-newline 0 1]
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ def measure(engine, tokenizer, env, records, params) -> dict[str, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", nargs="+", default=["1d+1d", "2d+1d", "2d+2d"])
-    parser.add_argument("--max-new-tokens", nargs="+", type=int, default=[16, 32])
+    parser.add_argument("--max-new-tokens", nargs="+", type=int, default=[32, 96])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--rollout-temperature", type=float, default=0.7)
+    parser.add_argument("--stop-at-newline", nargs="+", type=int, choices=(0, 1), default=[1],
+                        help="rollout.stop_at_newline off (0) and/or on (1)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "arithmetic_levels.json"))
     args = parser.parse_args(argv)
 
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
     from megacredit.rollout.base import SamplingParams
     from megacredit.rollout.embedded import EmbeddedRolloutEngine
     from megacredit.trainer.builder import load_tokenizer, resolve_hf_dir
+    from megacredit.trainer.rollout import stop_token_ids
 
     hf_dir = resolve_hf_dir("smollm2-135m-instruct", "~/.cache/megacredit")
     tokenizer = load_tokenizer(str(hf_dir), "~/.cache/megacredit")
@@ -57,14 +60,16 @@ def main(argv=None) -> int:
     for level in args.levels:
         records = generate_arithmetic_dataset(args.prompts, seed=43, difficulty=level, id_prefix="val")
         for max_new in args.max_new_tokens:
-            for name, temperature, top_p in (("rollout", args.rollout_temperature, 1.0), ("validation", 0.6, 0.95)):
-                params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new, n=args.samples,
-                                        seed=0, stop_token_ids=(tokenizer.eos_token_id,))
-                start = time.monotonic()
-                row = {"level": level, "max_new_tokens": max_new, "sampling": name, "temperature": temperature,
-                       **measure(engine, tokenizer, env, records, params), "seconds": time.monotonic() - start}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            for stop_at_newline in args.stop_at_newline:
+                for name, temperature, top_p in (("rollout", args.rollout_temperature, 1.0), ("validation", 0.6, 0.95)):
+                    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new, n=args.samples,
+                                            seed=0, stop_token_ids=stop_token_ids(tokenizer, bool(stop_at_newline)))
+                    start = time.monotonic()
+                    row = {"level": level, "max_new_tokens": max_new, "stop_at_newline": bool(stop_at_newline),
+                           "sampling": name, "temperature": temperature,
+                           **measure(engine, tokenizer, env, records, params), "seconds": time.monotonic() - start}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps({"prompts": args.prompts, "samples": args.samples, "rows": rows}, indent=2) + "\n")
     return 0
 

