@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from megacredit.rollout.base import SamplingParams
     from megacredit.rollout.embedded import EmbeddedRolloutEngine
     from megacredit.trainer.builder import load_tokenizer, resolve_hf_dir
-    from megacredit.trainer.rollout import stop_token_ids
+    from megacredit.data.templates import stop_token_ids
 
     hf_dir = resolve_hf_dir("smollm2-135m-instruct", "~/.cache/megacredit")
     tokenizer = load_tokenizer(str(hf_dir), "~/.cache/megacredit")

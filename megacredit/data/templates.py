@@ -41,6 +41,8 @@ step by step.``
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -206,3 +208,17 @@ def encode_prompt_segments(tokenizer: Any, system: str | None, x: str, suffix: s
 def encode_student_prompt(tokenizer: Any, record: dict[str, Any]) -> list[int]:
     """Student prompt ids for a record; the rollout engine should use exactly these ids."""
     return encode_prompt_segments(tokenizer, record.get("system"), record["prompt"]).ids
+
+
+def stop_token_ids(tokenizer: Any, stop_at_newline: bool) -> tuple[int, ...]:
+    """The ids a response stops at: the tokenizer's EOS, and with ``stop_at_newline`` every token
+    of the vocabulary whose text contains a newline (``rollout.stop_at_newline``)."""
+    ids = {tokenizer.eos_token_id}
+    if stop_at_newline:
+        ids |= set(_newline_token_ids(tokenizer))
+    return tuple(sorted(ids))
+
+
+@functools.lru_cache(maxsize=4)
+def _newline_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    return tuple(i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i]))

@@ -13,7 +13,7 @@ from megacredit.trainer import builder, checkpointing
 from megacredit.config import MegacreditConfig, save_config, validate_against_model
 from megacredit.trainer.rl_step import run_step, trainer_memory_released
 from megacredit.trainer.run import RLRun
-from megacredit.trainer.rollout import PromptStream, step_seed, stop_token_ids
+from megacredit.trainer.rollout import PromptStream, step_seed
 from megacredit.utils.malloc import PageFaultCheck
 
 
@@ -29,8 +29,7 @@ def validate(run: RLRun, val_records: list[dict], step: int, logger) -> None:
         records = val_records[: cfg.validation.num_prompts] if cfg.validation.num_prompts else val_records
         with run.phase("val"):
             result = evaluate(run.engine, run.tokenizer, run.env, records,
-                              validation_params(cfg, stop_token_ids(run.tokenizer, cfg.rollout.stop_at_newline),
-                                                step_seed(cfg.training.seed, step, 3)),
+                              validation_params(cfg, run.tokenizer, step_seed(cfg.training.seed, step, 3)),
                               cfg.validation.bootstrap_samples, cfg.validation.confidence, seed=step,
                               progress=run.progress)
     logger.log(step, {**result, "perf/time_val": run.timings.pop("perf/time_val")})

@@ -20,6 +20,7 @@ from megacredit.algorithms.methods import METHODS, Method, token_advantages
 from megacredit.algorithms.schedules import LambdaSchedule
 from megacredit.config import MegacreditConfig
 from megacredit.data.teacher_context import SampleSequences, TeacherContextConfig, build_teacher_contexts
+from megacredit.data.templates import stop_token_ids
 from megacredit.megatron.actor import StudentResult, TeacherResult
 from megacredit.megatron.optimizer import set_learning_rate
 from megacredit.megatron.trainer_memory import PARTS
@@ -90,7 +91,7 @@ def rollout_and_score(run: RLRun, step: int, prompts: list[dict]) -> RolloutBatc
         if run.engine is not None:
             params = SamplingParams(
                 temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=rollout_lib.stop_token_ids(run.tokenizer, cfg.rollout.stop_at_newline),
+                max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_token_ids(run.tokenizer, cfg.rollout.stop_at_newline),
                 n=cfg.algorithm.group_size, seed=rollout_lib.step_seed(cfg.training.seed, step, salt=1),
             )
             try:

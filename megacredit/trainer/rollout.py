@@ -7,7 +7,6 @@ seeded from (training seed, step), so a resumed run regenerates exactly the same
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -43,20 +42,6 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return len(self.records)
-
-
-def stop_token_ids(tokenizer: Any, stop_at_newline: bool) -> tuple[int, ...]:
-    """The ids a response stops at: the tokenizer's EOS, and with ``stop_at_newline`` every token
-    of the vocabulary whose text contains a newline (``rollout.stop_at_newline``)."""
-    ids = {tokenizer.eos_token_id}
-    if stop_at_newline:
-        ids |= set(_newline_token_ids(tokenizer))
-    return tuple(sorted(ids))
-
-
-@functools.lru_cache(maxsize=4)
-def _newline_token_ids(tokenizer: Any) -> tuple[int, ...]:
-    return tuple(i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i]))
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from megacredit.data.templates import stop_token_ids
 from megacredit.envs.base import Environment
 from megacredit.rollout.base import RolloutEngine, SamplingParams
 from megacredit.trainer import rollout as rollout_lib
@@ -15,14 +16,12 @@ from megacredit.reporting.validation_stats import avg_at_k, mean_pass_at_k
 from megacredit.utils.progress import ProgressReporter
 
 
-def validation_params(cfg, eos_token_ids: Sequence[int] | None, seed: int) -> SamplingParams:
-    """Sampling settings of ``cfg.validation`` (max_new_tokens defaults to the rollout's)."""
+def validation_params(cfg, tokenizer: Any, seed: int) -> SamplingParams:
+    """Sampling settings of ``cfg.validation`` (max_new_tokens and the stop rule: the rollout's)."""
     val = cfg.validation
-    return SamplingParams(
-        temperature=val.temperature, top_p=val.top_p, top_k=-1,
-        max_new_tokens=val.max_new_tokens or cfg.rollout.max_new_tokens,
-        stop_token_ids=tuple(eos_token_ids) if eos_token_ids else None, n=val.k, seed=seed,
-    )
+    return SamplingParams(temperature=val.temperature, top_p=val.top_p, top_k=-1, n=val.k, seed=seed,
+                          max_new_tokens=val.max_new_tokens or cfg.rollout.max_new_tokens,
+                          stop_token_ids=stop_token_ids(tokenizer, cfg.rollout.stop_at_newline))
 
 
 def evaluate(engine: RolloutEngine, tokenizer: Any, env: Environment, records: Sequence[dict[str, Any]],

@@ -2,7 +2,7 @@
 checked against how the real SmolLM2 tokenizer splits multi-line text."""
 
 from megacredit.config import load_config
-from megacredit.trainer.rollout import stop_token_ids
+from megacredit.data.templates import stop_token_ids
 
 MULTI_LINE = ["The answer is 68.\n\nExplanation: 14 + 54", "68\n", "Step 1:\n- add\r\n  then\n\n\n",
               "To add 14 and 46, we can do the usual arithmetic operations:\n\nConcept: \n- 14 + 46 = 60"]
