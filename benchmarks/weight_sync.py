@@ -48,7 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 GB = 1e9
-SERVER_ARGS = {"vllm": ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]}
+KV_CACHE_BYTES = 256 * 2**20  # vLLM's KV cache (the CPU default takes 1 GiB): the machine is shared
+SERVER_ARGS = {"vllm": ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
+                        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)]}
 
 
 def _config(run_dir: str, bucket_mb: int, engine: str):
@@ -62,6 +64,8 @@ def _config(run_dir: str, bucket_mb: int, engine: str):
         "logging.run_dir": run_dir, "logging.tensorboard": False, "logging.console": False,
         "checkpoint.resume": "none",
     }
+    if engine == "vllm":
+        overrides["rollout.engine_kwargs"] = f"{{kv_cache_memory_bytes: {KV_CACHE_BYTES}}}"
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 
 
