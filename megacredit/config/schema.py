@@ -330,6 +330,12 @@ class RolloutConfig:
     ``{max_model_len: 4096, enforce_eager: true}``."""
     sync_bucket_mb: int = 512
     """Size bound of one weight-sync bucket (MiB) sent from the trainer to the engines."""
+    sync_transport: Literal["auto", "shm", "broadcast"] = "auto"
+    """Remote vLLM servers: how the buckets travel. shm: through a file in /dev/shm that the
+    trainer writes and the servers' workers map (servers on the trainer's host only; removed
+    after every update); broadcast: over a process group with the servers' workers (gloo on CPU,
+    NCCL on GPUs; any host); auto: shm when CUDA is absent and every server in ``urls`` is on
+    this host, broadcast otherwise (megacredit/rollout/shm_buckets.py)."""
     check_weight_sync_every: int = 10
     """Every N-th weight sync (counting from the first, which is the sync at start-up) the
     engines score a fixed probe sequence and their log-probs are compared with the

@@ -389,6 +389,8 @@ def _check_engine_placement(cfg: MegacreditConfig) -> None:
                  "each URL must start with http:// or https://")
     _require(ro.router_url is None or remote, "rollout.router_url", ro.router_url,
              "a router is only used with rollout.placement=remote")
+    _require(ro.sync_transport != "shm" or (remote and ro.engine == "vllm"), "rollout.sync_transport",
+             ro.sync_transport, "shm carries weights to remote vLLM servers only: set it to auto")
     _require(ro.router_url is None or ro.engine != "vllm", "rollout.router_url", ro.router_url,
              "vLLM has no router: list the servers in rollout.urls and megacredit splits the "
              "prompts across them")

@@ -153,10 +153,12 @@ def _gathered_stack(
     dtype: torch.dtype | None,
     broadcast_over_pp: bool,
     tracker: InFlightBytes | None,
+    views: bool = False,
 ) -> torch.Tensor | None:
     """[tp, *local_shape]: every TP shard of ``item`` (cast to ``dtype`` before it moves) on
     the owning stage, and on every stage too when ``broadcast_over_pp``. An expert's parameter is
-    [1, *shape], broadcast over each expert-parallel group of the stage from the rank holding it."""
+    [1, *shape], broadcast over each expert-parallel group of the stage from the rank holding it.
+    ``views`` with TP 1 and no cast: a view of the parameter on its stage (no copy)."""
     from megatron.core import parallel_state
 
     dtype = dtype or item.dtype
@@ -164,6 +166,8 @@ def _gathered_stack(
     stack = None
     if ctx.pp_rank == item.owner and item.expert_owner is not None:
         stack = _expert_stack(item, params, ctx, dtype)
+    elif ctx.pp_rank == item.owner and views and ctx.tp_size == 1 and params[item.name].dtype == dtype:
+        stack = params[item.name].detach().unsqueeze(0)  # the parameter itself: nothing to gather or cast
     elif ctx.pp_rank == item.owner:
         local = params[item.name].detach().to(dtype).contiguous()  # a copy only when it casts
         stack = torch.empty((ctx.tp_size, *item.local_shape), dtype=dtype, device=local.device)
@@ -233,16 +237,17 @@ def _stage_sources(ctx: ParallelContext) -> list[int]:
     return [sources[stage] for stage in range(ctx.pp_size)]
 
 
-def _item_pieces(item, params, hf_config, ctx, receivers, destinations, sources, dtype, tracker) -> list | None:
+def _item_pieces(item, params, hf_config, ctx, receivers, destinations, sources, dtype, tracker,
+                 views=False) -> list | None:
     """This rank's HF tensors of ``item`` (None when it receives nothing). Every rank calls it
     for every item, in plan order."""
     if receivers == "all":
-        stack = _gathered_stack(item, params, ctx, dtype, True, tracker)
+        stack = _gathered_stack(item, params, ctx, dtype, True, tracker, views)
         return _unshard_stack(item, stack, hf_config, tracker)
     pieces = None
     # DP replicas hold the same weights; an expert's broadcast involves every EP group of its stage.
     if ctx.pp_rank == item.owner and (ctx.dp_rank == 0 or item.expert_owner is not None):
-        stack = _gathered_stack(item, params, ctx, dtype, False, tracker)
+        stack = _gathered_stack(item, params, ctx, dtype, False, tracker, views)
         if ctx.tp_rank == 0 and ctx.dp_rank == 0:
             pieces = _unshard_stack(item, stack, hf_config, tracker)
         del stack
@@ -252,7 +257,7 @@ def _item_pieces(item, params, hf_config, ctx, receivers, destinations, sources,
     if ctx.rank == source:
         for destination in sorted(destinations - {source}):  # straight from the stage, no relay
             for _, tensor in pieces:
-                dist.send(tensor, dst=destination)
+                dist.send(tensor.contiguous(), dst=destination)
         return pieces if source in destinations else None
     if ctx.rank in destinations:
         return _receive_pieces(item, dtype or item.dtype, source, ctx, tracker)
@@ -268,6 +273,7 @@ def export_hf_weights(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     tracker: InFlightBytes | None = None,
+    views: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full_tensor)`` in HF checkpoint order, from any TP x PP layout.
 
@@ -289,18 +295,36 @@ def export_hf_weights(
     tracker: counts the bytes this export allocates while they are alive (see
     :class:`megacredit.utils.sync_stats.InFlightBytes`). With tied embeddings no
     ``lm_head.weight`` is yielded (HF re-ties it on load).
+
+    views: where nothing must be gathered, cast or moved (TP 1, the parameter's own dtype and
+    device), yield views of the live parameters (strided ones too) instead of copies: for a
+    consumer that copies every tensor before the parameters change again (the weight sync's
+    engines, ``RolloutEngine.reads_buckets_in_call``), so each byte is copied once, into the
+    engine. Default: every yielded tensor is a contiguous copy of its own.
     """
     destinations = _destinations(receivers, ctx)
     params = global_named_parameters(_as_list(model_chunks))
     sources = _stage_sources(ctx) if destinations is not None else None
+    if views and tracker is not None:  # views of the parameters allocate nothing: not in flight
+        tracker = _NewStorages(tracker, {p.untyped_storage().data_ptr() for p in params.values()})
     for item in _plan(params, hf_config, ctx):
-        pieces = _item_pieces(item, params, hf_config, ctx, receivers, destinations, sources, dtype, tracker)
+        pieces = _item_pieces(item, params, hf_config, ctx, receivers, destinations, sources, dtype, tracker, views)
         while pieces:
             hf_name, tensor = pieces.pop(0)
-            moved = tensor.to(device=device).contiguous()
+            moved = tensor.to(device=device) if views else tensor.to(device=device).contiguous()
             del tensor
             yield hf_name, track(tracker, moved)
             del moved
+
+
+class _NewStorages:
+    """An InFlightBytes that counts only tensors outside ``skipped`` storages (the parameters)."""
+
+    def __init__(self, tracker: InFlightBytes, skipped: set[int]) -> None:
+        self.tracker, self.skipped = tracker, skipped
+
+    def track(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if tensor.untyped_storage().data_ptr() in self.skipped else self.tracker.track(tensor)
 
 
 def iter_hf_weight_buckets(
@@ -313,6 +337,7 @@ def iter_hf_weight_buckets(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     tracker: InFlightBytes | None = None,
+    views: bool = False,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """:func:`export_hf_weights` grouped in lists whose total size is <= ``bucket_bytes``
     (a single tensor larger than the bound travels alone). Same collective contract.
@@ -325,7 +350,7 @@ def iter_hf_weight_buckets(
     """
     yield from rebucket(
         export_hf_weights(model_chunks, hf_config, ctx, receivers=receivers, dtype=dtype, device=device,
-                          tracker=tracker),
+                          tracker=tracker, views=views),
         bucket_bytes,
     )
 

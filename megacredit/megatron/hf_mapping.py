@@ -175,15 +175,16 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Attention
 
 
 def split_qkv(fused: torch.Tensor, shape: AttentionShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`fuse_qkv`: Megatron fused (full, TP-gathered) -> HF q, k, v."""
+    """Inverse of :func:`fuse_qkv`: Megatron fused (full, TP-gathered) -> HF q, k, v (one copy
+    each when the query groups interleave, views of ``fused`` for a single group)."""
     groups, per_group, head_dim = shape.num_query_groups, shape.num_heads // shape.num_query_groups, shape.head_dim
     rest = fused.shape[1:]
     grouped = fused.reshape(groups, (per_group + 2) * head_dim, *rest)
     q, k, v = grouped.split([per_group * head_dim, head_dim, head_dim], dim=1)
     return (
-        q.reshape(groups * per_group * head_dim, *rest).contiguous(),
-        k.reshape(groups * head_dim, *rest).contiguous(),
-        v.reshape(groups * head_dim, *rest).contiguous(),
+        q.reshape(groups * per_group * head_dim, *rest),
+        k.reshape(groups * head_dim, *rest),
+        v.reshape(groups * head_dim, *rest),
     )
 
 
@@ -225,23 +226,29 @@ def unshard(
     vocab_size: int,
     shape: AttentionShape,
 ) -> list[tuple[str, torch.Tensor]]:
-    """Inverse of :func:`shard_for_rank`: the TP shards (ordered by rank) -> [(hf_name, tensor)]."""
+    """Inverse of :func:`shard_for_rank`: the TP shards (ordered by rank) -> [(hf_name, tensor)].
+
+    With one shard (no tensor parallelism) the HF tensors are views of it, except q/k/v when
+    several query groups interleave (one copy each, :func:`split_qkv`); with several shards the
+    concatenation is the copy."""
     layout, names = mapping.layout, mapping.hf_names
+
+    def cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
     if layout == "replicated":
         return [(names[0], rank_shards[0])]
     if layout == "column":
-        return [(names[0], torch.cat(rank_shards, dim=0))]
+        return [(names[0], cat(rank_shards, 0))]
     if layout == "row":
-        return [(names[0], torch.cat(rank_shards, dim=1))]
+        return [(names[0], cat(rank_shards, 1))]
     if layout == "vocab":
-        return [(names[0], torch.cat(rank_shards, dim=0)[:vocab_size].contiguous())]
+        return [(names[0], cat(rank_shards, 0)[:vocab_size])]
     if layout == "qkv":
-        return list(zip(names, split_qkv(torch.cat(rank_shards, dim=0), shape)))
+        return list(zip(names, split_qkv(cat(rank_shards, 0), shape)))
     if layout == "gated":
         halves = [shard.chunk(2, dim=0) for shard in rank_shards]
-        gate = torch.cat([h[0] for h in halves], dim=0)
-        up = torch.cat([h[1] for h in halves], dim=0)
-        return [(names[0], gate), (names[1], up)]
+        return [(names[0], cat([h[0] for h in halves], 0)), (names[1], cat([h[1] for h in halves], 0))]
     if layout in EXPERT_LAYOUTS:  # one shard: the whole expert tensor
         (whole,) = rank_shards
         return list(zip(names, whole.chunk(len(names), dim=0))) if len(names) > 1 else [(names[0], whole)]

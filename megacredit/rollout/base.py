@@ -286,6 +286,12 @@ class RolloutEngine(ABC):
     memory or processes.
     """
 
+    reads_buckets_in_call: bool = False
+    """True when ``update_weights_from_buckets`` only reads the bucket tensors during the call
+    (copies them into the engine, serialises or sends them) and keeps no reference and shares
+    no storage afterwards: the trainer then hands it views of its live parameters instead of
+    copies (megacredit/megatron/bridge_export.py, ``views``), one copy per byte fewer."""
+
     @abstractmethod
     def generate(
         self, prompt_token_ids: list[list[int]], params: SamplingParams,

@@ -99,6 +99,8 @@ def default_eos_token_ids(model: PreTrainedModel) -> tuple[int, ...]:
 class EmbeddedRolloutEngine(RolloutEngine):
     """Batched KV-cache sampling on a transformers causal LM (see the module docstring)."""
 
+    reads_buckets_in_call = True  # load_weights copies every tensor into its parameter
+
     def __init__(
         self,
         model: PreTrainedModel,

@@ -56,7 +56,7 @@ def flatten_tensors(named_tensors: Sequence[NamedTensor]) -> tuple[torch.Tensor,
     metadata = flat_metadata([name for name, _ in named_tensors], [t.shape for _, t in named_tensors], dtype)
     flat = torch.empty(metadata[-1].end_idx, dtype=dtype, device=device)
     for meta, (_, tensor) in zip(metadata, named_tensors):
-        flat[meta.start_idx:meta.end_idx].copy_(tensor.reshape(-1))
+        flat[meta.start_idx:meta.end_idx].view(meta.shape).copy_(tensor)  # strided sources: still one copy
     return flat, metadata
 
 

@@ -103,6 +103,10 @@ class EnginePool(RolloutEngine):
         self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(max_workers=len(self.members), thread_name_prefix="engine-pool")
 
+    @property
+    def reads_buckets_in_call(self) -> bool:  # type: ignore[override]
+        return all(engine.reads_buckets_in_call for engine in self.members)
+
     # --------------------------------------------------------------------------- faults
     @property
     def engines(self) -> list[RolloutEngine]:

@@ -173,6 +173,21 @@ class MegacreditWorkerExtension:
         self._megacredit_model().load_weights(weights=pairs)
         return len(pairs)
 
+    def megacredit_load_shm(self, spec: str) -> int:
+        """Load one bucket from the trainer's /dev/shm file (``spec``: its layout, JSON; see
+        megacredit/rollout/shm_buckets.py): the tensors are views of the mapped file, checked
+        against this engine's checkpoint shapes before anything is copied."""
+        from megacredit.rollout.shm_buckets import read_shm_bucket  # noqa: PLC0415
+
+        pairs = read_shm_bucket(json.loads(spec))
+        expected = self.megacredit_weight_manifest()
+        for name, tensor in pairs:
+            if expected and list(tensor.shape) != expected.get(name, list(tensor.shape)):
+                raise ValueError(f"megacredit_load_shm: '{name}' has shape {list(tensor.shape)}, this engine's "
+                                 f"checkpoint {expected[name]}; nothing of this bucket was loaded")
+        self._megacredit_model().load_weights(weights=pairs)
+        return len(pairs)
+
     def megacredit_leave_weight_group(self, group_name: str) -> bool:
         joined = getattr(self, "_megacredit_groups", {}).pop(group_name, None)
         if joined is not None:
@@ -191,6 +206,12 @@ class MegacreditWorkerExtension:
         model = self._megacredit_model()
         weights = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.numel()}
         return weights, dict(getattr(model, "packed_modules_mapping", {}) or {})
+
+    def megacredit_read_weights_encoded(self) -> tuple[str, dict[str, list[str]]]:
+        """:meth:`megacredit_read_weights` for a server (its answer is JSON): the weights as
+        :func:`encode_bucket` text."""
+        weights, packing = self.megacredit_read_weights()
+        return encode_bucket(weights.items()), packing
 
 
 class _ExpectedReloadWarnings(logging.Filter):
@@ -332,6 +353,10 @@ def from_vllm_request_output(
 # --------------------------------------------------------------------------- engine
 class VLLMRolloutEngine(RolloutEngine):
     """An in-process ``vllm.LLM`` (see the module docstring)."""
+
+    # vLLM's loaders copy each tensor into the layer (buffered only until the layer is complete,
+    # within the update); a multiprocess core gets serialised bytes
+    reads_buckets_in_call = True
 
     def __init__(self, model_path: str | Path, *, manifest: WeightManifest | None = None,
                  in_process: bool = True, **engine_args: Any) -> None:

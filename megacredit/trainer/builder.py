@@ -242,10 +242,10 @@ def _build_vllm(cfg: MegacreditConfig, source: ModelSource, world: int, memory: 
     if ro.placement == "remote":
         from megacredit.rollout.http_json import EngineHTTPError
         from megacredit.rollout.pool import EnginePool
-        from megacredit.rollout.vllm_server import VLLMServerEngine
+        from megacredit.rollout.vllm_server import VLLMServerEngine, server_sync_backend
 
-        # own checkpoint each; buckets by NCCL / gloo broadcast; the pool survives faults (docs/reliability.md)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # own checkpoint each; buckets via /dev/shm or NCCL/gloo; the pool survives faults (docs/reliability.md)
+        backend = server_sync_backend(ro.sync_transport, ro.urls, torch.cuda.is_available())
         try:
             engines = [VLLMServerEngine(url, timeout=ro.request_timeout_s, sync_backend=backend) for url in ro.urls]
         except EngineHTTPError as error:

@@ -8,7 +8,7 @@ feed it. Order of one sync:
    error and the engines keep their previous weights;
 2. the HF-named buckets (``rollout.sync_bucket_mb``) stream from the export into
    ``update_weights_from_buckets``; a failure half-way is reported on every rank after the
-   export finished (no rank is left waiting in a collective);
+   export finished (no rank waits in a collective); ``reads_buckets_in_call`` engines get views;
 3. every ``rollout.check_weight_sync_every``-th sync (the first one included) the engines score
    the fixed probe and are compared with the trainer's own log-probs
    (megacredit/rollout/sync_check.py); beyond the tolerance the run stops, naming the
@@ -72,8 +72,8 @@ def sync_weights(run: RLRun) -> dict[str, float]:
             error = exc
     _raise_on_every_rank(error)
     meter = SyncMeter()
-    buckets = meter.count(iter_hf_weight_buckets(run.actor.model_chunks, run.hf_config, ctx,
-                                                 cfg.rollout.sync_bucket_mb * MIB, tracker=meter.tracker))
+    buckets = meter.count(iter_hf_weight_buckets(run.actor.model_chunks, run.hf_config, ctx, cfg.rollout.sync_bucket_mb * MIB,
+                                                 tracker=meter.tracker, views=getattr(engine, "reads_buckets_in_call", False)))
     if engine is not None:
         try:
             engine.update_weights_from_buckets(buckets, manifest)

@@ -109,6 +109,17 @@ def _remote_stage_sync(model, hf_config, ctx, url) -> None:
         coordinator.shutdown()
 
 
+def _views_export(model, hf_config, ctx) -> tuple[list, list[str]]:
+    """The "rank0" export with ``views=True`` (copied here: the pairs leave this process) and
+    the names of its tensors that share storage with a parameter of ``model``."""
+    from megacredit.megatron.bridge import iter_hf_weight_buckets
+
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    pairs = [pair for bucket in iter_hf_weight_buckets([model], hf_config, ctx, BUCKET_BYTES, views=True)
+             for pair in bucket]
+    return [(n, t.clone()) for n, t in pairs], [n for n, t in pairs if t.untyped_storage().data_ptr() in storages]
+
+
 def _run_all_layouts(rank, world_size, hf_dirs, server_urls):
     from megacredit.megatron.bridge import hf_export_manifest, iter_hf_weight_buckets
 
@@ -124,6 +135,7 @@ def _run_all_layouts(rank, world_size, hf_dirs, server_urls):
             _remote_stage_sync(model, hf_config, ctx, server_urls[layout])
         out["bf16"] = [pair for bucket in iter_hf_weight_buckets(
             [model], hf_config, ctx, BUCKET_BYTES, dtype=torch.bfloat16) for pair in bucket]
+        out["views"], out["views_of_params"] = _views_export(model, hf_config, ctx)
         out["largest_gathered"] = _largest_gathered_bytes(model, ctx)
         out["streamed_peak"], out["streamed_bytes"] = _streamed_peak(model, hf_config, ctx)
         out["collected_peak"] = _collected_peak(model, hf_config, ctx)
@@ -182,6 +194,25 @@ def test_rank0_receives_exactly_the_tp1_tensors(reshard_run, layout, model_key):
     # the cast before the gather equals casting the fp32 result
     _assert_identical(per_rank[0][layout, model_key]["bf16"],
                       [(n, t.to(torch.bfloat16)) for n, t in reference])
+
+
+@pytest.mark.parametrize("model_key", list(MODELS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_views_equal_the_copies_and_alias_the_parameters_only_without_tp(reshard_run, layout, model_key):
+    """``views=True`` yields the same tensors; without TP the ones of rank 0's own stage are the
+    parameters themselves (q/k/v of interleaved query groups excepted: a reshape copies them),
+    never with TP 2 (the gather copies) nor those another stage sent."""
+    _, per_rank, _ = reshard_run
+    reference = _flat(per_rank[0]["tp1", model_key]["rank0"])
+    result = per_rank[0][layout, model_key]
+    _assert_identical(result["views"], reference)
+    assert per_rank[1][layout, model_key]["views"] == []
+    own_stage = set(result["stage_manifest"])
+    qkv = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight")
+    expected = set() if layout == "tp2" else {n for n in own_stage if not n.endswith(qkv)}
+    assert set(result["views_of_params"]) - {n for n in own_stage if n.endswith(qkv)} == expected
+    if layout == "pp2":
+        assert set(n for n, _ in reference) - own_stage  # stage 1's tensors came as copies
 
 
 @pytest.mark.parametrize("model_key", list(MODELS))

@@ -43,6 +43,23 @@ PROMPTS = [[1, 504, 3458, 282], [1, 33, 44], [1, 7, 8, 9, 10], [1, 600], [1, 42,
 """Token-id prompts of different lengths."""
 
 
+def server_fixtures(name: str, count: int = 2):
+    """Module fixtures ``(model_dir, servers)``: a tiny model folder (:func:`write_tiny_model`) and
+    ``count`` servers of it (:func:`vllm_servers`); assign them to those names in a test module."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def model_dir(tmp_path_factory):
+        return write_tiny_model(tmp_path_factory.mktemp(name) / "model")
+
+    @pytest.fixture(scope="module")
+    def servers(model_dir, tmp_path_factory):
+        with vllm_servers(model_dir, tmp_path_factory.mktemp(f"{name}_logs"), count) as started:
+            yield started
+
+    return model_dir, servers
+
+
 @contextmanager
 def vllm_servers(model_dir: Path, log_dir: Path, count: int = 2):
     """``count`` vLLM servers of ``model_dir`` on free ports, started in parallel; every one is
