@@ -74,9 +74,9 @@ $(SGLANG_VENV)/.stamp: pyproject.toml tools/sglang_cpu_requirements.txt Makefile
 demo: env
 	$(VENV)/bin/megacredit train examples/credit_smollm2_arithmetic.yaml
 
-# The CPU replication (docs/results.md): 5 methods x 3 seeds x 10 steps, about 1.1-1.3 h on 2
-# cores; resumable (finished runs are skipped). REPLICATE_ARGS="--dry-run"
-# prints the plan.
+# The CPU replication (docs/results.md): 5 methods x 3 seeds x 20 steps on the default level,
+# about 3-4 h on 2 idle cores and 9 GB per run; resumable (finished runs are skipped).
+# REPLICATE_ARGS="--level hard" for issue 19's levels; REPLICATE_ARGS="--dry-run" prints the plan.
 replicate: env
 	$(PY) tools/replicate.py $(REPLICATE_ARGS)
 

@@ -45,6 +45,10 @@ from megacredit.reporting.replication import (  # noqa: E402 (the repository roo
 
 METHODS = ("grpo", "sdpo", "credit", "rlsd", "credit_rlsd")
 BUDGET = {"seeds": (1, 2, 3), "steps": 20, "val_every": 10}
+"""Issue 19's budget per level: 5 methods x 3 seeds x 20 steps, validation (64 prompts x 4 samples)
+at steps 0, 10 and 20. The time estimates below predate issue 19's longer replies (a stop at the
+first newline, up to 96 new tokens: 12-23 tokens on average against 8-15), so expect 1.5-2x; each
+training process peaks at about 8 GB resident (docs/results.md): run one at a time on 24 GB."""
 LEVELS = {"easy": "1d+1d", "hard": "2d+2d"}
 """The testbed's arithmetic levels, chosen by SmolLM2-135M-Instruct's measured base accuracy
 (tools/arithmetic_levels.py, benchmarks/results/arithmetic_levels.json): one near 40 %, one at or
@@ -58,9 +62,6 @@ ABLATIONS = {
 """Single-factor ablations (issue 19): each changes one thing of the defaults; 'sdpo_divergence' is the
 public SDPO code's default divergence and top-K source (lasgroup/SDPO actor.yaml: alpha 0.5,
 distillation_topk 100; top-K of the student)."""
-"""The documented budget: 5 methods x 3 seeds x 10 steps, validation (64 prompts x 4 samples)
-at steps 0, 5 and 10; chosen to fit one developer session's background time (about 1.3 h on an
-idle 2-core machine)."""
 STEP_SECONDS_ESTIMATE = {"grpo": 12.0, "sdpo": 14.0, "credit": 17.0, "rlsd": 14.0, "credit_rlsd": 17.0}
 """Seconds per training step on 2 cores after the issue-11 speed-ups: CREDIT 30 s before them
 (docs/demo.md: rollout + teacher + train = 298 s over 10 steps) x 0.57 (benchmarks/README.md,
