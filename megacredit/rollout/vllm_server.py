@@ -58,7 +58,13 @@ from megacredit.rollout.base import (
     bucket_bytes,
 )
 from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype
-from megacredit.rollout.http_json import EngineHTTPError, EngineUnreachableError, JSONClient, normalize_url
+from megacredit.rollout.http_json import (
+    HEALTH_TIMEOUT_S,
+    EngineHTTPError,
+    EngineUnreachableError,
+    JSONClient,
+    normalize_url,
+)
 from megacredit.rollout.server_process import ServerProcess
 from megacredit.rollout.vllm import (
     LOGPROBS_MODE,
@@ -69,11 +75,6 @@ from megacredit.rollout.vllm import (
     request_sampling_kwargs,
     vllm_environment,
 )
-
-
-HEALTH_TIMEOUT_S = 30.0
-"""How long ``GET /health`` may take before the server counts as unhealthy (a trivial endpoint:
-seconds even on a loaded machine)."""
 
 
 def completion_request(model: str, prompt: Sequence[int], params: SamplingParams, index: int) -> dict[str, Any]:
