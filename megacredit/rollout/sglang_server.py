@@ -13,8 +13,8 @@ router (``router_url``, e.g. SGLang Model Gateway, which balances) or is split b
 contiguously and deterministically, across the worker URLs; control calls and weight updates
 go to every worker. The trainer builds one engine per worker behind an
 :class:`~megacredit.rollout.pool.EnginePool` when there is no router (a server that dies is
-survived, docs/reliability.md), and one engine over the router's workers otherwise. Endpoints used, as found in SGLang 0.5.23's
-``python/sglang/srt/entrypoints/http_server.py``: ``POST /generate``; ``GET /server_info``
+survived, docs/reliability.md), and one engine over the router's workers otherwise. Endpoints
+used, as found in SGLang 0.5.23's ``python/sglang/srt/entrypoints/http_server.py``: ``POST /generate``; ``GET /server_info``
 (``tp_size``, ``dp_size``, ``pp_size``; ``/get_server_info`` on servers without it);
 ``POST /pause_generation`` (``PauseGenerationReqInput``: ``{"mode": ...}``) and
 ``/continue_generation``; ``POST /flush_cache`` (400 while requests are in flight);
@@ -493,15 +493,16 @@ class SGLangServerEngine(RolloutEngine):
         return None
 
     def restart(self) -> bool:
-        """Stop the server megacredit started (``server``) by its PID and start it again; the
-        broadcast group and the update state of the old server are forgotten (the new server
-        joins a new group at the next update, which the pool gives it before it generates).
+        """The pool calls it when the engine left it. First the broadcast group and the update
+        state are forgotten in any case (a server that comes back, restarted by anyone, has
+        neither; the engine joins it to a new group at the weight update it rejoins with). Then
+        the server megacredit started (``server``) is stopped by its PID and started again;
         False without a ``server``: somebody else runs it."""
+        self._abandon_group()
+        self._sessions, self._paused, self._asleep, self._memory_saver = [], False, False, None
         if self.server is None:
             return False
         self.server.stop()
-        self._abandon_group()
-        self._sessions, self._paused, self._asleep, self._memory_saver = [], False, False, None
         self.server.start()
         return True
 

@@ -258,7 +258,11 @@ class VLLMServerEngine(RolloutEngine):
         return self.client.health_problem(self.url, "/health", timeout=HEALTH_TIMEOUT_S)
 
     def restart(self) -> bool:
+        """The pool calls it when the engine left it. A server megacredit did not start: False,
+        and its group is forgotten (a server restarted by anyone has none; the update it rejoins
+        with forms a new one). Else it is stopped by its PID and started again."""
         if self.server is None:
+            self._abandon_group()
             return False
         self.server.stop()
         self._destroy_own_group()  # the new server joins a new group at the next update

@@ -10,6 +10,8 @@ stopped by PID) behind the EnginePool the trainer builds for ``rollout.urls`` wi
   CPU's torch-native attention), so two sampled runs differ with or without a fault (see
   test_sglang_server_cpu.py and docs/reliability.md); greedy tokens are the same on every server.
   SDPO, whose distillation loss does not vanish when a group's samples agree.
+* A server megacredit started (the engine holds its launcher) is restarted by the pool after it
+  died and rejoins with the next weight update.
 * Its only server SIGKILLed after step 1: the run stops with one line and exit status 3 within
   a bound.
 """
@@ -20,11 +22,12 @@ import json
 
 import pytest
 
-from engine_fault_helpers import check_a_kill_mid_generation, check_a_kill_of_the_only_server
+from engine_fault_helpers import check_a_kill_mid_generation, check_a_kill_of_the_only_server, kill_server
 from sglang_helpers import sglang_servers
 from trainer_helpers import tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+PROMPTS = [[1, 504, 3458, 282], [1, 33, 44], [1, 7, 8, 9, 10], [1, 600]]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,48 @@ def test_a_server_killed_mid_generation_leaves_the_run_complete_and_its_metrics_
 
 
 @pytest.mark.timeout(1200)
+def test_a_server_megacredit_started_is_restarted_and_rejoins_with_the_next_update(servers, smollm2_dir):
+    """An engine given its server (``SGLangServerEngine([url], server=...)``): the dead server's
+    prompts go to the other (greedy: the same tokens as the other alone), the pool restarts it (by
+    PID, a new process on the same port), and it rejoins at the next weight update, a new broadcast
+    group, and takes that update: both servers then score alike (1e-4) and unlike before it."""
+    from safetensors import safe_open
+
+    from megacredit.rollout.base import SamplingParams
+    from megacredit.rollout.pool import EnginePool
+    from megacredit.rollout.sglang_server import SGLangServerEngine
+
+    if servers[1].running:  # killed by the test before, unless run alone
+        kill_server(servers[1])
+    if not servers[0].running:
+        servers[0].start()
+    engines = [SGLangServerEngine([servers[0].url], model_path=smollm2_dir, sync_backend="gloo"),
+               SGLangServerEngine([servers[1].url], model_path=smollm2_dir, sync_backend="gloo", server=servers[1])]
+    pool = EnginePool(engines)
+    try:
+        greedy = SamplingParams(temperature=0, max_new_tokens=6, n=2, stop_token_ids=())
+        survived = pool.generate(PROMPTS, greedy)
+        assert [o.token_ids for o in survived] == [o.token_ids for o in engines[0].generate(PROMPTS, greedy)]
+        faults = pool.take_faults()
+        assert [(f.engine, f.during) for f in faults] == [(f"engine 1 ({servers[1].url})", "generate")], faults
+        pool._restarts[1].join(600)
+        assert servers[1].running and pool.engines == [engines[0]]
+        sequence = PROMPTS[0] + [11, 12, 13, 14]
+        before = engines[0].score_logprobs([sequence])[0]
+        with safe_open(str(smollm2_dir / "model.safetensors"), "pt") as weights:
+            norm = weights.get_tensor("model.norm.weight").float() * 1.5
+        pool.update_weights_from_buckets([[("model.norm.weight", norm)]], {"model.norm.weight": tuple(norm.shape)})
+        assert pool.engines == engines and pool.take_faults() == []
+        first, second = (engine.score_logprobs([sequence])[0] for engine in engines)
+        assert max(abs(a - b) for a, b in zip(first, second)) < 1e-4
+        assert max(abs(a - b) for a, b in zip(first, before)) > 1e-2
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(1200)
 def test_every_server_killed_stops_the_run_with_one_line(servers, tmp_path):
-    """The run's only server: server 0 (the test before killed server 1)."""
+    """The run's only server: server 0."""
     server = servers[0]
     if not server.running:
         server.start()

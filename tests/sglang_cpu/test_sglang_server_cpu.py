@@ -144,7 +144,7 @@ def remote(servers, smollm2_dir, tmp_path_factory):
 
 
 class TestSGLangRemote(SmolLM2EngineTests):
-    engine_type = "SGLangServerEngine"
+    engine_type = "EnginePool"  # one SGLangServerEngine per server (no router)
     scenario_fixture = "remote"
     tolerance = TOLERANCE
 
