@@ -484,10 +484,15 @@ class SGLangServerEngine(RolloutEngine):
             self._pool.shutdown(wait=False)
 
     def health_problem(self) -> str | None:
-        """The first of the router and the workers that does not answer ``GET /health``
-        (``python/sglang/srt/entrypoints/http_server.py``), None when all do."""
+        """The first of the router and the workers that does not answer its health check, None
+        when all do (``python/sglang/srt/entrypoints/http_server.py``): ``GET /health``
+        (``health_generate``: a one-token generation, 503 after ``SGLANG_HEALTH_CHECK_TIMEOUT``,
+        20 s), except inside an update, where generation is paused and /health answers 503 (seen
+        on CPU): then ``GET /ping`` (``sagemaker_health``: a flag check that a pause leaves at 200;
+        unverified on servers older than 0.5.23)."""
+        path = "/ping" if self._paused else "/health"
         for url in ([self.router_url] if self.router_url else []) + self.workers:
-            problem = self.client.health_problem(url, "/health", timeout=HEALTH_TIMEOUT_S)
+            problem = self.client.health_problem(url, path, timeout=HEALTH_TIMEOUT_S)
             if problem is not None:
                 return problem
         return None

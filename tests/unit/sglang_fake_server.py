@@ -158,7 +158,7 @@ def _handler_class(state):
             elif self.path == "/_reset":  # forget what was recorded, take a new config
                 state.reset(body or {})
                 status, answer = 200, None
-            elif self.path == "/health":  # SGLang's health check (not recorded: the pool asks it at every update)
+            elif self.path in ("/health", "/ping"):  # health checks (not recorded: the pool asks at every update)
                 status, answer = 200, None
             else:
                 with state.lock:
