@@ -70,7 +70,9 @@ def main(argv=None) -> int:
                            **measure(engine, tokenizer, env, records, params), "seconds": time.monotonic() - start}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    Path(args.out).write_text(json.dumps({"prompts": args.prompts, "samples": args.samples, "rows": rows}, indent=2) + "\n")
+                    # after every row, so an interrupted measurement keeps what it finished
+                    Path(args.out).write_text(json.dumps({"prompts": args.prompts, "samples": args.samples,
+                                                          "rows": rows}, indent=2) + "\n")
     return 0
 
 

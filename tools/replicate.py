@@ -34,8 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from megacredit.reporting.replication import (  # noqa: E402 (the repository root goes on the path first)
+    DIAGNOSTICS,
     RunSummary,
+    ablation_rows,
+    diagnostic_rows,
     summarise_run,
+    table,
     write_report,
 )
 
@@ -205,6 +209,32 @@ def collect(args: argparse.Namespace) -> list[RunSummary]:
     return summaries
 
 
+def write_ablation_report(args: argparse.Namespace) -> Path:
+    """docs/results/<level>_ablations.md: every ablation's finished runs beside the level's own
+    (same methods and seeds), with paired differences by seed."""
+    def finished(ablation: str | None) -> list[RunSummary]:
+        return collect(argparse.Namespace(**{**vars(args), "ablation": ablation}))
+
+    baseline = finished(None)
+    ablations = {name: runs for name in ABLATIONS if (runs := finished(name))}
+    out = Path(args.results).with_name(f"{args.level or 'default'}_ablations.md")
+    lines = [f"# Single-factor ablations on the '{args.level or 'default'}' level", "",
+             "Written by `tools/replicate.py --ablation-report` from the runs' metrics files. Each ablation "
+             "changes one setting of the defaults (tools/replicate.py ABLATIONS); the baseline is the same "
+             "method and seed without it (same prompts, validation set and initial model).", "",
+             f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} at commit {git_commit()} "
+             f"on: {machine_description()}.", "",
+             *(f"- `{name}`: {' '.join(ABLATIONS[name])}" for name in ablations), "",
+             *table(["ablation", "method", "seeds", "final avg@k (ablation)", "final avg@k (baseline)",
+                     "ablation - baseline [95 % CI over seeds]", "per seed"], ablation_rows(baseline, ablations)),
+             "", "## Teacher diagnostic of each ablation (first training step -> mean of the last steps)", ""]
+    for name, runs in ablations.items():
+        lines += [f"### {name}", "", *table(["method", *(column for _, column in DIAGNOSTICS)], diagnostic_rows(runs)), ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,6 +255,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", default=None, help="the learning-curve PNG (default: beside --results)")
     parser.add_argument("--force", action="store_true", help="retrain runs that are already finished")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    parser.add_argument("--ablation-report", action="store_true",
+                        help="only write <level>_ablations.md beside --results from the finished ablation runs")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.val_every < 0:
@@ -244,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{done:>8}  ~{estimate_seconds(method, args) / 60:4.1f} min  megacredit {' '.join(command[3:])}")
         total = sum(estimate_seconds(m, args) for m in args.methods) * len(args.seeds)
         print(f"estimate: {total / 3600:.2f} h on 2 cores")
+        return 0
+    if args.ablation_report:
+        print(f"replicate: wrote {write_ablation_report(args)}")
         return 0
     started = time.monotonic()
     failures = [] if args.report_only else run_all(args)

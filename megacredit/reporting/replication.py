@@ -35,6 +35,15 @@ COMPARISONS = (
     ("credit_rlsd", "rlsd", "none (the hybrid is beyond both papers)"),
 )
 """(method a, method b, the papers' claim about a - b) of the paired-difference table."""
+LAST_STEPS = 5
+"""RunSummary.last averages this many final training steps."""
+DIAGNOSTICS = (
+    ("teacher/answer_prob_teacher", "P(answer) teacher"), ("teacher/answer_prob_student", "P(answer) student"),
+    ("teacher/answer_prob_gain", "gain"), ("teacher/delta_v_correct", "teacher-student log-prob, correct"),
+    ("teacher/delta_v_incorrect", "teacher-student log-prob, incorrect"), ("rollout/reward_mean", "reward"),
+    ("rollout/response_length_mean", "response length"), ("rollout/truncated_frac", "truncated"),
+)
+"""(metric, column) of the teacher-diagnostic table (docs/metrics.md, "Does the teacher know more?")."""
 
 
 @dataclass
@@ -66,6 +75,8 @@ class RunSummary:
     """Metrics of the first training step (teacher/s_t for the paper's ~0.18)."""
     means: dict[str, float] = field(default_factory=dict)
     """Run means of a few diagnostics (train/rlsd_clip_frac, train/entropy)."""
+    last: dict[str, float] = field(default_factory=dict)
+    """Means over the last LAST_STEPS training steps of every float metric (the teacher diagnostic)."""
 
     @property
     def final(self) -> ValPoint:
@@ -99,8 +110,11 @@ def summarise_run(run_dir: str | Path, method: str, seed: int, wall_s: float) ->
         values = series(train_rows, name)[1]
         if values:
             means[name] = statistics.fmean(values)
+    tail = train_rows[-LAST_STEPS:]
+    last = {name: statistics.fmean(values) for name in {k for r in tail for k, v in r.items() if isinstance(v, float)}
+            if (values := [r[name] for r in tail if isinstance(r.get(name), float) and math.isfinite(r[name])])}
     return RunSummary(
-        method=method, seed=seed, run_dir=run, wall_s=wall_s, validations=validations,
+        method=method, seed=seed, run_dir=run, wall_s=wall_s, validations=validations, last=last,
         leakage=int(sum(series(train_rows, "rollout/leakage_count")[1])), responses=per_step * len(train_rows),
         step_seconds=series(train_rows, "perf/time_step")[1], config=config,
         first={k: v for k, v in train_rows[0].items() if isinstance(v, float)} if train_rows else {}, means=means)
@@ -234,6 +248,36 @@ def paper_claim_rows(runs: Sequence[RunSummary]) -> list[list[str]]:
     return rows
 
 
+def diagnostic_rows(runs: Sequence[RunSummary]) -> list[list[str]]:
+    """Per method: each DIAGNOSTICS metric at the first training step -> over the last LAST_STEPS
+    steps, means over seeds ("n/a" where the method logs no such metric, e.g. GRPO's teacher)."""
+    def cell(group: Sequence[RunSummary], name: str) -> str:
+        first = [r.first[name] for r in group if name in r.first]
+        last = [r.last[name] for r in group if name in r.last]
+        return f"{fmt(statistics.fmean(first))} -> {fmt(statistics.fmean(last))}" if first and last else "n/a"
+
+    return [[method, *(cell(group, name) for name, _ in DIAGNOSTICS)] for method, group in by_method(runs).items()]
+
+
+def ablation_rows(baseline: Sequence[RunSummary], ablations: dict[str, Sequence[RunSummary]]) -> list[list[str]]:
+    """Per ablation and method: final avg@k (mean over seeds) beside the baseline's on the same
+    seeds, and the paired difference ablation - baseline with its CI over seeds."""
+    finals = {(r.method, r.seed): r.final.mean for r in baseline}
+    rows = []
+    for name, runs in ablations.items():
+        for method, group in by_method(runs).items():
+            pairs = [(r.seed, r.final.mean, finals[(method, r.seed)]) for r in group if (method, r.seed) in finals]
+            if not pairs:
+                continue
+            diffs = [a - b for _, a, b in pairs]
+            interval = seed_interval(diffs)
+            rows.append([name, method, ", ".join(str(seed) for seed, _, _ in pairs),
+                         fmt(statistics.fmean(a for _, a, _ in pairs)), fmt(statistics.fmean(b for _, _, b in pairs)),
+                         fmt_interval(interval, diffs[0]) if len(diffs) < 2 or interval else "n/a",
+                         ", ".join(f"{seed}: {a - b:+.3f}" for seed, a, b in pairs)])
+    return rows
+
+
 def initial_validation_check(runs: Sequence[RunSummary]) -> list[str]:
     """Step-0 validation is before any update, so it must agree across methods at one seed."""
     lines = []
@@ -307,6 +351,10 @@ def write_report(runs: Sequence[RunSummary], out_md: Path, out_png: Path, meta: 
                                         "best avg@k [CI] @ step", "leaking / responses", "s/step (median)",
                                         "wall (min)"], run_rows(runs)),
               "", *initial_validation_check(runs),
+              "", f"## Does the teacher know more? (first training step -> mean of the last {LAST_STEPS}; means over seeds)", "",
+              *table(["method", *(column for _, column in DIAGNOSTICS)], diagnostic_rows(runs)),
+              "", "P(answer): probability of the correct answer at the response's answer position; the log-prob "
+              "columns are token means over response tokens (docs/metrics.md).",
               "", "## Diagnostics the papers report", "",
               *table(["claim (source)", "paper", "here"], paper_claim_rows(runs)),
               "", "## What was and was not reproduced", "", *sentences, "", SCOPE, "",

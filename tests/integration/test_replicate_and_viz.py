@@ -191,3 +191,19 @@ def test_chromium_screenshot_shows_coloured_tokens_for_both_runs(page, tmp_path)
     per_run = [int(coloured[top:bottom, x0 + 2:x1 - 1].sum()) for x0, x1 in columns[1:]]
     assert int(coloured[top:bottom, columns[0][0]:columns[0][1]].sum()) == 0
     assert all(count > 500 for count in per_run), per_run
+
+
+def test_ablation_report_pairs_the_ablated_run_with_the_baseline(replication):
+    ablated = harness(replication, "--methods", "credit", "--ablation", "no_temperature_scaling")
+    assert ablated.returncode == 0, ablated.stdout[-3000:] + ablated.stderr[-3000:]
+    report = harness(replication, "--ablation-report")
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (replication / "default_ablations.md").read_text()
+    rows = markdown_table(text, "# Single-factor ablations")
+    assert [row[:3] for row in rows] == [["no_temperature_scaling", "credit", str(SEED)]]
+    baseline = merged(replication / RUNS / f"credit_seed{SEED}")[1]["val/avg_at_k"]
+    ablation_run = replication / "runs" / "no_temperature_scaling" / f"credit_seed{SEED}"
+    final = merged(ablation_run)[1]["val/avg_at_k"]
+    assert rows[0][3] == f"{final:.3f}" and rows[0][4] == f"{baseline:.3f}"
+    assert rows[0][6] == f"{SEED}: {final - baseline:+.3f}"
+    assert "rollout.score_at_temperature=false" in text

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from megacredit.reporting.metrics import MetricsLogger
-from megacredit.reporting.replication import summarise_run, write_report
+from megacredit.reporting.replication import ablation_rows, summarise_run, write_report
 from megacredit.reporting.validation_stats import bootstrap_mean_ci
 from page_parsing import markdown_table
 
@@ -32,6 +32,9 @@ def write_run(run_dir, method, seed):
             metrics["teacher/s_t"] = 0.1 * seed if step == 1 else 0.0
         if method == "rlsd":
             metrics["train/rlsd_clip_frac"] = 0.04
+        if method == "credit":
+            metrics["teacher/answer_prob_teacher"] = 0.5 + 0.1 * step + 0.01 * seed
+            metrics["teacher/answer_prob_student"] = 0.4
         logger.log(step, metrics)
     final = FINALS[method][SEEDS.index(seed)]
     logger.log(2, {"val/avg_at_k": final, "val/avg_at_k_ci_low": final - 0.1, "val/avg_at_k_ci_high": final + 0.1})
@@ -98,3 +101,27 @@ def test_summarise_run_needs_a_validation(tmp_path):
     logger.close(print_summary=False)
     with pytest.raises(ValueError, match="no val/avg_at_k record"):
         summarise_run(tmp_path, "grpo", 1, 1.0)
+
+
+def test_teacher_diagnostic_table_first_step_and_last_steps(report):
+    text, _ = report
+    rows = {r[0]: r for r in markdown_table(text, "## Does the teacher know more?")}
+    first = statistics.fmean(0.6 + 0.01 * seed for seed in SEEDS)  # step 1
+    last = statistics.fmean(statistics.fmean((0.6 + 0.01 * seed, 0.7 + 0.01 * seed)) for seed in SEEDS)  # steps 1-2
+    assert rows["credit"][1] == f"{first:.3f} -> {last:.3f}"
+    assert rows["credit"][2] == "0.400 -> 0.400"
+    assert rows["grpo"][1] == "n/a"  # GRPO has no teacher
+
+
+def test_ablation_rows_pair_seeds_with_the_baseline(tmp_path):
+    baseline = [write_run(tmp_path / f"base_credit_{s}", "credit", s) for s in SEEDS]
+    ablated = [write_run(tmp_path / f"abl_sdpo_{s}", "sdpo", s) for s in SEEDS[:2]]  # no sdpo baseline: no row
+    for run in ablated:
+        run.method = "credit"
+    rows = ablation_rows(baseline, {"feedback_on_correct": ablated})
+    assert len(rows) == 1
+    name, method, seeds, mean_ablated, mean_baseline, _, per_seed = rows[0]
+    assert (name, method, seeds) == ("feedback_on_correct", "credit", "1, 2")
+    assert mean_ablated == f"{statistics.fmean(FINALS['sdpo'][:2]):.3f}"
+    assert mean_baseline == f"{statistics.fmean(FINALS['credit'][:2]):.3f}"
+    assert per_seed == "1: -0.100, 2: -0.150"
