@@ -52,10 +52,11 @@ def test_a_server_megacredit_started_is_restarted_and_rejoins_with_the_next_upda
     """An engine given its server (``SGLangServerEngine([url], server=...)``): the dead server's
     prompts go to the other (greedy: the same tokens as the other alone), the pool restarts it (by
     PID, a new process on the same port), and it rejoins at the next weight update, a new broadcast
-    group, and takes that update: both servers then score alike (1e-4) and unlike before it."""
+    group, and takes that update (the whole checkpoint, its final norm scaled): both servers then
+    score alike (1e-4) and unlike before it."""
     from safetensors import safe_open
 
-    from megacredit.rollout.base import SamplingParams
+    from megacredit.rollout.base import SamplingParams, manifest_of, rebucket
     from megacredit.rollout.pool import EnginePool
     from megacredit.rollout.sglang_server import SGLangServerEngine
 
@@ -76,9 +77,11 @@ def test_a_server_megacredit_started_is_restarted_and_rejoins_with_the_next_upda
         assert servers[1].running and pool.engines == [engines[0]]
         sequence = PROMPTS[0] + [11, 12, 13, 14]
         before = engines[0].score_logprobs([sequence])[0]
+        # the whole checkpoint: server 0 holds the trained weights of the test before
         with safe_open(str(smollm2_dir / "model.safetensors"), "pt") as weights:
-            norm = weights.get_tensor("model.norm.weight").float() * 1.5
-        pool.update_weights_from_buckets([[("model.norm.weight", norm)]], {"model.norm.weight": tuple(norm.shape)})
+            pairs = [(name, weights.get_tensor(name).float()) for name in weights.keys()]
+        pairs = [(name, t * 1.5 if name == "model.norm.weight" else t) for name, t in pairs]
+        pool.update_weights_from_buckets(rebucket(pairs, 100 << 20), manifest_of(pairs))
         assert pool.engines == engines and pool.take_faults() == []
         first, second = (engine.score_logprobs([sequence])[0] for engine in engines)
         assert max(abs(a - b) for a, b in zip(first, second)) < 1e-4
