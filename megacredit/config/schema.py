@@ -348,8 +348,9 @@ class RolloutConfig:
     answered after this many seconds counts as a hung server, which leaves the pool like a dead
     one (docs/reliability.md). Must exceed the longest generation of one prompt."""
     max_engine_faults: int = 10
-    """Remote vLLM servers: engine faults (a server died or hung) the run survives before it
-    stops; each is logged and counted in rollout/engine_faults. 0 = stop at the first."""
+    """Remote vLLM servers, and remote SGLang servers without a router: engine faults (a server
+    died or hung) the run survives before it stops; each is logged and counted in
+    rollout/engine_faults. 0 = stop at the first."""
 
 
 @dataclass

@@ -38,8 +38,8 @@ DOCUMENTED_METRICS: dict[str, str] = {
     "rollout/logprob_abs_diff": "mean |log pi_old - log pi_engine| over sampled tokens (engine/trainer mismatch)",
     "rollout/engine_kl": "KL(pi_engine || pi_old) on the sampled tokens, k3 estimator exp(r) - 1 - r, r = log pi_old - log pi_engine",
     "rollout/engine_kl_k1": "KL(pi_engine || pi_old) on the sampled tokens, k1 estimator -r (unbiased, may be negative)",
-    "rollout/engine_faults": "engine faults survived since the previous step's metrics (a remote server that died or hung during this step's rollout or weight sync, or a validation before it); each is logged with the engine and cause (docs/reliability.md); remote vLLM only",
-    "rollout/engines_serving": "remote engines serving at the end of the step (a failed one is left out until it answers its health check at a weight sync); remote vLLM only",
+    "rollout/engine_faults": "engine faults survived since the previous step's metrics (a remote server that died or hung during this step's rollout or weight sync, or a validation before it); each is logged with the engine and cause (docs/reliability.md); remote vLLM, and remote SGLang without a router",
+    "rollout/engines_serving": "remote engines serving at the end of the step (a failed one is left out until it answers its health check at a weight sync); remote vLLM, and remote SGLang without a router",
     # train/: the policy update
     "train/loss": "total loss of the step (mean over mini-batches)",
     "train/entropy": "token entropy of the behaviour policy renormalised on its top-K set (the full-vocabulary entropy is never materialised)",

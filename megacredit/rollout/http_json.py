@@ -12,6 +12,10 @@ from urllib.parse import urlsplit
 
 from megacredit.rollout.base import EngineUnavailableError
 
+HEALTH_TIMEOUT_S = 30.0
+"""How long a server's ``GET /health`` may take before it counts as unhealthy (a trivial
+endpoint: seconds even on a loaded machine)."""
+
 
 class EngineHTTPError(RuntimeError):
     """A server answered with an error status (``status``), or could not be reached

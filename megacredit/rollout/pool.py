@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -223,9 +223,11 @@ class EnginePool(RolloutEngine):
 
     # --------------------------------------------------------------------------- weights
     def _on_serving(self, call: Callable[[RolloutEngine], Any], during: str) -> list[Any]:
-        """``call`` on every serving engine in parallel; engines that fail leave (faults)."""
+        """``call`` on every serving engine in parallel; engines that fail leave (faults). Every
+        call ends before an error is raised (an abort then finds no engine still loading)."""
         futures = [(index, self._threads.submit(call, self.members[index]))
                    for index in self._serving_indices(during)]
+        wait([future for _, future in futures])
         results = [self._result_or_fault(index, future, during, "the others go on") for index, future in futures]
         self._serving_indices(during)
         return [result for ok, result in results if ok]

@@ -11,8 +11,10 @@ recording stand-in server (tests/unit/sglang_fake_server.py).
 One :class:`SGLangServerEngine` stands for a fleet of SGLang workers: generation goes to a
 router (``router_url``, e.g. SGLang Model Gateway, which balances) or is split by prompt,
 contiguously and deterministically, across the worker URLs; control calls and weight updates
-go to every worker. Endpoints used, as found in SGLang 0.5.23's
-``python/sglang/srt/entrypoints/http_server.py``: ``POST /generate``; ``GET /server_info``
+go to every worker. The trainer builds one engine per worker behind an
+:class:`~megacredit.rollout.pool.EnginePool` when there is no router (a server that dies is
+survived, docs/reliability.md), and one engine over the router's workers otherwise. Endpoints
+used, as found in SGLang 0.5.23's ``python/sglang/srt/entrypoints/http_server.py``: ``POST /generate``; ``GET /server_info``
 (``tp_size``, ``dp_size``, ``pp_size``; ``/get_server_info`` on servers without it);
 ``POST /pause_generation`` (``PauseGenerationReqInput``: ``{"mode": ...}``) and
 ``/continue_generation``; ``POST /flush_cache`` (400 while requests are in flight);
@@ -67,7 +69,13 @@ from megacredit.rollout.base import (
 )
 from megacredit.rollout.checkpoint_manifest import checkpoint_manifest
 from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype
-from megacredit.rollout.http_json import EngineHTTPError, JSONClient, normalize_url
+from megacredit.rollout.http_json import (
+    HEALTH_TIMEOUT_S,
+    EngineHTTPError,
+    EngineUnreachableError,
+    JSONClient,
+    normalize_url,
+)
 from megacredit.rollout.pool import contiguous_chunks
 from megacredit.rollout.server_process import ServerProcess
 from megacredit.rollout.sglang import (
@@ -121,7 +129,8 @@ class SGLangServerEngine(RolloutEngine):
                  model_path: str | Path | None = None, timeout: float = 600.0,
                  pause_around_updates: bool = True, pause_mode: str = "abort",
                  flatten: bool = True, sync_address: str | None = None, sync_backend: str = "nccl",
-                 update_timeout: float | None = None, client: JSONClient | None = None) -> None:
+                 update_timeout: float | None = None, client: JSONClient | None = None,
+                 server: ServerProcess | None = None) -> None:
         """urls: the workers (each 'host:port'); router_url: a router in front of them
         (generation goes through it; workers default to the router's list); model_path: the HF
         folder the servers were started from (its manifest checks updates before any copy;
@@ -133,7 +142,8 @@ class SGLangServerEngine(RolloutEngine):
         process for the broadcast group when the first update connects it by itself (default:
         this host's address on the route to the first worker; NCCL, gloo on CPU);
         update_timeout: longest wait for one bucket's broadcast and answers, or for the group
-        to form (default: ``timeout``)."""
+        to form (default: ``timeout``); server: the :class:`SGLangServer` that started the one
+        worker, when megacredit did (then :meth:`restart` restarts it)."""
         if pause_mode not in PAUSE_MODES:
             raise ValueError(f"pause_mode must be one of {PAUSE_MODES}, got {pause_mode!r}")
         self.client = client or JSONClient(timeout)
@@ -144,6 +154,9 @@ class SGLangServerEngine(RolloutEngine):
         if not workers:
             raise ValueError("SGLangServerEngine: give rollout.urls (the SGLang servers) or rollout.router_url")
         self.workers = workers
+        if server is not None and len(workers) != 1:
+            raise ValueError(f"SGLangServerEngine: server= is the launcher of one worker; got {len(workers)} workers")
+        self.server = server
         self.model_path = Path(model_path) if model_path is not None else None
         self.pause_around_updates, self.pause_mode, self.flatten = pause_around_updates, pause_mode, flatten
         self.update_timeout = float(timeout if update_timeout is None else update_timeout)
@@ -151,7 +164,6 @@ class SGLangServerEngine(RolloutEngine):
         self._manifest: WeightManifest | None = None
         self._group: Any = None
         self._group_name: str | None = None
-        self._abandoned_groups = 0
         self._device = torch.device("cpu")
         self._paused = False
         self._memory_saver: bool | None = None
@@ -159,6 +171,12 @@ class SGLangServerEngine(RolloutEngine):
         self._sessions: list[str] = []  # workers with an open update session
         self._loaded = 0  # tensors of the current update loaded so far
         self.sync_address, self.sync_backend = sync_address, sync_backend
+
+    @property
+    def url(self) -> str:
+        """Where the engine is reached (named in the pool's fault messages): the router, else
+        the worker(s)."""
+        return self.router_url or ", ".join(self.workers)
 
     # ------------------------------------------------------------------------- helpers
     def _submit_to_all(self, method: str, path: str, body: Any | None = None,
@@ -366,18 +384,30 @@ class SGLangServerEngine(RolloutEngine):
         self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
     def disconnect_weight_sync(self) -> None:
+        """Both sides leave the broadcast group; a worker that is gone (killed) took its side
+        with it, so only this side is destroyed for it."""
         if self._group is None:
             return
-        self._on_all_workers("POST", "/destroy_weights_update_group", {"group_name": self._group_name})
-        torch.distributed.destroy_process_group(self._group)
-        self._group, self._group_name = None, None
+        from megacredit.rollout.weight_group import release_group_name  # noqa: PLC0415
+
+        try:
+            for future in self._submit_to_all("POST", "/destroy_weights_update_group",
+                                              {"group_name": self._group_name}).values():
+                try:
+                    future.result()
+                except EngineUnreachableError:
+                    pass  # the server died: nothing of the group is left on its side
+        finally:
+            torch.distributed.destroy_process_group(self._group)
+            release_group_name(self._group_name)
+            self._group, self._group_name = None, None
 
     def _abandon_group(self) -> None:
         """After a broadcast that did not complete the group's state is unknown (this rank's
         send stays pending until the group's timeout; a worker may wait in a receive until its
-        own): forget it; the next update connects a new group under a new name."""
+        own): forget it; the next update connects a new group under a new name (the old one
+        stays registered in this process)."""
         self._group, self._group_name = None, None
-        self._abandoned_groups += 1
 
     def load_weights(self, named_tensors: Iterable[NamedTensor]) -> WeightLoadReport:
         """Broadcast one bucket to every worker (call :meth:`connect_weight_sync` first). With
@@ -421,15 +451,15 @@ class SGLangServerEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ update hooks
     def begin_weight_update(self) -> None:
-        """Connect the broadcast group if nobody did (group ``megacredit_pp0``), then, with
-        ``pause_around_updates``, :meth:`open_update`."""
+        """Connect the broadcast group if nobody did (group ``megacredit_pp0``, or
+        ``megacredit_pp0_K`` when this process holds that name already: another engine of a
+        pool, an abandoned group), then, with ``pause_around_updates``, :meth:`open_update`."""
         self._loaded = 0
         if self._group is None:
-            from megacredit.rollout.weight_group import free_port, route_address  # noqa: PLC0415
+            from megacredit.rollout.weight_group import free_port, reserve_group_name, route_address  # noqa: PLC0415
 
             address = self.sync_address or route_address(self.workers[0])
-            suffix = f"_{self._abandoned_groups}" if self._abandoned_groups else ""
-            self.connect_weight_sync(address, free_port(), group_name=f"megacredit_pp0{suffix}",
+            self.connect_weight_sync(address, free_port(), group_name=reserve_group_name("megacredit_pp0"),
                                      backend=self.sync_backend)
         if self.pause_around_updates:
             self.open_update()
@@ -454,13 +484,32 @@ class SGLangServerEngine(RolloutEngine):
             self._pool.shutdown(wait=False)
 
     def health_problem(self) -> str | None:
-        """The first of the router and the workers that does not answer ``GET /health``
-        (``python/sglang/srt/entrypoints/http_server.py``), None when all do."""
+        """The first of the router and the workers that does not answer its health check, None
+        when all do (``python/sglang/srt/entrypoints/http_server.py``): ``GET /health``
+        (``health_generate``: a one-token generation, 503 after ``SGLANG_HEALTH_CHECK_TIMEOUT``,
+        20 s), except inside an update, where generation is paused and /health answers 503 (seen
+        on CPU): then ``GET /ping`` (``sagemaker_health``: a flag check that a pause leaves at 200;
+        unverified on servers older than 0.5.23)."""
+        path = "/ping" if self._paused else "/health"
         for url in ([self.router_url] if self.router_url else []) + self.workers:
-            problem = self.client.health_problem(url, "/health")
+            problem = self.client.health_problem(url, path, timeout=HEALTH_TIMEOUT_S)
             if problem is not None:
                 return problem
         return None
+
+    def restart(self) -> bool:
+        """The pool calls it when the engine left it. First the broadcast group and the update
+        state are forgotten in any case (a server that comes back, restarted by anyone, has
+        neither; the engine joins it to a new group at the weight update it rejoins with). Then
+        the server megacredit started (``server``) is stopped by its PID and started again;
+        False without a ``server``: somebody else runs it."""
+        self._abandon_group()
+        self._sessions, self._paused, self._asleep, self._memory_saver = [], False, False, None
+        if self.server is None:
+            return False
+        self.server.stop()
+        self.server.start()
+        return True
 
 
 # ----------------------------------------------------------------------------- launcher

@@ -66,7 +66,13 @@ from megacredit.rollout.base import (
     bucket_bytes,
 )
 from megacredit.rollout.flat_buckets import flatten_tensors, split_by_dtype
-from megacredit.rollout.http_json import EngineHTTPError, EngineUnreachableError, JSONClient, normalize_url
+from megacredit.rollout.http_json import (
+    HEALTH_TIMEOUT_S,
+    EngineHTTPError,
+    EngineUnreachableError,
+    JSONClient,
+    normalize_url,
+)
 from megacredit.rollout.server_process import ServerProcess
 from megacredit.rollout.shm_buckets import ShmBucketFile, is_this_host
 from megacredit.rollout.vllm import (
@@ -80,11 +86,6 @@ from megacredit.rollout.vllm import (
     unpack_weights,
     vllm_environment,
 )
-
-
-HEALTH_TIMEOUT_S = 30.0
-"""How long ``GET /health`` may take before the server counts as unhealthy (a trivial endpoint:
-seconds even on a loaded machine)."""
 
 
 def completion_request(model: str, prompt: Sequence[int], params: SamplingParams, index: int) -> dict[str, Any]:
@@ -311,7 +312,11 @@ class VLLMServerEngine(RolloutEngine):
         return self.client.health_problem(self.url, "/health", timeout=HEALTH_TIMEOUT_S)
 
     def restart(self) -> bool:
+        """The pool calls it when the engine left it. A server megacredit did not start: False,
+        and its group is forgotten (a server restarted by anyone has none; the update it rejoins
+        with forms a new one). Else it is stopped by its PID and started again."""
         if self.server is None:
+            self._abandon_group()
             return False
         self.server.stop()
         self._destroy_own_group()  # the new server joins a new group at the next update

@@ -23,6 +23,7 @@ refuses fails the update at once instead of leaving this rank in a collective no
 from __future__ import annotations
 
 import inspect
+import itertools
 import socket
 import threading
 import time
@@ -39,6 +40,27 @@ from megacredit.rollout.base import WeightSyncError
 POLL_SECONDS = 0.01
 Check = Callable[[str, Future], None]
 """Raises (``WeightSyncError``) when a server's finished call (url, future) failed."""
+_RESERVED_NAMES: set[str] = set()
+_NAMES_LOCK = threading.Lock()
+
+
+def reserve_group_name(base: str) -> str:
+    """``base``, else ``base_1``, ``base_2``, ...: the first name that no process group of this
+    process holds and no caller reserved (torch refuses a second group of the same name, and the
+    engines of an EnginePool connect in parallel). Given back by :func:`release_group_name`
+    once its group is destroyed; an abandoned group keeps its name."""
+    from torch.distributed.distributed_c10d import _world  # noqa: PLC0415 - private, like the join
+
+    with _NAMES_LOCK:
+        taken = _RESERVED_NAMES | set(_world.pg_names.values())
+        name = next(n for n in (f"{base}_{k}" if k else base for k in itertools.count()) if n not in taken)
+        _RESERVED_NAMES.add(name)
+        return name
+
+
+def release_group_name(name: str) -> None:
+    with _NAMES_LOCK:
+        _RESERVED_NAMES.discard(name)
 
 
 def free_port(host: str = "") -> int:

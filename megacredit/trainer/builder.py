@@ -190,9 +190,7 @@ def build_engine(cfg: MegacreditConfig, source: ModelSource, ctx=None):
     job's devices (engine tensor-parallel size = world size), started from the policy's HF folder
     (a tiny model's is written under the run directory); in this process when the job has one
     rank, in vLLM's own engine processes otherwise.
-    vllm remote: rank 0 drives the servers at ``rollout.urls`` as an EnginePool (the prompts split
-    across them; a server that dies or hangs is left out, docs/reliability.md).
-    sglang: the same two placements with SGLang (``_build_sglang``; verified on CPU with SGLang 0.5.23).
+    remote: rank 0 drives ``rollout.urls`` as an EnginePool (failover: docs/reliability.md); SGLang: ``_build_sglang``.
     """
     rank = 0 if ctx is None else ctx.rank
     world = 1 if ctx is None else ctx.world_size
@@ -278,17 +276,19 @@ def vllm_memory_fraction(cfg: MegacreditConfig, hf_config: Any, model_dir: Path,
 
 
 def _build_sglang(cfg: MegacreditConfig, source: ModelSource, model_dir: Path):
-    """SGLang (verified on CPU with SGLang 0.5.23's CPU engine; the CUDA build is unverified).
-    remote: one engine over every server at ``rollout.urls`` (prompts split across them; weights
-    by broadcast: NCCL with CUDA, gloo without). colocated: an ``sglang.Engine`` started from
-    the policy's HF folder (CPU: SGLang's CPU engine, see megacredit/rollout/sglang.py)."""
+    """SGLang (verified on CPU with SGLang 0.5.23; CUDA unverified). remote: an EnginePool of one engine per
+    server, or one engine over a router (no failover); weights by broadcast (NCCL with CUDA, gloo without).
+    colocated: an ``sglang.Engine`` from the policy's HF folder (megacredit/rollout/sglang.py)."""
     ro = cfg.rollout
     cuda = torch.cuda.is_available()
     if ro.placement == "remote":
+        from megacredit.rollout.pool import EnginePool
         from megacredit.rollout.sglang_server import SGLangServerEngine
 
-        return SGLangServerEngine(ro.urls, router_url=ro.router_url, model_path=model_dir,
-                                  sync_backend="nccl" if cuda else "gloo")
+        remote = {"model_path": model_dir, "timeout": ro.request_timeout_s, "sync_backend": "nccl" if cuda else "gloo"}
+        if ro.router_url:  # SGLang's router routes: one engine
+            return SGLangServerEngine(ro.urls, router_url=ro.router_url, **remote)
+        return EnginePool([SGLangServerEngine([url], **remote) for url in ro.urls], max_faults=ro.max_engine_faults)
     from megacredit.rollout.sglang import SGLangRolloutEngine
 
     args = {"dtype": cfg.model.dtype, "random_seed": cfg.training.seed,

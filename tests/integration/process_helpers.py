@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -28,3 +30,16 @@ def kill_pids(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@contextmanager
+def running_servers(servers: list):
+    """``servers`` (megacredit.rollout.server_process.ServerProcess) started in parallel; every one
+    is stopped by its PID afterwards (also when a start failed)."""
+    try:
+        with ThreadPoolExecutor(len(servers)) as threads:
+            list(threads.map(lambda server: server.start(), servers))
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

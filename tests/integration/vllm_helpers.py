@@ -4,11 +4,11 @@ servers started for a test module and stopped by PID."""
 from __future__ import annotations
 
 import importlib.util
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from make_deps import needs
+from process_helpers import running_servers
 
 needs_vllm = needs("vllm", importlib.util.find_spec("vllm") is not None)
 
@@ -66,12 +66,6 @@ def vllm_servers(model_dir: Path, log_dir: Path, count: int = 2):
     stopped by its PID afterwards (also when a start failed)."""
     from megacredit.rollout.vllm_server import VLLMServer
 
-    servers = [VLLMServer(model_dir, log_path=log_dir / f"server{i}.log", extra_args=SERVER_ARGS)
-               for i in range(count)]
-    try:
-        with ThreadPoolExecutor(count) as threads:
-            list(threads.map(lambda server: server.start(), servers))
+    with running_servers([VLLMServer(model_dir, log_path=log_dir / f"server{i}.log", extra_args=SERVER_ARGS)
+                          for i in range(count)]) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()

@@ -23,7 +23,6 @@ on free ports, each in its own process group, stopped by PID). Tests, in this or
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -34,6 +33,7 @@ from engine_scenarios import (
     training_steps_with_sync_and_mismatch,
 )
 from megacredit.utils.spawn import run_distributed
+from sglang_helpers import sglang_servers
 from trainer_helpers import tiny_overrides, train_and_read_records
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -43,20 +43,8 @@ PROMPTS = [[1, 504, 3458, 282], [1, 33, 44], [1, 7, 8, 9, 10], [1, 600]]
 
 @pytest.fixture(scope="module")
 def servers(smollm2_dir, tmp_path_factory):
-    from megacredit.rollout.sglang_server import SGLangServer
-
-    logs = tmp_path_factory.mktemp("sglang_logs")
-    # one OpenMP thread each: two servers and the trainer share 2 cores, and 2-thread processes
-    # side by side stall each other at every parallel region (a 40-token prefill took 2.6 s, 0.4 s)
-    pending = [SGLangServer(smollm2_dir, log_path=logs / f"server{i}.log", server_args={"dtype": "float32"},
-                            env={"OMP_NUM_THREADS": "1"}) for i in range(2)]
-    try:
-        with ThreadPoolExecutor(2) as threads:
-            list(threads.map(lambda s: s.start(), pending))
-        yield pending
-    finally:
-        for server in pending:
-            server.stop()
+    with sglang_servers(smollm2_dir, tmp_path_factory.mktemp("sglang_logs")) as started:
+        yield started
 
 
 def _outputs(outputs, with_tokens=True):
@@ -156,7 +144,7 @@ def remote(servers, smollm2_dir, tmp_path_factory):
 
 
 class TestSGLangRemote(SmolLM2EngineTests):
-    engine_type = "SGLangServerEngine"
+    engine_type = "EnginePool"  # one SGLangServerEngine per server (no router)
     scenario_fixture = "remote"
     tolerance = TOLERANCE
 

@@ -158,6 +158,8 @@ def _handler_class(state):
             elif self.path == "/_reset":  # forget what was recorded, take a new config
                 state.reset(body or {})
                 status, answer = 200, None
+            elif self.path in ("/health", "/ping"):  # health checks (not recorded: the pool asks at every update)
+                status, answer = 200, None
             else:
                 with state.lock:
                     state.requests.append([method, self.path, body])

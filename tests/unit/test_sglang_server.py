@@ -263,3 +263,58 @@ def test_a_silent_worker_is_bounded_by_the_update_timeout(servers):
     with pytest.raises(WeightSyncError, match="not done after 3 s"):
         engine.connect_weight_sync("127.0.0.1", free_port(), group_name="never_complete", backend="gloo")
     engine.shutdown()
+
+
+def test_servers_without_a_router_form_a_pool_that_survives_a_dead_one(servers, tmp_path):
+    """The trainer's remote SGLang (megacredit/trainer/builder.py) without rollout.router_url: an
+    EnginePool of one engine per server, each with a broadcast group of its own (distinct names in
+    this process); a server that dies leaves the pool and its prompts go to the other (the gathered
+    batch equals the survivor's alone), and shutting down skips the dead server's side of its group.
+    With a router: one engine over the router."""
+    from safetensors.torch import save_file
+
+    from megacredit.config import load_config
+    from megacredit.rollout.pool import EnginePool
+    from megacredit.trainer.builder import _build_sglang
+
+    pairs = _weights()
+    save_file({n: t.contiguous() for n, t in pairs}, str(tmp_path / "model.safetensors"))
+    a, router, _ = servers
+    remote = ["rollout.engine=sglang", "rollout.placement=remote"]
+    params = SamplingParams(temperature=0.7, max_new_tokens=3, n=2, seed=11)
+    with running_server() as doomed:
+        pool = _build_sglang(load_config(None, [*remote, f"rollout.urls=[{a}, {doomed}]"]), None, tmp_path)
+        assert isinstance(pool, EnginePool) and [e.workers for e in pool.members] == [[a], [doomed]]
+        pool.update_weights_from_buckets([pairs], manifest_of(pairs))
+        names = [body["group_name"] for url in (a, doomed) for _, path, body in server_state(url)["requests"]
+                 if path == "/init_weights_update_group"]
+        assert len(set(names)) == 2 and all(name.startswith("megacredit_pp0") for name in names), names
+        for url in (a, doomed):
+            _assert_received(server_state(url)["received"], pairs)
+    survived = pool.generate(PROMPTS, params)
+    assert [(f.engine, f.during) for f in pool.take_faults()] == [(f"engine 1 ({doomed})", "generate")]
+    assert _tokens(survived) == _tokens(SGLangServerEngine([a]).generate(PROMPTS, params))
+    pool.shutdown()  # the dead server's side of its group is gone with it: no error
+    routed = _build_sglang(load_config(None, [*remote, f"rollout.urls=[{a}]", f"rollout.router_url={router}"]),
+                           None, tmp_path)
+    assert isinstance(routed, SGLangServerEngine) and routed.router_url == router
+    routed.shutdown()
+
+
+def test_an_engine_that_left_the_pool_joins_its_server_to_a_new_group(servers):
+    """``restart()`` (the pool's call when an engine leaves it) on a server megacredit did not
+    start: False, but the engine forgets its group, so a server restarted by somebody else (which
+    has no group) is joined to a new one by the next update instead of being sent buckets for a
+    group it lacks."""
+    pairs = _weights()
+    url = servers[0]
+    engine = SGLangServerEngine([url], sync_backend="gloo")
+    engine.update_weights_from_buckets([pairs], manifest_of(pairs))
+    first = engine._group_name
+    assert engine.restart() is False and engine._group is None
+    reset_server(url)
+    engine.update_weights_from_buckets([pairs], manifest_of(pairs))
+    inits = [body for _, path, body in server_state(url)["requests"] if path == "/init_weights_update_group"]
+    assert len(inits) == 1 and inits[0]["group_name"] not in (first, None), (first, inits)
+    _assert_received(server_state(url)["received"], pairs)
+    engine.shutdown()
