@@ -42,7 +42,6 @@ step by step.``
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Any, Sequence
 
