@@ -34,10 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from megacredit.reporting.replication import (  # noqa: E402 (the repository root goes on the path first)
-    DIAGNOSTICS,
     RunSummary,
     ablation_rows,
-    diagnostic_rows,
+    diagnostic_table,
     summarise_run,
     table,
     write_report,
@@ -230,7 +229,7 @@ def write_ablation_report(args: argparse.Namespace) -> Path:
                      "ablation - baseline [95 % CI over seeds]", "per seed"], ablation_rows(baseline, ablations)),
              "", "## Teacher diagnostic of each ablation (first training step -> mean of the last steps)", ""]
     for name, runs in ablations.items():
-        lines += [f"### {name}", "", *table(["method", *(column for _, column in DIAGNOSTICS)], diagnostic_rows(runs)), ""]
+        lines += [f"### {name}", "", *diagnostic_table(runs), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -259,6 +259,11 @@ def diagnostic_rows(runs: Sequence[RunSummary]) -> list[list[str]]:
     return [[method, *(cell(group, name) for name, _ in DIAGNOSTICS)] for method, group in by_method(runs).items()]
 
 
+def diagnostic_table(runs: Sequence[RunSummary]) -> list[str]:
+    """The teacher-diagnostic table of ``runs`` (header: method and DIAGNOSTICS' columns)."""
+    return table(["method", *(column for _, column in DIAGNOSTICS)], diagnostic_rows(runs))
+
+
 def ablation_rows(baseline: Sequence[RunSummary], ablations: dict[str, Sequence[RunSummary]]) -> list[list[str]]:
     """Per ablation and method: final avg@k (mean over seeds) beside the baseline's on the same
     seeds, and the paired difference ablation - baseline with its CI over seeds."""
@@ -352,7 +357,7 @@ def write_report(runs: Sequence[RunSummary], out_md: Path, out_png: Path, meta: 
                                         "wall (min)"], run_rows(runs)),
               "", *initial_validation_check(runs),
               "", f"## Does the teacher know more? (first training step -> mean of the last {LAST_STEPS}; means over seeds)", "",
-              *table(["method", *(column for _, column in DIAGNOSTICS)], diagnostic_rows(runs)),
+              *diagnostic_table(runs),
               "", "P(answer): probability of the correct answer at the response's answer position; the log-prob "
               "columns are token means over response tokens (docs/metrics.md).",
               "", "## Diagnostics the papers report", "",
