@@ -17,8 +17,8 @@ Per rank (one TP x PP shard; the most loaded pipeline stage is reported), in byt
 
 Parameter counts follow Megatron-LM's ``compute_weight_and_optimizer_memory``
 (NVIDIA/Megatron-LM, megatron/training/theoretical_memory_usage.py) and add what it leaves out
-(QK-norm, QKV bias, the tied embedding's copy on the last stage); tests/unit/test_planning.py
-compares both. Activations follow Korthikanti et al., "Reducing Activation Recomputation in Large
+(QK-norm, QKV bias, the tied embedding's copy on the last stage, the MoE router, the split of the
+experts over EP, which it does not make); tests/unit/test_planning.py compares both. Activations follow Korthikanti et al., "Reducing Activation Recomputation in Large
 Transformer Models" (section 4), counted per tensor for two kernel sets, see
 :data:`KERNEL_SETS`. Not counted: CUDA context, NCCL buffers, fragmentation (``reserve_bytes``).
 """
@@ -52,6 +52,13 @@ class Layout:
     tp: int
     pp: int
     dp: int
+    ep: int = 1
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks of a stage that hold the same experts: EP is folded over the stage's TP x DP
+        ranks and experts are not split over TP (megacredit/megatron/moe.py)."""
+        return self.tp * self.dp // self.ep
 
 
 @dataclass
@@ -76,19 +83,21 @@ def padded_vocab(vocab: int, tp: int) -> int:
     return math.ceil(vocab / multiple) * multiple
 
 
-def layer_parameters(shape: ModelShape, tp: int) -> tuple[int, int]:
-    """(TP-sharded, replicated) parameters of one transformer layer on one TP rank."""
+def layer_parameters(shape: ModelShape, tp: int, ep: int = 1) -> tuple[int, int, int]:
+    """(TP-sharded, replicated, expert) parameters of one transformer layer on one rank: experts
+    are split over EP only, the router is replicated (Megatron's ``TopKRouter``)."""
     qkv_out = (shape.heads + 2 * shape.kv_heads) * shape.head_dim
     sharded = (shape.hidden * qkv_out + (qkv_out if shape.qkv_bias else 0) + shape.heads * shape.head_dim * shape.hidden
-               + 3 * shape.hidden * shape.ffn)
-    replicated = 2 * shape.hidden + (2 * shape.head_dim if shape.qk_norm else 0)
-    return sharded // tp, replicated
+               + ((shape.heads + shape.kv_heads) * shape.head_dim if shape.qk_norm == "projection" else 0))
+    replicated = 2 * shape.hidden + (2 * shape.head_dim if shape.qk_norm == "per_head" else 0)
+    if shape.experts:
+        return sharded // tp, replicated + shape.hidden * shape.experts, shape.experts // ep * 3 * shape.hidden * shape.expert_ffn
+    return (sharded + 3 * shape.hidden * shape.ffn) // tp, replicated, 0
 
 
-def stage_parameters(shape: ModelShape, tp: int, pp: int, stage: int) -> int:
-    """Parameters on one TP rank of pipeline stage ``stage``."""
-    sharded, replicated = layer_parameters(shape, tp)
-    count = (shape.layers // pp) * (sharded + replicated)
+def stage_parameters(shape: ModelShape, tp: int, pp: int, stage: int, ep: int = 1) -> int:
+    """Parameters on one rank of pipeline stage ``stage``."""
+    count = (shape.layers // pp) * sum(layer_parameters(shape, tp, ep))
     embedding = padded_vocab(shape.vocab, tp) * shape.hidden // tp
     if stage == 0:
         count += embedding
@@ -97,6 +106,12 @@ def stage_parameters(shape: ModelShape, tp: int, pp: int, stage: int) -> int:
         if not shape.tied or pp > 1:  # the output layer, or the tied embedding's copy on the last stage
             count += embedding
     return count
+
+
+def stage_expert_parameters(shape: ModelShape, pp: int, ep: int) -> int:
+    """The experts' share of :func:`stage_parameters` (the distributed optimizer shards it over
+    :attr:`Layout.expert_dp`, the rest over DP)."""
+    return (shape.layers // pp) * layer_parameters(shape, 1, ep)[2]
 
 
 def activation_elements_per_token(shape: ModelShape, tp: int, sp: bool, kernels: str,
@@ -114,9 +129,21 @@ def activation_elements_per_token(shape: ModelShape, tp: int, sp: bool, kernels:
         raise ValueError(f"kernels must be one of {KERNEL_SETS}, got {kernels!r}")
     if "core_attn" in selective:  # the checkpoint keeps its inputs q, k, v
         core_attn = q + 2 * kv if kernels == "cpu" else core_attn
+    if shape.experts:
+        mlp = h / s + moe_elements_per_token(shape, kernels) / s
     if "mlp" in selective:  # the checkpoint keeps the MLP's input
         mlp = h / s
     return attention_norm + qkv + core_attn + q + mlp_norm + mlp  # q: the output projection's input
+
+
+def moe_elements_per_token(shape: ModelShape, kernels: str) -> float:
+    """What a MoE MLP keeps per token beyond its input (which the router reads): the router's
+    logits and probabilities (``experts`` each), and for each of the ``experts_per_token`` copies
+    of the token the dispatched input and the weighted expert output (``hidden`` each) and the
+    expert's SwiGLU tensors (as the dense MLP's, of ``expert_ffn``). Assumes balanced routing: a
+    rank's experts see its tokens x top-k (an unbalanced router gives some ranks more)."""
+    swiglu = (3 if kernels == "fused" else 5) * shape.expert_ffn
+    return 2 * shape.experts + shape.experts_per_token * (2 * shape.hidden + swiglu)
 
 
 def activation_bytes(cfg: MegacreditConfig, shape: ModelShape, layout: Layout, stage: int, kernels: str,
@@ -145,11 +172,12 @@ def activation_bytes(cfg: MegacreditConfig, shape: ModelShape, layout: Layout, s
 def plan_stage(cfg: MegacreditConfig, shape: ModelShape, layout: Layout, stage: int, kernels: str,
                gpu_bytes: float) -> StagePlan:
     """Every term of :class:`StagePlan` for stage ``stage``."""
-    n = stage_parameters(shape, layout.tp, layout.pp, stage)
+    n = stage_parameters(shape, layout.tp, layout.pp, stage, layout.ep)
     element_bytes = 4 if cfg.model.dtype == "float32" else 2
     optimizer = (8 + (0 if element_bytes == 4 else 4)) * n
     if cfg.optimizer.use_distributed_optimizer:
-        optimizer /= layout.dp
+        experts = stage_expert_parameters(shape, layout.pp, layout.ep)
+        optimizer *= ((n - experts) / layout.dp + experts / layout.expert_dp) / n
     has_teacher = get_method(cfg.algorithm.name).teacher_pass and not cfg.algorithm.teacher.offload_to_host
     vocab_local = padded_vocab(shape.vocab, layout.tp) // layout.tp
     rows = max(16, min(1024, DEFAULT_CHUNK_BYTES // (vocab_local * 4)))

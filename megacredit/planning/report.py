@@ -17,6 +17,7 @@ class Plan:
     reserve_bytes: float
     offload_during_rollout: bool
     stages: list[StagePlan]
+    shape: ModelShape
 
     @property
     def worst(self) -> StagePlan:
@@ -43,9 +44,13 @@ def make_plan(cfg: MegacreditConfig, gpus_per_node: int = 8, nodes: int = 1, gpu
         raise ConfigError(f"parallel: TP {tp} x PP {pp} does not divide the {world} GPUs "
                           f"(--gpus-per-node x --nodes); change the layout or the GPU count")
     shape = shape or model_shape(cfg)
-    layout, gpu_bytes = Layout(tp, pp, world // (tp * pp)), gpu_mem_gb * GB
+    ep = par.expert_model_parallel_size
+    if ep > 1 and (not shape.experts or shape.experts % ep or (world // pp) % ep):
+        raise ConfigError(f"parallel.expert_model_parallel_size: EP {ep} must divide the model's "
+                          f"{shape.experts} experts and the {world // pp} GPUs of a pipeline stage; change EP")
+    layout, gpu_bytes = Layout(tp, pp, world // (tp * pp), ep), gpu_mem_gb * GB
     stages = [plan_stage(cfg, shape, layout, s, kernels, gpu_bytes) for s in range(pp)]
-    return Plan(layout, gpu_bytes, reserve_gb * GB, cfg.rollout.offload_trainer_during_rollout, stages)
+    return Plan(layout, gpu_bytes, reserve_gb * GB, cfg.rollout.offload_trainer_during_rollout, stages, shape)
 
 
 def knobs(cfg: MegacreditConfig, plan: Plan) -> list[str]:
@@ -64,6 +69,9 @@ def knobs(cfg: MegacreditConfig, plan: Plan) -> list[str]:
         room = plan.gpu_bytes - (plan.training_bytes() - worst.terms["activations"])
         if worst.terms["activations"] > 0 and room > 0:
             found.append(f"parallel.micro_batch_tokens<={int(tokens * room / worst.terms['activations'])}")
+        if plan.shape.experts:  # experts are split over EP only; their Adam state over TP x DP / EP ranks
+            found.append("more GPUs per pipeline stage, with a larger parallel.expert_model_parallel_size or "
+                         "optimizer.use_distributed_optimizer=true (the experts are not split over TP)")
         found.append("a larger parallel.tensor_model_parallel_size or pipeline_model_parallel_size (or more GPUs)")
     if plan.rollout_bytes() > plan.gpu_bytes:
         if not plan.offload_during_rollout:
@@ -75,7 +83,8 @@ def knobs(cfg: MegacreditConfig, plan: Plan) -> list[str]:
 def render(cfg: MegacreditConfig, plan: Plan) -> str:
     """The plan as a table in GB, one column per pipeline stage, then the verdict and the knobs."""
     lay = plan.layout
-    lines = [f"layout: TP {lay.tp} x PP {lay.pp} x DP {lay.dp}, {plan.gpu_bytes / GB:.0f} GB per GPU "
+    lines = [f"layout: TP {lay.tp} x PP {lay.pp} x DP {lay.dp}{f' (EP {lay.ep})' if lay.ep > 1 else ''}, "
+             f"{plan.gpu_bytes / GB:.0f} GB per GPU "
              f"(GB = 1e9 bytes; per rank of each pipeline stage)",
              "term".ljust(28) + "".join(f"stage {s.stage}".rjust(12) for s in plan.stages),
              "parameters (millions)".ljust(28) + "".join(f"{s.parameters / 1e6:12.1f}" for s in plan.stages)]

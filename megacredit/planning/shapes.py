@@ -1,8 +1,8 @@
 """The shape of the policy model a config names, without loading it (for the memory planner).
 
 From ``model.tiny`` for ``tiny``, from a local Hugging Face folder's ``config.json``, or from
-:data:`KNOWN_SHAPES` for the builtin SmolLM2 and the hub ids of the paper-scale recipes (their
-published ``config.json`` values, copied here so that planning needs no network).
+:data:`KNOWN_SHAPES` for the builtin SmolLM2 and the hub ids of the recipes in examples/ (their
+``config.json`` values, copied here so that planning needs no network).
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ from pathlib import Path
 from megacredit.config.parsing import ConfigError
 from megacredit.config.schema import MegacreditConfig
 
-DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-"""Families whose layer the planner counts (OLMo-3's post-norms and whole-projection QK-norm,
-Qwen3-MoE's experts: not yet)."""
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo3", "qwen3_moe")
+"""Families whose layer the planner counts: GQA attention and SwiGLU MLPs, with Qwen2's QKV bias,
+Qwen3's per-head QK-norm, OLMo-3's post-norms (as many weights as pre-norms) and whole-projection
+QK-norm, Qwen3-MoE's routed experts (every layer a MoE layer, no shared expert)."""
 SMOLLM2_VOCAB = 49152
 """The SmolLM2 tokenizer's vocabulary (the tiny model's default tokenizer)."""
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the memory of a dense GQA SwiGLU decoder depends on."""
+    """What the memory of a GQA SwiGLU decoder depends on (dense, or mixture-of-experts when
+    ``experts`` > 0)."""
 
     hidden: int
     layers: int
@@ -33,29 +35,53 @@ class ModelShape:
     ffn: int
     vocab: int
     tied: bool
-    qk_norm: bool = False
+    qk_norm: str = "none"
+    """none; per_head (Qwen3: one head_dim weight each for q and k, replicated over TP);
+    projection (OLMo-3: weights over all heads, split over TP like the heads)."""
     qkv_bias: bool = False
+    experts: int = 0
+    """Routed experts of each layer's MoE MLP (0: a dense MLP of ``ffn``)."""
+    experts_per_token: int = 0
+    """The router's top-k."""
+    expert_ffn: int = 0
+    """Each expert's intermediate size (``moe_intermediate_size``)."""
 
 
 KNOWN_SHAPES = {
     "smollm2-135m-instruct": ModelShape(576, 30, 9, 3, 64, 1536, SMOLLM2_VOCAB, tied=True),
-    "Qwen/Qwen3-8B": ModelShape(4096, 36, 32, 8, 128, 12288, 151936, tied=False, qk_norm=True),
-    "Qwen/Qwen3-32B": ModelShape(5120, 64, 64, 8, 128, 25600, 151936, tied=False, qk_norm=True),
+    "Qwen/Qwen3-8B": ModelShape(4096, 36, 32, 8, 128, 12288, 151936, tied=False, qk_norm="per_head"),
+    "Qwen/Qwen3-32B": ModelShape(5120, 64, 64, 8, 128, 25600, 151936, tied=False, qk_norm="per_head"),
+    "Qwen/Qwen3-30B-A3B": ModelShape(2048, 48, 32, 4, 128, 6144, 151936, tied=False, qk_norm="per_head",
+                                     experts=128, experts_per_token=8, expert_ffn=768),
+    "allenai/Olmo-3-7B-Instruct": ModelShape(4096, 32, 32, 32, 128, 11008, 100278, tied=False,
+                                             qk_norm="projection"),
 }
 
 
+def _moe_fields(d: dict) -> dict:
+    """Qwen3-MoE's expert fields (``num_experts``, which transformers 5 writes as ``num_local_experts``);
+    a ConfigError for the layouts megacredit does not build
+    (dense layers among the MoE ones, shared experts)."""
+    if d.get("mlp_only_layers") or int(d.get("decoder_sparse_step", 1)) != 1 or d.get("shared_expert_intermediate_size"):
+        raise ConfigError("model.name_or_path: the planner counts Qwen3-MoE with every layer a MoE layer and no "
+                          "shared expert (mlp_only_layers empty, decoder_sparse_step 1), as megacredit builds it")
+    return dict(experts=int(d.get("num_experts") or d["num_local_experts"]), experts_per_token=int(d["num_experts_per_tok"]),
+                expert_ffn=int(d["moe_intermediate_size"]))
+
+
 def shape_from_hf_dict(d: dict) -> ModelShape:
-    """A shape from a Hugging Face ``config.json`` (Llama, Qwen2, Qwen3 families)."""
+    """A shape from a Hugging Face ``config.json`` of one of :data:`FAMILIES`."""
     heads = int(d["num_attention_heads"])
     kind = d.get("model_type", "")
-    if kind not in DENSE_FAMILIES or d.get("num_experts"):
-        raise ConfigError(f"model.name_or_path: the planner counts the dense families {DENSE_FAMILIES} only, "
-                          f"not {kind!r}{' with experts' if d.get('num_experts') else ''}; plan a dense model")
+    if kind not in FAMILIES:
+        raise ConfigError(f"model.name_or_path: the planner counts the families {FAMILIES}, not {kind!r}")
+    qk_norm = {"qwen3": "per_head", "qwen3_moe": "per_head", "olmo3": "projection"}.get(kind, "none")
     return ModelShape(hidden=int(d["hidden_size"]), layers=int(d["num_hidden_layers"]), heads=heads,
                       kv_heads=int(d.get("num_key_value_heads") or heads),
                       head_dim=int(d.get("head_dim") or d["hidden_size"] // heads), ffn=int(d["intermediate_size"]),
-                      vocab=int(d["vocab_size"]), tied=bool(d.get("tie_word_embeddings", False)),
-                      qk_norm=kind == "qwen3", qkv_bias=kind == "qwen2" or bool(d.get("attention_bias", False)))
+                      vocab=int(d["vocab_size"]), tied=bool(d.get("tie_word_embeddings", False)), qk_norm=qk_norm,
+                      qkv_bias=kind == "qwen2" or bool(d.get("attention_bias", False)),
+                      **(_moe_fields(d) if kind == "qwen3_moe" else {}))
 
 
 def model_shape(cfg: MegacreditConfig) -> ModelShape:

@@ -10,13 +10,15 @@
    puts it on the last); the activations per layer differ by exactly the two terms named there
    (dropout masks, which these models do not have; SwiGLU's gate, which its GeLU count lacks).
 2. The 8B recipe's numbers in docs/launching.md, and the verdict and the knobs of the CLI.
-3. The parameter count of the tiny models (Llama, Qwen2 with QKV bias, Qwen3 with QK-norm; tied
-   or not) equals the Hugging Face model's.
+3. The parameter count of the tiny models (Llama, Qwen2 with QKV bias, Qwen3 with QK-norm, OLMo-3
+   with whole-projection QK-norm, Qwen3-MoE with its experts, also split over EP 2; tied or not)
+   equals the Hugging Face model's; MoE weights agree with Megatron-LM's count where both count.
 The measured CPU peaks are in tests/distributed/test_plan_measured.py.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -105,13 +107,13 @@ def test_an_unknown_model_names_the_field():
         make_plan(_cfg("model.name_or_path=/nonexistent/folder"))
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "olmo3", "qwen3_moe"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_the_parameter_count_equals_the_hugging_face_models(architecture, tied):
     from transformers import AutoModelForCausalLM
 
     from megacredit.models.tiny import tiny_config
-    from megacredit.planning.memory import stage_parameters
+    from megacredit.planning.memory import stage_expert_parameters, stage_parameters
     from megacredit.planning.shapes import model_shape
 
     cfg = load_config(None, ["model.name_or_path=tiny", f"model.tiny.architecture={architecture}",
@@ -119,11 +121,66 @@ def test_the_parameter_count_equals_the_hugging_face_models(architecture, tied):
                       check_paths=False)
     fields = cfg.model.tiny.to_hf_config_dict(1024)
     model = AutoModelForCausalLM.from_config(tiny_config(fields.pop("model_type"), **fields))
-    assert stage_parameters(model_shape(cfg), 1, 1, 0) == sum(p.numel() for p in model.parameters())
+    shape = model_shape(cfg)
+    assert stage_parameters(shape, 1, 1, 0) == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    assert stage_expert_parameters(shape, 1, 1) == experts  # 0 for the dense families
+    if experts:  # EP 2: each rank holds half of every layer's experts, all the rest
+        assert stage_parameters(shape, 1, 1, 0, ep=2) == sum(p.numel() for p in model.parameters()) - experts // 2
 
 
-@pytest.mark.parametrize("architecture", ["olmo3", "qwen3_moe"])
-def test_a_family_the_planner_does_not_count_is_refused_naming_the_field(architecture):
-    cfg = load_config(None, ["model.name_or_path=tiny", f"model.tiny.architecture={architecture}"], check_paths=False)
-    with pytest.raises(ConfigError, match="model.name_or_path.*dense"):
-        make_plan(cfg, gpus_per_node=1)
+MOE_LIKE = ModelShape(hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128, ffn=6144, vocab=151936, tied=False,
+                      experts=128, experts_per_token=8, expert_ffn=768)
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_moe_weights_and_optimizer_agree_with_megatron_lm_where_both_count(pp):
+    """Megatron-LM's count includes every expert (``moe_ffn_hidden_size * num_experts``) and
+    divides the shard by TP only: at TP 1 and EP 1 it counts what megacredit's rank holds, less
+    the router (``hidden x experts`` per layer, which it omits)."""
+    cfg = load_config(None, ["model.name_or_path=tiny", "model.tiny.architecture=qwen3_moe", "model.dtype=bfloat16",
+                             f"parallel.pipeline_model_parallel_size={pp}"], check_paths=False)  # 18 B per parameter
+    plan = make_plan(cfg, gpus_per_node=pp, shape=MOE_LIKE)
+    ours = sum(plan.stages[0].terms[k] for k in ("weights", "gradients", "optimizer"))
+    h = MOE_LIKE.hidden
+    self_attn = 2 * h * h * (1 + MOE_LIKE.kv_heads / MOE_LIKE.heads) * (MOE_LIKE.head_dim * MOE_LIKE.heads / h)
+    moe_layer = 2 * h * (MOE_LIKE.expert_ffn * MOE_LIKE.experts * 3 / 2 + 1) + self_attn  # RMSNorm: norm_size 1
+    block, embedding = moe_layer * MOE_LIKE.layers + h, h * padded_vocab(MOE_LIKE.vocab, 1)
+    theirs = (block / pp + embedding + (embedding if pp == 1 else 0)) * 18
+    router = MOE_LIKE.layers // pp * h * MOE_LIKE.experts * 18
+    final_norm_on_the_last_stage = h / 2 * 18 if pp == 2 else 0
+    assert ours == pytest.approx(theirs + router - final_norm_on_the_last_stage, rel=1e-9)
+
+
+def test_the_moe_recipe_fits_only_with_the_teacher_on_the_host():
+    """examples/qwen3_30b_a3b_credit_science.yaml on 8 x 80 GB: its 16 experts per GPU hold
+    3.6 B parameters that no DP shards (EP 8 = every rank of the node), so the EMA teacher's fp32
+    copy goes to the host (docs/launching.md)."""
+    recipe = EXAMPLE.parent / "qwen3_30b_a3b_credit_science.yaml"
+    plan = make_plan(load_config(recipe, [], check_paths=False), gpus_per_node=8)
+    assert plan.layout.ep == 8 and plan.layout.expert_dp == 1 and plan.fits
+    assert plan.stages[0].terms["teacher"] == 0
+    assert not make_plan(load_config(recipe, ["algorithm.teacher.offload_to_host=false"], check_paths=False),
+                         gpus_per_node=8).fits
+    assert make_plan(load_config(recipe, ["algorithm.teacher.offload_to_host=false"], check_paths=False),
+                     gpus_per_node=8, nodes=2).fits  # 16 GPUs: the distributed optimizer halves the experts' state
+
+
+def test_a_family_the_planner_does_not_count_is_refused_naming_the_field(tmp_path: Path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "num_attention_heads": 12}')
+    with pytest.raises(ConfigError, match="model.name_or_path.*families"):
+        make_plan(_cfg(f"model.name_or_path={tmp_path}"), gpus_per_node=8)
+    moe = {"model_type": "qwen3_moe", "num_attention_heads": 4, "hidden_size": 64, "num_hidden_layers": 2,
+           "intermediate_size": 128, "vocab_size": 1024, "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 32, "mlp_only_layers": [0]}
+    (tmp_path / "config.json").write_text(json.dumps(moe))
+    with pytest.raises(ConfigError, match="model.name_or_path.*every layer a MoE layer"):
+        make_plan(_cfg(f"model.name_or_path={tmp_path}"), gpus_per_node=8)
+
+
+def test_an_expert_parallel_size_that_does_not_divide_the_experts_names_the_field():
+    cfg = load_config(None, ["model.name_or_path=tiny", "model.tiny.architecture=qwen3_moe",
+                             "parallel.expert_model_parallel_size=2"], check_paths=False)
+    with pytest.raises(ConfigError, match="parallel.expert_model_parallel_size"):
+        make_plan(cfg, gpus_per_node=2, shape=ModelShape(64, 2, 4, 2, 16, 128, 1024, tied=True, experts=3,
+                                                          experts_per_token=1, expert_ffn=32))
