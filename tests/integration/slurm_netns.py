@@ -27,8 +27,11 @@ import os
 import secrets
 import signal
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+from make_deps import missing
 from slurm_cluster import LocalSlurmCluster, _which
 from slurm_cluster import unavailable_reason as slurm_unavailable_reason
 
@@ -42,6 +45,18 @@ def unavailable_reason() -> str | None:
     if missing:
         return f"programs missing for network namespaces: {', '.join(missing)} (Debian packages iproute2 util-linux)"
     return slurm_unavailable_reason()
+
+
+@contextmanager
+def two_node_cluster(root: Path, cpus: int = 2) -> Iterator["TwoNodeSlurmCluster"]:
+    """A started two-node cluster under ``root`` for a test module (the two-node tests of the main
+    suite and of tests/sglang_cpu); skips the test where it cannot be made (not root, programs
+    missing), or fails it with MEGACREDIT_REQUIRE_ALL=1."""
+    reason = unavailable_reason()
+    if reason is not None:
+        missing("netns", reason)
+    with TwoNodeSlurmCluster(root, cpus=cpus) as cluster:
+        yield cluster
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:

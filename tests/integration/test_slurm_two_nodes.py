@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 
 from engine_scenarios import training_steps_with_sync_and_mismatch
-from make_deps import missing
 from slurm_jobs import job_dirs, job_output, sbatch_tiny, wait_until
-from slurm_netns import TwoNodeSlurmCluster, unavailable_reason
+from slurm_netns import two_node_cluster
 from trainer_helpers import read_losses
 from vllm_helpers import needs_vllm, write_tiny_model
 
@@ -37,10 +36,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason is not None:
-        missing("netns", reason)
-    with TwoNodeSlurmCluster(tmp_path_factory.mktemp("slurm2"), cpus=2) as two_nodes:
+    with two_node_cluster(tmp_path_factory.mktemp("slurm2")) as two_nodes:
         yield two_nodes
 
 

@@ -113,6 +113,16 @@ def test_remote_rollout_plan_splits_the_nodes(tmp_path):
     assert too_few.returncode == 2 and "--nodes=2" in too_few.stderr
 
 
+def test_remote_servers_run_with_rollout_python_and_sglang_log_probs_at_the_temperature(tmp_path):
+    remote = {"NODES": "2", "ROLLOUT_PLACEMENT": "remote", "ROLLOUT_ENGINE": "sglang"}
+    result = _script_dryrun("credit_8b.sh", cwd=tmp_path, ROLLOUT_PYTHON="/opt/sglang-env/bin/python", **remote)
+    assert result.returncode == 0, result.stderr
+    assert "rollout server on node1: /opt/sglang-env/bin/python -m sglang.launch_server" in result.stdout
+    refused = _script_dryrun("credit_8b.sh", cwd=tmp_path, SGLANG_RETURN_ORIGINAL_LOGPROB="True", **remote)
+    assert refused.returncode == 2 and "SGLANG_RETURN_ORIGINAL_LOGPROB is set" in refused.stderr
+    assert "unset it" in refused.stderr and "rollout server" not in refused.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["training.steps=3", "examples/x.yaml"], "must come before"),
     (["steps"], "unexpected argument 'steps'"),
