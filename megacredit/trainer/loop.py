@@ -15,6 +15,7 @@ from megacredit.trainer.rl_step import run_step, trainer_memory_released
 from megacredit.trainer.run import RLRun
 from megacredit.trainer.rollout import PromptStream, step_seed
 from megacredit.utils.malloc import PageFaultCheck
+from megacredit.utils.preemption import PreemptionFlag
 
 
 def validate(run: RLRun, val_records: list[dict], step: int, logger) -> None:
@@ -72,13 +73,14 @@ def train(cfg: MegacreditConfig) -> dict[str, Any]:
     run, train_records, val_records = setup(cfg)
     logger, finished = None, False
     try:
-        start_step, _ = checkpointing.resume(run.actor, run.ctx, cfg, run.progress)
+        start_step, resumed = checkpointing.resume(run.actor, run.ctx, cfg, run.progress)
         sync_weights(run)  # the engine starts from the (loaded) policy: the same path as every step
         total = cfg.training.resolved_steps(len(train_records), cfg.data.prompts_per_step)
         if run.is_logger:
             logger = MetricsLogger.from_config(cfg, total, start_step or None, run.progress.console)
             save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
-        run_steps(run, train_records, val_records, start_step, total, logger)
+        validate_first = resumed.get("validation_pending", start_step == 0 and cfg.validation.before_training)
+        run_steps(run, train_records, val_records, start_step, total, logger, validate_first)
         finished = True
     except RuntimeError as error:
         fault = lost_peer_fault(error, run.ctx.rank, cfg.parallel.collective_timeout_minutes)
@@ -98,15 +100,16 @@ def train(cfg: MegacreditConfig) -> dict[str, Any]:
 
 
 def run_steps(run: RLRun, train_records: list[dict], val_records: list[dict], start_step: int, total: int,
-              logger) -> None:
-    """Steps ``start_step`` .. ``total`` - 1, validation, checkpoints (SIGTERM/SIGUSR1: save, stop)."""
+              logger, validate_first: bool) -> None:
+    """Steps ``start_step`` .. ``total`` - 1, validation, checkpoints. SIGTERM/SIGUSR1: save at the
+    end of the step and stop; a validation due then is skipped and runs first on resume."""
     cfg = run.cfg
     prompts = PromptStream(train_records, cfg.data.prompts_per_step, cfg.training.seed, cfg.data.shuffle)
-    preemption = checkpointing.PreemptionFlag().install()
+    preemption = PreemptionFlag().install()
     page_faults = PageFaultCheck()  # does the malloc tuning help on this machine? (utils/malloc.py)
     try:
-        if start_step == 0 and cfg.validation.before_training:
-            validate(run, val_records, 0, logger)
+        if validate_first:
+            validate(run, val_records, start_step, logger)
         for step in range(start_step, total):
             metrics = run_step(run, step, prompts.batch(step))
             metrics.update(page_faults.after_step())
@@ -115,13 +118,17 @@ def run_steps(run: RLRun, train_records: list[dict], val_records: list[dict], st
                 logger.save_token_credit(done, metrics.pop("_token_credit", []))
                 logger.log(done, metrics)
             last, every = done == total, cfg.validation.every_steps
-            if (every and done % every == 0 and not last) or (last and cfg.validation.after_training):
+            due = bool((every and done % every == 0 and not last) or (last and cfg.validation.after_training))
+            preempted = preemption.on_any_rank()
+            skipped = due and preempted
+            if due and not preempted:
                 validate(run, val_records, done, logger)
-            save_every, preempted = cfg.checkpoint.save_every, preemption.on_any_rank()
-            if preempted or (save_every and (done % save_every == 0 or last)):
-                with run.progress.stage(f"saving the checkpoint of step {done}"):
+                preempted = preemption.on_any_rank()
+            if preempted or (cfg.checkpoint.save_every and (done % cfg.checkpoint.save_every == 0 or last)):
+                pending = " (preempted: its validation runs first on resume)" if skipped else ""
+                with run.progress.stage(f"saving the checkpoint of step {done}{pending}"):
                     checkpointing.save(run.actor, run.ctx, cfg.checkpoint_dir(), done, cfg.checkpoint.keep_last,
-                                       {"completed_steps": done})
+                                       {"completed_steps": done, "validation_pending": skipped})
             if preempted:
                 break
     finally:
