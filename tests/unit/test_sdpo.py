@@ -192,3 +192,20 @@ def test_tail_stays_finite_when_top_k_holds_all_the_mass():
     (grad,) = torch.autograd.grad(value.sum(), student_logits)
     assert torch.isfinite(value).all() and torch.isfinite(grad).all()
     torch.testing.assert_close(value, plain, atol=1e-10, rtol=0)  # the near-empty tail adds ~eps
+
+
+def test_gradient_on_a_student_logit_follows_the_closed_forms_of_the_two_kls():
+    """What docs/results.md's reading of the hard level rests on: on a token the teacher favours
+    and the student does not, forward KL pushes the student's logit by S - T, reverse KL by
+    S (log S - log T - KL(S || T)), a push that vanishes with S (mode-seeking). float64, 1e-12."""
+    from megacredit.algorithms.sdpo import divergence_on_bins
+
+    student_logits = random_logits(VOCAB, seed=3).double().requires_grad_(True)
+    teacher = torch.log_softmax(random_logits(VOCAB, seed=4).double(), -1)
+    student = torch.log_softmax(student_logits, -1)
+    s, t = student.exp().detach(), teacher.exp()
+    kl = (s * (student.detach() - teacher)).sum()
+    for alpha, expected in ((0.0, s - t), (1.0, s * (student.detach() - teacher - kl))):
+        (gradient,) = torch.autograd.grad(divergence_on_bins(torch.log_softmax(student_logits, -1), teacher, alpha),
+                                          student_logits)
+        torch.testing.assert_close(gradient, expected, atol=1e-12, rtol=1e-12)
