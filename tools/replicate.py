@@ -8,7 +8,9 @@ leakage counts, seconds per step, what was and was not reproduced from the paper
 of the learning curves of all runs overlaid (megacredit.reporting.visualize.plot_runs).
 
 Resumable: a finished run leaves ``replicate.json`` (its exact command) in its directory and
-is skipped when the same command is asked again; an unfinished or failed run is started afresh.
+is skipped when the same command is asked again; an unfinished or failed run is started afresh; a
+finished run of another command is never overwritten without ``--force``. Runs with ``--set``
+overrides get their own folder (``<level>[_<ablation>]_set-<hash of the overrides>``).
 A failed run does not stop the others; the summary covers the runs that finished.
 
     make replicate                                   # the documented budget (see BUDGET)
@@ -20,6 +22,7 @@ A failed run does not stop the others; the summary covers the runs that finished
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -93,22 +96,37 @@ def experiment_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def experiment_name(args: argparse.Namespace) -> str:
-    return "_".join(part for part in (args.level, args.ablation) if part) or "default"
+    """The runs' folder under --runs-dir: level, ablation, and a tag of the --set overrides (so
+    that runs with other overrides never share a folder with the experiment's own)."""
+    tag = "set-" + hashlib.sha1("\n".join(sorted(args.set)).encode()).hexdigest()[:8] if args.set else ""
+    return "_".join(part for part in (args.level, args.ablation, tag) if part) or "default"
 
 
 def run_dir(method: str, seed: int, args: argparse.Namespace) -> Path:
     return Path(args.runs_dir).resolve() / experiment_name(args) / f"{method}_seed{seed}"
 
 
+def finished_command(directory: Path) -> list[str] | None:
+    """The command of the run finished in ``directory`` (its marker), or None."""
+    try:
+        return json.loads((directory / MARKER).read_text()).get("command")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def is_finished(directory: Path, command: Sequence[str]) -> bool:
     """True when ``directory`` holds a run finished with exactly ``command``."""
-    marker = directory / MARKER
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()).get("command") == list(command[1:])
-    except json.JSONDecodeError:
-        return False
+    return finished_command(directory) == list(command[1:])
+
+
+def overwrite_problem(directory: Path, command: Sequence[str]) -> str | None:
+    """Why training ``command`` into ``directory`` would destroy a finished run of another
+    command (a changed harness or budget), or None."""
+    other = finished_command(directory)
+    if other is None or other == list(command[1:]):
+        return None
+    return (f"{directory} holds a finished run of another command ({' '.join(other[3:])}); give "
+            "another --runs-dir to keep it, or --force to retrain it")
 
 
 def estimate_seconds(method: str, args: argparse.Namespace) -> float:
@@ -147,6 +165,10 @@ def run_all(args: argparse.Namespace) -> list[tuple[str, int, str]]:
     """Train every (method, seed) not yet finished; returns the failures (method, seed, log)."""
     plan = [(method, seed) for seed in args.seeds for method in args.methods]
     todo = [(m, s) for m, s in plan if args.force or not is_finished(run_dir(m, s, args), run_command(m, s, args))]
+    problems = [] if args.force else [p for m, s in todo if (p := overwrite_problem(run_dir(m, s, args),
+                                                                                    run_command(m, s, args)))]
+    if problems:
+        raise SystemExit("replicate: refusing to overwrite finished runs:\n  " + "\n  ".join(problems))
     remaining = sum(estimate_seconds(m, args) for m, _ in todo)
     print(f"replicate: {len(plan)} runs, {len(plan) - len(todo)} already finished, {len(todo)} to train "
           f"(estimate: {remaining / 3600:.1f} h)", flush=True)

@@ -9,6 +9,8 @@ per-token values and, rendered by headless Chromium, show coloured tokens in bot
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import math
 import os
@@ -39,7 +41,17 @@ TINY = [
     "optimizer.lr=1e-3", "validation.num_prompts=4", "validation.k=2", "validation.bootstrap_samples=200",
     "logging.tensorboard=false", "logging.console=false", "parallel.micro_batch_tokens=512",
 ]
-RUNS = Path("runs") / "default"  # --runs-dir / experiment (no --level, no --ablation) / <method>_seed<seed>
+_spec = importlib.util.spec_from_file_location("replicate_tool", REPO / "tools" / "replicate.py")
+replicate_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(replicate_tool)
+
+
+def experiment_dir(ablation: str | None = None) -> Path:
+    """--runs-dir / experiment (no --level; the ablation; the tag of the --set overrides)."""
+    return Path("runs") / replicate_tool.experiment_name(argparse.Namespace(level=None, ablation=ablation, set=TINY))
+
+
+RUNS = experiment_dir()  # / <method>_seed<seed>
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -202,7 +214,7 @@ def test_ablation_report_pairs_the_ablated_run_with_the_baseline(replication):
     rows = markdown_table(text, "# Single-factor ablations")
     assert [row[:3] for row in rows] == [["no_temperature_scaling", "credit", str(SEED)]]
     baseline = merged(replication / RUNS / f"credit_seed{SEED}")[1]["val/avg_at_k"]
-    ablation_run = replication / "runs" / "no_temperature_scaling" / f"credit_seed{SEED}"
+    ablation_run = replication / experiment_dir("no_temperature_scaling") / f"credit_seed{SEED}"
     final = merged(ablation_run)[1]["val/avg_at_k"]
     assert rows[0][3] == f"{final:.3f}" and rows[0][4] == f"{baseline:.3f}"
     assert rows[0][6] == f"{SEED}: {final - baseline:+.3f}"
