@@ -18,8 +18,9 @@ Per rank (one TP x PP shard; the most loaded pipeline stage is reported), in byt
 Parameter counts follow Megatron-LM's ``compute_weight_and_optimizer_memory``
 (NVIDIA/Megatron-LM, megatron/training/theoretical_memory_usage.py) and add what it leaves out
 (QK-norm, QKV bias, the tied embedding's copy on the last stage, the MoE router, the split of the
-experts over EP, which it does not make); tests/unit/test_planning.py compares both. Activations follow Korthikanti et al., "Reducing Activation Recomputation in Large
-Transformer Models" (section 4), counted per tensor for two kernel sets, see
+experts over EP, which it does not make); tests/unit/test_planning.py compares both. Activations
+follow Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models"
+(section 4), counted per tensor for two kernel sets, see
 :data:`KERNEL_SETS`. Not counted: CUDA context, NCCL buffers, fragmentation (``reserve_bytes``).
 """
 
@@ -91,7 +92,8 @@ def layer_parameters(shape: ModelShape, tp: int, ep: int = 1) -> tuple[int, int,
                + ((shape.heads + shape.kv_heads) * shape.head_dim if shape.qk_norm == "projection" else 0))
     replicated = 2 * shape.hidden + (2 * shape.head_dim if shape.qk_norm == "per_head" else 0)
     if shape.experts:
-        return sharded // tp, replicated + shape.hidden * shape.experts, shape.experts // ep * 3 * shape.hidden * shape.expert_ffn
+        experts = shape.experts // ep * 3 * shape.hidden * shape.expert_ffn
+        return sharded // tp, replicated + shape.hidden * shape.experts, experts
     return (sharded + 3 * shape.hidden * shape.ffn) // tp, replicated, 0
 
 

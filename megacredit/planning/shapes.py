@@ -59,14 +59,14 @@ KNOWN_SHAPES = {
 
 
 def _moe_fields(d: dict) -> dict:
-    """Qwen3-MoE's expert fields (``num_experts``, which transformers 5 writes as ``num_local_experts``);
-    a ConfigError for the layouts megacredit does not build
-    (dense layers among the MoE ones, shared experts)."""
+    """Qwen3-MoE's expert fields (``num_experts``, which transformers 5 writes as
+    ``num_local_experts``); a ConfigError for the layouts megacredit does not build (dense layers
+    among the MoE ones, shared experts)."""
     if d.get("mlp_only_layers") or int(d.get("decoder_sparse_step", 1)) != 1 or d.get("shared_expert_intermediate_size"):
         raise ConfigError("model.name_or_path: the planner counts Qwen3-MoE with every layer a MoE layer and no "
                           "shared expert (mlp_only_layers empty, decoder_sparse_step 1), as megacredit builds it")
-    return dict(experts=int(d.get("num_experts") or d["num_local_experts"]), experts_per_token=int(d["num_experts_per_tok"]),
-                expert_ffn=int(d["moe_intermediate_size"]))
+    return dict(experts=int(d.get("num_experts") or d["num_local_experts"]),
+                experts_per_token=int(d["num_experts_per_tok"]), expert_ffn=int(d["moe_intermediate_size"]))
 
 
 def shape_from_hf_dict(d: dict) -> ModelShape:
