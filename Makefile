@@ -81,9 +81,10 @@ replicate: env
 	$(PY) tools/replicate.py $(REPLICATE_ARGS)
 
 # The main suite in .venv, then the SGLang tests in .venv-sglang (real SGLang 0.5.23 on the CPU).
+# --durations: the slowest tests in the log, to keep CI within its 90 minutes.
 test: env sglang-env
-	$(PY) -m pytest -q -ra tests --ignore=tests/sglang_cpu
-	$(SGLANG_PY) -m pytest -q -ra tests/sglang_cpu
+	$(PY) -m pytest -q -ra --durations=25 tests --ignore=tests/sglang_cpu
+	$(SGLANG_PY) -m pytest -q -ra --durations=10 tests/sglang_cpu
 
 test-sglang: sglang-env
 	$(SGLANG_PY) -m pytest -q -ra tests/sglang_cpu
