@@ -89,8 +89,8 @@ def _measure(rank, world_size, case):
              _packed([SEQUENCE] * (2 * tokens // SEQUENCE), tokens, fields["vocab_size"])]
     # The first model built imports modules lazily (model families, MoE: about 40 MiB of code and
     # tables), which no plan counts: a throwaway one-layer-per-stage model is built first.
-    del_me = build_gpt_model(_hf_config(case, num_hidden_layers=pp, vocab_size=256), ctx)
-    del del_me
+    warmup_model = build_gpt_model(_hf_config(case, num_hidden_layers=pp, vocab_size=256), ctx)
+    del warmup_model
     Path("/proc/self/clear_refs").write_text("5")
     before = _resident("VmRSS")
     model = build_gpt_model(_hf_config(case), ctx)
