@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -75,6 +76,9 @@ embedded engine's prompt-prefilled-once speed-up."""
 STARTUP_SECONDS_ESTIMATE = 20.0
 """Process start, model load and the first weight sync."""
 MARKER = "replicate.json"
+ARCHIVED_FILES = (MARKER, "config.yaml", "metrics.jsonl")
+"""What the archive keeps of a finished run: the report and the curves need nothing else (the run
+folder also holds checkpoints, logs and token records, too large to commit)."""
 
 
 def config_path(method: str) -> Path:
@@ -119,6 +123,36 @@ def is_finished(directory: Path, command: Sequence[str]) -> bool:
     return finished_command(directory) == list(command[1:])
 
 
+def without_run_dir(command: Sequence[str]) -> list[str]:
+    return [part for part in command if not part.startswith("logging.run_dir=")]
+
+
+def archive_dir(method: str, seed: int, args: argparse.Namespace) -> Path:
+    return Path(args.archive).resolve() / experiment_name(args) / f"{method}_seed{seed}"
+
+
+def archive_run(directory: Path, target: Path) -> None:
+    """Copy what the report needs of a finished run into the archive (committed with the report,
+    so that a later session can add seeds and rewrite the report without the runs folder)."""
+    if target.resolve() == directory.resolve():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVED_FILES:
+        if (directory / name).is_file():
+            shutil.copyfile(directory / name, target / name)
+
+
+def finished_run(method: str, seed: int, args: argparse.Namespace) -> Path | None:
+    """The folder of the finished run of (method, seed) with this experiment's command: the runs
+    folder, else the archive (whose runs were trained in another folder); None when neither has it."""
+    command = run_command(method, seed, args)
+    if is_finished(run_dir(method, seed, args), command):
+        return run_dir(method, seed, args)
+    archived = archive_dir(method, seed, args)
+    other = finished_command(archived)
+    return archived if other is not None and without_run_dir(other) == without_run_dir(command[1:]) else None
+
+
 def overwrite_problem(directory: Path, command: Sequence[str]) -> str | None:
     """Why training ``command`` into ``directory`` would destroy a finished run of another
     command (a changed harness or budget), or None."""
@@ -156,15 +190,16 @@ def train_one(method: str, seed: int, args: argparse.Namespace) -> tuple[bool, f
                 process.wait(timeout=60)
     wall = time.monotonic() - start
     if returncode == 0:
-        (directory / MARKER).write_text(json.dumps({"command": command[1:], "wall_s": wall,
+        (directory / MARKER).write_text(json.dumps({"command": command[1:], "wall_s": wall, "commit": args.commit,
                                                     "finished": datetime.now(timezone.utc).isoformat()}))
+        archive_run(directory, archive_dir(method, seed, args))
     return returncode == 0, wall
 
 
 def run_all(args: argparse.Namespace) -> list[tuple[str, int, str]]:
     """Train every (method, seed) not yet finished; returns the failures (method, seed, log)."""
     plan = [(method, seed) for seed in args.seeds for method in args.methods]
-    todo = [(m, s) for m, s in plan if args.force or not is_finished(run_dir(m, s, args), run_command(m, s, args))]
+    todo = [(m, s) for m, s in plan if args.force or finished_run(m, s, args) is None]
     problems = [] if args.force else [p for m, s in todo if (p := overwrite_problem(run_dir(m, s, args),
                                                                                     run_command(m, s, args)))]
     if problems:
@@ -224,10 +259,10 @@ def collect(args: argparse.Namespace) -> list[RunSummary]:
     summaries = []
     for seed in args.seeds:
         for method in args.methods:
-            directory = run_dir(method, seed, args)
-            if is_finished(directory, run_command(method, seed, args)):
-                wall = json.loads((directory / MARKER).read_text())["wall_s"]
-                summaries.append(summarise_run(directory, method, seed, wall))
+            if (directory := finished_run(method, seed, args)) is not None:
+                marker = json.loads((directory / MARKER).read_text())
+                summaries.append(summarise_run(directory, method, seed, marker["wall_s"],
+                                               marker.get("commit", "unknown")))
     return summaries
 
 
@@ -272,6 +307,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra config overrides applied to every run (e.g. validation.num_prompts=32)")
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "replicate"))
+    parser.add_argument("--archive", default=None,
+                        help="where finished runs' metrics, config and command are copied for the report "
+                             "(default: runs/ beside --results; commit it with the report)")
     parser.add_argument("--results", default=None,
                         help="the Markdown report (default: docs/results/<level>[_<ablation>].md)")
     parser.add_argument("--plot", default=None, help="the learning-curve PNG (default: beside --results)")
@@ -285,6 +323,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--steps must be >= 1 and --val-every >= 0")
     args.results = args.results or str(REPO / "docs" / "results" / f"{experiment_name(args)}.md")
     args.plot = args.plot or str(Path(args.results).with_name(Path(args.results).stem + "_curves.png"))
+    args.archive = args.archive or str(Path(args.results).with_name("runs"))
+    args.commit = git_commit()
     return args
 
 
@@ -294,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in args.seeds:
             for method in args.methods:
                 command = run_command(method, seed, args)
-                done = "finished" if is_finished(run_dir(method, seed, args), command) else "to run"
+                done = "finished" if finished_run(method, seed, args) is not None else "to run"
                 print(f"{done:>8}  ~{estimate_seconds(method, args) / 60:4.1f} min  megacredit {' '.join(command[3:])}")
         total = sum(estimate_seconds(m, args) for m in args.methods) * len(args.seeds)
         print(f"estimate: {total / 3600:.2f} h on 2 cores")

@@ -77,6 +77,8 @@ class RunSummary:
     """Run means of a few diagnostics (train/rlsd_clip_frac, train/entropy)."""
     last: dict[str, float] = field(default_factory=dict)
     """Means over the last LAST_STEPS training steps of every float metric (the teacher diagnostic)."""
+    commit: str = "unknown"
+    """The commit that trained the run (the harness records it when the run finishes)."""
 
     @property
     def final(self) -> ValPoint:
@@ -91,7 +93,7 @@ class RunSummary:
         return self.validations[0] if self.validations[0].step == 0 else None
 
 
-def summarise_run(run_dir: str | Path, method: str, seed: int, wall_s: float) -> RunSummary:
+def summarise_run(run_dir: str | Path, method: str, seed: int, wall_s: float, commit: str = "unknown") -> RunSummary:
     """A RunSummary from a run directory; a clear error when it has no validation."""
     import yaml
 
@@ -117,7 +119,8 @@ def summarise_run(run_dir: str | Path, method: str, seed: int, wall_s: float) ->
         method=method, seed=seed, run_dir=run, wall_s=wall_s, validations=validations, last=last,
         leakage=int(sum(series(train_rows, "rollout/leakage_count")[1])), responses=per_step * len(train_rows),
         step_seconds=series(train_rows, "perf/time_step")[1], config=config,
-        first={k: v for k, v in train_rows[0].items() if isinstance(v, float)} if train_rows else {}, means=means)
+        first={k: v for k, v in train_rows[0].items() if isinstance(v, float)} if train_rows else {}, means=means,
+        commit=commit)
 
 
 # ------------------------------------------------------------------ statistics over seeds
@@ -217,7 +220,7 @@ def comparison_rows(runs: Sequence[RunSummary]) -> tuple[list[list[str]], list[s
 def run_rows(runs: Sequence[RunSummary]) -> list[list[str]]:
     return [[r.method, str(r.seed), fmt_point(r.initial) if r.initial else "n/a", fmt_point(r.final),
              fmt_point(r.best), f"{r.leakage} / {r.responses}", fmt(median_step_seconds([r]), 1),
-             fmt(r.wall_s / 60, 1)] for r in runs]
+             fmt(r.wall_s / 60, 1), r.commit] for r in runs]
 
 
 def paper_claim_rows(runs: Sequence[RunSummary]) -> list[list[str]]:
@@ -354,7 +357,7 @@ def write_report(runs: Sequence[RunSummary], out_md: Path, out_png: Path, meta: 
               "seed agrees in sign.", "",
               "## Every run", "", *table(["method", "seed", "step-0 avg@k [CI] @ step", "final avg@k [CI] @ step",
                                         "best avg@k [CI] @ step", "leaking / responses", "s/step (median)",
-                                        "wall (min)"], run_rows(runs)),
+                                        "wall (min)", "commit"], run_rows(runs)),
               "", *initial_validation_check(runs),
               "", f"## Does the teacher know more? (first training step -> mean of the last {LAST_STEPS}; means over seeds)", "",
               *diagnostic_table(runs),

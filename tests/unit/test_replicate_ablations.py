@@ -40,7 +40,8 @@ def test_each_ablation_changes_exactly_its_keys(ablation, method):
 def _args(tmp_path, **changes):
     import argparse
 
-    values = dict(level="hard", ablation=None, set=[], runs_dir=str(tmp_path), steps=20, val_every=20)
+    values = dict(level="hard", ablation=None, set=[], runs_dir=str(tmp_path / "runs"), steps=20, val_every=20,
+                  archive=str(tmp_path / "archive"), commit="abc1234", seeds=[1], methods=["sdpo"])
     return argparse.Namespace(**{**values, **changes})
 
 
@@ -64,3 +65,29 @@ def test_set_overrides_get_their_own_folder_and_a_finished_run_is_never_overwrit
     assert problem and "--runs-dir" in problem and "--force" in problem
     with pytest.raises(SystemExit, match="refusing to overwrite"):
         replicate.run_all(_args(tmp_path, steps=30, methods=["sdpo"], seeds=[2], force=False))
+
+
+def test_finished_runs_are_archived_and_reported_from_the_archive_without_the_runs_folder(tmp_path):
+    """The runs folder is not committed (checkpoints); a later session found it gone and could not add
+    a seed to the report. The archive keeps what the report needs, trained in another folder."""
+    import json
+    import shutil
+
+    args = _args(tmp_path)
+    directory = replicate.run_dir("sdpo", 1, args)
+    directory.mkdir(parents=True)
+    command = replicate.run_command("sdpo", 1, args)
+    metrics = [{"step": 0, "val/avg_at_k": 0.25, "val/avg_at_k_ci_low": 0.1, "val/avg_at_k_ci_high": 0.4},
+               {"step": 1, "train/loss": 0.5, "perf/time_step": 3.0, "rollout/leakage_count": 0.0},
+               {"step": 1, "val/avg_at_k": 0.5, "val/avg_at_k_ci_low": 0.3, "val/avg_at_k_ci_high": 0.7}]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
+    (directory / "checkpoint.pt").write_bytes(b"large")
+    (directory / replicate.MARKER).write_text(json.dumps({"command": command[1:], "wall_s": 9.0, "commit": "abc1234"}))
+    replicate.archive_run(directory, replicate.archive_dir("sdpo", 1, args))
+    shutil.rmtree(tmp_path / "runs")
+    archived = replicate.archive_dir("sdpo", 1, args)
+    assert sorted(p.name for p in archived.iterdir()) == ["metrics.jsonl", replicate.MARKER]
+    assert replicate.finished_run("sdpo", 1, _args(tmp_path, runs_dir=str(tmp_path / "elsewhere"))) == archived
+    [summary] = replicate.collect(_args(tmp_path, runs_dir=str(tmp_path / "elsewhere")))
+    assert (summary.commit, summary.final.mean, summary.wall_s) == ("abc1234", 0.5, 9.0)
+    assert replicate.finished_run("sdpo", 1, _args(tmp_path, steps=30)) is None  # another command
