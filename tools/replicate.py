@@ -13,6 +13,11 @@ finished run of another command is never overwritten without ``--force``. Runs w
 overrides get their own folder (``<level>[_<ablation>]_set-<hash of the overrides>``).
 A failed run does not stop the others; the summary covers the runs that finished.
 
+Archive: a finished run's command (with the commit that trained it), config and metrics are copied to
+``<archive>/<experiment>/<method>_seed<seed>/`` (default ``runs/`` beside ``--results``, i.e.
+``docs/results/runs``); commit it with the report. The runs folder (checkpoints, logs) is not kept
+between sessions; ``--report-only`` and later seeds use the archive's runs when it is gone.
+
     make replicate                                   # the documented budget (see BUDGET)
     .venv/bin/python tools/replicate.py --dry-run    # the plan and its time estimate
     .venv/bin/python tools/replicate.py --methods grpo credit --seeds 1 --steps 2 \\
