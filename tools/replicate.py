@@ -128,8 +128,11 @@ def is_finished(directory: Path, command: Sequence[str]) -> bool:
     return finished_command(directory) == list(command[1:])
 
 
-def without_run_dir(command: Sequence[str]) -> list[str]:
-    return [part for part in command if not part.startswith("logging.run_dir=")]
+def comparable(command: Sequence[str]) -> list[str]:
+    """A run's command without what depends on where it was trained: the run folder and the
+    checkout's path of the config (an archived run was trained in another checkout)."""
+    return [Path(part).name if part.endswith(".yaml") and "=" not in part else part
+            for part in command if not part.startswith("logging.run_dir=")]
 
 
 def archive_dir(method: str, seed: int, args: argparse.Namespace) -> Path:
@@ -155,7 +158,7 @@ def finished_run(method: str, seed: int, args: argparse.Namespace) -> Path | Non
         return run_dir(method, seed, args)
     archived = archive_dir(method, seed, args)
     other = finished_command(archived)
-    return archived if other is not None and without_run_dir(other) == without_run_dir(command[1:]) else None
+    return archived if other is not None and comparable(other) == comparable(command[1:]) else None
 
 
 def overwrite_problem(directory: Path, command: Sequence[str]) -> str | None:
@@ -252,7 +255,10 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        # The harness's own reports (docs/results/) do not count: a second invocation in the same
+        # checkout found the first one's report modified and marked code at HEAD as changed.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)docs/results"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

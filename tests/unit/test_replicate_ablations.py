@@ -91,3 +91,29 @@ def test_finished_runs_are_archived_and_reported_from_the_archive_without_the_ru
     [summary] = replicate.collect(_args(tmp_path, runs_dir=str(tmp_path / "elsewhere")))
     assert (summary.commit, summary.final.mean, summary.wall_s) == ("abc1234", 0.5, 9.0)
     assert replicate.finished_run("sdpo", 1, _args(tmp_path, steps=30)) is None  # another command
+    marker = json.loads((archived / replicate.MARKER).read_text())
+    marker["command"] = [part.replace(str(replicate.REPO), "/elsewhere/checkout") for part in marker["command"]]
+    (archived / replicate.MARKER).write_text(json.dumps(marker))  # trained in another checkout
+    assert replicate.finished_run("sdpo", 1, args) == archived
+
+
+def test_the_recorded_commit_ignores_the_harness_reports_but_not_code(tmp_path, monkeypatch):
+    """A second invocation found the first one's report (docs/results/) modified and recorded the
+    runs' code at HEAD as changed."""
+    import subprocess
+
+    def git(*arguments):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *arguments],
+                       check=True, capture_output=True)
+
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "hard.md").write_text("report\n")
+    (tmp_path / "train.py").write_text("code\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "start")
+    monkeypatch.setattr(replicate, "REPO", tmp_path)
+    (tmp_path / "docs" / "results" / "hard.md").write_text("a newer report\n")
+    assert "uncommitted" not in replicate.git_commit()
+    (tmp_path / "train.py").write_text("changed code\n")
+    assert replicate.git_commit().endswith("(with uncommitted changes)")
