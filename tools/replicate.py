@@ -1,8 +1,8 @@
 """A small, honest replication: GRPO vs SDPO vs CREDIT vs RLSD vs CREDIT-RLSD on the CPU task.
 
 Runs ``megacredit train examples/<method>_smollm2_arithmetic.yaml`` (SmolLM2-135M-Instruct,
-additions at the level chosen by --level) for every method and seed, one run at a time, each in its own process
-with its log in ``<runs-dir>/<method>_seed<seed>/train.log``; then writes ``docs/results.md``
+additions at the level chosen by --level) for every method and seed, one run at a time, each in
+its own process with its log in ``<runs-dir>/<method>_seed<seed>/train.log``; then writes ``docs/results.md``
 (final and best validation avg@k with bootstrap CIs, the paired differences between methods,
 leakage counts, seconds per step, what was and was not reproduced from the papers) and one PNG
 of the learning curves of all runs overlaid (megacredit.reporting.visualize.plot_runs).

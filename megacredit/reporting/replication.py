@@ -301,8 +301,8 @@ def initial_validation_check(runs: Sequence[RunSummary]) -> list[str]:
 SCOPE = """\
 What this replication cannot show, whatever its numbers: the papers train 7-8B models (Qwen3-8B,
 OLMo-3-7B-Instruct; RLSD a vision-language model) for hundreds of steps on science, tool-use, code
-and maths benchmarks on 8-32 GPUs; here a 135M model trains for a few steps on small additions (one- or two-digit, the level above)
-on 2 CPU cores, with batches, response lengths, the learning rate and the teacher schedules scaled
+and maths benchmarks on 8-32 GPUs; here a 135M model trains for a few steps on small additions
+(one- or two-digit, the level above) on 2 CPU cores, with batches, response lengths, the learning rate and the teacher schedules scaled
 down (examples/_smollm2_arithmetic_base.yaml). The paired comparisons test the papers' orderings
 only at this scale; "not shown" means this budget cannot tell the methods apart, not that the
 papers are wrong. Long-run claims (OPSD's late collapse and growing leakage, RLSD's higher
