@@ -72,7 +72,7 @@ $(SGLANG_VENV)/.stamp: pyproject.toml tools/sglang_cpu_requirements.txt Makefile
 	touch $@
 
 demo: env
-	$(VENV)/bin/megacredit train examples/credit_smollm2_arithmetic.yaml
+	$(VENV)/bin/megacredit train examples/credit_smollm2_demo.yaml
 
 # The CPU replication (docs/results.md): 5 methods x 3 seeds x 20 steps on the default level,
 # about 3-4 h on 2 idle cores and 9 GB per run; resumable (finished runs are skipped).
