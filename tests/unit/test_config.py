@@ -13,6 +13,7 @@ from megacredit.config import (
     ConfigError,
     MegacreditConfig,
     check_world_size,
+    config_to_dict,
     config_to_yaml,
     load_config,
     replace,
@@ -322,6 +323,21 @@ def test_demo_config_is_credit_on_smollm2():
     cfg = load_config(EXAMPLES / "credit_smollm2_arithmetic.yaml")
     assert cfg.algorithm.name == "credit" and cfg.model.name_or_path == "smollm2-135m-instruct"
     assert cfg.env.name == "arithmetic" and cfg.rollout.engine == "embedded"
+
+
+def test_make_demo_runs_the_grid_credit_with_only_sdpo_teacher_wording_changed():
+    """docs/results.md, Demo defaults: the demo is the replication grid's CREDIT config with the
+    public SDPO code's teacher wording; nothing else may drift between the two."""
+    makefile = (EXAMPLES.parent / "Makefile").read_text()
+    demo_recipe = makefile[makefile.index("\ndemo:"):].split("\n\n")[0]
+    assert "examples/credit_smollm2_demo.yaml" in demo_recipe
+    demo = config_to_dict(load_config(EXAMPLES / "credit_smollm2_demo.yaml"))
+    grid = config_to_dict(load_config(EXAMPLES / "credit_smollm2_arithmetic.yaml"))
+    assert demo["algorithm"]["teacher"]["template"] == "sdpo"
+    assert grid["algorithm"]["teacher"]["template"] == "credit"
+    demo["algorithm"]["teacher"]["template"] = "credit"
+    demo["logging"]["run_dir"] = grid["logging"]["run_dir"]
+    assert demo == grid
 
 
 def test_overriding_the_method_drops_the_files_other_method_settings(tmp_path):
