@@ -294,7 +294,7 @@ def write_ablation_report(args: argparse.Namespace) -> Path:
              f"on: {machine_description()}.", "",
              *(f"- `{name}`: {' '.join(ABLATIONS[name])}" for name in ablations), "",
              *table(["ablation", "method", "seeds", "final avg@k (ablation)", "final avg@k (baseline)",
-                     "ablation - baseline [95 % CI over seeds]", "per seed"], ablation_rows(baseline, ablations)),
+                     "ablation - baseline [95 % CI over seeds]", "per seed", "commits"], ablation_rows(baseline, ablations)),
              "", "## Teacher diagnostic of each ablation (first training step -> mean of the last steps)", ""]
     for name, runs in ablations.items():
         lines += [f"### {name}", "", *diagnostic_table(runs), ""]

@@ -186,6 +186,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
             + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def commits(runs: Sequence[RunSummary]) -> str:
+    """The distinct commits that trained ``runs`` (RunSummary.commit), in first-seen order."""
+    return ", ".join(dict.fromkeys(run.commit for run in runs))
+
+
 def method_rows(runs: Sequence[RunSummary]) -> list[list[str]]:
     grouped = by_method(runs)
     sdpo_time = median_step_seconds(grouped.get("sdpo", []))
@@ -196,7 +201,7 @@ def method_rows(runs: Sequence[RunSummary]) -> list[list[str]]:
         leak, responses = sum(r.leakage for r in group), sum(r.responses for r in group)
         rows.append([method, str(len(group)), fmt_interval(seed_interval(finals), finals[0]),
                      fmt_interval(seed_interval(bests), bests[0]), f"{leak} / {responses}", fmt(seconds, 1),
-                     fmt(seconds / sdpo_time, 2) + "x" if math.isfinite(sdpo_time) else "n/a"])
+                     fmt(seconds / sdpo_time, 2) + "x" if math.isfinite(sdpo_time) else "n/a", commits(group)])
     return rows
 
 
@@ -269,12 +274,14 @@ def diagnostic_table(runs: Sequence[RunSummary]) -> list[str]:
 
 def ablation_rows(baseline: Sequence[RunSummary], ablations: dict[str, Sequence[RunSummary]]) -> list[list[str]]:
     """Per ablation and method: final avg@k (mean over seeds) beside the baseline's on the same
-    seeds, and the paired difference ablation - baseline with its CI over seeds."""
-    finals = {(r.method, r.seed): r.final.mean for r in baseline}
+    seeds, the paired difference ablation - baseline with its CI over seeds, and the commits of
+    both sides' runs."""
+    baseline_runs = {(r.method, r.seed): r for r in baseline}
     rows = []
     for name, runs in ablations.items():
         for method, group in by_method(runs).items():
-            pairs = [(r.seed, r.final.mean, finals[(method, r.seed)]) for r in group if (method, r.seed) in finals]
+            paired = [(r, baseline_runs[(method, r.seed)]) for r in group if (method, r.seed) in baseline_runs]
+            pairs = [(run.seed, run.final.mean, base.final.mean) for run, base in paired]
             if not pairs:
                 continue
             diffs = [a - b for _, a, b in pairs]
@@ -282,7 +289,8 @@ def ablation_rows(baseline: Sequence[RunSummary], ablations: dict[str, Sequence[
             rows.append([name, method, ", ".join(str(seed) for seed, _, _ in pairs),
                          fmt(statistics.fmean(a for _, a, _ in pairs)), fmt(statistics.fmean(b for _, _, b in pairs)),
                          fmt_interval(interval, diffs[0]) if len(diffs) < 2 or interval else "n/a",
-                         ", ".join(f"{seed}: {a - b:+.3f}" for seed, a, b in pairs)])
+                         ", ".join(f"{seed}: {a - b:+.3f}" for seed, a, b in pairs),
+                         commits([run for pair in paired for run in pair])])
     return rows
 
 
@@ -350,7 +358,7 @@ def write_report(runs: Sequence[RunSummary], out_md: Path, out_png: Path, meta: 
                                                                          for m, s, log in meta["failures"])]
     lines += ["", "## Validation accuracy per method (mean over seeds, 95 % bootstrap CI over seeds)", "",
               *table(["method", "seeds", "final avg@k", "best avg@k", "leaking / all training responses",
-                      "s/step (median)", "s/step vs SDPO"], method_rows(runs)),
+                      "s/step (median)", "s/step vs SDPO", "commits"], method_rows(runs)),
               "", "## Paired differences of the final avg@k (same seed: same prompts, validation set, initial model)", "",
               *table(["a - b", "papers' claim", "mean", "95 % CI over seeds", "per seed", "verdict"], comparisons),
               "", "With 3 seeds a bootstrap over seeds is coarse: its interval excludes 0 only when (nearly) every "

@@ -66,6 +66,7 @@ def test_method_table_means_cis_leakage_and_time(report):
         seconds = statistics.median([STEP_SECONDS[method] + 1, STEP_SECONDS[method] + 2] * 3)
         assert rows[method][5] == f"{seconds:.1f}"
         assert rows[method][6] == f"{seconds / (STEP_SECONDS['sdpo'] + 1.5):.2f}x"
+        assert rows[method][7] == "unknown"  # the runs' commits (write_run records none)
     # best: the step-0 value 0.3 is below every final, so best = final
     assert rows["rlsd"][3] == rows["rlsd"][2]
 
@@ -117,11 +118,13 @@ def test_ablation_rows_pair_seeds_with_the_baseline(tmp_path):
     baseline = [write_run(tmp_path / f"base_credit_{s}", "credit", s) for s in SEEDS]
     ablated = [write_run(tmp_path / f"abl_sdpo_{s}", "sdpo", s) for s in SEEDS[:2]]  # no sdpo baseline: no row
     for run in ablated:
-        run.method = "credit"
+        run.method, run.commit = "credit", "bbbbbbb"
+    baseline[0].commit = "aaaaaaa"  # seed 1's baseline; seed 2's keeps "unknown"
     rows = ablation_rows(baseline, {"feedback_on_correct": ablated})
     assert len(rows) == 1
-    name, method, seeds, mean_ablated, mean_baseline, _, per_seed = rows[0]
+    name, method, seeds, mean_ablated, mean_baseline, _, per_seed, commits = rows[0]
     assert (name, method, seeds) == ("feedback_on_correct", "credit", "1, 2")
     assert mean_ablated == f"{statistics.fmean(FINALS['sdpo'][:2]):.3f}"
     assert mean_baseline == f"{statistics.fmean(FINALS['credit'][:2]):.3f}"
     assert per_seed == "1: -0.100, 2: -0.150"
+    assert commits == "bbbbbbb, aaaaaaa, unknown"  # both sides' runs, each commit once
