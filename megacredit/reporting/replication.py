@@ -376,7 +376,9 @@ def write_report(runs: Sequence[RunSummary], out_md: Path, out_png: Path, meta: 
               "", "## What was and was not reproduced", "", *sentences, "", SCOPE, "",
               "## Learning curves", "", f"![learning curves of every run]({out_png.name})", "",
               f"`{out_png.name}`: reward, validation avg@k (band: the run's prompt-bootstrap CI), response length, "
-              "entropy, S_t, clip fractions, loss, Delta V_t and seconds per step; one colour per method, one line per seed.",
+              "entropy, S_t, clip fractions, loss, Delta V_t, seconds per step, the teacher diagnostic "
+              "(P(correct answer) of teacher and student, teacher - student log-prob on correct and incorrect "
+              "replies) and the truncated fraction; one colour per method, one line per seed.",
               "Token-level credit of any two runs: `megacredit viz RUN_DIR RUN_DIR` (runs under the harness's --runs-dir)."]
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(lines) + "\n")
