@@ -2,8 +2,8 @@
 
 What is measured: ``megacredit train examples/credit_smollm2_arithmetic.yaml`` (the demo's
 CREDIT on SmolLM2-135M-Instruct, 10 steps, with megacredit's teacher wording: the demo file
-credit_smollm2_demo.yaml is newer than the baseline commits) run by each tree's own command line, with validation off
-(it is not part of ``perf/time_step``) and the same seed, so both trees train on the same
+credit_smollm2_demo.yaml is newer than the baseline commits) run by each tree's own command
+line, with validation off (it is not part of ``perf/time_step``) and the same seed, so both trees train on the same
 prompts. Runs alternate baseline, current, baseline, current, ... (``--pairs``) so that load
 changes on a shared machine hit both alike. The baseline is exported with ``git archive`` into
 a temporary folder (no worktree is registered) and run with ``PYTHONPATH`` pointing at it and
