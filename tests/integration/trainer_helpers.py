@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 from megacredit.envs.base import EnvResult, Environment
@@ -19,6 +21,21 @@ class ParityEnv(Environment):
 
     def evaluate(self, record, response, split="train"):
         return EnvResult(float(len(response) % 2 == 0), f"The correct answer is {record['answer']}.")
+
+
+class SignalledParityEnv(ParityEnv):
+    """ParityEnv that sends SIGTERM to its own process while it scores the batch named by the
+    environment variable MEGACREDIT_TEST_SIGTERM_AT ("train:2": step 2's rollouts; "val:1": the
+    first validation), so a preemption lands at a known point of the loop; a signal sent from
+    outside races the steps (a tiny step can end before it arrives). Unset: plain ParityEnv."""
+
+    batches_scored: dict[str, int] = {}  # per process: split -> batches scored so far
+
+    def evaluate_batch(self, records, responses, split="train", max_workers=2):
+        self.batches_scored[split] = self.batches_scored.get(split, 0) + 1
+        if os.environ.get("MEGACREDIT_TEST_SIGTERM_AT") == f"{split}:{self.batches_scored[split]}":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().evaluate_batch(records, responses, split, max_workers)
 
 
 def tiny_overrides(method: str, run_dir: Path, steps: int = 3, **extra) -> list[str]:
